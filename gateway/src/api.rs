@@ -1,0 +1,167 @@
+//! The HTTP API beside the socket (PROTOCOL.md section 5), behind the api key:
+//! cluster-wide kick, and the ops introspection of live nodes and a user's connections.
+//! Every error body is `{"error": {"code", "message"}}`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::header::AUTHORIZATION;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+use shared::protocol::{CloseCode, DisconnectCommand, valid_name};
+
+use crate::error::ApiError;
+use crate::node::Node;
+use crate::server::{Body, json_response};
+
+/// Largest API request body: commands are tiny; anything bigger is a mistake.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// Publishing the kick must not hang the HTTP request when NATS is away.
+const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
+pub fn error_response(e: &ApiError) -> Response<Body> {
+    let (status, code) = e.status_and_code();
+    let mut r = json_response(
+        status,
+        &json!({"error": {"code": code, "message": e.to_string()}}),
+    );
+    if let ApiError::TooManyRequests(d) = e {
+        r.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from(d.as_secs().max(1)),
+        );
+    }
+    r
+}
+
+/// Routes `/v1/*`.
+pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
+    match dispatch(&node, req).await {
+        Ok(r) => r,
+        Err(e) => error_response(&e),
+    }
+}
+
+async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    authorize(node, &req)?;
+    let path = req.uri().path().to_owned();
+    let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
+    match (req.method().clone(), segments.as_slice()) {
+        (Method::POST, ["disconnect"]) => disconnect(node, req).await,
+        (Method::GET, ["nodes"]) => nodes(node).await,
+        (Method::GET, ["users", user, "connections"]) => user_connections(node, user).await,
+        (_, ["disconnect"]) => Err(ApiError::MethodNotAllowed("use POST".into())),
+        (_, ["nodes"]) | (_, ["users", _, "connections"]) => {
+            Err(ApiError::MethodNotAllowed("use GET".into()))
+        }
+        _ => Err(ApiError::NotFound(format!("no route for {path}"))),
+    }
+}
+
+/// Constant-time comparison of the presented api key.
+fn authorize<B>(node: &Node, req: &Request<B>) -> Result<(), ApiError> {
+    let Some(expected) = node.config.api_key.as_deref() else {
+        return Err(ApiError::Unauthorized);
+    };
+    let presented = req
+        .headers()
+        .get(AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|s| s.strip_prefix("Bearer "))
+        .map(str::trim)
+        .unwrap_or("");
+    let (a, b) = (presented.as_bytes(), expected.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in b.iter().enumerate() {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ x);
+    }
+    if diff == 0 {
+        Ok(())
+    } else {
+        Err(ApiError::Unauthorized)
+    }
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, ApiError> {
+    let body: Bytes = Limited::new(req.into_body(), MAX_BODY_BYTES)
+        .collect()
+        .await
+        .map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?
+        .to_bytes();
+    serde_json::from_slice(&body)
+        .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DisconnectBody {
+    user_id: Option<String>,
+    conn_id: Option<String>,
+    code: Option<u16>,
+    reason: Option<String>,
+}
+
+async fn disconnect(node: &Node, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let b: DisconnectBody = read_json(req).await?;
+    if b.user_id.is_none() && b.conn_id.is_none() {
+        return Err(ApiError::BadRequest("give `user_id` or `conn_id`".into()));
+    }
+    for v in [&b.user_id, &b.conn_id].into_iter().flatten() {
+        if !valid_name(v) {
+            return Err(ApiError::BadRequest(format!("{v:?} is not a valid id")));
+        }
+    }
+    let code = b.code.unwrap_or(CloseCode::Forbidden.as_u16());
+    if !CloseCode::is_valid_kick_code(code) {
+        return Err(ApiError::BadRequest(
+            "`code` must be 1000, 1012 or within 4000-4999".into(),
+        ));
+    }
+    let cmd = DisconnectCommand {
+        user_id: b.user_id,
+        conn_id: b.conn_id,
+        code,
+        reason: b.reason.map(|r| r.chars().take(200).collect()),
+    };
+    let payload = serde_json::to_vec(&cmd).unwrap_or_default();
+    let published = tokio::time::timeout(
+        PUBLISH_TIMEOUT,
+        node.nats
+            .publish(node.subjects.ctl_disconnect(), payload.into()),
+    )
+    .await;
+    match published {
+        Ok(Ok(())) => Ok(json_response(StatusCode::OK, &json!({"ok": true}))),
+        _ => {
+            metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "disconnect").increment(1);
+            Err(ApiError::Unavailable("message bus"))
+        }
+    }
+}
+
+async fn nodes(node: &Node) -> Result<Response<Body>, ApiError> {
+    let nodes = node.store.nodes().await.map_err(|e| {
+        tracing::warn!(error = %e, "cannot list nodes");
+        ApiError::Unavailable("session store")
+    })?;
+    Ok(json_response(StatusCode::OK, &json!({ "nodes": nodes })))
+}
+
+async fn user_connections(node: &Node, user: &str) -> Result<Response<Body>, ApiError> {
+    if !valid_name(user) {
+        return Err(ApiError::BadRequest(format!(
+            "{user:?} is not a valid user id"
+        )));
+    }
+    let conns = node.store.user_connections(user).await.map_err(|e| {
+        tracing::warn!(error = %e, "cannot list connections");
+        ApiError::Unavailable("session store")
+    })?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({ "user_id": user, "connections": conns }),
+    ))
+}

@@ -1,0 +1,537 @@
+//! Gateway configuration: flags with `SB_*` env twins, an optional TOML file, named
+//! defaults, and validation that names the key at fault.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use shared::auth::{JwtAlgorithm, JwtSettings, KeySource};
+use shared::config::{self as cfg, ConfigError};
+
+use crate::proxy::TrustedProxies;
+
+/// Public port (WebSocket and API): the conventional HTTP alt port.
+pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
+/// Admin port (health, readiness, metrics): kept off the public load balancer.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Prefix of every subject and key: lets several deployments share NATS and Redis.
+pub const DEFAULT_PREFIX: &str = "sb";
+/// PROTOCOL.md section 2: a frame over 64 KiB is closed 1009.
+pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// A few devices and tabs per user; more is usually a client reconnect bug.
+pub const DEFAULT_MAX_CONNECTIONS_PER_USER: u32 = 10;
+/// Drain window (PROTOCOL.md / DESIGN.md): reconnects spread over 10 s stay gentle.
+pub const DEFAULT_DRAIN_SECS: u64 = 10;
+/// PROTOCOL.md section 1: `auth` must arrive within 10 s.
+pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 10;
+/// Below the 30-60 s idle timeouts of common load balancers and NATs.
+pub const DEFAULT_PING_INTERVAL_SECS: u64 = 25;
+/// Two missed pings plus slack: a peer silent this long is gone.
+pub const DEFAULT_IDLE_TIMEOUT_SECS: u64 = 60;
+/// Frames per second per connection: chat UIs send a handful; bursts cover typing.
+pub const DEFAULT_MESSAGE_RATE: u32 = 20;
+pub const DEFAULT_MESSAGE_BURST: u32 = 40;
+/// New connections per second per client address per node: a reconnect after a drain
+/// is one per client, so this only stops loops and floods.
+pub const DEFAULT_CONNECT_RATE_PER_IP: u32 = 20;
+pub const DEFAULT_CONNECT_BURST_PER_IP: u32 = 50;
+/// Frames queued per connection before it counts as a slow consumer: absorbs a
+/// streamed reply's burst; memory is only used while frames are queued.
+pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
+/// DESIGN.md: the user-context RPC waits about 2 s before answering degraded.
+pub const DEFAULT_USER_CONTEXT_TIMEOUT_MS: u64 = 2000;
+/// File descriptors kept free for NATS, Redis, logs and the admin port when the
+/// per-node connection cap is derived from the process's open-file limit.
+pub const FD_RESERVE: u64 = 256;
+/// Per-node connection cap when the open-file limit cannot be read.
+pub const FALLBACK_MAX_CONNECTIONS: u64 = 100_000;
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (production).
+    Json,
+    /// Human-readable lines (local development).
+    Text,
+}
+
+/// Settings as given (flags, env, file); every field optional so layers can merge.
+#[derive(Debug, Default, Clone, Parser, Serialize, Deserialize)]
+#[command(name = "gateway", version, about = "Switchboard gateway node")]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// TOML config file (keys are the flag names with `_`).
+    #[arg(long, env = "SB_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print a summary (no secrets) and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
+
+    /// Public listen address (WebSocket + API).
+    #[arg(long, env = "SB_LISTEN")]
+    pub listen: Option<String>,
+    /// Admin listen address (/healthz, /readyz, /metrics).
+    #[arg(long, env = "SB_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Node id (default: host name).
+    #[arg(long, env = "SB_NODE_ID")]
+    pub node_id: Option<String>,
+    #[arg(long, env = "SB_NATS_URL")]
+    pub nats_url: Option<String>,
+    #[arg(long, env = "SB_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of NATS subjects and Redis keys.
+    #[arg(long, env = "SB_PREFIX")]
+    pub prefix: Option<String>,
+    #[arg(long, env = "SB_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// HS256 shared secret.
+    #[arg(long, env = "SB_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+    /// PEM public key for RS256/ES256.
+    #[arg(long, env = "SB_JWT_PUBLIC_KEY_FILE")]
+    pub jwt_public_key_file: Option<PathBuf>,
+    /// JWKS file for RS256/ES256 (keys chosen by `kid`).
+    #[arg(long, env = "SB_JWT_JWKS_FILE")]
+    pub jwt_jwks_file: Option<PathBuf>,
+    /// HS256, RS256 or ES256 (default: HS256 with a secret, else RS256).
+    #[arg(long, env = "SB_JWT_ALGORITHM")]
+    pub jwt_algorithm: Option<String>,
+    #[arg(long, env = "SB_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+    #[arg(long, env = "SB_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+    #[arg(long, env = "SB_JWT_LEEWAY_SECS")]
+    pub jwt_leeway_secs: Option<u64>,
+
+    /// Allowed `Origin` values, comma-separated (`*` = any; `https://*.example.com`).
+    #[arg(long, env = "SB_ALLOWED_ORIGINS")]
+    pub allowed_origins: Option<String>,
+    /// API key for `/v1/*` (Authorization: Bearer).
+    #[arg(long, env = "SB_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    #[arg(long, env = "SB_MAX_MESSAGE_BYTES")]
+    pub max_message_bytes: Option<usize>,
+    #[arg(long, env = "SB_MAX_CONNECTIONS_PER_USER")]
+    pub max_connections_per_user: Option<u32>,
+    /// Connections this node accepts (default: open-file limit minus a reserve).
+    #[arg(long, env = "SB_MAX_CONNECTIONS")]
+    pub max_connections: Option<u64>,
+    #[arg(long, env = "SB_DRAIN_SECS")]
+    pub drain_secs: Option<u64>,
+    /// Peers whose forwarding headers are believed (CIDRs, comma-separated).
+    #[arg(long, env = "SB_TRUSTED_PROXIES")]
+    pub trusted_proxies: Option<String>,
+    /// Expect a PROXY protocol (v1/v2) header from trusted peers.
+    #[arg(long, env = "SB_PROXY_PROTOCOL")]
+    pub proxy_protocol: Option<bool>,
+    #[arg(long, env = "SB_AUTH_TIMEOUT_SECS")]
+    pub auth_timeout_secs: Option<u64>,
+    #[arg(long, env = "SB_PING_INTERVAL_SECS")]
+    pub ping_interval_secs: Option<u64>,
+    #[arg(long, env = "SB_IDLE_TIMEOUT_SECS")]
+    pub idle_timeout_secs: Option<u64>,
+    #[arg(long, env = "SB_MESSAGE_RATE")]
+    pub message_rate: Option<u32>,
+    #[arg(long, env = "SB_MESSAGE_BURST")]
+    pub message_burst: Option<u32>,
+    #[arg(long, env = "SB_CONNECT_RATE_PER_IP")]
+    pub connect_rate_per_ip: Option<u32>,
+    #[arg(long, env = "SB_CONNECT_BURST_PER_IP")]
+    pub connect_burst_per_ip: Option<u32>,
+    #[arg(long, env = "SB_OUTBOUND_QUEUE")]
+    pub outbound_queue: Option<usize>,
+    #[arg(long, env = "SB_USER_CONTEXT_TIMEOUT_MS")]
+    pub user_context_timeout_ms: Option<u64>,
+}
+
+/// Validated gateway configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub node_id: String,
+    pub nats_url: String,
+    pub redis_url: String,
+    pub prefix: String,
+    pub log_format: LogFormat,
+    pub jwt: JwtSettings,
+    pub origins: OriginPolicy,
+    pub api_key: Option<String>,
+    pub max_message_bytes: usize,
+    pub max_connections_per_user: u32,
+    pub max_connections: u64,
+    pub drain: Duration,
+    pub trusted_proxies: TrustedProxies,
+    pub proxy_protocol: bool,
+    pub auth_timeout: Duration,
+    pub ping_interval: Duration,
+    pub idle_timeout: Duration,
+    pub message_rate: u32,
+    pub message_burst: u32,
+    pub connect_rate_per_ip: u32,
+    pub connect_burst_per_ip: u32,
+    pub outbound_queue: usize,
+    pub user_context_timeout: Duration,
+}
+
+/// Which browser origins may open a socket.
+#[derive(Debug, Clone, PartialEq)]
+pub enum OriginPolicy {
+    Any,
+    /// Exact origins, or `scheme://*.domain` patterns, lower-cased.
+    List(Vec<String>),
+}
+
+impl OriginPolicy {
+    pub fn allows(&self, origin: &str) -> bool {
+        let OriginPolicy::List(list) = self else {
+            return true;
+        };
+        let origin = origin.to_ascii_lowercase();
+        list.iter()
+            .any(|allowed| match allowed.split_once("://*.") {
+                Some((scheme, domain)) => origin
+                    .strip_prefix(scheme)
+                    .and_then(|r| r.strip_prefix("://"))
+                    .is_some_and(|host| host.ends_with(&format!(".{domain}"))),
+                None => *allowed == origin,
+            })
+    }
+}
+
+impl RawConfig {
+    /// Parses flags and env (clap), then layers them over the file, if any.
+    pub fn load<I, T>(args: I) -> Result<RawConfig, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = RawConfig::try_parse_from(args).map_err(|e| ConfigError::Invalid {
+            key: "arguments".into(),
+            message: e.to_string(),
+        })?;
+        cfg::check_env(std::env::vars())?;
+        let Some(path) = cli.config.clone() else {
+            return Ok(cli);
+        };
+        let file: RawConfig = cfg::read_file(&path)?;
+        let check = cli.check_config;
+        let mut merged = cfg::layer(file, cli);
+        merged.config = Some(path);
+        merged.check_config = check;
+        Ok(merged)
+    }
+
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let listen = cfg::parse_addr(
+            "SB_LISTEN",
+            self.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
+        )?;
+        let admin_listen = cfg::parse_addr(
+            "SB_ADMIN_LISTEN",
+            self.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
+        )?;
+        let node_id = self.node_id.clone().unwrap_or_else(cfg::default_node_id);
+        cfg::validate_token("SB_NODE_ID", &node_id)?;
+        let prefix = self.prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.into());
+        cfg::validate_token("SB_PREFIX", &prefix)?;
+        let nats_url = self
+            .nats_url
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NATS_URL.into());
+        for url in nats_url.split(',') {
+            cfg::validate_url("SB_NATS_URL", url.trim(), &["nats", "tls", "ws", "wss"])?;
+        }
+        let redis_url = self
+            .redis_url
+            .clone()
+            .unwrap_or_else(|| DEFAULT_REDIS_URL.into());
+        cfg::validate_url(
+            "SB_REDIS_URL",
+            &redis_url,
+            &["redis", "rediss", "redis+unix", "unix"],
+        )?;
+
+        let origins = match self.allowed_origins.as_deref().map(cfg::parse_list) {
+            None => OriginPolicy::Any,
+            Some(l) if l.iter().any(|o| o == "*") => OriginPolicy::Any,
+            Some(l) if l.is_empty() => {
+                return Err(ConfigError::invalid(
+                    "SB_ALLOWED_ORIGINS",
+                    "empty list (use * for any)",
+                ));
+            }
+            Some(l) => OriginPolicy::List(l.into_iter().map(|o| o.to_ascii_lowercase()).collect()),
+        };
+        let api_key = self.api_key.clone().filter(|k| !k.is_empty());
+        if let Some(k) = &api_key
+            && k.len() < 16
+        {
+            return Err(ConfigError::invalid(
+                "SB_API_KEY",
+                "must be at least 16 characters",
+            ));
+        }
+        let max_message_bytes = self.max_message_bytes.unwrap_or(DEFAULT_MAX_MESSAGE_BYTES);
+        if !(1024..=16 * 1024 * 1024).contains(&max_message_bytes) {
+            return Err(ConfigError::invalid(
+                "SB_MAX_MESSAGE_BYTES",
+                "must be between 1024 and 16777216",
+            ));
+        }
+        let trusted_proxies = TrustedProxies::new(match &self.trusted_proxies {
+            Some(s) => cfg::parse_cidrs("SB_TRUSTED_PROXIES", s)?,
+            None => Vec::new(),
+        });
+        let proxy_protocol = self.proxy_protocol.unwrap_or(false);
+        if proxy_protocol && trusted_proxies.is_empty() {
+            return Err(ConfigError::invalid(
+                "SB_PROXY_PROTOCOL",
+                "needs SB_TRUSTED_PROXIES (the PROXY header is only read from trusted peers)",
+            ));
+        }
+        let ping = cfg::positive(
+            "SB_PING_INTERVAL_SECS",
+            self.ping_interval_secs
+                .unwrap_or(DEFAULT_PING_INTERVAL_SECS),
+        )?;
+        let idle = cfg::positive(
+            "SB_IDLE_TIMEOUT_SECS",
+            self.idle_timeout_secs.unwrap_or(DEFAULT_IDLE_TIMEOUT_SECS),
+        )?;
+        if idle <= ping {
+            return Err(ConfigError::invalid(
+                "SB_IDLE_TIMEOUT_SECS",
+                format!("must be greater than SB_PING_INTERVAL_SECS ({ping})"),
+            ));
+        }
+        let message_rate = self.message_rate.unwrap_or(DEFAULT_MESSAGE_RATE);
+        let message_burst = self
+            .message_burst
+            .unwrap_or(DEFAULT_MESSAGE_BURST.max(message_rate));
+        let connect_rate_per_ip = self
+            .connect_rate_per_ip
+            .unwrap_or(DEFAULT_CONNECT_RATE_PER_IP);
+        let connect_burst_per_ip = self
+            .connect_burst_per_ip
+            .unwrap_or(DEFAULT_CONNECT_BURST_PER_IP.max(connect_rate_per_ip));
+        cfg::positive("SB_MESSAGE_RATE", message_rate.into())?;
+        cfg::positive("SB_MESSAGE_BURST", message_burst.into())?;
+        cfg::positive("SB_CONNECT_RATE_PER_IP", connect_rate_per_ip.into())?;
+        cfg::positive("SB_CONNECT_BURST_PER_IP", connect_burst_per_ip.into())?;
+        let outbound_queue = self.outbound_queue.unwrap_or(DEFAULT_OUTBOUND_QUEUE);
+        cfg::positive("SB_OUTBOUND_QUEUE", outbound_queue as u64)?;
+        let max_connections = match self.max_connections {
+            Some(n) => cfg::positive("SB_MAX_CONNECTIONS", n)?,
+            None => open_file_limit()
+                .map(|l| l.saturating_sub(FD_RESERVE).max(1))
+                .unwrap_or(FALLBACK_MAX_CONNECTIONS),
+        };
+
+        Ok(Config {
+            listen,
+            admin_listen,
+            node_id,
+            nats_url,
+            redis_url,
+            prefix,
+            log_format: self.log_format.unwrap_or(LogFormat::Json),
+            jwt: self.jwt()?,
+            origins,
+            api_key,
+            max_message_bytes,
+            max_connections_per_user: self
+                .max_connections_per_user
+                .unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_USER),
+            max_connections,
+            drain: Duration::from_secs(self.drain_secs.unwrap_or(DEFAULT_DRAIN_SECS)),
+            trusted_proxies,
+            proxy_protocol,
+            auth_timeout: Duration::from_secs(cfg::positive(
+                "SB_AUTH_TIMEOUT_SECS",
+                self.auth_timeout_secs.unwrap_or(DEFAULT_AUTH_TIMEOUT_SECS),
+            )?),
+            ping_interval: Duration::from_secs(ping),
+            idle_timeout: Duration::from_secs(idle),
+            message_rate,
+            message_burst,
+            connect_rate_per_ip,
+            connect_burst_per_ip,
+            outbound_queue,
+            user_context_timeout: Duration::from_millis(cfg::positive(
+                "SB_USER_CONTEXT_TIMEOUT_MS",
+                self.user_context_timeout_ms
+                    .unwrap_or(DEFAULT_USER_CONTEXT_TIMEOUT_MS),
+            )?),
+        })
+    }
+
+    fn jwt(&self) -> Result<JwtSettings, ConfigError> {
+        let read = |key: &str, p: &PathBuf| {
+            std::fs::read(p).map_err(|e| ConfigError::invalid(key, format!("{}: {e}", p.display())))
+        };
+        let sources = [
+            self.jwt_secret.is_some(),
+            self.jwt_public_key_file.is_some(),
+            self.jwt_jwks_file.is_some(),
+        ];
+        if sources.iter().filter(|s| **s).count() > 1 {
+            return Err(ConfigError::invalid(
+                "SB_JWT_SECRET",
+                "set exactly one of SB_JWT_SECRET, SB_JWT_PUBLIC_KEY_FILE, SB_JWT_JWKS_FILE",
+            ));
+        }
+        let key = if let Some(s) = &self.jwt_secret {
+            if s.len() < 32 {
+                return Err(ConfigError::invalid(
+                    "SB_JWT_SECRET",
+                    "must be at least 32 bytes",
+                ));
+            }
+            KeySource::Secret(s.as_bytes().to_vec())
+        } else if let Some(p) = &self.jwt_public_key_file {
+            KeySource::PublicKeyPem(read("SB_JWT_PUBLIC_KEY_FILE", p)?)
+        } else if let Some(p) = &self.jwt_jwks_file {
+            KeySource::Jwks(read("SB_JWT_JWKS_FILE", p)?)
+        } else {
+            return Err(ConfigError::Missing {
+                key: "SB_JWT_SECRET (or SB_JWT_PUBLIC_KEY_FILE / SB_JWT_JWKS_FILE)".into(),
+            });
+        };
+        let algorithm = match &self.jwt_algorithm {
+            Some(a) => a
+                .parse::<JwtAlgorithm>()
+                .map_err(|e| ConfigError::invalid("SB_JWT_ALGORITHM", e.to_string()))?,
+            None if matches!(key, KeySource::Secret(_)) => JwtAlgorithm::Hs256,
+            None => JwtAlgorithm::Rs256,
+        };
+        let settings = JwtSettings {
+            algorithm,
+            key,
+            audience: self.jwt_audience.clone().filter(|s| !s.is_empty()),
+            issuer: self.jwt_issuer.clone().filter(|s| !s.is_empty()),
+            leeway_secs: self
+                .jwt_leeway_secs
+                .unwrap_or(shared::auth::DEFAULT_LEEWAY_SECS),
+            max_token_bytes: shared::auth::DEFAULT_MAX_TOKEN_BYTES,
+        };
+        // Building the validator proves the key parses and fits the algorithm.
+        shared::auth::Validator::new(&settings).map_err(|e| {
+            let key = match settings.key {
+                KeySource::Secret(_) => "SB_JWT_SECRET",
+                KeySource::PublicKeyPem(_) => "SB_JWT_PUBLIC_KEY_FILE",
+                KeySource::Jwks(_) => "SB_JWT_JWKS_FILE",
+            };
+            ConfigError::invalid(key, format!("{e} (algorithm {algorithm})"))
+        })?;
+        Ok(settings)
+    }
+}
+
+/// The soft open-file limit from `/proc/self/limits`.
+fn open_file_limit() -> Option<u64> {
+    let limits = std::fs::read_to_string("/proc/self/limits").ok()?;
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line.split_whitespace().nth(3)?.parse().ok()
+}
+
+impl Config {
+    /// A summary for `--check-config` and the start-up log; never includes secrets.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "listen": self.listen.to_string(),
+            "admin_listen": self.admin_listen.to_string(),
+            "node_id": self.node_id,
+            "prefix": self.prefix,
+            "jwt_algorithm": self.jwt.algorithm.to_string(),
+            "jwt_audience": self.jwt.audience,
+            "jwt_issuer": self.jwt.issuer,
+            "allowed_origins": match &self.origins { OriginPolicy::Any => vec!["*".to_owned()], OriginPolicy::List(l) => l.clone() },
+            "api_key_set": self.api_key.is_some(),
+            "max_message_bytes": self.max_message_bytes,
+            "max_connections_per_user": self.max_connections_per_user,
+            "max_connections": self.max_connections,
+            "drain_secs": self.drain.as_secs(),
+            "proxy_protocol": self.proxy_protocol,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn raw(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["gateway", "--jwt-secret", SECRET];
+        v.extend_from_slice(args);
+        RawConfig::try_parse_from(v).unwrap().validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = raw(&[]).unwrap();
+        assert_eq!(c.listen.to_string(), DEFAULT_LISTEN);
+        assert_eq!(c.max_message_bytes, 64 * 1024);
+        assert_eq!(c.origins, OriginPolicy::Any);
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = raw(&["--max-message-bytes", "10"]).unwrap_err();
+        assert!(e.to_string().starts_with("SB_MAX_MESSAGE_BYTES"), "{e}");
+        let e = raw(&["--prefix", "a.b"]).unwrap_err();
+        assert!(e.to_string().starts_with("SB_PREFIX"), "{e}");
+        let e = raw(&["--jwt-algorithm", "none"]).unwrap_err();
+        assert!(e.to_string().starts_with("SB_JWT_ALGORITHM"), "{e}");
+        let e = raw(&["--trusted-proxies", "bogus"]).unwrap_err();
+        assert!(e.to_string().starts_with("SB_TRUSTED_PROXIES"), "{e}");
+        let e = raw(&["--proxy-protocol", "true"]).unwrap_err();
+        assert!(e.to_string().starts_with("SB_PROXY_PROTOCOL"), "{e}");
+        let e = RawConfig::try_parse_from(["gateway"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("SB_JWT_SECRET"), "{e}");
+        let e = raw(&["--jwt-algorithm", "RS256"]).unwrap_err();
+        assert!(e.to_string().starts_with("SB_JWT_SECRET"), "{e}");
+    }
+
+    #[test]
+    fn origin_patterns() {
+        let p = OriginPolicy::List(vec![
+            "https://app.example.com".into(),
+            "https://*.example.org".into(),
+        ]);
+        assert!(p.allows("https://app.example.com"));
+        assert!(p.allows("HTTPS://App.Example.com"));
+        assert!(!p.allows("https://evil.com"));
+        assert!(p.allows("https://a.example.org"));
+        assert!(!p.allows("https://example.org.evil.com"));
+        assert!(!p.allows("http://a.example.org"));
+    }
+
+    #[test]
+    fn every_env_name_is_known_to_shared() {
+        use clap::CommandFactory;
+        for arg in RawConfig::command().get_arguments() {
+            if let Some(env) = arg.get_env() {
+                let env = env.to_str().unwrap();
+                assert!(
+                    shared::config::KNOWN_ENV.contains(&env),
+                    "{env} missing from KNOWN_ENV"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,605 @@
+//! One client connection from upgrade to close: authentication (handshake token or
+//! `auth` frame within the deadline), the frame loop with rate limits, token refresh
+//! and expiry, heartbeats, outbound delivery from the hub, and every way it can end.
+//!
+//! A connection is one task. Reading is a pinned future that owns the reader and is
+//! re-armed after each message, so it survives `select!` iterations (fastwebsockets
+//! is not cancel-safe); writes are awaited in place, never raced.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use shared::auth::Claims;
+use shared::metrics as m;
+use shared::protocol::{ClientFrame, ClientMessage, CloseCode, FrameId, ServerFrame, UserInfo};
+use shared::store::{Admission, ConnRecord, now_ms};
+use tokio::sync::mpsc;
+use tokio::time::sleep_until;
+use tracing::Instrument;
+
+use crate::credentials::Source;
+use crate::error::SessionError;
+use crate::hub::{CloseReason, Closer, Member, Registration};
+use crate::limits::{MessageLimiter, MessageVerdict};
+use crate::node::Node;
+use crate::transport::{self, Inbound, ReadError, WsReader, WsWriter};
+
+/// The upgrade must complete this quickly after the 101 response.
+pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
+/// `token_expiring` is sent this long before `exp` (PROTOCOL.md: about 60 s).
+pub const EXPIRY_WARNING: Duration = Duration::from_secs(60);
+/// Frames written in one go after waking for outbound traffic, so a burst of
+/// deliveries does not interleave with a select round per frame.
+const OUTBOUND_BATCH: usize = 64;
+
+/// What the upgrade request decided before the socket existed.
+pub struct Upgrade {
+    pub ip: IpAddr,
+    pub started: Instant,
+    /// Handshake credentials (or the reason they are malformed).
+    pub token: Option<Result<(String, Source), &'static str>>,
+    /// Refuse after the upgrade with this error (rate limit, node full).
+    pub refusal: Option<SessionError>,
+}
+
+/// Serves one upgraded socket until it closes.
+pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up: Upgrade) {
+    let accepted = tokio::time::timeout(
+        UPGRADE_TIMEOUT,
+        transport::accept(fut, node.config.max_message_bytes),
+    )
+    .await;
+    let (reader, writer) = match accepted {
+        Ok(Ok(rw)) => rw,
+        Ok(Err(e)) => {
+            tracing::debug!(error = %e, "upgrade failed");
+            node.release_socket();
+            return;
+        }
+        Err(_) => {
+            node.release_socket();
+            return;
+        }
+    };
+    let closer = Arc::new(Closer::default());
+    let guard = node.track_socket(closer.clone());
+    let conn_id = new_conn_id();
+    let span =
+        tracing::debug_span!("conn", conn_id = %conn_id, ip = %up.ip, user = tracing::field::Empty);
+    let (tx, rx) = mpsc::channel(node.config.outbound_queue);
+    let now = Instant::now();
+    let session = Session {
+        limiter: MessageLimiter::new(node.config.message_rate, node.config.message_burst, now),
+        node,
+        conn_id: conn_id.into(),
+        closer,
+        tx,
+        writer,
+        auth: None,
+        last_heard: now,
+        next_ping: now,
+        auth_deadline: now,
+    };
+    metrics::gauge!(m::CONNECTIONS_PENDING).increment(1.0);
+    session.run(reader, rx, up).instrument(span).await;
+    drop(guard);
+}
+
+/// An authenticated identity on this connection.
+struct Authed {
+    claims: Claims,
+    token: String,
+    /// Close 4001 at this instant (exp + leeway).
+    expires: Instant,
+    /// Send `token_expiring` at this instant, once.
+    warn_at: Option<Instant>,
+    _registration: Registration,
+}
+
+struct Session {
+    node: Arc<Node>,
+    conn_id: Arc<str>,
+    closer: Arc<Closer>,
+    /// Kept so the hub can be handed clones; also keeps `rx` open.
+    tx: mpsc::Sender<Bytes>,
+    writer: WsWriter,
+    auth: Option<Authed>,
+    limiter: MessageLimiter,
+    last_heard: Instant,
+    next_ping: Instant,
+    auth_deadline: Instant,
+}
+
+/// How the loop ended.
+enum End {
+    /// We close with this reason, after sending its frame.
+    Close(CloseReason),
+    /// The peer sent a close frame (echoed already) or vanished.
+    PeerGone,
+}
+
+enum Event {
+    Kill,
+    Read(WsReader, Result<Inbound, ReadError>),
+    Outbound(Bytes),
+    Timer,
+}
+
+async fn read_next(mut r: WsReader) -> (WsReader, Result<Inbound, ReadError>) {
+    let res = r.next().await;
+    (r, res)
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn new_conn_id() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+impl Session {
+    async fn run(mut self, reader: WsReader, mut rx: mpsc::Receiver<Bytes>, up: Upgrade) {
+        let now = Instant::now();
+        self.auth_deadline = now + self.node.config.auth_timeout;
+        self.next_ping = now + self.node.config.ping_interval;
+        let read = read_next(reader);
+        tokio::pin!(read);
+
+        let mut end = None;
+        if let Some(refusal) = up.refusal {
+            end = Some(self.fail(refusal, None).await);
+        } else {
+            match up.token {
+                Some(Ok((token, source))) => {
+                    if let Err(e) = self.authenticate(token, source, None, up.started).await {
+                        end = Some(self.fail(e, None).await);
+                    }
+                }
+                Some(Err(why)) => {
+                    let e = SessionError::Auth(shared::auth::AuthError::Malformed);
+                    tracing::debug!(why, "malformed handshake credentials");
+                    end = Some(self.fail(e, None).await);
+                }
+                None => {}
+            }
+        }
+
+        let end = match end {
+            Some(Some(end)) => end,
+            _ => loop {
+                let deadline = self.next_deadline();
+                let ev = tokio::select! {
+                    biased;
+                    _ = self.closer.closed() => Event::Kill,
+                    (r, res) = &mut read => Event::Read(r, res),
+                    Some(b) = rx.recv() => Event::Outbound(b),
+                    _ = sleep_until(deadline.into()) => Event::Timer,
+                };
+                let step = match ev {
+                    Event::Kill => Some(End::Close(self.closer.reason().cloned().unwrap_or_else(
+                        || CloseReason::new(CloseCode::GoingAway, None, "closing"),
+                    ))),
+                    Event::Read(r, res) => {
+                        read.set(read_next(r));
+                        self.on_read(res, up.started).await
+                    }
+                    Event::Outbound(first) => self.on_outbound(first, &mut rx).await,
+                    Event::Timer => self.on_timer().await,
+                };
+                if let Some(end) = step {
+                    break end;
+                }
+            },
+        };
+        self.finish(end, read).await;
+    }
+
+    /// Earliest instant something must happen without input.
+    fn next_deadline(&self) -> Instant {
+        let cfg = &self.node.config;
+        let mut d = self.next_ping.min(self.last_heard + cfg.idle_timeout);
+        match &self.auth {
+            None => d = d.min(self.auth_deadline),
+            Some(a) => {
+                d = d.min(a.expires);
+                if let Some(w) = a.warn_at {
+                    d = d.min(w);
+                }
+            }
+        }
+        d
+    }
+
+    async fn on_timer(&mut self) -> Option<End> {
+        let now = Instant::now();
+        let node = self.node.clone();
+        let cfg = &node.config;
+        match &mut self.auth {
+            None if now >= self.auth_deadline => {
+                return self.fail(SessionError::AuthTimeout, None).await;
+            }
+            Some(a) if now >= a.expires => {
+                return self.fail(SessionError::TokenExpired, None).await;
+            }
+            Some(a) if a.warn_at.is_some_and(|w| now >= w) => {
+                a.warn_at = None;
+                let f = ServerFrame::TokenExpiring {
+                    expires_at: a.claims.exp,
+                };
+                if self.send(&f).await.is_err() {
+                    return Some(End::PeerGone);
+                }
+            }
+            _ => {}
+        }
+        if now >= self.last_heard + cfg.idle_timeout {
+            tracing::debug!("idle timeout");
+            return Some(End::Close(CloseReason::new(
+                CloseCode::GoingAway,
+                None,
+                "idle timeout",
+            )));
+        }
+        if now >= self.next_ping {
+            self.next_ping = now + cfg.ping_interval;
+            if self.writer.send_ping(b"sb").await.is_err() {
+                return Some(End::PeerGone);
+            }
+        }
+        None
+    }
+
+    async fn on_outbound(&mut self, first: Bytes, rx: &mut mpsc::Receiver<Bytes>) -> Option<End> {
+        if self.writer.send_text(&first).await.is_err() {
+            return Some(End::PeerGone);
+        }
+        for _ in 0..OUTBOUND_BATCH {
+            let Ok(b) = rx.try_recv() else { break };
+            if self.writer.send_text(&b).await.is_err() {
+                return Some(End::PeerGone);
+            }
+        }
+        None
+    }
+
+    async fn on_read(&mut self, res: Result<Inbound, ReadError>, started: Instant) -> Option<End> {
+        self.last_heard = Instant::now();
+        match res {
+            Ok(Inbound::Text(text)) => self.on_text(text, started).await,
+            Ok(Inbound::Binary(_)) => self.fail(SessionError::Binary, None).await,
+            Ok(Inbound::Ping(p)) => match self.writer.send_pong(&p).await {
+                Ok(()) => None,
+                Err(_) => Some(End::PeerGone),
+            },
+            Ok(Inbound::Pong) => None,
+            Ok(Inbound::Close(code, _)) => {
+                transport::echo_close(&mut self.writer, code).await;
+                Some(End::PeerGone)
+            }
+            Err(ReadError::TooLarge(n)) => self.fail(SessionError::TooLarge(n), None).await,
+            Err(e) => match e.close_code() {
+                Some(code) => Some(End::Close(CloseReason::new(code, None, "protocol error"))),
+                None => Some(End::PeerGone),
+            },
+        }
+    }
+
+    async fn on_text(&mut self, text: Bytes, started: Instant) -> Option<End> {
+        let now = Instant::now();
+        let parsed = ClientMessage::parse(&text);
+        let id = match &parsed {
+            Ok(msg) => msg.id.clone(),
+            Err(e) => e.id.clone(),
+        };
+        match self.limiter.check(now) {
+            MessageVerdict::Allow => {}
+            MessageVerdict::Limited(wait) => {
+                metrics::counter!(m::RATE_LIMITED, "scope" => "message").increment(1);
+                return self.fail(SessionError::RateLimited(wait), id).await;
+            }
+            MessageVerdict::Abusive(wait) => {
+                metrics::counter!(m::RATE_LIMITED, "scope" => "message").increment(1);
+                return self.fail(SessionError::Abusive(wait), id).await;
+            }
+        }
+        let msg = match parsed {
+            Ok(msg) => msg,
+            Err(e) => {
+                metrics::counter!(m::FRAMES_IN, "type" => "invalid").increment(1);
+                return self.fail(SessionError::BadRequest(e.message), e.id).await;
+            }
+        };
+        metrics::counter!(m::FRAMES_IN, "type" => msg.frame.kind()).increment(1);
+        let id = msg.id;
+        let result = match msg.frame {
+            ClientFrame::Auth { token } if self.auth.is_none() => {
+                self.authenticate(token, Source::Frame, id.clone(), started)
+                    .await
+            }
+            ClientFrame::Auth { .. } => Err(SessionError::BadRequest(
+                "already authenticated; use `refresh` to replace the token".into(),
+            )),
+            ClientFrame::Ping {} => self.send(&ServerFrame::Pong { id: id.clone() }).await,
+            _ if self.auth.is_none() => Err(SessionError::BadRequest(
+                "send an `auth` frame first".into(),
+            )),
+            ClientFrame::Refresh { token } => self.refresh(token, id.clone()).await,
+            other => Err(SessionError::BadRequest(format!(
+                "`{}` is not supported by this gateway version",
+                other.kind()
+            ))),
+        };
+        match result {
+            Ok(()) => None,
+            Err(e) => self.fail(e, id).await,
+        }
+    }
+
+    /// Validates a token, checks revocation and the per-user limit, fetches the user's
+    /// context, joins the hub and answers `authenticated`.
+    async fn authenticate(
+        &mut self,
+        token: String,
+        source: Source,
+        id: Option<FrameId>,
+        started: Instant,
+    ) -> Result<(), SessionError> {
+        let node = self.node.clone();
+        let claims = node.validator.validate(&token).map_err(|e| {
+            metrics::counter!(m::AUTH_FAILURES, "reason" => e.reason()).increment(1);
+            SessionError::Auth(e)
+        })?;
+        self.check_revoked(&claims).await?;
+
+        let rec = ConnRecord {
+            conn_id: self.conn_id.to_string(),
+            user_id: claims.user_id.clone(),
+            node: node.config.node_id.clone(),
+            connected_at: now_ms(),
+        };
+        match node
+            .store
+            .register_conn(&rec, node.config.max_connections_per_user)
+            .await
+        {
+            Ok(Admission::Admitted) => {}
+            Ok(Admission::OverLimit) => return Err(SessionError::ConnectionLimit),
+            Err(e) => {
+                metrics::counter!(m::REDIS_ERRORS, "op" => "register").increment(1);
+                tracing::warn!(error = %e, "cannot register connection");
+                return Err(SessionError::AuthUnavailable("session store"));
+            }
+        }
+        // From here on the Redis record exists: `finish` removes it on every path.
+        let user: Arc<str> = claims.user_id.as_str().into();
+        let registration = match node
+            .hub
+            .register(Member {
+                conn_id: self.conn_id.clone(),
+                user_id: user,
+                tx: self.tx.clone(),
+                closer: self.closer.clone(),
+            })
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => {
+                metrics::counter!(m::NATS_ERRORS, "op" => "subscribe").increment(1);
+                tracing::warn!(error = %e, "cannot subscribe user subject");
+                self.unregister(&claims.user_id).await;
+                return Err(SessionError::AuthUnavailable("message bus"));
+            }
+        };
+        let ctx = node.user_context(&claims.user_id, &token).await;
+        tracing::Span::current().record("user", claims.user_id.as_str());
+
+        let (expires, warn_at) = self.timers_for(claims.exp);
+        let frame = ServerFrame::Authenticated {
+            user: UserInfo {
+                id: claims.user_id.clone(),
+                email: claims.email.clone(),
+                role: claims.role.clone(),
+            },
+            expires_at: claims.exp,
+            teams: ctx.teams,
+            tasks: ctx.tasks,
+            degraded: ctx.degraded,
+            node: node.config.node_id.clone(),
+            conn_id: self.conn_id.to_string(),
+            id,
+        };
+        self.auth = Some(Authed {
+            claims,
+            token,
+            expires,
+            warn_at,
+            _registration: registration,
+        });
+        metrics::gauge!(m::CONNECTIONS_PENDING).decrement(1.0);
+        metrics::gauge!(m::CONNECTIONS).increment(1.0);
+        metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
+        metrics::histogram!(m::HANDSHAKE_SECONDS).record(started.elapsed().as_secs_f64());
+        tracing::debug!(
+            source = source.label(),
+            degraded = ctx.degraded,
+            "authenticated"
+        );
+        self.send(&frame).await
+    }
+
+    /// Replaces the token of a live connection (same user only).
+    async fn refresh(&mut self, token: String, id: Option<FrameId>) -> Result<(), SessionError> {
+        let claims = self.node.validator.validate(&token).map_err(|e| {
+            metrics::counter!(m::AUTH_FAILURES, "reason" => e.reason()).increment(1);
+            SessionError::RefreshRejected(e)
+        })?;
+        let Some(current) = &self.auth else {
+            return Err(SessionError::BadRequest(
+                "send an `auth` frame first".into(),
+            ));
+        };
+        if claims.user_id != current.claims.user_id {
+            metrics::counter!(m::AUTH_FAILURES, "reason" => "wrong_user").increment(1);
+            return Err(SessionError::WrongUser);
+        }
+        self.check_revoked(&claims).await?;
+        let (expires, warn_at) = self.timers_for(claims.exp);
+        let exp = claims.exp;
+        if let Some(a) = &mut self.auth {
+            a.claims = claims;
+            a.token = token;
+            a.expires = expires;
+            a.warn_at = warn_at;
+        }
+        self.send(&ServerFrame::Refreshed {
+            expires_at: exp,
+            id,
+        })
+        .await
+    }
+
+    async fn check_revoked(&self, claims: &Claims) -> Result<(), SessionError> {
+        let Some(jti) = &claims.jti else {
+            return Ok(());
+        };
+        match self.node.store.is_revoked(jti).await {
+            Ok(false) => Ok(()),
+            Ok(true) => {
+                metrics::counter!(m::AUTH_FAILURES, "reason" => "revoked").increment(1);
+                Err(SessionError::Revoked)
+            }
+            Err(e) => {
+                metrics::counter!(m::REDIS_ERRORS, "op" => "revoked").increment(1);
+                tracing::warn!(error = %e, "cannot check token revocation");
+                Err(SessionError::AuthUnavailable("session store"))
+            }
+        }
+    }
+
+    /// Close and warning instants for a token's `exp`: the connection lives until
+    /// exp + leeway, the same leeway the validator granted, so a token that was just
+    /// accepted is never closed at once (the seeds' expired-token loop).
+    fn timers_for(&self, exp: u64) -> (Instant, Option<Instant>) {
+        let now = Instant::now();
+        let left = Duration::from_secs(
+            (exp + self.node.config.jwt.leeway_secs).saturating_sub(unix_now()),
+        );
+        let expires = now + left;
+        let warn_at = Some(
+            now + Duration::from_secs(exp.saturating_sub(unix_now()))
+                .saturating_sub(EXPIRY_WARNING),
+        );
+        (expires, warn_at)
+    }
+
+    /// Sends a server frame straight to the socket.
+    async fn send(&mut self, frame: &ServerFrame) -> Result<(), SessionError> {
+        metrics::counter!(m::FRAMES_OUT, "type" => frame.kind()).increment(1);
+        self.writer
+            .send_text(&frame.to_bytes())
+            .await
+            .map_err(|_| SessionError::Unavailable("socket"))
+    }
+
+    /// Answers an error: an `error` frame, and for fatal errors the close that follows.
+    async fn fail(&mut self, e: SessionError, id: Option<FrameId>) -> Option<End> {
+        let wire = e.to_wire(id);
+        if self.auth.is_none() && wire.close.is_some() {
+            metrics::counter!(m::CONNECTS, "result" => e.connect_result()).increment(1);
+        }
+        match wire.close {
+            Some(code) => {
+                tracing::debug!(error = %e, %code, "closing");
+                Some(End::Close(CloseReason::new(
+                    code,
+                    wire.error.map(ServerFrame::Error),
+                    close_text(code),
+                )))
+            }
+            None => {
+                let frame = wire.error.map(ServerFrame::Error)?;
+                match self.send(&frame).await {
+                    Ok(()) => None,
+                    Err(_) => Some(End::PeerGone),
+                }
+            }
+        }
+    }
+
+    async fn unregister(&self, user_id: &str) {
+        if let Err(e) = self
+            .node
+            .store
+            .unregister_conn(&self.conn_id, user_id)
+            .await
+        {
+            metrics::counter!(m::REDIS_ERRORS, "op" => "unregister").increment(1);
+            // The record expires by itself within the connection TTL.
+            tracing::debug!(error = %e, "cannot unregister connection");
+        }
+    }
+
+    /// Sends the close sequence (if we are the one closing), waits briefly for the
+    /// peer's close, then releases everything the connection held.
+    async fn finish<F>(mut self, end: End, read: std::pin::Pin<&mut F>)
+    where
+        F: std::future::Future<Output = (WsReader, Result<Inbound, ReadError>)>,
+    {
+        if let End::Close(reason) = &end {
+            metrics::counter!(m::CLOSES, "code" => reason.code.label()).increment(1);
+            let _ = tokio::time::timeout(transport::CLOSE_LINGER, async {
+                if let Some(f) = &reason.frame {
+                    let _ = self.send(f).await;
+                }
+                let _ = self
+                    .writer
+                    .send_close(reason.code.as_u16(), reason.text)
+                    .await;
+            })
+            .await;
+            linger(read).await;
+        }
+        if let Some(a) = self.auth.take() {
+            metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+            let user = a.claims.user_id.clone();
+            drop(a);
+            self.unregister(&user).await;
+        } else {
+            metrics::gauge!(m::CONNECTIONS_PENDING).decrement(1.0);
+        }
+    }
+}
+
+/// Waits a moment for the peer's close frame after ours.
+async fn linger<F>(mut read: std::pin::Pin<&mut F>)
+where
+    F: std::future::Future<Output = (WsReader, Result<Inbound, ReadError>)>,
+{
+    let _ = tokio::time::timeout(transport::CLOSE_LINGER, async {
+        // Only the first completion can be awaited: after it the future is spent, and
+        // anything but a close from a peer that is leaving does not matter.
+        let _ = read.as_mut().await;
+    })
+    .await;
+}
+
+fn close_text(code: CloseCode) -> &'static str {
+    match code {
+        CloseCode::AuthTimeout => "auth timeout",
+        CloseCode::TokenExpired => "token expired",
+        CloseCode::Forbidden => "forbidden",
+        CloseCode::ConnectionLimit => "connection limit",
+        CloseCode::RateLimited => "rate limited",
+        CloseCode::TryAgainLater => "try again later",
+        CloseCode::TooLarge => "message too large",
+        CloseCode::Unsupported => "binary frames not supported",
+        CloseCode::SlowConsumer => "slow consumer",
+        _ => "closing",
+    }
+}

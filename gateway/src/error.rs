@@ -1,0 +1,252 @@
+//! Gateway errors and the one place where they become wire signals: an `error` frame,
+//! a close code, or both. Nothing else in the gateway picks codes.
+
+use std::time::Duration;
+
+use shared::auth::AuthError;
+use shared::protocol::{CloseCode, ErrorBody, ErrorCode, FrameId};
+
+/// Everything that can go wrong while serving one connection.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    // --- fatal: the connection closes ---
+    #[error("{0}")]
+    Auth(AuthError),
+    #[error("token revoked")]
+    Revoked,
+    #[error("no auth frame within the auth deadline")]
+    AuthTimeout,
+    #[error("token expired")]
+    TokenExpired,
+    #[error("refresh token belongs to another user")]
+    WrongUser,
+    #[error("too many connections for this user")]
+    ConnectionLimit,
+    #[error("node is at its connection limit")]
+    Overloaded,
+    #[error("connect rate exceeded")]
+    ConnectRateLimited(Duration),
+    #[error("message rate exceeded repeatedly")]
+    Abusive(Duration),
+    #[error("message larger than {0} bytes")]
+    TooLarge(usize),
+    #[error("binary frames are not supported")]
+    Binary,
+    #[error("{0} unavailable")]
+    AuthUnavailable(&'static str),
+
+    // --- not fatal: an error frame, the connection stays open ---
+    /// A `refresh` with a bad token: the current token stays in force until it expires.
+    #[error("refresh refused: {0}")]
+    RefreshRejected(AuthError),
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("message rate exceeded")]
+    RateLimited(Duration),
+    #[error("{0} unavailable")]
+    Unavailable(&'static str),
+}
+
+/// What to put on the wire for an error.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Wire {
+    pub error: Option<ErrorBody>,
+    pub close: Option<CloseCode>,
+}
+
+impl SessionError {
+    /// The single mapping from errors to `error` frames and close codes
+    /// (PROTOCOL.md section 4).
+    pub fn to_wire(&self, id: Option<FrameId>) -> Wire {
+        use SessionError as E;
+        let (code, message, retry): (ErrorCode, String, Option<Duration>) = match self {
+            E::Auth(e) if e.is_expired() => (ErrorCode::TokenExpired, e.to_string(), None),
+            E::Auth(e) => (ErrorCode::TokenInvalid, e.to_string(), None),
+            E::RefreshRejected(e) if e.is_expired() => {
+                (ErrorCode::TokenExpired, self.to_string(), None)
+            }
+            E::RefreshRejected(_) => (ErrorCode::TokenInvalid, self.to_string(), None),
+            E::Revoked => (ErrorCode::TokenInvalid, "token revoked".into(), None),
+            E::AuthTimeout => (ErrorCode::AuthTimeout, "no auth frame in time".into(), None),
+            E::TokenExpired => (
+                ErrorCode::TokenExpired,
+                "token expired; refresh it and reconnect".into(),
+                None,
+            ),
+            E::WrongUser => (ErrorCode::Forbidden, self.to_string(), None),
+            E::ConnectionLimit => (ErrorCode::ConnectionLimit, self.to_string(), None),
+            E::Overloaded => (ErrorCode::Overloaded, self.to_string(), None),
+            E::ConnectRateLimited(d) | E::Abusive(d) | E::RateLimited(d) => {
+                (ErrorCode::RateLimited, self.to_string(), Some(*d))
+            }
+            E::TooLarge(_) => (ErrorCode::TooLarge, self.to_string(), None),
+            E::Binary => {
+                return Wire {
+                    error: None,
+                    close: Some(CloseCode::Unsupported),
+                };
+            }
+            E::AuthUnavailable(_) | E::Unavailable(_) => {
+                (ErrorCode::Unavailable, self.to_string(), None)
+            }
+            E::BadRequest(m) => (ErrorCode::BadRequest, m.clone(), None),
+        };
+        let mut body = ErrorBody::new(code, message).with_id(id);
+        if let Some(d) = retry {
+            body = body.retry_after(d.as_millis().max(1) as u64);
+        }
+        Wire {
+            close: self.is_fatal().then(|| code.close_code()),
+            error: Some(body),
+        }
+    }
+
+    pub fn is_fatal(&self) -> bool {
+        !matches!(
+            self,
+            SessionError::BadRequest(_)
+                | SessionError::RateLimited(_)
+                | SessionError::Unavailable(_)
+                | SessionError::RefreshRejected(_)
+        )
+    }
+
+    /// Label for `switchboard_connects_total{result}` when this error ends a handshake.
+    pub fn connect_result(&self) -> &'static str {
+        match self {
+            SessionError::Auth(_) | SessionError::Revoked | SessionError::WrongUser => {
+                "auth_failed"
+            }
+            SessionError::AuthTimeout => "auth_timeout",
+            SessionError::ConnectionLimit => "over_limit",
+            SessionError::Overloaded => "overloaded",
+            SessionError::ConnectRateLimited(_) => "rate_limited",
+            SessionError::AuthUnavailable(_) | SessionError::Unavailable(_) => "unavailable",
+            _ => "error",
+        }
+    }
+}
+
+/// Errors of the HTTP API, answered as `{"error": {"code", "message"}}`.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    #[error("missing or wrong api key")]
+    Unauthorized,
+    #[error("{0}")]
+    BadRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    MethodNotAllowed(String),
+    #[error("{0} unavailable")]
+    Unavailable(&'static str),
+    #[error("too many connection attempts")]
+    TooManyRequests(Duration),
+    #[error("origin not allowed")]
+    ForbiddenOrigin,
+    #[error("node is draining")]
+    Draining,
+}
+
+impl ApiError {
+    /// HTTP status and error code: the HTTP counterpart of [`SessionError::to_wire`].
+    pub fn status_and_code(&self) -> (http::StatusCode, &'static str) {
+        use http::StatusCode as S;
+        match self {
+            ApiError::Unauthorized => (S::UNAUTHORIZED, "UNAUTHORIZED"),
+            ApiError::BadRequest(_) => (S::BAD_REQUEST, "BAD_REQUEST"),
+            ApiError::NotFound(_) => (S::NOT_FOUND, "NOT_FOUND"),
+            ApiError::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
+            ApiError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
+            ApiError::TooManyRequests(_) => (S::TOO_MANY_REQUESTS, "RATE_LIMITED"),
+            ApiError::ForbiddenOrigin => (S::FORBIDDEN, "FORBIDDEN"),
+            ApiError::Draining => (S::SERVICE_UNAVAILABLE, "DRAINING"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fatal_errors_carry_the_table_codes() {
+        let cases = [
+            (
+                SessionError::Auth(AuthError::Expired),
+                Some(4001),
+                Some(ErrorCode::TokenExpired),
+            ),
+            (
+                SessionError::Auth(AuthError::InvalidSignature),
+                Some(4503),
+                Some(ErrorCode::TokenInvalid),
+            ),
+            (
+                SessionError::Revoked,
+                Some(4503),
+                Some(ErrorCode::TokenInvalid),
+            ),
+            (
+                SessionError::AuthTimeout,
+                Some(4000),
+                Some(ErrorCode::AuthTimeout),
+            ),
+            (
+                SessionError::WrongUser,
+                Some(4503),
+                Some(ErrorCode::Forbidden),
+            ),
+            (
+                SessionError::ConnectionLimit,
+                Some(4509),
+                Some(ErrorCode::ConnectionLimit),
+            ),
+            (
+                SessionError::Overloaded,
+                Some(1013),
+                Some(ErrorCode::Overloaded),
+            ),
+            (
+                SessionError::Abusive(Duration::from_millis(5)),
+                Some(4029),
+                Some(ErrorCode::RateLimited),
+            ),
+            (
+                SessionError::TooLarge(1),
+                Some(1009),
+                Some(ErrorCode::TooLarge),
+            ),
+            (SessionError::Binary, Some(1003), None),
+            (
+                SessionError::AuthUnavailable("redis"),
+                Some(1013),
+                Some(ErrorCode::Unavailable),
+            ),
+            (
+                SessionError::BadRequest("x".into()),
+                None,
+                Some(ErrorCode::BadRequest),
+            ),
+            (
+                SessionError::RefreshRejected(AuthError::InvalidSignature),
+                None,
+                Some(ErrorCode::TokenInvalid),
+            ),
+            (
+                SessionError::RateLimited(Duration::from_millis(5)),
+                None,
+                Some(ErrorCode::RateLimited),
+            ),
+        ];
+        for (e, close, code) in cases {
+            let w = e.to_wire(None);
+            assert_eq!(w.close.map(|c| c.as_u16()), close, "{e:?}");
+            assert_eq!(w.error.as_ref().map(|b| b.code), code, "{e:?}");
+        }
+        let w = SessionError::Auth(AuthError::Expired).to_wire(None);
+        assert!(w.error.unwrap().action.is_some());
+        let w = SessionError::RateLimited(Duration::from_millis(250)).to_wire(None);
+        assert_eq!(w.error.unwrap().retry_after_ms, Some(250));
+    }
+}

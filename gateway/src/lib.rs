@@ -1,0 +1,139 @@
+//! Switchboard gateway: holds authenticated WebSocket connections, enforces limits,
+//! and connects them to the cluster through NATS and Redis. `main.rs` only parses
+//! config and calls [`run`]; tests start the real thing on port 0 the same way.
+#![forbid(unsafe_code)]
+
+pub mod admin;
+pub mod api;
+pub mod config;
+pub mod conn;
+pub mod credentials;
+pub mod drain;
+pub mod error;
+pub mod hub;
+pub mod limits;
+pub mod node;
+pub mod proxy;
+pub mod server;
+pub mod telemetry;
+pub mod transport;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use shared::auth::Validator;
+use shared::keys::Keys;
+use shared::store::SessionStore;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, RawConfig};
+use node::Node;
+
+/// NATS connect attempt timeout; reconnects go on forever in the background.
+pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// NATS keepalive: detects a dead server within two intervals.
+pub const NATS_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// Messages buffered per NATS subscription before the client drops (and reports)
+/// them: per-user subjects carry at most a streamed reply at a time.
+pub const NATS_SUBSCRIPTION_CAPACITY: usize = 4096;
+/// Pending NATS commands before publishers wait: bounded, see crates.md section 3.
+pub const NATS_CLIENT_CAPACITY: usize = 8192;
+/// Time allowed to flush NATS and clean Redis after the drain.
+pub const SHUTDOWN_CLEANUP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("JWT configuration: {0}")]
+    Jwt(#[from] shared::auth::KeyError),
+    #[error("SB_REDIS_URL: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("SB_NATS_URL: {0}")]
+    Nats(#[from] async_nats::ConnectError),
+}
+
+/// The two ports a gateway serves.
+pub struct Listeners {
+    /// WebSocket and API.
+    pub public: TcpListener,
+    /// Health, readiness, metrics.
+    pub admin: TcpListener,
+}
+
+/// Runs a gateway node until `shutdown` is cancelled, then drains and returns.
+pub async fn run(
+    listeners: Listeners,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    shared::auth::install_crypto_provider();
+    let metrics = telemetry::metrics_handle();
+    let validator = Validator::new(&config.jwt)?;
+    let store = SessionStore::new(&config.redis_url, Keys::new(&config.prefix))?;
+    let nats = async_nats::ConnectOptions::new()
+        .name(format!("gateway-{}", config.node_id))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(NATS_CONNECT_TIMEOUT)
+        .ping_interval(NATS_PING_INTERVAL)
+        .request_timeout(Some(config.user_context_timeout))
+        .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
+        .client_capacity(NATS_CLIENT_CAPACITY)
+        .connect(config.nats_url.as_str())
+        .await?;
+    let drain_window = config.drain;
+    tracing::info!(config = %config.summary(), "gateway starting");
+    metrics::gauge!(shared::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+
+    let node = Node::new(config, validator, store, nats, shutdown.clone());
+    node.spawn_background();
+    node.background
+        .spawn(telemetry::upkeep(metrics.clone(), node.stop.clone()));
+    let admin = tokio::spawn(admin::serve(
+        listeners.admin,
+        node.clone() as Arc<dyn admin::Health>,
+        metrics,
+        node.stop.clone(),
+    ));
+    let accept = tokio::spawn(server::accept_loop(node.clone(), listeners.public));
+
+    shutdown.cancelled().await;
+    drain::begin(&node);
+    let _ = accept.await;
+    drain::run(node.clone(), drain_window).await;
+    node.tasks.close();
+    if tokio::time::timeout(drain::FINISH_GRACE, node.tasks.wait())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open after the drain window; closing anyway");
+    }
+    node.stop.cancel();
+    node.background.close();
+    let _ = tokio::time::timeout(SHUTDOWN_CLEANUP_TIMEOUT, async {
+        node.deregister().await;
+        let _ = node.nats.flush().await;
+        node.background.wait().await;
+    })
+    .await;
+    let _ = admin.await;
+    tracing::info!("gateway stopped");
+    Ok(())
+}
+
+impl admin::Health for Node {
+    fn ready(&self) -> bool {
+        self.is_ready()
+    }
+
+    fn readiness(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ready": self.is_ready(),
+            "draining": self.is_draining(),
+            "nats": self.nats_connected(),
+            "redis": self.redis_up.load(std::sync::atomic::Ordering::Acquire),
+            "node": self.config.node_id,
+        })
+    }
+}

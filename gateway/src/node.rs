@@ -1,0 +1,351 @@
+//! The gateway node: the state every connection and endpoint shares (config, JWT
+//! validator, NATS, Redis, hub, limits, the socket registry used by the drain) and
+//! the node's background loops (heartbeat, connection refresh, dependency health).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use shared::auth::Validator;
+use shared::keys::Keys;
+use shared::protocol::{UserContext, UserContextRequest};
+use shared::store::{NodeRecord, SessionStore, now_ms};
+use shared::subjects::Subjects;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::Config;
+use crate::hub::{Closer, Hub};
+use crate::limits::ConnectLimiter;
+
+/// Heartbeat period of the node record (`GET /v1/nodes`).
+pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
+/// A node missing three heartbeats is gone; well inside the 90 s promise.
+pub const HEARTBEAT_TTL: Duration = Duration::from_secs(30);
+/// How often readiness re-checks Redis: fast enough that `/readyz` follows an outage
+/// within a couple of seconds.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// How often idle per-address limiter entries are swept.
+pub const LIMITER_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
+
+/// Shared state of one gateway node.
+pub struct Node {
+    pub config: Config,
+    pub validator: Validator,
+    pub store: SessionStore,
+    pub nats: async_nats::Client,
+    pub subjects: Subjects,
+    pub hub: Arc<Hub>,
+    pub connect_limiter: ConnectLimiter,
+    /// Every upgraded socket (authenticated or not), so the drain can reach them all;
+    /// hyper forgets sockets once they are upgraded.
+    sockets: Mutex<HashMap<u64, Arc<Closer>>>,
+    next_socket: AtomicU64,
+    /// Upgraded sockets, authenticated or not (the per-node cap counts these).
+    pub open_sockets: AtomicU64,
+    pub draining: AtomicBool,
+    pub redis_up: AtomicBool,
+    pub started_at: u64,
+    /// Cancelled on SIGTERM: starts the drain (accepting stops, readiness fails).
+    pub shutdown: CancellationToken,
+    /// Cancelled after the drain: ends background loops and subscriptions.
+    pub stop: CancellationToken,
+    /// HTTP and WebSocket connection tasks, awaited during the drain.
+    pub tasks: TaskTracker,
+    /// Background loops and subscription tasks, awaited last.
+    pub background: TaskTracker,
+}
+
+/// Keeps a socket in the drain registry while alive.
+pub struct SocketGuard {
+    node: Arc<Node>,
+    id: u64,
+}
+
+impl Drop for SocketGuard {
+    fn drop(&mut self) {
+        self.node.lock_sockets().remove(&self.id);
+        self.node.open_sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl Node {
+    pub fn new(
+        config: Config,
+        validator: Validator,
+        store: SessionStore,
+        nats: async_nats::Client,
+        shutdown: CancellationToken,
+    ) -> Arc<Node> {
+        let subjects = Subjects::new(&config.prefix);
+        let stop = CancellationToken::new();
+        let background = TaskTracker::new();
+        let hub = Hub::new(
+            nats.clone(),
+            subjects.clone(),
+            background.clone(),
+            stop.clone(),
+        );
+        Arc::new(Node {
+            connect_limiter: ConnectLimiter::new(
+                config.connect_rate_per_ip,
+                config.connect_burst_per_ip,
+            ),
+            config,
+            validator,
+            store,
+            nats,
+            subjects,
+            hub,
+            sockets: Mutex::new(HashMap::new()),
+            next_socket: AtomicU64::new(1),
+            open_sockets: AtomicU64::new(0),
+            draining: AtomicBool::new(false),
+            redis_up: AtomicBool::new(false),
+            started_at: now_ms(),
+            shutdown,
+            stop,
+            tasks: TaskTracker::new(),
+            background,
+        })
+    }
+
+    pub fn keys(&self) -> &Keys {
+        self.store.keys()
+    }
+
+    fn lock_sockets(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Closer>>> {
+        self.sockets.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Registers an upgraded socket for the drain.
+    pub fn track_socket(self: &Arc<Self>, closer: Arc<Closer>) -> SocketGuard {
+        let id = self.next_socket.fetch_add(1, Ordering::Relaxed);
+        self.lock_sockets().insert(id, closer);
+        SocketGuard {
+            node: self.clone(),
+            id,
+        }
+    }
+
+    /// Reserves a slot against the per-node cap; `false` when the node is full.
+    pub fn reserve_socket(&self) -> bool {
+        let max = self.config.max_connections;
+        self.open_sockets
+            .fetch_update(Ordering::AcqRel, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Releases a slot reserved by [`reserve_socket`] that never became a socket.
+    pub fn release_socket(&self) {
+        self.open_sockets.fetch_sub(1, Ordering::Relaxed);
+    }
+
+    /// Closers of every live socket, for the drain.
+    pub fn all_sockets(&self) -> Vec<Arc<Closer>> {
+        self.lock_sockets().values().cloned().collect()
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Acquire)
+    }
+
+    pub fn nats_connected(&self) -> bool {
+        self.nats.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Ready to take connections: not draining, NATS connected, Redis answering.
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining() && self.nats_connected() && self.redis_up.load(Ordering::Acquire)
+    }
+
+    /// Teams and tasks from a worker over NATS; on timeout or no responders, the last
+    /// cached context (or nothing), marked degraded.
+    pub async fn user_context(&self, user_id: &str, token: &str) -> UserContext {
+        let timeout = self.config.user_context_timeout;
+        if self.nats_connected() {
+            let body = serde_json::to_vec(&UserContextRequest {
+                user_id: user_id.to_owned(),
+                token: token.to_owned(),
+            })
+            .unwrap_or_default();
+            let req = async_nats::Request::new()
+                .payload(body.into())
+                .timeout(Some(timeout));
+            let reply = tokio::time::timeout(
+                timeout + Duration::from_millis(100),
+                self.nats
+                    .send_request(self.subjects.user_context_rpc(), req),
+            )
+            .await;
+            match reply {
+                Ok(Ok(msg)) => match serde_json::from_slice::<UserContext>(&msg.payload) {
+                    Ok(ctx) => return ctx,
+                    Err(e) => tracing::warn!(error = %e, "malformed user context reply"),
+                },
+                Ok(Err(e)) => {
+                    metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "user_context")
+                        .increment(1);
+                    tracing::debug!(error = %e, "user context request failed");
+                }
+                Err(_) => {
+                    metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "user_context")
+                        .increment(1);
+                }
+            }
+        }
+        let cached = match self.store.cached_context(user_id).await {
+            Ok(c) => c,
+            Err(e) => {
+                metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "cached_context")
+                    .increment(1);
+                tracing::debug!(error = %e, "cached context unavailable");
+                None
+            }
+        };
+        UserContext {
+            degraded: true,
+            ..cached.unwrap_or_default()
+        }
+    }
+
+    fn node_record(&self) -> NodeRecord {
+        NodeRecord {
+            node: self.config.node_id.clone(),
+            connections: self.hub.len() as u64,
+            started_at: self.started_at,
+            heartbeat_at: now_ms(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        }
+    }
+
+    /// Starts the node's background loops; each ends when `shutdown` is cancelled.
+    pub fn spawn_background(self: &Arc<Self>) {
+        let node = self.clone();
+        self.background
+            .spawn(async move { node.heartbeat_loop().await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { node.refresh_loop().await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { node.health_loop().await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { node.sweep_loop().await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { node.control_loop().await });
+    }
+
+    async fn heartbeat_loop(&self) {
+        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            if let Err(e) = self
+                .store
+                .node_heartbeat(&self.node_record(), HEARTBEAT_TTL)
+                .await
+            {
+                metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "heartbeat").increment(1);
+                tracing::warn!(error = %e, "node heartbeat failed");
+            }
+        }
+    }
+
+    /// Keeps this node's connection records alive in Redis; a node that dies stops
+    /// refreshing and its records expire.
+    async fn refresh_loop(&self) {
+        let period = shared::store::CONN_REFRESH_INTERVAL;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let conns = self.hub.snapshot();
+            if let Err(e) = self.store.refresh_conns(&conns).await {
+                metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "refresh").increment(1);
+                tracing::warn!(error = %e, conns = conns.len(), "connection refresh failed");
+            }
+        }
+    }
+
+    async fn health_loop(&self) {
+        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let up = self.store.ping().await.is_ok();
+            let was = self.redis_up.swap(up, Ordering::AcqRel);
+            if was != up {
+                tracing::warn!(up, "redis availability changed");
+            }
+            metrics::gauge!(shared::metrics::REDIS_UP).set(if up { 1.0 } else { 0.0 });
+            metrics::gauge!(shared::metrics::NATS_CONNECTED, "binary" => "gateway")
+                .set(if self.nats_connected() { 1.0 } else { 0.0 });
+        }
+    }
+
+    async fn sweep_loop(&self) {
+        let mut tick = tokio::time::interval(LIMITER_SWEEP_INTERVAL);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            self.connect_limiter.sweep(Instant::now());
+        }
+    }
+
+    /// Applies `sb.ctl.disconnect` kicks to local connections. The subscription is
+    /// re-sent by the client after NATS reconnects.
+    async fn control_loop(&self) {
+        use futures_util::StreamExt;
+        let mut sub = loop {
+            match self.nats.subscribe(self.subjects.ctl_disconnect()).await {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to control subject");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                    }
+                }
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                m = sub.next() => match m { Some(m) => m, None => break },
+            };
+            match serde_json::from_slice::<shared::protocol::DisconnectCommand>(&msg.payload) {
+                Ok(cmd) => {
+                    let n = self.hub.disconnect(&cmd);
+                    tracing::info!(closed = n, code = cmd.code, "disconnect command");
+                }
+                Err(e) => tracing::warn!(error = %e, "malformed disconnect command"),
+            }
+        }
+    }
+
+    /// Forgets this node in Redis after a clean shutdown.
+    pub async fn deregister(&self) {
+        if let Err(e) = self.store.remove_node(&self.config.node_id).await {
+            tracing::warn!(error = %e, "could not remove node record");
+        }
+    }
+}

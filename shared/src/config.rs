@@ -1,0 +1,272 @@
+//! Config loading shared by the binaries: layering (defaults < TOML file < env < flags),
+//! unknown-key rejection, and the parsers and validators for values every binary uses.
+//! Each binary declares its own typed struct; this module makes them behave alike.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::Path;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+/// Every environment variable any Switchboard binary reads. A `SB_*` variable not in
+/// this list is a typo (or a stale setting) and is refused with its name, so a
+/// misspelt `SB_JWT_SECRE` cannot silently fall back to a default. The list is the
+/// union across binaries because deployments often share one env block.
+pub const KNOWN_ENV: &[&str] = &[
+    "SB_CONFIG",
+    "SB_LISTEN",
+    "SB_ADMIN_LISTEN",
+    "SB_NODE_ID",
+    "SB_NATS_URL",
+    "SB_REDIS_URL",
+    "SB_PREFIX",
+    "SB_LOG_FORMAT",
+    "SB_LOG",
+    "SB_JWT_SECRET",
+    "SB_JWT_PUBLIC_KEY_FILE",
+    "SB_JWT_JWKS_FILE",
+    "SB_JWT_ALGORITHM",
+    "SB_JWT_AUDIENCE",
+    "SB_JWT_ISSUER",
+    "SB_JWT_LEEWAY_SECS",
+    "SB_ALLOWED_ORIGINS",
+    "SB_API_KEY",
+    "SB_MAX_MESSAGE_BYTES",
+    "SB_MAX_CONNECTIONS_PER_USER",
+    "SB_MAX_CONNECTIONS",
+    "SB_DRAIN_SECS",
+    "SB_TRUSTED_PROXIES",
+    "SB_PROXY_PROTOCOL",
+    "SB_AUTH_TIMEOUT_SECS",
+    "SB_PING_INTERVAL_SECS",
+    "SB_IDLE_TIMEOUT_SECS",
+    "SB_MESSAGE_RATE",
+    "SB_MESSAGE_BURST",
+    "SB_CONNECT_RATE_PER_IP",
+    "SB_CONNECT_BURST_PER_IP",
+    "SB_OUTBOUND_QUEUE",
+    "SB_USER_CONTEXT_TIMEOUT_MS",
+];
+
+/// A configuration problem, always naming the key at fault.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum ConfigError {
+    #[error("{key}: {message}")]
+    Invalid { key: String, message: String },
+    #[error("{key}: required")]
+    Missing { key: String },
+    #[error("unknown environment variable {key} (not a Switchboard setting; typo?)")]
+    UnknownEnv { key: String },
+    #[error("config file {path}: {message}")]
+    File { path: String, message: String },
+}
+
+impl ConfigError {
+    pub fn invalid(key: &str, message: impl Into<String>) -> ConfigError {
+        ConfigError::Invalid {
+            key: key.to_owned(),
+            message: message.into(),
+        }
+    }
+}
+
+/// Refuses `SB_*` variables that no binary reads.
+pub fn check_env<I, K>(vars: I) -> Result<(), ConfigError>
+where
+    I: IntoIterator<Item = (K, String)>,
+    K: AsRef<str>,
+{
+    for (k, _) in vars {
+        let k = k.as_ref();
+        if k.starts_with("SB_") && !KNOWN_ENV.contains(&k) {
+            return Err(ConfigError::UnknownEnv { key: k.to_owned() });
+        }
+    }
+    Ok(())
+}
+
+/// Reads a TOML file into `T`. `T` should be `#[serde(deny_unknown_fields)]`, so an
+/// unknown key fails with its name.
+pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })?;
+    toml::from_str(&text).map_err(|e| ConfigError::File {
+        path: path.display().to_string(),
+        message: e.message().to_owned(),
+    })
+}
+
+/// Overlays `top` (flags and env, as parsed by clap) on `base` (the file): a field set
+/// in `top` wins, an unset (`None`) one keeps the file's value. Both must serialise to
+/// a JSON object of optional fields.
+pub fn layer<T: Serialize + DeserializeOwned>(base: T, top: T) -> T {
+    let to_map = |t: &T| -> BTreeMap<String, serde_json::Value> {
+        match serde_json::to_value(t) {
+            Ok(serde_json::Value::Object(m)) => m.into_iter().collect(),
+            _ => BTreeMap::new(),
+        }
+    };
+    let mut merged = to_map(&base);
+    for (k, v) in to_map(&top) {
+        if !v.is_null() {
+            merged.insert(k, v);
+        }
+    }
+    // Both inputs came from `T`, so the merge deserialises back into it.
+    serde_json::from_value(serde_json::Value::Object(merged.into_iter().collect())).unwrap_or(top)
+}
+
+/// Splits a comma-separated list, trimming blanks (PROTOCOL.md section 6).
+pub fn parse_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// Parses a comma-separated CIDR list; a bare address means a single host.
+pub fn parse_cidrs(key: &str, s: &str) -> Result<Vec<ipnet::IpNet>, ConfigError> {
+    parse_list(s)
+        .into_iter()
+        .map(|item| {
+            item.parse::<ipnet::IpNet>()
+                .or_else(|_| item.parse::<std::net::IpAddr>().map(ipnet::IpNet::from))
+                .map_err(|_| {
+                    ConfigError::invalid(key, format!("{item:?} is not a CIDR or address"))
+                })
+        })
+        .collect()
+}
+
+pub fn parse_addr(key: &str, s: &str) -> Result<SocketAddr, ConfigError> {
+    s.parse().map_err(|_| {
+        ConfigError::invalid(key, format!("{s:?} is not host:port (e.g. 0.0.0.0:8080)"))
+    })
+}
+
+/// Prefixes and node ids end up in NATS subjects and Redis keys: `[A-Za-z0-9_-]{1,64}`.
+pub fn validate_token(key: &str, s: &str) -> Result<(), ConfigError> {
+    let ok = !s.is_empty()
+        && s.len() <= 64
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if ok {
+        Ok(())
+    } else {
+        Err(ConfigError::invalid(
+            key,
+            format!("{s:?} must match [A-Za-z0-9_-]{{1,64}}"),
+        ))
+    }
+}
+
+/// Checks that a URL has one of the expected schemes; the client libraries give poor
+/// messages for a wrong one.
+pub fn validate_url(key: &str, s: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    match s.split_once("://") {
+        Some((scheme, rest)) if schemes.contains(&scheme) && !rest.is_empty() => Ok(()),
+        _ => Err(ConfigError::invalid(
+            key,
+            format!("must be a URL with scheme {}", schemes.join(" or ")),
+        )),
+    }
+}
+
+pub fn positive(key: &str, v: u64) -> Result<u64, ConfigError> {
+    if v == 0 {
+        Err(ConfigError::invalid(key, "must be greater than 0"))
+    } else {
+        Ok(v)
+    }
+}
+
+/// A node id from the host name (pods are named uniquely), made subject-safe.
+pub fn default_node_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+        .map(|h| h.trim().to_owned())
+        .unwrap_or_default();
+    let cleaned: String = host
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '-'
+            }
+        })
+        .take(48)
+        .collect();
+    let suffix: u32 = std::process::id();
+    if cleaned.is_empty() {
+        format!("node-{suffix}")
+    } else {
+        cleaned
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde::Deserialize;
+
+    #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
+    #[serde(deny_unknown_fields)]
+    struct Raw {
+        a: Option<u32>,
+        b: Option<String>,
+    }
+
+    #[test]
+    fn flags_and_env_override_the_file() {
+        let file = Raw {
+            a: Some(1),
+            b: Some("file".into()),
+        };
+        let cli = Raw {
+            a: None,
+            b: Some("cli".into()),
+        };
+        assert_eq!(
+            layer(file, cli),
+            Raw {
+                a: Some(1),
+                b: Some("cli".into())
+            }
+        );
+    }
+
+    #[test]
+    fn unknown_file_keys_are_named() {
+        let dir = std::env::temp_dir().join(format!("sbcfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let p = dir.join("c.toml");
+        std::fs::write(&p, "a = 1\nbogus_key = 2\n").unwrap();
+        let e = read_file::<Raw>(&p).unwrap_err();
+        assert!(e.to_string().contains("bogus_key"), "{e}");
+    }
+
+    #[test]
+    fn unknown_env_is_refused_by_name() {
+        assert!(check_env([("SB_LISTEN", String::new()), ("PATH", String::new())]).is_ok());
+        let e = check_env([("SB_JWT_SECRE", String::new())]).unwrap_err();
+        assert!(e.to_string().contains("SB_JWT_SECRE"));
+    }
+
+    #[test]
+    fn lists_and_cidrs() {
+        assert_eq!(parse_list(" a, b ,,c"), vec!["a", "b", "c"]);
+        let nets = parse_cidrs("K", "10.0.0.0/8, 127.0.0.1,::1").unwrap();
+        assert_eq!(nets.len(), 3);
+        let e = parse_cidrs("SB_TRUSTED_PROXIES", "10.0.0.0/8,nope").unwrap_err();
+        assert!(e.to_string().starts_with("SB_TRUSTED_PROXIES"));
+        assert!(validate_token("SB_PREFIX", "a.b").is_err());
+        assert!(validate_url("SB_NATS_URL", "nats://x:1", &["nats"]).is_ok());
+        assert!(validate_url("SB_NATS_URL", "x:1", &["nats"]).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! Switchboard's shared vocabulary: wire protocol types, JWT validation, config
+//! loading, NATS subject and Redis key names, the Redis session store and metric names.
+#![forbid(unsafe_code)]
+
+pub mod auth;
+pub mod config;
+pub mod keys;
+pub mod metrics;
+pub mod protocol;
+pub mod store;
+pub mod subjects;

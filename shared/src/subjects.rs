@@ -1,0 +1,75 @@
+//! NATS subject names (DESIGN.md "NATS subjects"). Every subject is built here, from
+//! one configurable prefix, so gateways and workers can never disagree about a name.
+
+/// JetStream stream that holds chat requests as a work queue.
+pub const CHAT_STREAM: &str = "SB_CHAT";
+/// Durable pull consumer shared by all workers.
+pub const CHAT_CONSUMER: &str = "workers";
+/// Queue group of workers answering RPCs.
+pub const WORKER_QUEUE_GROUP: &str = "workers";
+
+/// Subject builder for one deployment prefix (default `sb`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Subjects {
+    prefix: String,
+}
+
+impl Subjects {
+    /// `prefix` must already be validated (`[A-Za-z0-9_-]+`, see `config::validate_prefix`).
+    pub fn new(prefix: &str) -> Subjects {
+        Subjects {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `sb.chat.requests`: JetStream work queue, gateway -> one worker.
+    pub fn chat_requests(&self) -> String {
+        format!("{}.chat.requests", self.prefix)
+    }
+
+    /// `sb.chat.cancel`: core, to every worker.
+    pub fn chat_cancel(&self) -> String {
+        format!("{}.chat.cancel", self.prefix)
+    }
+
+    /// `sb.rpc.user_context`: core request/reply, queue group `workers`.
+    pub fn user_context_rpc(&self) -> String {
+        format!("{}.rpc.user_context", self.prefix)
+    }
+
+    /// `sb.user.<uid>`: ready server frames for every connection of a user.
+    pub fn user(&self, user_id: &str) -> String {
+        format!("{}.user.{user_id}", self.prefix)
+    }
+
+    /// `sb.ch.<ns>.<name>`: ready `message` frames for a channel's subscribers.
+    pub fn channel(&self, namespace: &str, name: &str) -> String {
+        format!("{}.ch.{namespace}.{name}", self.prefix)
+    }
+
+    /// `sb.ctl.disconnect`: kick commands to every gateway.
+    pub fn ctl_disconnect(&self) -> String {
+        format!("{}.ctl.disconnect", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn subjects_match_the_design_table() {
+        let s = Subjects::new("sb");
+        assert_eq!(s.chat_requests(), "sb.chat.requests");
+        assert_eq!(s.chat_cancel(), "sb.chat.cancel");
+        assert_eq!(s.user_context_rpc(), "sb.rpc.user_context");
+        assert_eq!(s.user("u1"), "sb.user.u1");
+        assert_eq!(s.channel("team", "a"), "sb.ch.team.a");
+        assert_eq!(s.ctl_disconnect(), "sb.ctl.disconnect");
+        assert_eq!(Subjects::new("t1").user("x"), "t1.user.x");
+    }
+}
