@@ -215,10 +215,7 @@ impl RawConfig {
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let cli = RawConfig::try_parse_from(args).map_err(|e| ConfigError::Invalid {
-            key: "arguments".into(),
-            message: e.to_string(),
-        })?;
+        let cli = RawConfig::try_parse_from(args).map_err(clap_error)?;
         cfg::check_env(std::env::vars())?;
         let Some(path) = cli.config.clone() else {
             return Ok(cli);
@@ -435,6 +432,40 @@ impl RawConfig {
         })?;
         Ok(settings)
     }
+}
+
+/// Turns a clap error into a config error naming the env variable too, since most
+/// deployments set env rather than flags. `--help` and `--version` print and exit.
+fn clap_error(e: clap::Error) -> ConfigError {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    let flag = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_owned),
+        _ => None,
+    };
+    let env = flag.as_deref().and_then(|f| {
+        let long = f.trim_start_matches("--");
+        RawConfig::command()
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env().and_then(|v| v.to_str()).map(str::to_owned))
+    });
+    let message = e
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_owned();
+    let key = match (env, flag) {
+        (Some(env), Some(flag)) => format!("{env} ({flag})"),
+        (None, Some(flag)) => flag,
+        _ => "arguments".to_owned(),
+    };
+    ConfigError::Invalid { key, message }
 }
 
 /// The soft open-file limit from `/proc/self/limits`.

@@ -74,6 +74,7 @@ pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up
         limiter: MessageLimiter::new(node.config.message_rate, node.config.message_burst, now),
         node,
         conn_id: conn_id.into(),
+        ip: up.ip,
         closer,
         tx,
         writer,
@@ -101,6 +102,7 @@ struct Authed {
 struct Session {
     node: Arc<Node>,
     conn_id: Arc<str>,
+    ip: IpAddr,
     closer: Arc<Closer>,
     /// Kept so the hub can be handed clones; also keeps `rx` open.
     tx: mpsc::Sender<Bytes>,
@@ -361,6 +363,7 @@ impl Session {
             conn_id: self.conn_id.to_string(),
             user_id: claims.user_id.clone(),
             node: node.config.node_id.clone(),
+            ip: self.ip.to_string(),
             connected_at: now_ms(),
         };
         match node

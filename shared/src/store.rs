@@ -59,6 +59,8 @@ pub struct ConnRecord {
     pub conn_id: String,
     pub user_id: String,
     pub node: String,
+    /// Client address as the gateway resolved it (behind trusted proxies: the real one).
+    pub ip: String,
     /// Unix milliseconds.
     pub connected_at: u64,
 }
@@ -110,7 +112,7 @@ if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
 redis.call('PEXPIRE', KEYS[1], ARGV[8])
-redis.call('HSET', KEYS[2], 'user', ARGV[5], 'node', ARGV[6], 'connected_at', ARGV[7])
+redis.call('HSET', KEYS[2], 'user', ARGV[5], 'node', ARGV[6], 'connected_at', ARGV[7], 'ip', ARGV[9])
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
 return 1
 "#;
@@ -204,6 +206,7 @@ impl SessionStore {
                 .arg(&rec.node)
                 .arg(rec.connected_at)
                 .arg(ttl)
+                .arg(&rec.ip)
                 .invoke_async(&mut c)
                 .await?;
             Ok(if admitted == 1 {
@@ -281,6 +284,7 @@ impl SessionStore {
                     conn_id,
                     user_id: h.get("user").cloned().unwrap_or_default(),
                     node: h.get("node").cloned().unwrap_or_default(),
+                    ip: h.get("ip").cloned().unwrap_or_default(),
                     connected_at: h
                         .get("connected_at")
                         .and_then(|v| v.parse().ok())

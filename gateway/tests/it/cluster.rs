@@ -1,0 +1,209 @@
+//! Several nodes on one NATS and Redis: kicks, delivery to a user on every node,
+//! the ops API.
+
+use serde_json::{Value, json};
+use testkit::tokens;
+
+use crate::common::*;
+
+#[tokio::test]
+async fn kick_closes_a_users_sockets_on_every_node() {
+    let deps = Deps::start();
+    let a = gateway(&deps, |_| {}).await;
+    let b = gateway(&deps, |_| {}).await;
+    let (mut w1, _) = authed(&a, "mona").await;
+    let (mut w2, _) = authed(&b, "mona").await;
+    let (mut other, _) = authed(&b, "ned").await;
+
+    let r = api()
+        .post(a.http("/v1/disconnect"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"user_id": "mona"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    expect_refusal(&mut w1, 4503, "FORBIDDEN").await;
+    expect_refusal(&mut w2, 4503, "FORBIDDEN").await;
+    send_json(&mut other, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut other).await["type"], "pong");
+
+    // One connection by id, with a custom reconnect code.
+    let (mut w3, auth) = authed(&a, "mona").await;
+    let (mut w4, _) = authed(&b, "mona").await;
+    let conn_id = auth["conn_id"].as_str().unwrap();
+    let r = api()
+        .post(b.http("/v1/disconnect"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"conn_id": conn_id, "code": 4000}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let (_, code) = until_close(&mut w3).await;
+    assert_eq!(code, Some(4000));
+    send_json(&mut w4, json!({"type": "ping"})).await;
+    assert_eq!(next_json(&mut w4).await["type"], "pong");
+}
+
+#[tokio::test]
+async fn api_refuses_bad_keys_and_bodies() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, |_| {}).await;
+    let c = api();
+    for key in [None, Some("wrong-key-wrong-key")] {
+        let mut req = c
+            .post(gw.http("/v1/disconnect"))
+            .json(&json!({"user_id": "x"}));
+        if let Some(k) = key {
+            req = req.bearer_auth(k);
+        }
+        let r = req.send().await.unwrap();
+        assert_eq!(r.status(), 401);
+        let body: Value = r.json().await.unwrap();
+        assert_eq!(body["error"]["code"], "UNAUTHORIZED");
+    }
+    for body in [
+        "{",
+        "{}",
+        r#"{"user_id":"a.b"}"#,
+        r#"{"user_id":"a","code":1006}"#,
+        r#"{"user_id":"a","bogus":1}"#,
+    ] {
+        let r = c
+            .post(gw.http("/v1/disconnect"))
+            .bearer_auth(API_KEY)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "BAD_REQUEST");
+        assert!(!v["error"]["message"].as_str().unwrap().is_empty());
+    }
+    let r = c
+        .get(gw.http("/v1/nope"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c.get(gw.http("/elsewhere")).send().await.unwrap();
+    assert_eq!(r.status(), 404);
+    let r = c
+        .get(gw.http("/v1/disconnect"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 405);
+}
+
+#[tokio::test]
+async fn nodes_and_user_connections_are_listed() {
+    let deps = Deps::start();
+    let a = gateway(&deps, |_| {}).await;
+    let b = gateway(&deps, |_| {}).await;
+    let (_w1, _) = authed(&a, "olga").await;
+    let (_w2, _) = authed(&b, "olga").await;
+    let (_w3, _) = authed(&b, "pete").await;
+    let c = api();
+    eventually("both nodes with counts", || async {
+        let v: Value = c
+            .get(a.http("/v1/nodes"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let nodes = v["nodes"].as_array().unwrap().clone();
+        let count = |id: &str| {
+            nodes
+                .iter()
+                .find(|n| n["node"] == id)
+                .map(|n| n["connections"].as_u64().unwrap())
+        };
+        count(&a.node_id) == Some(1) && count(&b.node_id) == Some(2)
+    })
+    .await;
+    let v: Value = c
+        .get(b.http("/v1/users/olga/connections"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let conns = v["connections"].as_array().unwrap();
+    assert_eq!(conns.len(), 2, "{v}");
+    let nodes: Vec<_> = conns
+        .iter()
+        .map(|c| c["node"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(nodes.contains(&a.node_id) && nodes.contains(&b.node_id));
+    assert!(
+        conns
+            .iter()
+            .all(|c| c["connected_at"].as_u64().unwrap() > 0 && c["ip"] == "127.0.0.1")
+    );
+
+    // A node that stops cleanly leaves the list at once.
+    let b_id = b.node_id.clone();
+    b.stop().await;
+    let v: Value = c
+        .get(a.http("/v1/nodes"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        v["nodes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|n| n["node"] != b_id.as_str()),
+        "{v}"
+    );
+    let v: Value = c
+        .get(a.http("/v1/users/olga/connections"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(v["connections"].as_array().unwrap().len(), 1, "{v}");
+}
+
+#[tokio::test]
+async fn user_subject_reaches_every_connection_of_the_user() {
+    let deps = Deps::start();
+    let a = gateway(&deps, |_| {}).await;
+    let b = gateway(&deps, |_| {}).await;
+    let (mut w1, _) = authed(&a, "quinn").await;
+    let (mut w2, _) = authed(&b, "quinn").await;
+    let (mut other, _) = authed(&b, "rita").await;
+    let nats = async_nats::connect(deps.nats.url()).await.unwrap();
+    let frame = json!({"type": "chat.chunk", "session_id": "s", "request_id": "r", "seq": 0, "content": "hi"});
+    nats.publish("sb.user.quinn", frame.to_string().into())
+        .await
+        .unwrap();
+    nats.flush().await.unwrap();
+    assert_eq!(next_json(&mut w1).await, frame);
+    assert_eq!(next_json(&mut w2).await, frame);
+    send_json(&mut other, json!({"type": "ping"})).await;
+    assert_eq!(
+        next_json(&mut other).await["type"],
+        "pong",
+        "rita got nothing else first"
+    );
+    let _ = tokens::now();
+}

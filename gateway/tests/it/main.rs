@@ -1,0 +1,12 @@
+//! Gateway integration tests: real NATS (JetStream) and Redis started per test, real
+//! gateways on port 0, a real WebSocket client.
+
+mod common;
+
+mod auth_matrix;
+mod cluster;
+mod connect;
+mod faults;
+mod limits;
+mod proxy;
+mod shutdown;
