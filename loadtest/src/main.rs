@@ -1,0 +1,2 @@
+//! The load generator binary.
+fn main() {}
