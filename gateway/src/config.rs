@@ -10,7 +10,7 @@ use serde::{Deserialize, Serialize};
 use shared::auth::{JwtAlgorithm, JwtSettings, KeySource};
 use shared::config::{self as cfg, ConfigError};
 
-use crate::proxy::TrustedProxies;
+use crate::proxy::{ForwardedHeader, TrustedProxies};
 
 /// Public port (WebSocket and API): the conventional HTTP alt port.
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8080";
@@ -130,6 +130,9 @@ pub struct RawConfig {
     /// Peers whose forwarding headers are believed (CIDRs, comma-separated).
     #[arg(long, env = "SB_TRUSTED_PROXIES")]
     pub trusted_proxies: Option<String>,
+    /// Forwarding header the trusted proxies maintain: x-forwarded-for or forwarded.
+    #[arg(long, env = "SB_FORWARDED_HEADER")]
+    pub forwarded_header: Option<String>,
     /// Expect a PROXY protocol (v1/v2) header from trusted peers.
     #[arg(long, env = "SB_PROXY_PROTOCOL")]
     pub proxy_protocol: Option<bool>,
@@ -285,10 +288,17 @@ impl RawConfig {
                 "must be between 1024 and 16777216",
             ));
         }
+        let header = match &self.forwarded_header {
+            Some(h) => h
+                .parse()
+                .map_err(|e: String| ConfigError::invalid("SB_FORWARDED_HEADER", e))?,
+            None => ForwardedHeader::default(),
+        };
         let trusted_proxies = TrustedProxies::new(match &self.trusted_proxies {
             Some(s) => cfg::parse_cidrs("SB_TRUSTED_PROXIES", s)?,
             None => Vec::new(),
-        });
+        })
+        .with_header(header);
         let proxy_protocol = self.proxy_protocol.unwrap_or(false);
         if proxy_protocol && trusted_proxies.is_empty() {
             return Err(ConfigError::invalid(

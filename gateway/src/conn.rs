@@ -117,7 +117,7 @@ struct Session {
 /// How the loop ended.
 enum End {
     /// We close with this reason, after sending its frame.
-    Close(CloseReason),
+    Close(Box<CloseReason>),
     /// The peer sent a close frame (echoed already) or vanished.
     PeerGone,
 }
@@ -184,8 +184,10 @@ impl Session {
                     _ = sleep_until(deadline.into()) => Event::Timer,
                 };
                 let step = match ev {
-                    Event::Kill => Some(End::Close(self.closer.reason().cloned().unwrap_or_else(
-                        || CloseReason::new(CloseCode::GoingAway, None, "closing"),
+                    Event::Kill => Some(End::Close(Box::new(
+                        self.closer.reason().cloned().unwrap_or_else(|| {
+                            CloseReason::new(CloseCode::GoingAway, None, "closing")
+                        }),
                     ))),
                     Event::Read(r, res) => {
                         read.set(read_next(r));
@@ -242,11 +244,11 @@ impl Session {
         }
         if now >= self.last_heard + cfg.idle_timeout {
             tracing::debug!("idle timeout");
-            return Some(End::Close(CloseReason::new(
+            return Some(End::Close(Box::new(CloseReason::new(
                 CloseCode::GoingAway,
                 None,
                 "idle timeout",
-            )));
+            ))));
         }
         if now >= self.next_ping {
             self.next_ping = now + cfg.ping_interval;
@@ -286,7 +288,11 @@ impl Session {
             }
             Err(ReadError::TooLarge(n)) => self.fail(SessionError::TooLarge(n), None).await,
             Err(e) => match e.close_code() {
-                Some(code) => Some(End::Close(CloseReason::new(code, None, "protocol error"))),
+                Some(code) => Some(End::Close(Box::new(CloseReason::new(
+                    code,
+                    None,
+                    "protocol error",
+                )))),
                 None => Some(End::PeerGone),
             },
         }
@@ -519,11 +525,11 @@ impl Session {
         match wire.close {
             Some(code) => {
                 tracing::debug!(error = %e, %code, "closing");
-                Some(End::Close(CloseReason::new(
+                Some(End::Close(Box::new(CloseReason::new(
                     code,
                     wire.error.map(ServerFrame::Error),
                     close_text(code),
-                )))
+                ))))
             }
             None => {
                 let frame = wire.error.map(ServerFrame::Error)?;

@@ -15,11 +15,10 @@
 //! obfuscated `_identifier`) ends the walk at the last trusted hop, because whatever lies left
 //! of it has no trustworthy origin.
 //!
-//! `Forwarded` wins over `X-Forwarded-For` when it carries any `for=` parameter. The walk is
-//! only sound if the trusted proxies append to (or strip) the header being read: if a load
-//! balancer maintains only `X-Forwarded-For` but passes a client-supplied `Forwarded` through,
-//! that `Forwarded` header is preferred and the client chooses its address. Such proxies must be
-//! configured to drop inbound `Forwarded` headers.
+//! Only one header is read, the one the trusted proxies maintain (`SB_FORWARDED_HEADER`,
+//! default `X-Forwarded-For`). The walk is only sound for a header the proxies append to
+//! (or strip): reading both would let a client-supplied `Forwarded` header, passed through
+//! untouched by a balancer that only appends `X-Forwarded-For`, choose the client address.
 //!
 //! # PROXY protocol
 //!
@@ -60,15 +59,49 @@ use ipnet::IpNet;
 use tokio::io::AsyncReadExt;
 use tokio::net::TcpStream;
 
-/// Trusted proxy networks (CIDR). Empty = trust nobody.
+/// Which forwarding header the trusted proxies maintain. Only that one is read: a
+/// balancer that appends `X-Forwarded-For` but passes a client's own `Forwarded`
+/// through would otherwise let the client choose its address.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ForwardedHeader {
+    /// `X-Forwarded-For` (HAProxy `option forwardfor`, nginx, most cloud balancers).
+    #[default]
+    XForwardedFor,
+    /// RFC 7239 `Forwarded`.
+    Forwarded,
+}
+
+impl std::str::FromStr for ForwardedHeader {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" | "xff" => Ok(ForwardedHeader::XForwardedFor),
+            "forwarded" => Ok(ForwardedHeader::Forwarded),
+            other => Err(format!("{other:?} is not x-forwarded-for or forwarded")),
+        }
+    }
+}
+
+/// Trusted proxy networks (CIDR) and the header they maintain. Empty = trust nobody.
 #[derive(Debug, Clone, Default)]
 pub struct TrustedProxies {
     nets: Vec<IpNet>,
+    header: ForwardedHeader,
 }
 
 impl TrustedProxies {
     pub fn new(nets: Vec<IpNet>) -> Self {
-        Self { nets }
+        Self {
+            nets,
+            header: ForwardedHeader::default(),
+        }
+    }
+
+    /// Reads `header` instead of the default `X-Forwarded-For`.
+    pub fn with_header(mut self, header: ForwardedHeader) -> Self {
+        self.header = header;
+        self
     }
 
     /// Whether `ip` lies in a trusted network.
@@ -102,13 +135,9 @@ pub fn client_ip(peer: IpAddr, headers: &HeaderMap, trusted: &TrustedProxies) ->
         return peer;
     }
 
-    let forwarded = forwarded_hops(headers);
-    // A proxy that only records `proto=` or `host=` in `Forwarded` says nothing about the
-    // client, so it must not hide an `X-Forwarded-For` chain.
-    let hops = if forwarded.is_empty() {
-        x_forwarded_for_hops(headers)
-    } else {
-        forwarded
+    let hops = match trusted.header {
+        ForwardedHeader::XForwardedFor => x_forwarded_for_hops(headers),
+        ForwardedHeader::Forwarded => forwarded_hops(headers),
     };
 
     // `last_trusted` starts at the peer: with no usable hops, the peer is the answer.
@@ -494,6 +523,10 @@ mod tests {
         trusted(&["10.0.0.0/8", "2001:db8:ffff::/48"])
     }
 
+    fn lb_fwd() -> TrustedProxies {
+        lb().with_header(ForwardedHeader::Forwarded)
+    }
+
     #[test]
     fn untrusted_peer_ignores_spoofed_headers() {
         let h = headers(&[("x-forwarded-for", "1.2.3.4"), ("forwarded", "for=5.6.7.8")]);
@@ -591,14 +624,14 @@ mod tests {
     fn forwarded_quoted_ipv6_with_port() {
         let h = headers(&[("forwarded", r#"for="[2001:db8:cafe::17]:4711""#)]);
         assert_eq!(
-            client_ip(ip("10.0.0.1"), &h, &lb()),
+            client_ip(ip("10.0.0.1"), &h, &lb_fwd()),
             ip("2001:db8:cafe::17")
         );
         let h = headers(&[("forwarded", r#"For="192.0.2.1:8080";proto=https"#)]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb()), ip("192.0.2.1"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb_fwd()), ip("192.0.2.1"));
         let h = headers(&[("forwarded", r#"for="[2001:db8:cafe::17]:_hidden""#)]);
         assert_eq!(
-            client_ip(ip("10.0.0.1"), &h, &lb()),
+            client_ip(ip("10.0.0.1"), &h, &lb_fwd()),
             ip("2001:db8:cafe::17")
         );
     }
@@ -609,23 +642,23 @@ mod tests {
             "forwarded",
             r#"for=1.1.1.1, for=203.0.113.9;proto=https;by="[2001:db8:ffff::9]", FOR=10.2.2.2"#,
         )]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb()), ip("203.0.113.9"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb_fwd()), ip("203.0.113.9"));
 
         let h = headers(&[
             ("forwarded", "for=1.1.1.1, for=203.0.113.9"),
             ("forwarded", r#"proto=http, for="[2001:db8:ffff::2]""#),
         ]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb()), ip("203.0.113.9"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb_fwd()), ip("203.0.113.9"));
     }
 
     #[test]
     fn forwarded_unknown_and_obfuscated_are_not_addresses() {
         let h = headers(&[("forwarded", "for=203.0.113.9, for=unknown, for=10.2.2.2")]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb()), ip("10.2.2.2"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb_fwd()), ip("10.2.2.2"));
         let h = headers(&[("forwarded", "for=_hidden")]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb()), ip("10.0.0.1"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb_fwd()), ip("10.0.0.1"));
         let h = headers(&[("forwarded", "for=UNKNOWN")]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb()), ip("10.0.0.1"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb_fwd()), ip("10.0.0.1"));
     }
 
     #[test]
@@ -638,7 +671,7 @@ mod tests {
         ] {
             let h = headers(&[("forwarded", value)]);
             assert_eq!(
-                client_ip(ip("10.0.0.1"), &h, &lb()),
+                client_ip(ip("10.0.0.1"), &h, &lb_fwd()),
                 ip("10.0.0.1"),
                 "{value}"
             );
@@ -651,25 +684,21 @@ mod tests {
             "forwarded",
             r#"for=203.0.113.9;host="a,b;c\"d", for=10.2.2.2"#,
         )]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb()), ip("203.0.113.9"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb_fwd()), ip("203.0.113.9"));
     }
 
     #[test]
-    fn forwarded_preferred_over_xff() {
+    fn only_the_configured_header_counts() {
         let h = headers(&[
             ("x-forwarded-for", "198.51.100.1"),
             ("forwarded", "for=203.0.113.9"),
         ]);
-        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb()), ip("203.0.113.9"));
-    }
-
-    #[test]
-    fn forwarded_without_for_falls_back_to_xff() {
-        let h = headers(&[
-            ("x-forwarded-for", "198.51.100.1"),
-            ("forwarded", "proto=https;host=example.com"),
-        ]);
         assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb()), ip("198.51.100.1"));
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb_fwd()), ip("203.0.113.9"));
+        let h = headers(&[("forwarded", "proto=https;host=example.com")]);
+        assert_eq!(client_ip(ip("10.0.0.1"), &h, &lb_fwd()), ip("10.0.0.1"));
+        assert_eq!("Forwarded".parse(), Ok(ForwardedHeader::Forwarded));
+        assert!("via".parse::<ForwardedHeader>().is_err());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 mod common;
 
 mod auth_matrix;
+mod autobahn;
 mod cluster;
 mod connect;
 mod faults;
