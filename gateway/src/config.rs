@@ -9,6 +9,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use shared::auth::{JwtAlgorithm, JwtSettings, KeySource};
 use shared::config::{self as cfg, ConfigError};
+pub use shared::telemetry::LogFormat;
 
 use crate::proxy::{ForwardedHeader, TrustedProxies};
 
@@ -49,16 +50,6 @@ pub const DEFAULT_USER_CONTEXT_TIMEOUT_MS: u64 = 2000;
 pub const FD_RESERVE: u64 = 256;
 /// Per-node connection cap when the open-file limit cannot be read.
 pub const FALLBACK_MAX_CONNECTIONS: u64 = 100_000;
-
-/// Log output format.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "lowercase")]
-pub enum LogFormat {
-    /// One JSON object per line (production).
-    Json,
-    /// Human-readable lines (local development).
-    Text,
-}
 
 /// Settings as given (flags, env, file); every field optional so layers can merge.
 #[derive(Debug, Default, Clone, Parser, Serialize, Deserialize)]

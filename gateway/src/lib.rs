@@ -3,7 +3,6 @@
 //! config and calls [`run`]; tests start the real thing on port 0 the same way.
 #![forbid(unsafe_code)]
 
-pub mod admin;
 pub mod api;
 pub mod config;
 pub mod conn;
@@ -15,7 +14,6 @@ pub mod limits;
 pub mod node;
 pub mod proxy;
 pub mod server;
-pub mod telemetry;
 pub mod transport;
 
 use std::sync::Arc;
@@ -68,7 +66,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     shared::auth::install_crypto_provider();
-    let metrics = telemetry::metrics_handle();
+    let metrics = shared::telemetry::metrics_handle();
     let validator = Validator::new(&config.jwt)?;
     let store = SessionStore::new(&config.redis_url, Keys::new(&config.prefix))?;
     let nats = async_nats::ConnectOptions::new()
@@ -88,11 +86,13 @@ pub async fn run(
 
     let node = Node::new(config, validator, store, nats, shutdown.clone());
     node.spawn_background();
-    node.background
-        .spawn(telemetry::upkeep(metrics.clone(), node.stop.clone()));
-    let admin = tokio::spawn(admin::serve(
+    node.background.spawn(shared::telemetry::upkeep(
+        metrics.clone(),
+        node.stop.clone(),
+    ));
+    let admin = tokio::spawn(shared::admin::serve(
         listeners.admin,
-        node.clone() as Arc<dyn admin::Health>,
+        node.clone() as Arc<dyn shared::admin::Health>,
         metrics,
         node.stop.clone(),
     ));
@@ -122,7 +122,7 @@ pub async fn run(
     Ok(())
 }
 
-impl admin::Health for Node {
+impl shared::admin::Health for Node {
     fn ready(&self) -> bool {
         self.is_ready()
     }

@@ -23,7 +23,7 @@ fn main() -> ExitCode {
         println!("config ok: {}", config.summary());
         return ExitCode::SUCCESS;
     }
-    gateway::telemetry::init_tracing(config.log_format);
+    shared::telemetry::init_tracing(config.log_format);
     let rt = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {

@@ -7,9 +7,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use bytes::Bytes;
 use http::header::{HeaderValue, ORIGIN, RETRY_AFTER, SEC_WEBSOCKET_PROTOCOL};
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, Request, Response};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
@@ -34,7 +33,7 @@ pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after an accept error (EMFILE and friends) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
 
-pub type Body = Full<Bytes>;
+pub use shared::admin::{Body, json_response};
 
 /// Accepts connections until shutdown; each is served on its own task.
 pub async fn accept_loop(node: Arc<Node>, listener: TcpListener) {
@@ -190,15 +189,4 @@ fn ws_upgrade(
         );
     }
     Response::from_parts(parts, Full::default())
-}
-
-/// A JSON response with a status.
-pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
-    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
-    *r.status_mut() = status;
-    r.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    r
 }

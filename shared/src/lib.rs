@@ -2,10 +2,13 @@
 //! loading, NATS subject and Redis key names, the Redis session store and metric names.
 #![forbid(unsafe_code)]
 
+pub mod admin;
 pub mod auth;
+pub mod bus;
 pub mod config;
 pub mod keys;
 pub mod metrics;
 pub mod protocol;
 pub mod store;
 pub mod subjects;
+pub mod telemetry;

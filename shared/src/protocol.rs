@@ -475,10 +475,15 @@ pub struct Usage {
 /// One message of a chat session's history.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct HistoryMessage {
+    /// `user` or `assistant`.
     pub role: String,
     pub content: String,
     /// Unix milliseconds.
     pub ts: u64,
+    /// The chat request this message belongs to: lets a client match history to a
+    /// stream it saw partly (gap fill after a reconnect) and makes appends idempotent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request_id: Option<String>,
 }
 
 /// Every frame the server sends; serialised with `type` first.
@@ -676,6 +681,31 @@ pub struct DisconnectCommand {
     pub code: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// `sb.chat.requests` payload: one chat turn for a worker. Published to JetStream
+/// with `Nats-Msg-Id` = `request_id`, so a retried publish is stored once.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatRequest {
+    pub request_id: String,
+    pub session_id: String,
+    pub user_id: String,
+    pub message: String,
+    #[serde(default)]
+    pub files: Vec<FileAttachment>,
+    /// Unix milliseconds when the gateway accepted it.
+    pub created_at: u64,
+    /// Gateway node that accepted it (diagnostics only).
+    #[serde(default)]
+    pub node: String,
+}
+
+/// `sb.chat.cancel` payload, to every worker.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ChatCancel {
+    pub request_id: String,
+    /// Only the owner may cancel; workers check it against the request they hold.
+    pub user_id: String,
 }
 
 // === channel names ===

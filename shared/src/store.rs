@@ -15,7 +15,7 @@ use serde::Serialize;
 use tokio::sync::OnceCell;
 
 use crate::keys::Keys;
-use crate::protocol::UserContext;
+use crate::protocol::{HistoryMessage, UserContext};
 
 /// Connect timeout: a healthy Redis on the same network answers in milliseconds;
 /// two seconds keeps auth latency bounded when it is down.
@@ -35,6 +35,10 @@ pub const CONN_TTL: Duration = Duration::from_secs(90);
 pub const CONN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
 /// Cached user context lifetime (DESIGN.md: 60 s).
 pub const CONTEXT_TTL: Duration = Duration::from_secs(60);
+/// Chat sessions (meta and history) live this long after their last use (DESIGN.md).
+pub const CHAT_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Messages kept per session (DESIGN.md: the message window, default 100).
+pub const DEFAULT_HISTORY_WINDOW: usize = 100;
 /// Connections refreshed per pipeline: large enough to amortise round trips, small
 /// enough not to stall the multiplexed connection for other commands.
 const REFRESH_BATCH: usize = 512;
@@ -116,6 +120,65 @@ redis.call('HSET', KEYS[2], 'user', ARGV[5], 'node', ARGV[6], 'connected_at', AR
 redis.call('PEXPIRE', KEYS[2], ARGV[8])
 return 1
 "#;
+
+/// Claims a chat session for a user: creates it when new, refreshes it when the user
+/// owns it, refuses it otherwise. Returns 2 created, 1 owned, 0 foreign.
+const CLAIM_SESSION_SCRIPT: &str = r#"
+local owner = redis.call('HGET', KEYS[1], 'owner')
+if owner then
+  if owner ~= ARGV[1] then return 0 end
+  redis.call('PEXPIRE', KEYS[1], ARGV[3])
+  redis.call('PEXPIRE', KEYS[2], ARGV[3])
+  return 1
+end
+redis.call('HSET', KEYS[1], 'owner', ARGV[1], 'created_at', ARGV[2])
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+return 2
+"#;
+
+/// Appends a request's messages to a session's history unless an entry of that
+/// request is already there, so a redelivered request is recorded exactly once.
+/// ARGV: request_id, window, ttl_ms, messages... Returns 1 appended, 0 already there.
+const APPEND_SCRIPT: &str = r#"
+local items = redis.call('LRANGE', KEYS[1], 0, -1)
+for _, item in ipairs(items) do
+  local ok, m = pcall(cjson.decode, item)
+  if ok and type(m) == 'table' and m['request_id'] == ARGV[1] then return 0 end
+end
+for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
+redis.call('PEXPIRE', KEYS[1], ARGV[3])
+redis.call('PEXPIRE', KEYS[2], ARGV[3])
+return 1
+"#;
+
+/// Fixed-window counter: returns the count and the window's remaining milliseconds.
+const RATE_SCRIPT: &str = r#"
+local n = redis.call('INCR', KEYS[1])
+if n == 1 then redis.call('PEXPIRE', KEYS[1], ARGV[1]) end
+local ttl = redis.call('PTTL', KEYS[1])
+if ttl < 0 then redis.call('PEXPIRE', KEYS[1], ARGV[1]); ttl = tonumber(ARGV[1]) end
+return {n, ttl}
+"#;
+
+/// Who may use a chat session.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SessionAccess {
+    /// A new session, now owned by the caller.
+    Created,
+    /// The caller's own session.
+    Owned,
+    /// Another user's session.
+    Forbidden,
+}
+
+/// Outcome of a cluster-wide rate check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RateDecision {
+    Allowed,
+    /// Over the limit; the window ends after this long.
+    Limited(Duration),
+}
 
 pub fn now_ms() -> u64 {
     SystemTime::now()
@@ -397,6 +460,139 @@ impl SessionStore {
             let ttl = exp.saturating_sub(now).max(1);
             let _: () = c.set_ex(self.keys.revoked(jti), 1, ttl).await?;
             Ok(())
+        })
+        .await
+    }
+
+    // === chat sessions ===
+
+    /// Creates the session for `user_id` if new; checks ownership otherwise.
+    pub async fn claim_session(
+        &self,
+        session_id: &str,
+        user_id: &str,
+    ) -> Result<SessionAccess, StoreError> {
+        bounded(async {
+            let mut c = self.conn().await?;
+            let r: i64 = Script::new(CLAIM_SESSION_SCRIPT)
+                .key(self.keys.chat_meta(session_id))
+                .key(self.keys.chat_history(session_id))
+                .arg(user_id)
+                .arg(now_ms())
+                .arg(CHAT_TTL.as_millis() as u64)
+                .invoke_async(&mut c)
+                .await?;
+            Ok(match r {
+                2 => SessionAccess::Created,
+                1 => SessionAccess::Owned,
+                _ => SessionAccess::Forbidden,
+            })
+        })
+        .await
+    }
+
+    /// The owner of a session, if it exists.
+    pub async fn session_owner(&self, session_id: &str) -> Result<Option<String>, StoreError> {
+        bounded(async {
+            let mut c = self.conn().await?;
+            Ok(c.hget(self.keys.chat_meta(session_id), "owner").await?)
+        })
+        .await
+    }
+
+    /// The most recent `limit` messages, oldest first.
+    pub async fn history(
+        &self,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryMessage>, StoreError> {
+        bounded(async {
+            let mut c = self.conn().await?;
+            if limit == 0 {
+                return Ok(Vec::new());
+            }
+            let key = self.keys.chat_history(session_id);
+            let raw: Vec<String> = c.lrange(&key, -(limit as isize), -1).await?;
+            raw.iter()
+                .map(|s| {
+                    serde_json::from_str(s).map_err(|source| StoreError::Corrupt {
+                        key: key.clone(),
+                        source,
+                    })
+                })
+                .collect()
+        })
+        .await
+    }
+
+    /// Appends one request's messages unless that request is already recorded;
+    /// keeps the last `window` messages and slides the session's TTL. Returns
+    /// whether anything was appended.
+    pub async fn append_history(
+        &self,
+        session_id: &str,
+        request_id: &str,
+        messages: &[HistoryMessage],
+        window: usize,
+    ) -> Result<bool, StoreError> {
+        bounded(async {
+            let mut c = self.conn().await?;
+            let key = self.keys.chat_history(session_id);
+            let script = Script::new(APPEND_SCRIPT);
+            let mut inv = script.prepare_invoke();
+            inv.key(&key)
+                .key(self.keys.chat_meta(session_id))
+                .arg(request_id)
+                .arg(window.max(1))
+                .arg(CHAT_TTL.as_millis() as u64);
+            for m in messages {
+                let json = serde_json::to_string(m).map_err(|source| StoreError::Corrupt {
+                    key: key.clone(),
+                    source,
+                })?;
+                inv.arg(json);
+            }
+            let r: i64 = inv.invoke_async(&mut c).await?;
+            Ok(r == 1)
+        })
+        .await
+    }
+
+    /// The assistant reply recorded for a request, if any (a redelivered request
+    /// that already completed only republishes it).
+    pub async fn recorded_reply(
+        &self,
+        session_id: &str,
+        request_id: &str,
+    ) -> Result<Option<HistoryMessage>, StoreError> {
+        let all = self
+            .history(session_id, DEFAULT_HISTORY_WINDOW * 10)
+            .await?;
+        Ok(all
+            .into_iter()
+            .find(|m| m.role == "assistant" && m.request_id.as_deref() == Some(request_id)))
+    }
+
+    /// Counts one chat request of `user_id` in the current window of `window`;
+    /// over `limit` it is refused until the window ends.
+    pub async fn chat_rate(
+        &self,
+        user_id: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<RateDecision, StoreError> {
+        bounded(async {
+            let mut c = self.conn().await?;
+            let (n, ttl): (u64, i64) = Script::new(RATE_SCRIPT)
+                .key(self.keys.rate_chat(user_id))
+                .arg(window.as_millis() as u64)
+                .invoke_async(&mut c)
+                .await?;
+            Ok(if n > u64::from(limit) {
+                RateDecision::Limited(Duration::from_millis(ttl.max(1) as u64))
+            } else {
+                RateDecision::Allowed
+            })
         })
         .await
     }

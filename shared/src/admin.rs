@@ -15,10 +15,23 @@ use serde_json::json;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use crate::server::{Body, HEADER_READ_TIMEOUT, json_response};
+/// Slowloris guard for the admin port.
+pub const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 
-/// What the admin endpoints report on; implemented by the gateway node (and the
-/// worker, which serves the same endpoints).
+pub type Body = Full<Bytes>;
+
+/// A JSON response with a status.
+pub fn json_response(status: StatusCode, body: &serde_json::Value) -> Response<Body> {
+    let mut r = Response::new(Full::new(Bytes::from(body.to_string())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/json"),
+    );
+    r
+}
+
+/// What the admin endpoints report on; implemented by the gateway node and the worker.
 pub trait Health: Send + Sync + 'static {
     /// Ready for traffic.
     fn ready(&self) -> bool;

@@ -4,11 +4,21 @@
 use std::sync::OnceLock;
 use std::time::Duration;
 
+use crate::metrics as m;
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
-use shared::metrics as m;
 use tokio_util::sync::CancellationToken;
 
-use crate::config::LogFormat;
+/// Log output format.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One JSON object per line (production).
+    Json,
+    /// Human-readable lines (local development).
+    Text,
+}
 
 /// Histogram samples are buffered until upkeep drains them; without it memory grows
 /// while nobody scrapes (`../shared/research/crates.md` section 6).
