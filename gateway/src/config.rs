@@ -45,6 +45,15 @@ pub const DEFAULT_CONNECT_BURST_PER_IP: u32 = 50;
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
 /// DESIGN.md: the user-context RPC waits about 2 s before answering degraded.
 pub const DEFAULT_USER_CONTEXT_TIMEOUT_MS: u64 = 2000;
+/// Chat requests per user per minute, cluster-wide: LLM calls are costly, and a
+/// person types a few messages a minute.
+pub const DEFAULT_CHAT_RATE_PER_MINUTE: u32 = 20;
+/// Attachments per chat message.
+pub const DEFAULT_MAX_FILES: usize = 5;
+/// Decoded attachment bytes per chat message (the 1 MiB).
+pub const DEFAULT_MAX_FILES_BYTES: usize = 1024 * 1024;
+/// JetStream replicas of the chat stream: 1 for a single NATS, 3 for a cluster.
+pub const DEFAULT_JETSTREAM_REPLICAS: usize = 1;
 /// File descriptors kept free for NATS, Redis, logs and the admin port when the
 /// per-node connection cap is derived from the process's open-file limit.
 pub const FD_RESERVE: u64 = 256;
@@ -145,6 +154,15 @@ pub struct RawConfig {
     pub outbound_queue: Option<usize>,
     #[arg(long, env = "SB_USER_CONTEXT_TIMEOUT_MS")]
     pub user_context_timeout_ms: Option<u64>,
+    /// Chat requests per user per minute, cluster-wide.
+    #[arg(long, env = "SB_CHAT_RATE_PER_MINUTE")]
+    pub chat_rate_per_minute: Option<u32>,
+    #[arg(long, env = "SB_MAX_FILES")]
+    pub max_files: Option<usize>,
+    #[arg(long, env = "SB_MAX_FILES_BYTES")]
+    pub max_files_bytes: Option<usize>,
+    #[arg(long, env = "SB_JETSTREAM_REPLICAS")]
+    pub jetstream_replicas: Option<usize>,
 }
 
 /// Validated gateway configuration.
@@ -175,6 +193,10 @@ pub struct Config {
     pub connect_burst_per_ip: u32,
     pub outbound_queue: usize,
     pub user_context_timeout: Duration,
+    pub chat_rate_per_minute: u32,
+    pub max_files: usize,
+    pub max_files_bytes: usize,
+    pub jetstream_replicas: usize,
 }
 
 /// Which browser origins may open a socket.
@@ -370,6 +392,19 @@ impl RawConfig {
                 self.user_context_timeout_ms
                     .unwrap_or(DEFAULT_USER_CONTEXT_TIMEOUT_MS),
             )?),
+            chat_rate_per_minute: cfg::positive(
+                "SB_CHAT_RATE_PER_MINUTE",
+                self.chat_rate_per_minute
+                    .unwrap_or(DEFAULT_CHAT_RATE_PER_MINUTE)
+                    .into(),
+            )? as u32,
+            max_files: self.max_files.unwrap_or(DEFAULT_MAX_FILES),
+            max_files_bytes: self.max_files_bytes.unwrap_or(DEFAULT_MAX_FILES_BYTES),
+            jetstream_replicas: cfg::positive(
+                "SB_JETSTREAM_REPLICAS",
+                self.jetstream_replicas
+                    .unwrap_or(DEFAULT_JETSTREAM_REPLICAS) as u64,
+            )? as usize,
         })
     }
 

@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 use tracing::Instrument;
 
+use crate::chat;
 use crate::credentials::Source;
 use crate::error::SessionError;
 use crate::hub::{CloseReason, Closer, Member, Registration};
@@ -338,6 +339,25 @@ impl Session {
                 "send an `auth` frame first".into(),
             )),
             ClientFrame::Refresh { token } => self.refresh(token, id.clone()).await,
+            ClientFrame::ChatSend {
+                message,
+                session_id,
+                files,
+            } => {
+                let user = self.user_id();
+                let r = chat::send(&self.node, &user, message, session_id, files, id.clone()).await;
+                self.reply(r).await
+            }
+            ClientFrame::ChatCancel { request_id } => {
+                let user = self.user_id();
+                let r = chat::cancel(&self.node, &user, &request_id, id.clone()).await;
+                self.reply(r).await
+            }
+            ClientFrame::History { session_id, limit } => {
+                let user = self.user_id();
+                let r = chat::history(&self.node, &user, &session_id, limit, id.clone()).await;
+                self.reply(r).await
+            }
             other => Err(SessionError::BadRequest(format!(
                 "`{}` is not supported by this gateway version",
                 other.kind()
@@ -347,6 +367,20 @@ impl Session {
             Ok(()) => None,
             Err(e) => self.fail(e, id).await,
         }
+    }
+
+    /// The authenticated user's id (empty before authentication, which the frame
+    /// dispatch rules out).
+    fn user_id(&self) -> String {
+        self.auth
+            .as_ref()
+            .map(|a| a.claims.user_id.clone())
+            .unwrap_or_default()
+    }
+
+    /// Sends a handler's direct reply, or passes its error on.
+    async fn reply(&mut self, r: Result<ServerFrame, SessionError>) -> Result<(), SessionError> {
+        self.send(&r?).await
     }
 
     /// Validates a token, checks revocation and the per-user limit, fetches the user's

@@ -41,6 +41,10 @@ pub enum SessionError {
     RefreshRejected(AuthError),
     #[error("{0}")]
     BadRequest(String),
+    #[error("{0}")]
+    Forbidden(String),
+    #[error("{0}")]
+    NotFound(String),
     #[error("message rate exceeded")]
     RateLimited(Duration),
     #[error("{0} unavailable")]
@@ -90,6 +94,8 @@ impl SessionError {
                 (ErrorCode::Unavailable, self.to_string(), None)
             }
             E::BadRequest(m) => (ErrorCode::BadRequest, m.clone(), None),
+            E::Forbidden(m) => (ErrorCode::Forbidden, m.clone(), None),
+            E::NotFound(m) => (ErrorCode::NotFound, m.clone(), None),
         };
         let mut body = ErrorBody::new(code, message).with_id(id);
         if let Some(d) = retry {
@@ -105,6 +111,8 @@ impl SessionError {
         !matches!(
             self,
             SessionError::BadRequest(_)
+                | SessionError::Forbidden(_)
+                | SessionError::NotFound(_)
                 | SessionError::RateLimited(_)
                 | SessionError::Unavailable(_)
                 | SessionError::RefreshRejected(_)

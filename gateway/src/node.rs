@@ -35,6 +35,11 @@ pub struct Node {
     pub validator: Validator,
     pub store: SessionStore,
     pub nats: async_nats::Client,
+    pub jetstream: async_nats::jetstream::Context,
+    /// Whether the chat stream is known to exist; reset when a publish fails so the
+    /// next one re-creates it (JetStream may have lost its store).
+    chat_stream_ok: AtomicBool,
+    chat_stream_lock: tokio::sync::Mutex<()>,
     pub subjects: Subjects,
     pub hub: Arc<Hub>,
     pub connect_limiter: ConnectLimiter,
@@ -95,6 +100,9 @@ impl Node {
             config,
             validator,
             store,
+            jetstream: async_nats::jetstream::new(nats.clone()),
+            chat_stream_ok: AtomicBool::new(false),
+            chat_stream_lock: tokio::sync::Mutex::new(()),
             nats,
             subjects,
             hub,
@@ -160,6 +168,47 @@ impl Node {
     /// Ready to take connections: not draining, NATS connected, Redis answering.
     pub fn is_ready(&self) -> bool {
         !self.is_draining() && self.nats_connected() && self.redis_up.load(Ordering::Acquire)
+    }
+
+    /// Makes sure the chat work-queue stream exists (created or updated once, again
+    /// after a failure).
+    pub async fn chat_stream_ready(&self) -> Result<(), String> {
+        if self.chat_stream_ok.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        let _guard = self.chat_stream_lock.lock().await;
+        if self.chat_stream_ok.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        shared::bus::ensure_chat_stream(
+            &self.jetstream,
+            &self.subjects,
+            self.config.jetstream_replicas,
+        )
+        .await
+        .map_err(|e| e.to_string())?;
+        self.chat_stream_ok.store(true, Ordering::Release);
+        Ok(())
+    }
+
+    /// Creates or updates the chat stream at start-up, retrying while NATS or
+    /// JetStream is not there yet.
+    async fn chat_stream_loop(&self) {
+        loop {
+            match self.chat_stream_ready().await {
+                Ok(()) => return,
+                Err(e) => tracing::warn!(error = %e, "chat stream not ready yet"),
+            }
+            tokio::select! {
+                _ = self.stop.cancelled() => return,
+                _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+            }
+        }
+    }
+
+    /// Forgets that the chat stream exists, after a failed publish.
+    pub fn chat_stream_failed(&self) {
+        self.chat_stream_ok.store(false, Ordering::Release);
     }
 
     /// Teams and tasks from a worker over NATS; on timeout or no responders, the last

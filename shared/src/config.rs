@@ -48,6 +48,10 @@ pub const KNOWN_ENV: &[&str] = &[
     "SB_CONNECT_BURST_PER_IP",
     "SB_OUTBOUND_QUEUE",
     "SB_USER_CONTEXT_TIMEOUT_MS",
+    "SB_CHAT_RATE_PER_MINUTE",
+    "SB_MAX_FILES",
+    "SB_MAX_FILES_BYTES",
+    "SB_JETSTREAM_REPLICAS",
 ];
 
 /// A configuration problem, always naming the key at fault.

@@ -265,3 +265,16 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Subscribes and waits until the server has the interest: `flush` only empties the
+/// client's buffer, so a publish from another connection could still miss it. A probe
+/// published on the same connection arrives only after the SUB was processed.
+pub async fn subscribe_ready(nats: &async_nats::Client, subject: &str) -> async_nats::Subscriber {
+    let mut sub = nats.subscribe(subject.to_owned()).await.unwrap();
+    nats.publish(subject.to_owned(), "probe".into())
+        .await
+        .unwrap();
+    let probe = tokio::time::timeout(WAIT, futures_util::StreamExt::next(&mut sub)).await;
+    assert!(matches!(probe, Ok(Some(m)) if &m.payload[..] == b"probe"));
+    sub
+}
