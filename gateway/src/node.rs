@@ -288,6 +288,9 @@ impl Node {
         let node = self.clone();
         self.background
             .spawn(async move { node.control_loop().await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { node.chat_stream_loop().await });
     }
 
     async fn heartbeat_loop(&self) {
