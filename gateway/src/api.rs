@@ -51,12 +51,44 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
     let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
         (Method::POST, ["disconnect"]) => disconnect(node, req).await,
+        (Method::POST, ["publish"]) => {
+            let body = read_body(req).await?;
+            let offset = publish_body(node, &body).await?;
+            Ok(json_response(StatusCode::OK, &json!({ "offset": offset })))
+        }
+        (Method::GET, ["channels"]) => {
+            let channels = node.store.channels().await.map_err(|e| {
+                tracing::warn!(error = %e, "cannot list channels");
+                ApiError::Unavailable("session store")
+            })?;
+            let list: Vec<_> = channels
+                .into_iter()
+                .map(|(channel, subscribers)| json!({"channel": channel, "subscribers": subscribers}))
+                .collect();
+            Ok(json_response(StatusCode::OK, &json!({ "channels": list })))
+        }
+        (Method::GET, ["channels", channel, "presence"]) => {
+            let ch = shared::protocol::Channel::parse(channel).map_err(ApiError::BadRequest)?;
+            let users = crate::channels::presence_users(node, &ch)
+                .await
+                .map_err(|e| {
+                    tracing::warn!(error = %e, "cannot read presence");
+                    ApiError::Unavailable("session store")
+                })?;
+            Ok(json_response(
+                StatusCode::OK,
+                &json!({ "channel": ch.to_string(), "users": users }),
+            ))
+        }
         (Method::GET, ["nodes"]) => nodes(node).await,
         (Method::GET, ["users", user, "connections"]) => user_connections(node, user).await,
-        (_, ["disconnect"]) => Err(ApiError::MethodNotAllowed("use POST".into())),
-        (_, ["nodes"]) | (_, ["users", _, "connections"]) => {
-            Err(ApiError::MethodNotAllowed("use GET".into()))
+        (_, ["disconnect"]) | (_, ["publish"]) => {
+            Err(ApiError::MethodNotAllowed("use POST".into()))
         }
+        (_, ["nodes"])
+        | (_, ["users", _, "connections"])
+        | (_, ["channels"])
+        | (_, ["channels", _, "presence"]) => Err(ApiError::MethodNotAllowed("use GET".into())),
         _ => Err(ApiError::NotFound(format!("no route for {path}"))),
     }
 }
@@ -85,14 +117,41 @@ fn authorize<B>(node: &Node, req: &Request<B>) -> Result<(), ApiError> {
     }
 }
 
-async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, ApiError> {
-    let body: Bytes = Limited::new(req.into_body(), MAX_BODY_BYTES)
+async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
+    Ok(Limited::new(req.into_body(), MAX_BODY_BYTES)
         .collect()
         .await
         .map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?
-        .to_bytes();
-    serde_json::from_slice(&body)
+        .to_bytes())
+}
+
+fn parse_json<T: for<'de> Deserialize<'de>>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
         .map_err(|e| ApiError::BadRequest(format!("invalid JSON body: {e}")))
+}
+
+async fn read_json<T: for<'de> Deserialize<'de>>(req: Request<Incoming>) -> Result<T, ApiError> {
+    parse_json(&read_body(req).await?)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PublishBody {
+    channel: String,
+    data: serde_json::Value,
+}
+
+/// Server-side publish (`POST /v1/publish` and `sb.rpc.publish`): any valid channel,
+/// `from: "server"`. Returns the offset.
+pub async fn publish_body(node: &Node, body: &[u8]) -> Result<u64, ApiError> {
+    let b: PublishBody = parse_json(body)?;
+    let ch = shared::protocol::Channel::parse(&b.channel).map_err(ApiError::BadRequest)?;
+    crate::channels::publish(node, &ch, &b.data, "server", "api")
+        .await
+        .map_err(|e| {
+            tracing::warn!(error = %e, "server publish failed");
+            ApiError::Unavailable("session store")
+        })
 }
 
 #[derive(Deserialize)]

@@ -54,6 +54,18 @@ pub const DEFAULT_MAX_FILES: usize = 5;
 pub const DEFAULT_MAX_FILES_BYTES: usize = 1024 * 1024;
 /// JetStream replicas of the chat stream: 1 for a single NATS, 3 for a cluster.
 pub const DEFAULT_JETSTREAM_REPLICAS: usize = 1;
+/// Subscriptions per connection (issue 3): enough for a chat UI's channels.
+pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 100;
+/// Publications kept per channel for recovery.
+pub const DEFAULT_HISTORY_SIZE: usize = 100;
+/// History lifetime after a channel's last publication: covers a phone in a tunnel.
+pub const DEFAULT_HISTORY_TTL_SECS: u64 = 600;
+/// Offsets outlive history by far, so they never restart under a client that holds one.
+pub const DEFAULT_OFFSET_TTL_SECS: u64 = 7 * 24 * 3600;
+/// Presence entries of a dead node vanish within this time (refreshed at a third).
+pub const DEFAULT_PRESENCE_TTL_SECS: u64 = 90;
+/// Namespaces with presence `join`/`leave` events and `read` events by default.
+pub const DEFAULT_EVENT_NAMESPACES: &str = "team";
 /// File descriptors kept free for NATS, Redis, logs and the admin port when the
 /// per-node connection cap is derived from the process's open-file limit.
 pub const FD_RESERVE: u64 = 256;
@@ -163,6 +175,36 @@ pub struct RawConfig {
     pub max_files_bytes: Option<usize>,
     #[arg(long, env = "SB_JETSTREAM_REPLICAS")]
     pub jetstream_replicas: Option<usize>,
+    /// Namespaces any authenticated user may subscribe and publish to.
+    #[arg(long, env = "SB_PUBLIC_NAMESPACES")]
+    pub public_namespaces: Option<String>,
+    /// Namespaces whose subscribers get `join`/`leave` events.
+    #[arg(long, env = "SB_PRESENCE_NAMESPACES")]
+    pub presence_namespaces: Option<String>,
+    /// Namespaces whose subscribers get `read` events.
+    #[arg(long, env = "SB_READ_NAMESPACES")]
+    pub read_namespaces: Option<String>,
+    #[arg(long, env = "SB_MAX_SUBSCRIPTIONS")]
+    pub max_subscriptions: Option<usize>,
+    #[arg(long, env = "SB_HISTORY_SIZE")]
+    pub history_size: Option<usize>,
+    #[arg(long, env = "SB_HISTORY_TTL_SECS")]
+    pub history_ttl_secs: Option<u64>,
+    #[arg(long, env = "SB_PRESENCE_TTL_SECS")]
+    pub presence_ttl_secs: Option<u64>,
+}
+
+/// Channel settings.
+#[derive(Debug, Clone)]
+pub struct ChannelConfig {
+    pub public_namespaces: Vec<String>,
+    pub presence_namespaces: Vec<String>,
+    pub read_namespaces: Vec<String>,
+    pub max_subscriptions: usize,
+    pub history_size: usize,
+    pub history_ttl: Duration,
+    pub offset_ttl: Duration,
+    pub presence_ttl: Duration,
 }
 
 /// Validated gateway configuration.
@@ -197,6 +239,7 @@ pub struct Config {
     pub max_files: usize,
     pub max_files_bytes: usize,
     pub jetstream_replicas: usize,
+    pub channels: ChannelConfig,
 }
 
 /// Which browser origins may open a socket.
@@ -405,6 +448,67 @@ impl RawConfig {
                 self.jetstream_replicas
                     .unwrap_or(DEFAULT_JETSTREAM_REPLICAS) as u64,
             )? as usize,
+            channels: self.channels()?,
+        })
+    }
+
+    fn channels(&self) -> Result<ChannelConfig, ConfigError> {
+        let namespaces =
+            |key: &str, v: Option<&str>, default: &str| -> Result<Vec<String>, ConfigError> {
+                let list = cfg::parse_list(v.unwrap_or(default));
+                for ns in &list {
+                    shared::protocol::Channel::parse(&format!("{ns}:x")).map_err(|_| {
+                        ConfigError::invalid(
+                            key,
+                            format!("{ns:?} is not a namespace ([a-z0-9_-]{{1,64}})"),
+                        )
+                    })?;
+                }
+                Ok(list)
+            };
+        let public = namespaces(
+            "SB_PUBLIC_NAMESPACES",
+            self.public_namespaces.as_deref(),
+            "",
+        )?;
+        if let Some(ns) = public.iter().find(|n| *n == "user" || *n == "team") {
+            return Err(ConfigError::invalid(
+                "SB_PUBLIC_NAMESPACES",
+                format!("{ns:?} has its own rules and cannot be public"),
+            ));
+        }
+        Ok(ChannelConfig {
+            public_namespaces: public,
+            presence_namespaces: namespaces(
+                "SB_PRESENCE_NAMESPACES",
+                self.presence_namespaces.as_deref(),
+                DEFAULT_EVENT_NAMESPACES,
+            )?,
+            read_namespaces: namespaces(
+                "SB_READ_NAMESPACES",
+                self.read_namespaces.as_deref(),
+                DEFAULT_EVENT_NAMESPACES,
+            )?,
+            max_subscriptions: cfg::positive(
+                "SB_MAX_SUBSCRIPTIONS",
+                self.max_subscriptions.unwrap_or(DEFAULT_MAX_SUBSCRIPTIONS) as u64,
+            )? as usize,
+            history_size: cfg::positive(
+                "SB_HISTORY_SIZE",
+                self.history_size.unwrap_or(DEFAULT_HISTORY_SIZE) as u64,
+            )? as usize,
+            history_ttl: Duration::from_secs(cfg::positive(
+                "SB_HISTORY_TTL_SECS",
+                self.history_ttl_secs.unwrap_or(DEFAULT_HISTORY_TTL_SECS),
+            )?),
+            offset_ttl: Duration::from_secs(DEFAULT_OFFSET_TTL_SECS),
+            presence_ttl: Duration::from_secs(
+                cfg::positive(
+                    "SB_PRESENCE_TTL_SECS",
+                    self.presence_ttl_secs.unwrap_or(DEFAULT_PRESENCE_TTL_SECS),
+                )?
+                .max(3),
+            ),
         })
     }
 

@@ -19,10 +19,11 @@ use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 use tracing::Instrument;
 
+use crate::channels::{self, Perms, Subscriptions};
 use crate::chat;
 use crate::credentials::Source;
 use crate::error::SessionError;
-use crate::hub::{CloseReason, Closer, Member, Registration};
+use crate::hub::{CloseReason, Closer, Member, Outbound, Registration};
 use crate::limits::{MessageLimiter, MessageVerdict};
 use crate::node::Node;
 use crate::transport::{self, Inbound, ReadError, WsReader, WsWriter};
@@ -31,9 +32,12 @@ use crate::transport::{self, Inbound, ReadError, WsReader, WsWriter};
 pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
 /// `token_expiring` is sent this long before `exp` (PROTOCOL.md: about 60 s).
 pub const EXPIRY_WARNING: Duration = Duration::from_secs(60);
-/// Frames written in one go after waking for outbound traffic, so a burst of
-/// deliveries does not interleave with a select round per frame.
+/// Frames taken from the outbound queue in one go, so a burst of deliveries becomes
+/// one write instead of a select round and a syscall per frame.
 const OUTBOUND_BATCH: usize = 64;
+/// Bytes waiting for a slow peer before the connection stops taking more work:
+/// beyond this, the outbound queue fills and the hub closes the connection 4008.
+pub const MAX_PENDING_BYTES: usize = 64 * 1024;
 
 /// What the upgrade request decided before the socket existed.
 pub struct Upgrade {
@@ -97,6 +101,8 @@ struct Authed {
     expires: Instant,
     /// Send `token_expiring` at this instant, once.
     warn_at: Option<Instant>,
+    perms: Perms,
+    subs: Subscriptions,
     _registration: Registration,
 }
 
@@ -106,7 +112,7 @@ struct Session {
     ip: IpAddr,
     closer: Arc<Closer>,
     /// Kept so the hub can be handed clones; also keeps `rx` open.
-    tx: mpsc::Sender<Bytes>,
+    tx: mpsc::Sender<Outbound>,
     writer: WsWriter,
     auth: Option<Authed>,
     limiter: MessageLimiter,
@@ -126,8 +132,12 @@ enum End {
 enum Event {
     Kill,
     Read(WsReader, Result<Inbound, ReadError>),
-    Outbound(Bytes),
+    Outbound(Outbound),
     Timer,
+    /// The socket can take more of the write buffer.
+    Writable,
+    /// The socket failed.
+    Gone,
 }
 
 async fn read_next(mut r: WsReader) -> (WsReader, Result<Inbound, ReadError>) {
@@ -147,7 +157,7 @@ fn new_conn_id() -> String {
 }
 
 impl Session {
-    async fn run(mut self, reader: WsReader, mut rx: mpsc::Receiver<Bytes>, up: Upgrade) {
+    async fn run(mut self, reader: WsReader, mut rx: mpsc::Receiver<Outbound>, up: Upgrade) {
         let now = Instant::now();
         self.auth_deadline = now + self.node.config.auth_timeout;
         self.next_ping = now + self.node.config.ping_interval;
@@ -176,12 +186,24 @@ impl Session {
         let end = match end {
             Some(Some(end)) => end,
             _ => loop {
+                // Write what is queued without waiting; while the peer is slow to
+                // drain, stop taking work (frames and deliveries) so memory stays
+                // bounded and the hub's queue fills: that is the slow-consumer signal.
+                match self.writer.try_flush() {
+                    Ok(_) => {}
+                    Err(_) => break End::PeerGone,
+                }
+                let room = self.writer.pending() < MAX_PENDING_BYTES;
                 let deadline = self.next_deadline();
                 let ev = tokio::select! {
                     biased;
                     _ = self.closer.closed() => Event::Kill,
-                    (r, res) = &mut read => Event::Read(r, res),
-                    Some(b) = rx.recv() => Event::Outbound(b),
+                    r = self.writer.writable(), if self.writer.pending() > 0 => match r {
+                        Ok(()) => Event::Writable,
+                        Err(_) => Event::Gone,
+                    },
+                    (r, res) = &mut read, if room => Event::Read(r, res),
+                    Some(b) = rx.recv(), if room => Event::Outbound(b),
                     _ = sleep_until(deadline.into()) => Event::Timer,
                 };
                 let step = match ev {
@@ -196,6 +218,8 @@ impl Session {
                     }
                     Event::Outbound(first) => self.on_outbound(first, &mut rx).await,
                     Event::Timer => self.on_timer().await,
+                    Event::Writable => None,
+                    Event::Gone => Some(End::PeerGone),
                 };
                 if let Some(end) = step {
                     break end;
@@ -237,9 +261,7 @@ impl Session {
                 let f = ServerFrame::TokenExpiring {
                     expires_at: a.claims.exp,
                 };
-                if self.send(&f).await.is_err() {
-                    return Some(End::PeerGone);
-                }
+                self.send(&f);
             }
             _ => {}
         }
@@ -253,24 +275,70 @@ impl Session {
         }
         if now >= self.next_ping {
             self.next_ping = now + cfg.ping_interval;
-            if self.writer.send_ping(b"sb").await.is_err() {
-                return Some(End::PeerGone);
+            self.writer.queue_ping(b"sb");
+        }
+        None
+    }
+
+    async fn on_outbound(
+        &mut self,
+        first: Outbound,
+        rx: &mut mpsc::Receiver<Outbound>,
+    ) -> Option<End> {
+        let mut next = Some(first);
+        let mut n = 0;
+        while let Some(item) = next.take() {
+            self.deliver(item).await;
+            n += 1;
+            if n < OUTBOUND_BATCH && self.writer.pending() < MAX_PENDING_BYTES {
+                next = rx.try_recv().ok();
             }
         }
         None
     }
 
-    async fn on_outbound(&mut self, first: Bytes, rx: &mut mpsc::Receiver<Bytes>) -> Option<End> {
-        if self.writer.send_text(&first).await.is_err() {
-            return Some(End::PeerGone);
-        }
-        for _ in 0..OUTBOUND_BATCH {
-            let Ok(b) = rx.try_recv() else { break };
-            if self.writer.send_text(&b).await.is_err() {
-                return Some(End::PeerGone);
+    /// Writes one queued item: user frames as they are; channel publications after
+    /// de-duplication and gap repair; events only where this connection wants them.
+    async fn deliver(&mut self, item: Outbound) {
+        match item {
+            Outbound::Frame(b) => self.writer.queue_text(&b),
+            Outbound::Publication {
+                channel,
+                offset,
+                frame,
+            } => {
+                let Some(a) = self.auth.as_mut() else {
+                    return;
+                };
+                let frames =
+                    channels::on_publication(&self.node, &mut a.subs, &channel, offset, frame)
+                        .await;
+                self.write_all(&frames)
+            }
+            Outbound::Event {
+                channel,
+                skip_user,
+                frame,
+            } => {
+                let wanted = self.auth.as_ref().is_some_and(|a| {
+                    channels::wants_event(
+                        &a.subs,
+                        &channel,
+                        skip_user.as_deref(),
+                        &a.claims.user_id,
+                    )
+                });
+                if wanted {
+                    self.writer.queue_text(&frame);
+                }
             }
         }
-        None
+    }
+
+    fn write_all(&mut self, frames: &[Bytes]) {
+        for f in frames {
+            self.writer.queue_text(f);
+        }
     }
 
     async fn on_read(&mut self, res: Result<Inbound, ReadError>, started: Instant) -> Option<End> {
@@ -278,13 +346,14 @@ impl Session {
         match res {
             Ok(Inbound::Text(text)) => self.on_text(text, started).await,
             Ok(Inbound::Binary(_)) => self.fail(SessionError::Binary, None).await,
-            Ok(Inbound::Ping(p)) => match self.writer.send_pong(&p).await {
-                Ok(()) => None,
-                Err(_) => Some(End::PeerGone),
-            },
+            Ok(Inbound::Ping(p)) => {
+                self.writer.queue_pong(&p);
+                None
+            }
             Ok(Inbound::Pong) => None,
             Ok(Inbound::Close(code, _)) => {
-                transport::echo_close(&mut self.writer, code).await;
+                self.writer.queue_close(code.unwrap_or(1000), "");
+                let _ = tokio::time::timeout(transport::CLOSE_LINGER, self.writer.flush()).await;
                 Some(End::PeerGone)
             }
             Err(ReadError::TooLarge(n)) => self.fail(SessionError::TooLarge(n), None).await,
@@ -334,7 +403,10 @@ impl Session {
             ClientFrame::Auth { .. } => Err(SessionError::BadRequest(
                 "already authenticated; use `refresh` to replace the token".into(),
             )),
-            ClientFrame::Ping {} => self.send(&ServerFrame::Pong { id: id.clone() }).await,
+            ClientFrame::Ping {} => {
+                self.send(&ServerFrame::Pong { id: id.clone() });
+                Ok(())
+            }
             _ if self.auth.is_none() => Err(SessionError::BadRequest(
                 "send an `auth` frame first".into(),
             )),
@@ -358,10 +430,86 @@ impl Session {
                 let r = chat::history(&self.node, &user, &session_id, limit, id.clone()).await;
                 self.reply(r).await
             }
-            other => Err(SessionError::BadRequest(format!(
-                "`{}` is not supported by this gateway version",
-                other.kind()
-            ))),
+            ClientFrame::Subscribe { channel, since } => {
+                let node = self.node.clone();
+                let conn_id = self.conn_id.clone();
+                let r = match self.auth.as_mut() {
+                    Some(a) => {
+                        channels::subscribe(
+                            &node,
+                            &conn_id,
+                            &a.perms,
+                            &mut a.subs,
+                            &channel,
+                            since,
+                            id.clone(),
+                            true,
+                        )
+                        .await
+                    }
+                    None => Ok(Vec::new()),
+                };
+                r.map(|frames| self.write_all(&frames))
+            }
+            ClientFrame::Unsubscribe { channel } => {
+                let node = self.node.clone();
+                let conn_id = self.conn_id.clone();
+                let r = match self.auth.as_mut() {
+                    Some(a) => {
+                        channels::unsubscribe(
+                            &node,
+                            &conn_id,
+                            &a.perms,
+                            &mut a.subs,
+                            &channel,
+                            id.clone(),
+                        )
+                        .await
+                    }
+                    None => Err(SessionError::BadRequest(
+                        "send an `auth` frame first".into(),
+                    )),
+                };
+                self.reply(r).await
+            }
+            ClientFrame::Publish { channel, data } => {
+                let r = match &self.auth {
+                    Some(a) => {
+                        channels::client_publish(&self.node, &a.perms, &channel, &data, id.clone())
+                            .await
+                    }
+                    None => Err(SessionError::BadRequest(
+                        "send an `auth` frame first".into(),
+                    )),
+                };
+                self.reply(r).await
+            }
+            ClientFrame::Presence { channel } => {
+                let r = match &self.auth {
+                    Some(a) => channels::presence(&self.node, &a.perms, &channel, id.clone()).await,
+                    None => Err(SessionError::BadRequest(
+                        "send an `auth` frame first".into(),
+                    )),
+                };
+                self.reply(r).await
+            }
+            ClientFrame::Typing { channel } => match &self.auth {
+                Some(a) => channels::typing(&self.node, &a.perms, &a.subs, &channel).await,
+                None => Err(SessionError::BadRequest(
+                    "send an `auth` frame first".into(),
+                )),
+            },
+            ClientFrame::Read { channel, offset } => {
+                let r = match &self.auth {
+                    Some(a) => {
+                        channels::read(&self.node, &a.perms, &channel, offset, id.clone()).await
+                    }
+                    None => Err(SessionError::BadRequest(
+                        "send an `auth` frame first".into(),
+                    )),
+                };
+                self.reply(r).await
+            }
         };
         match result {
             Ok(()) => None,
@@ -380,7 +528,8 @@ impl Session {
 
     /// Sends a handler's direct reply, or passes its error on.
     async fn reply(&mut self, r: Result<ServerFrame, SessionError>) -> Result<(), SessionError> {
-        self.send(&r?).await
+        self.send(&r?);
+        Ok(())
     }
 
     /// Validates a token, checks revocation and the per-user limit, fetches the user's
@@ -441,6 +590,8 @@ impl Session {
         };
         let ctx = node.user_context(&claims.user_id, &token).await;
         tracing::Span::current().record("user", claims.user_id.as_str());
+        let ctx_for_perms = ctx.clone();
+        let user_id_str = claims.user_id.clone();
 
         let (expires, warn_at) = self.timers_for(claims.exp);
         let frame = ServerFrame::Authenticated {
@@ -457,13 +608,34 @@ impl Session {
             conn_id: self.conn_id.to_string(),
             id,
         };
+        let perms = Perms::new(&claims.user_id, &ctx_for_perms);
         self.auth = Some(Authed {
             claims,
             token,
             expires,
             warn_at,
+            perms,
+            subs: Subscriptions::default(),
             _registration: registration,
         });
+        // Every connection is subscribed to its own `user:` channel.
+        let own = format!("{}:{}", channels::USER_NAMESPACE, user_id_str);
+        let (node2, conn_id) = (self.node.clone(), self.conn_id.clone());
+        if let Some(a) = self.auth.as_mut()
+            && let Err(e) = channels::subscribe(
+                &node2,
+                &conn_id,
+                &a.perms,
+                &mut a.subs,
+                &own,
+                None,
+                None,
+                false,
+            )
+            .await
+        {
+            tracing::warn!(error = %e, "own user channel not subscribed");
+        }
         metrics::gauge!(m::CONNECTIONS_PENDING).decrement(1.0);
         metrics::gauge!(m::CONNECTIONS).increment(1.0);
         metrics::counter!(m::CONNECTS, "result" => "ok").increment(1);
@@ -473,7 +645,8 @@ impl Session {
             degraded = ctx.degraded,
             "authenticated"
         );
-        self.send(&frame).await
+        self.send(&frame);
+        Ok(())
     }
 
     /// Replaces the token of a live connection (same user only).
@@ -494,17 +667,27 @@ impl Session {
         self.check_revoked(&claims).await?;
         let (expires, warn_at) = self.timers_for(claims.exp);
         let exp = claims.exp;
+        // The user's teams may have changed: refresh them, and drop subscriptions
+        // to teams the user left.
+        let ctx = self.node.user_context(&claims.user_id, &token).await;
+        let (node, conn_id) = (self.node.clone(), self.conn_id.clone());
+        let mut revoked = Vec::new();
         if let Some(a) = &mut self.auth {
             a.claims = claims;
             a.token = token;
             a.expires = expires;
             a.warn_at = warn_at;
+            if !ctx.degraded {
+                a.perms.teams = channels::teams_of(&ctx);
+                revoked = channels::revoke_lost(&node, &conn_id, &a.perms, &mut a.subs).await;
+            }
         }
         self.send(&ServerFrame::Refreshed {
             expires_at: exp,
             id,
-        })
-        .await
+        });
+        self.write_all(&revoked);
+        Ok(())
     }
 
     async fn check_revoked(&self, claims: &Claims) -> Result<(), SessionError> {
@@ -542,12 +725,10 @@ impl Session {
     }
 
     /// Sends a server frame straight to the socket.
-    async fn send(&mut self, frame: &ServerFrame) -> Result<(), SessionError> {
+    /// Queues a server frame; the loop writes it.
+    fn send(&mut self, frame: &ServerFrame) {
         metrics::counter!(m::FRAMES_OUT, "type" => frame.kind()).increment(1);
-        self.writer
-            .send_text(&frame.to_bytes())
-            .await
-            .map_err(|_| SessionError::Unavailable("socket"))
+        self.writer.queue_text(&frame.to_bytes());
     }
 
     /// Answers an error: an `error` frame, and for fatal errors the close that follows.
@@ -567,10 +748,8 @@ impl Session {
             }
             None => {
                 let frame = wire.error.map(ServerFrame::Error)?;
-                match self.send(&frame).await {
-                    Ok(()) => None,
-                    Err(_) => Some(End::PeerGone),
-                }
+                self.send(&frame);
+                None
             }
         }
     }
@@ -596,20 +775,20 @@ impl Session {
     {
         if let End::Close(reason) = &end {
             metrics::counter!(m::CLOSES, "code" => reason.code.label()).increment(1);
-            let _ = tokio::time::timeout(transport::CLOSE_LINGER, async {
-                if let Some(f) = &reason.frame {
-                    let _ = self.send(f).await;
-                }
-                let _ = self
-                    .writer
-                    .send_close(reason.code.as_u16(), reason.text)
-                    .await;
-            })
-            .await;
-            linger(read).await;
+            // What is already queued goes first; a slow peer gets the linger time to
+            // drain it and see the close.
+            if let Some(f) = &reason.frame {
+                self.send(f);
+            }
+            self.writer.queue_close(reason.code.as_u16(), reason.text);
+            let flushed = tokio::time::timeout(transport::CLOSE_LINGER, self.writer.flush()).await;
+            if matches!(flushed, Ok(Ok(()))) {
+                linger(read).await;
+            }
         }
-        if let Some(a) = self.auth.take() {
+        if let Some(mut a) = self.auth.take() {
             metrics::gauge!(m::CONNECTIONS).decrement(1.0);
+            channels::leave_all(&self.node, &self.conn_id, &a.perms, &mut a.subs).await;
             let user = a.claims.user_id.clone();
             drop(a);
             self.unregister(&user).await;

@@ -1,8 +1,8 @@
 //! The node's local registry of authenticated connections and its NATS interest:
-//! a node subscribes to `sb.user.<uid>` only while it holds a connection of that user
-//! (reference-counted), and fans each message out to the local connections by
-//! `try_send` into their bounded queues. A full queue closes that connection 4008;
-//! nobody else waits for it.
+//! a node subscribes to `sb.user.<uid>` and `sb.ch.<ns>.<name>` only while it holds a
+//! connection that needs them (reference-counted), and fans each message out to the
+//! local connections by `try_send` into their bounded queues, sharing the bytes. A
+//! full queue closes that connection 4008; nobody else waits for it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -10,15 +10,23 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use shared::protocol::{CloseCode, DisconnectCommand, ErrorBody, ErrorCode, ServerFrame};
+use shared::protocol::{Channel, CloseCode, DisconnectCommand, ErrorBody, ErrorCode, ServerFrame};
 use shared::subjects::Subjects;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 /// A NATS subscribe that takes longer than this means the client is wedged; the
-/// connection is refused with `UNAVAILABLE` rather than left without deliveries.
+/// request is answered `UNAVAILABLE` rather than left without deliveries.
 pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
+/// NATS header carrying a publication's channel offset.
+pub const HEADER_OFFSET: &str = "Sb-Offset";
+/// NATS header carrying the publish time (unix ms), for the fan-out latency metric.
+pub const HEADER_TS: &str = "Sb-Ts";
+/// NATS header naming the user an ephemeral event comes from (typing, read...).
+pub const HEADER_FROM: &str = "Sb-From";
+/// NATS header marking an event the sender's own connections should not get.
+pub const HEADER_SKIP_SENDER: &str = "Sb-Skip-Sender";
 
 // === Closer ===
 
@@ -69,6 +77,29 @@ impl Closer {
     }
 }
 
+// === what the hub hands a connection ===
+
+/// One item in a connection's outbound queue.
+#[derive(Debug, Clone)]
+pub enum Outbound {
+    /// A ready frame for this connection (from its user subject).
+    Frame(Bytes),
+    /// A channel publication: the connection drops duplicates and repairs gaps by
+    /// offset before writing it.
+    Publication {
+        channel: Arc<str>,
+        offset: u64,
+        frame: Bytes,
+    },
+    /// An ephemeral channel event (join, leave, typing, read); never stored.
+    Event {
+        channel: Arc<str>,
+        /// The user it came from, when the sender's own connections must skip it.
+        skip_user: Option<Arc<str>>,
+        frame: Bytes,
+    },
+}
+
 // === Hub ===
 
 /// One authenticated local connection as the hub sees it.
@@ -76,20 +107,27 @@ impl Closer {
 pub struct Member {
     pub conn_id: Arc<str>,
     pub user_id: Arc<str>,
-    pub tx: mpsc::Sender<Bytes>,
+    pub tx: mpsc::Sender<Outbound>,
     pub closer: Arc<Closer>,
+}
+
+struct ConnEntry {
+    member: Member,
+    channels: Vec<Arc<str>>,
+}
+
+/// Local connections interested in one subject, and the switch that ends the
+/// subject's forwarding task when the last one leaves.
+struct Interest {
+    conns: Vec<Arc<str>>,
+    stop: CancellationToken,
 }
 
 #[derive(Default)]
 struct State {
-    conns: HashMap<Arc<str>, Member>,
-    users: HashMap<Arc<str>, UserEntry>,
-}
-
-struct UserEntry {
-    conns: Vec<Arc<str>>,
-    /// Ends the user's subscription task when the last connection leaves.
-    stop: CancellationToken,
+    conns: HashMap<Arc<str>, ConnEntry>,
+    users: HashMap<Arc<str>, Interest>,
+    channels: HashMap<Arc<str>, Interest>,
 }
 
 /// The local registry; cheap to share (`Arc<Hub>`).
@@ -101,7 +139,7 @@ pub struct Hub {
     shutdown: CancellationToken,
 }
 
-/// Removes a connection from the hub when dropped.
+/// Removes a connection (and its channel interest) from the hub when dropped.
 pub struct Registration {
     hub: Arc<Hub>,
     conn_id: Arc<str>,
@@ -117,8 +155,15 @@ impl Drop for Registration {
 pub enum HubError {
     #[error("NATS subscribe failed: {0}")]
     Subscribe(String),
-    #[error("NATS subscribe timed out")]
-    Timeout,
+    #[error("NATS did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+/// Which kind of subject a forwarding task serves.
+#[derive(Clone)]
+enum Topic {
+    User(Arc<str>),
+    Channel(Arc<str>),
 }
 
 impl Hub {
@@ -145,67 +190,128 @@ impl Hub {
 
     /// Adds a connection; subscribes to the user's subject if it is the user's first
     /// on this node. The subscription is queued on the NATS connection before this
-    /// returns, so anything published after the client hears `authenticated` arrives.
+    /// returns, ahead of anything this connection publishes afterwards.
     pub async fn register(self: &Arc<Self>, m: Member) -> Result<Registration, HubError> {
-        let needs_sub = {
+        let stop = {
             let mut st = self.lock();
-            st.conns.insert(m.conn_id.clone(), m.clone());
-            match st.users.get_mut(&m.user_id) {
-                Some(u) => {
-                    u.conns.push(m.conn_id.clone());
-                    None
-                }
-                None => {
-                    let stop = self.shutdown.child_token();
-                    st.users.insert(
-                        m.user_id.clone(),
-                        UserEntry {
-                            conns: vec![m.conn_id.clone()],
-                            stop: stop.clone(),
-                        },
-                    );
-                    Some(stop)
-                }
-            }
+            st.conns.insert(
+                m.conn_id.clone(),
+                ConnEntry {
+                    member: m.clone(),
+                    channels: Vec::new(),
+                },
+            );
+            add_interest(&mut st.users, &m.user_id, &m.conn_id, &self.shutdown)
         };
         let reg = Registration {
             hub: self.clone(),
             conn_id: m.conn_id.clone(),
         };
-        if let Some(stop) = needs_sub {
+        if let Some(stop) = stop {
             let subject = self.subjects.user(&m.user_id);
-            let sub =
-                match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.nats.subscribe(subject)).await {
-                    Ok(Ok(s)) => s,
-                    Ok(Err(e)) => return Err(HubError::Subscribe(e.to_string())),
-                    Err(_) => return Err(HubError::Timeout),
-                };
-            let hub = self.clone();
-            let user = m.user_id.clone();
-            self.tasks
-                .spawn(async move { hub.forward_user(user, sub, stop).await });
+            self.subscribe(subject, Topic::User(m.user_id.clone()), stop)
+                .await?;
         }
         Ok(reg)
     }
 
-    fn remove(&self, conn_id: &str) {
-        let mut st = self.lock();
-        let Some(m) = st.conns.remove(conn_id) else {
-            return;
-        };
-        if let Some(u) = st.users.get_mut(&m.user_id) {
-            u.conns.retain(|c| &**c != conn_id);
-            if u.conns.is_empty() {
-                u.stop.cancel();
-                st.users.remove(&m.user_id);
+    /// Adds a connection to a channel. Returns `true` when this node had no interest
+    /// in the channel before (the caller then waits for [`Hub::barrier`]).
+    pub async fn join_channel(
+        self: &Arc<Self>,
+        conn_id: &str,
+        ch: &Channel,
+    ) -> Result<bool, HubError> {
+        let key: Arc<str> = ch.to_string().into();
+        let stop = {
+            let mut st = self.lock();
+            let Some(entry) = st.conns.get_mut(conn_id) else {
+                return Ok(false);
+            };
+            if entry.channels.contains(&key) {
+                return Ok(false);
             }
+            entry.channels.push(key.clone());
+            let conn = entry.member.conn_id.clone();
+            add_interest(&mut st.channels, &key, &conn, &self.shutdown)
+        };
+        match stop {
+            Some(stop) => {
+                let subject = self.subjects.channel(&ch.namespace, &ch.name);
+                if let Err(e) = self.subscribe(subject, Topic::Channel(key), stop).await {
+                    self.leave_channel(conn_id, &ch.to_string());
+                    return Err(e);
+                }
+                Ok(true)
+            }
+            None => Ok(false),
         }
     }
 
-    /// Delivers `sb.user.<uid>` messages to the user's local connections.
-    async fn forward_user(
+    /// Removes a connection from a channel; `true` if it was subscribed.
+    pub fn leave_channel(&self, conn_id: &str, channel: &str) -> bool {
+        let mut st = self.lock();
+        let Some(entry) = st.conns.get_mut(conn_id) else {
+            return false;
+        };
+        let before = entry.channels.len();
+        entry.channels.retain(|c| &**c != channel);
+        if entry.channels.len() == before {
+            return false;
+        }
+        remove_interest(&mut st.channels, channel, conn_id);
+        true
+    }
+
+    /// Waits until the NATS server has processed every subscription queued so far:
+    /// a request to a subject nobody serves is answered "no responders" only after
+    /// the server read everything this connection sent before it.
+    pub async fn barrier(&self) -> Result<(), HubError> {
+        let subject = format!("_INBOX.sb-barrier.{:016x}", rand::random::<u64>());
+        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.nats.request(subject, Bytes::new()))
+            .await
+        {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
+            Ok(Err(e)) => Err(HubError::Subscribe(e.to_string())),
+            Err(_) => Err(HubError::Timeout(SUBSCRIBE_TIMEOUT)),
+        }
+    }
+
+    async fn subscribe(
+        self: &Arc<Self>,
+        subject: String,
+        topic: Topic,
+        stop: CancellationToken,
+    ) -> Result<(), HubError> {
+        let sub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.nats.subscribe(subject)).await
+        {
+            Ok(Ok(s)) => s,
+            Ok(Err(e)) => return Err(HubError::Subscribe(e.to_string())),
+            Err(_) => return Err(HubError::Timeout(SUBSCRIBE_TIMEOUT)),
+        };
+        let hub = self.clone();
+        self.tasks
+            .spawn(async move { hub.forward(topic, sub, stop).await });
+        Ok(())
+    }
+
+    fn remove(&self, conn_id: &str) {
+        let mut st = self.lock();
+        let Some(entry) = st.conns.remove(conn_id) else {
+            return;
+        };
+        remove_interest(&mut st.users, &entry.member.user_id, conn_id);
+        for ch in &entry.channels {
+            remove_interest(&mut st.channels, ch, conn_id);
+        }
+    }
+
+    /// Delivers one subject's messages to its local connections until the last one
+    /// leaves (or the node stops).
+    async fn forward(
         &self,
-        user: Arc<str>,
+        topic: Topic,
         mut sub: async_nats::Subscriber,
         stop: CancellationToken,
     ) {
@@ -218,7 +324,10 @@ impl Hub {
                     None => break,
                 },
             };
-            self.deliver_to_user(&user, msg.payload);
+            match &topic {
+                Topic::User(user) => self.deliver_to_user(user, msg.payload),
+                Topic::Channel(ch) => self.deliver_to_channel(ch, &msg),
+            }
         }
         // Dropping the subscriber unsubscribes; say so now rather than at drop time.
         let _ = sub.unsubscribe().await;
@@ -227,14 +336,57 @@ impl Hub {
     /// Queues a ready frame for every local connection of `user`.
     pub fn deliver_to_user(&self, user: &str, payload: Bytes) {
         let st = self.lock();
-        let Some(u) = st.users.get(user) else {
+        let Some(interest) = st.users.get(user) else {
             return;
         };
-        for id in &u.conns {
-            if let Some(m) = st.conns.get(id) {
-                offer(m, payload.clone());
+        for id in &interest.conns {
+            if let Some(e) = st.conns.get(id) {
+                offer(&e.member, Outbound::Frame(payload.clone()));
             }
         }
+    }
+
+    fn deliver_to_channel(&self, channel: &Arc<str>, msg: &async_nats::Message) {
+        let header = |name: &str| {
+            msg.headers
+                .as_ref()
+                .and_then(|h| h.get(name))
+                .map(|v| v.as_str().to_owned())
+        };
+        let item = match header(HEADER_OFFSET).and_then(|o| o.parse::<u64>().ok()) {
+            Some(offset) => {
+                if let Some(ts) = header(HEADER_TS).and_then(|t| t.parse::<u64>().ok()) {
+                    let lag = shared::store::now_ms().saturating_sub(ts) as f64 / 1000.0;
+                    metrics::histogram!(shared::metrics::FANOUT_SECONDS).record(lag);
+                }
+                Outbound::Publication {
+                    channel: channel.clone(),
+                    offset,
+                    frame: msg.payload.clone(),
+                }
+            }
+            None => Outbound::Event {
+                channel: channel.clone(),
+                skip_user: header(HEADER_SKIP_SENDER)
+                    .is_some()
+                    .then(|| header(HEADER_FROM))
+                    .flatten()
+                    .map(Arc::from),
+                frame: msg.payload.clone(),
+            },
+        };
+        let st = self.lock();
+        let Some(interest) = st.channels.get(&**channel) else {
+            return;
+        };
+        let mut n = 0u64;
+        for id in &interest.conns {
+            if let Some(e) = st.conns.get(id) {
+                offer(&e.member, item.clone());
+                n += 1;
+            }
+        }
+        metrics::counter!(shared::metrics::DELIVERIES).increment(n);
     }
 
     /// Applies a kick from `sb.ctl.disconnect` to the local connections it names.
@@ -254,17 +406,20 @@ impl Hub {
         };
         let mut n = 0;
         if let Some(c) = &cmd.conn_id
-            && let Some(m) = st.conns.get(c.as_str())
-            && cmd.user_id.as_deref().is_none_or(|u| u == &*m.user_id)
+            && let Some(e) = st.conns.get(c.as_str())
+            && cmd
+                .user_id
+                .as_deref()
+                .is_none_or(|u| u == &*e.member.user_id)
         {
-            m.closer.close(reason());
+            e.member.closer.close(reason());
             n += 1;
         } else if cmd.conn_id.is_none()
             && let Some(u) = cmd.user_id.as_deref().and_then(|u| st.users.get(u))
         {
             for id in &u.conns {
-                if let Some(m) = st.conns.get(id) {
-                    m.closer.close(reason());
+                if let Some(e) = st.conns.get(id) {
+                    e.member.closer.close(reason());
                     n += 1;
                 }
             }
@@ -277,7 +432,33 @@ impl Hub {
         let st = self.lock();
         st.conns
             .values()
-            .map(|m| (m.conn_id.to_string(), m.user_id.to_string()))
+            .map(|e| (e.member.conn_id.to_string(), e.member.user_id.to_string()))
+            .collect()
+    }
+
+    /// `(channel, user_id, conn_id)` of every local subscription, for presence refresh.
+    pub fn subscriptions(&self) -> Vec<(Arc<str>, Arc<str>, Arc<str>)> {
+        let st = self.lock();
+        st.conns
+            .values()
+            .flat_map(|e| {
+                e.channels.iter().map(|c| {
+                    (
+                        c.clone(),
+                        e.member.user_id.clone(),
+                        e.member.conn_id.clone(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// Local subscriber count per channel.
+    pub fn channel_counts(&self) -> HashMap<String, u64> {
+        let st = self.lock();
+        st.channels
+            .iter()
+            .map(|(c, i)| (c.to_string(), i.conns.len() as u64))
             .collect()
     }
 
@@ -288,24 +469,54 @@ impl Hub {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
 
-    /// Local connection ids of a user (tests and introspection).
-    pub fn user_conns(&self, user: &str) -> Vec<String> {
-        let st = self.lock();
-        st.users
-            .get(user)
-            .map(|u| u.conns.iter().map(|c| c.to_string()).collect())
-            .unwrap_or_default()
+/// Adds `conn` to the interest in `key`; returns a fresh stop token when this is the
+/// first interest (the caller subscribes).
+fn add_interest(
+    map: &mut HashMap<Arc<str>, Interest>,
+    key: &Arc<str>,
+    conn: &Arc<str>,
+    shutdown: &CancellationToken,
+) -> Option<CancellationToken> {
+    match map.get_mut(key) {
+        Some(i) => {
+            i.conns.push(conn.clone());
+            None
+        }
+        None => {
+            let stop = shutdown.child_token();
+            map.insert(
+                key.clone(),
+                Interest {
+                    conns: vec![conn.clone()],
+                    stop: stop.clone(),
+                },
+            );
+            Some(stop)
+        }
     }
 }
 
-/// Offers a frame to one connection without waiting; a full queue means the client
+fn remove_interest(map: &mut HashMap<Arc<str>, Interest>, key: &str, conn: &str) {
+    if let Some(i) = map.get_mut(key) {
+        i.conns.retain(|c| &**c != conn);
+        if i.conns.is_empty() {
+            i.stop.cancel();
+            map.remove(key);
+        }
+    }
+}
+
+/// Offers an item to one connection without waiting; a full queue means the client
 /// does not read fast enough, and it is closed instead of slowing the fan-out.
-pub fn offer(m: &Member, payload: Bytes) {
-    match m.tx.try_send(payload) {
+pub fn offer(m: &Member, item: Outbound) {
+    match m.tx.try_send(item) {
         Ok(()) => {}
         Err(mpsc::error::TrySendError::Full(_)) => {
-            metrics::counter!(shared::metrics::SLOW_CONSUMERS).increment(1);
+            if m.closer.reason().is_none() {
+                metrics::counter!(shared::metrics::SLOW_CONSUMERS).increment(1);
+            }
             m.closer.close(CloseReason::error(
                 ErrorCode::SlowConsumer,
                 "the client did not read fast enough",

@@ -4,6 +4,7 @@
 #![forbid(unsafe_code)]
 
 pub mod api;
+pub mod channels;
 pub mod chat;
 pub mod config;
 pub mod conn;

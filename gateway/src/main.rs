@@ -9,6 +9,9 @@ use tokio_util::sync::CancellationToken;
 
 /// sysexits EX_USAGE: configuration errors are not worth a restart loop.
 const EXIT_CONFIG: u8 = 64;
+/// Listen backlog: a reconnect wave after a drain arrives thousands at a time; the
+/// default 128 drops SYNs and costs clients a one-second retransmit.
+const LISTEN_BACKLOG: u32 = 4096;
 
 fn main() -> ExitCode {
     let raw = match RawConfig::load(std::env::args_os()) {
@@ -48,11 +51,9 @@ fn config_error(e: &shared::config::ConfigError) -> ExitCode {
 }
 
 async fn serve(config: gateway::Config) -> anyhow::Result<()> {
-    let public = TcpListener::bind(config.listen)
-        .await
+    let public = listen(config.listen)
         .with_context(|| format!("SB_LISTEN: cannot bind {}", config.listen))?;
-    let admin = TcpListener::bind(config.admin_listen)
-        .await
+    let admin = listen(config.admin_listen)
         .with_context(|| format!("SB_ADMIN_LISTEN: cannot bind {}", config.admin_listen))?;
     let shutdown = CancellationToken::new();
     let signal = shutdown.clone();
@@ -62,6 +63,17 @@ async fn serve(config: gateway::Config) -> anyhow::Result<()> {
     });
     gateway::run(Listeners { public, admin }, config, shutdown).await?;
     Ok(())
+}
+
+fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 async fn wait_for_signal() {

@@ -291,6 +291,12 @@ impl Node {
         let node = self.clone();
         self.background
             .spawn(async move { node.chat_stream_loop().await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { node.presence_loop().await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { node.publish_rpc_loop().await });
     }
 
     async fn heartbeat_loop(&self) {
@@ -390,6 +396,81 @@ impl Node {
                     tracing::info!(closed = n, code = cmd.code, "disconnect command");
                 }
                 Err(e) => tracing::warn!(error = %e, "malformed disconnect command"),
+            }
+        }
+    }
+
+    /// Keeps this node's presence entries alive; a dead node's expire.
+    async fn presence_loop(&self) {
+        let period = self.config.channels.presence_ttl / 3;
+        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            let entries: Vec<_> = self
+                .hub
+                .subscriptions()
+                .into_iter()
+                .filter_map(|(ch, user, conn)| {
+                    shared::protocol::Channel::parse(&ch)
+                        .ok()
+                        .map(|c| (c, user.to_string(), conn.to_string()))
+                })
+                .collect();
+            if let Err(e) = self
+                .store
+                .presence_touch(&entries, self.config.channels.presence_ttl)
+                .await
+            {
+                metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "presence").increment(1);
+                tracing::warn!(error = %e, "presence refresh failed");
+            }
+        }
+    }
+
+    /// Serves `sb.rpc.publish` for backends that speak NATS: the same as
+    /// `POST /v1/publish` (offset, history, fan-out), one gateway per request.
+    async fn publish_rpc_loop(&self) {
+        use futures_util::StreamExt;
+        let subject = self.subjects.publish_rpc();
+        let mut sub = loop {
+            match self
+                .nats
+                .queue_subscribe(
+                    subject.clone(),
+                    shared::subjects::GATEWAY_QUEUE_GROUP.into(),
+                )
+                .await
+            {
+                Ok(s) => break s,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot subscribe to the publish subject");
+                    tokio::select! {
+                        _ = self.stop.cancelled() => return,
+                        _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
+                    }
+                }
+            }
+        };
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                m = sub.next() => match m { Some(m) => m, None => break },
+            };
+            let reply = crate::api::publish_body(self, &msg.payload).await;
+            if let Some(to) = msg.reply {
+                let body = match reply {
+                    Ok(offset) => serde_json::json!({ "offset": offset }),
+                    Err(e) => {
+                        let (_, code) = e.status_and_code();
+                        serde_json::json!({"error": {"code": code, "message": e.to_string()}})
+                    }
+                };
+                let _ = self.nats.publish(to, body.to_string().into()).await;
             }
         }
     }

@@ -2,16 +2,21 @@
 //! crate leaves out (see `../shared/research/crates.md` section 2): an aggregate cap on
 //! fragmented messages, close frames with the right code on every protocol error,
 //! refusal of unmasked client frames, control-frame size checks, and incremental
-//! UTF-8 validation of fragmented text. The gateway's connections and the Autobahn
-//! echo harness both run on exactly this code.
+//! UTF-8 validation of fragmented text. Writing is our own small buffered encoder
+//! (server frames are unmasked and trivial to frame): frames queue in a buffer that is
+//! flushed without blocking, so a connection can batch many frames per syscall, keep
+//! serving its other duties while a slow peer drains, and never corrupts the stream
+//! by cancelling a write half-way. The gateway's connections and the Autobahn echo
+//! harness both run on exactly this code.
 
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
+use bytes::BufMut;
 use bytes::{Bytes, BytesMut};
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead, WebSocketWrite};
+use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use shared::protocol::CloseCode;
@@ -27,6 +32,9 @@ pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 pub const CLOSE_LINGER: Duration = Duration::from_secs(2);
 /// Longest control-frame payload (RFC 6455 section 5.5).
 const MAX_CONTROL_PAYLOAD: usize = 125;
+/// An emptied write buffer larger than this is released, so an idle connection that
+/// once sent a big message does not keep its buffer.
+const KEEP_BUFFER_BYTES: usize = 4096;
 
 /// Why reading stopped; each maps to the close code the server sends.
 #[derive(Debug, thiserror::Error)]
@@ -101,10 +109,12 @@ pub struct WsReader {
     partial: Option<Partial>,
 }
 
-/// Writes frames. Not cancel-safe (fastwebsockets uses `write_all`): await each call
-/// to completion, never as a `select!` branch.
+/// Encodes frames into a buffer and writes it to the socket. `queue_*` never block;
+/// `try_flush` writes what the socket takes now; `flush` waits (bounded) until all is
+/// written. Every method is cancel-safe: bytes leave the buffer only once written.
 pub struct WsWriter {
-    inner: WebSocketWrite<OwnedWriteHalf>,
+    stream: OwnedWriteHalf,
+    buf: BytesMut,
     closed: bool,
 }
 
@@ -127,8 +137,12 @@ pub async fn accept(
 /// layer read past the handshake.
 pub fn split(stream: TcpStream, read_buf: Bytes, max_message: usize) -> (WsReader, WsWriter) {
     let (r, w) = stream.into_split();
-    let (mut rd, wr) =
-        fastwebsockets::after_handshake_split(MaskCheck::new(r, read_buf), w, Role::Server);
+    // Only the read half of fastwebsockets is used; `WsWriter` does the writing.
+    let (mut rd, _) = fastwebsockets::after_handshake_split(
+        MaskCheck::new(r, read_buf),
+        tokio::io::sink(),
+        Role::Server,
+    );
     // We answer pings and closes ourselves (after validating them), so the library
     // never needs the split-mode callback.
     rd.set_auto_close(false);
@@ -142,7 +156,8 @@ pub fn split(stream: TcpStream, read_buf: Bytes, max_message: usize) -> (WsReade
             partial: None,
         },
         WsWriter {
-            inner: wr,
+            stream: w,
+            buf: BytesMut::new(),
             closed: false,
         },
     )
@@ -280,44 +295,45 @@ fn parse_close(payload: &[u8]) -> Result<Inbound, ReadError> {
 }
 
 impl WsWriter {
-    pub async fn send_text(&mut self, payload: &[u8]) -> io::Result<()> {
-        self.write(Frame::new(
-            true,
-            OpCode::Text,
-            None,
-            Payload::Borrowed(payload),
-        ))
-        .await
+    /// Appends one frame to the buffer (RFC 6455 section 5.2, server side: no mask).
+    fn queue(&mut self, opcode: u8, payload: &[u8]) {
+        let len = payload.len();
+        self.buf.reserve(len + 10);
+        self.buf.put_u8(0x80 | opcode);
+        if len < 126 {
+            self.buf.put_u8(len as u8);
+        } else if len <= usize::from(u16::MAX) {
+            self.buf.put_u8(126);
+            self.buf.put_u16(len as u16);
+        } else {
+            self.buf.put_u8(127);
+            self.buf.put_u64(len as u64);
+        }
+        self.buf.extend_from_slice(payload);
     }
 
-    pub async fn send_binary(&mut self, payload: &[u8]) -> io::Result<()> {
-        self.write(Frame::new(
-            true,
-            OpCode::Binary,
-            None,
-            Payload::Borrowed(payload),
-        ))
-        .await
+    pub fn queue_text(&mut self, payload: &[u8]) {
+        if !self.closed {
+            self.queue(0x1, payload);
+        }
     }
 
-    pub async fn send_ping(&mut self, payload: &[u8]) -> io::Result<()> {
-        self.write(Frame::new(
-            true,
-            OpCode::Ping,
-            None,
-            Payload::Borrowed(payload),
-        ))
-        .await
+    pub fn queue_ping(&mut self, payload: &[u8]) {
+        if !self.closed {
+            self.queue(0x9, &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)]);
+        }
     }
 
-    pub async fn send_pong(&mut self, payload: &[u8]) -> io::Result<()> {
-        self.write(Frame::pong(Payload::Borrowed(payload))).await
+    pub fn queue_pong(&mut self, payload: &[u8]) {
+        if !self.closed {
+            self.queue(0xA, &payload[..payload.len().min(MAX_CONTROL_PAYLOAD)]);
+        }
     }
 
-    /// Sends a close frame once; later calls are no-ops (the crate errors on a second).
-    pub async fn send_close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+    /// Queues a close frame once; nothing is queued after it.
+    pub fn queue_close(&mut self, code: u16, reason: &str) {
         if self.closed {
-            return Ok(());
+            return;
         }
         self.closed = true;
         // Reasons are ours and short; cut defensively to the control-frame limit.
@@ -325,21 +341,76 @@ impl WsWriter {
         while !reason.is_char_boundary(end) {
             end -= 1;
         }
-        self.write(Frame::close(code, &reason.as_bytes()[..end]))
-            .await
+        let mut payload = Vec::with_capacity(2 + end);
+        payload.extend_from_slice(&code.to_be_bytes());
+        payload.extend_from_slice(&reason.as_bytes()[..end]);
+        self.queue(0x8, &payload);
+    }
+
+    /// Bytes queued but not yet written.
+    pub fn pending(&self) -> usize {
+        self.buf.len()
     }
 
     pub fn is_closed(&self) -> bool {
         self.closed
     }
 
-    async fn write(&mut self, frame: Frame<'_>) -> io::Result<()> {
-        match tokio::time::timeout(WRITE_TIMEOUT, self.inner.write_frame(frame)).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(WebSocketError::IoError(e))) => Err(e),
-            Ok(Err(e)) => Err(io::Error::other(e)),
-            Err(_) => Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")),
+    /// Writes what the socket accepts now. `Ok(true)` when the buffer is empty.
+    pub fn try_flush(&mut self) -> io::Result<bool> {
+        while !self.buf.is_empty() {
+            match self.stream.try_write(&self.buf) {
+                Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+                Ok(n) => {
+                    let _ = self.buf.split_to(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) => return Err(e),
+            }
         }
+        if self.buf.capacity() > KEEP_BUFFER_BYTES {
+            self.buf = BytesMut::new();
+        }
+        Ok(true)
+    }
+
+    /// Waits until the socket can take more bytes (cancel-safe).
+    pub async fn writable(&self) -> io::Result<()> {
+        self.stream.writable().await
+    }
+
+    /// Writes everything queued, waiting at most [`WRITE_TIMEOUT`].
+    pub async fn flush(&mut self) -> io::Result<()> {
+        let done = tokio::time::timeout(WRITE_TIMEOUT, async {
+            while !self.try_flush()? {
+                self.writable().await?;
+            }
+            Ok::<_, io::Error>(())
+        })
+        .await;
+        done.unwrap_or_else(|_| Err(io::Error::new(io::ErrorKind::TimedOut, "write timed out")))
+    }
+
+    pub async fn send_text(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.queue_text(payload);
+        self.flush().await
+    }
+
+    pub async fn send_binary(&mut self, payload: &[u8]) -> io::Result<()> {
+        if !self.closed {
+            self.queue(0x2, payload);
+        }
+        self.flush().await
+    }
+
+    pub async fn send_pong(&mut self, payload: &[u8]) -> io::Result<()> {
+        self.queue_pong(payload);
+        self.flush().await
+    }
+
+    pub async fn send_close(&mut self, code: u16, reason: &str) -> io::Result<()> {
+        self.queue_close(code, reason);
+        self.flush().await
     }
 }
 

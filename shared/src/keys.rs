@@ -51,6 +51,31 @@ impl Keys {
         format!("{}:revoked:{jti}", self.prefix)
     }
 
+    /// `sb:ch:<ns>:<name>:offset`: the channel's last offset (counter).
+    pub fn channel_offset(&self, namespace: &str, name: &str) -> String {
+        format!("{}:ch:{namespace}:{name}:offset", self.prefix)
+    }
+
+    /// `sb:ch:<ns>:<name>:history`: sorted set of ready `message` frames by offset.
+    pub fn channel_history(&self, namespace: &str, name: &str) -> String {
+        format!("{}:ch:{namespace}:{name}:history", self.prefix)
+    }
+
+    /// `sb:ch:<ns>:<name>:presence`: sorted set of `<uid>:<conn_id>` by expiry (ms).
+    pub fn channel_presence(&self, namespace: &str, name: &str) -> String {
+        format!("{}:ch:{namespace}:{name}:presence", self.prefix)
+    }
+
+    /// `sb:user:<uid>:read`: hash channel -> last read offset.
+    pub fn user_reads(&self, user_id: &str) -> String {
+        format!("{}:user:{user_id}:read", self.prefix)
+    }
+
+    /// `sb:node:<node_id>:channels`: hash channel -> local subscriber count.
+    pub fn node_channels(&self, node_id: &str) -> String {
+        format!("{}:node:{node_id}:channels", self.prefix)
+    }
+
     /// `sb:node:<node_id>`: hash {connections, started_at, version}, heartbeat TTL.
     pub fn node(&self, node_id: &str) -> String {
         format!("{}:node:{node_id}", self.prefix)
@@ -78,5 +103,10 @@ mod tests {
         assert_eq!(k.revoked("j"), "sb:revoked:j");
         assert_eq!(k.node("n"), "sb:node:n");
         assert_eq!(k.nodes(), "sb:nodes");
+        assert_eq!(k.channel_offset("team", "a"), "sb:ch:team:a:offset");
+        assert_eq!(k.channel_history("team", "a"), "sb:ch:team:a:history");
+        assert_eq!(k.channel_presence("team", "a"), "sb:ch:team:a:presence");
+        assert_eq!(k.user_reads("u"), "sb:user:u:read");
+        assert_eq!(k.node_channels("n"), "sb:node:n:channels");
     }
 }

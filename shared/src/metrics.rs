@@ -27,6 +27,18 @@ pub const REDIS_ERRORS: &str = "switchboard_redis_errors_total";
 pub const HANDSHAKE_SECONDS: &str = "switchboard_handshake_seconds";
 /// Counter: connections closed because their outbound queue was full.
 pub const SLOW_CONSUMERS: &str = "switchboard_slow_consumer_closes_total";
+/// Gauge: channel subscriptions on this node.
+pub const SUBSCRIPTIONS: &str = "switchboard_subscriptions";
+/// Counter by `source` (client, api, nats): publications accepted into channels.
+pub const PUBLICATIONS: &str = "switchboard_publications_total";
+/// Counter: channel publications and events queued to local connections.
+pub const DELIVERIES: &str = "switchboard_deliveries_total";
+/// Counter by `result` (hit, miss): `subscribe` with `since`.
+pub const RECOVERIES: &str = "switchboard_recoveries_total";
+/// Counter: gaps in live channel delivery repaired from history.
+pub const GAP_REPAIRS: &str = "switchboard_gap_repairs_total";
+/// Histogram: publish (stored in Redis) to arrival at a subscribing node, seconds.
+pub const FANOUT_SECONDS: &str = "switchboard_fanout_seconds";
 /// Gauge: 1 while the node is draining.
 pub const DRAINING: &str = "switchboard_draining";
 
@@ -39,6 +51,38 @@ pub const NATS_CONNECTED: &str = "switchboard_nats_connected";
 pub const REDIS_UP: &str = "switchboard_redis_up";
 /// Gauge: always 1, labelled with `version` and `node`.
 pub const BUILD_INFO: &str = "switchboard_build_info";
+
+// === worker ===
+/// Counter by `outcome`: completed, cancelled, llm_error, bad_request, republished
+/// (a redelivered request that had completed), exhausted (max deliveries), retry_later
+/// (nak'd for redelivery), malformed, abandoned (shutdown grace over).
+pub const WORKER_REQUESTS: &str = "switchboard_worker_requests_total";
+/// Gauge: chat requests this worker is processing.
+pub const WORKER_IN_FLIGHT: &str = "switchboard_worker_requests_in_flight";
+/// Histogram: LLM request sent to first generated text, seconds (retries included).
+pub const WORKER_FIRST_TOKEN_SECONDS: &str = "switchboard_worker_llm_first_token_seconds";
+/// Histogram: request pulled to acked, seconds.
+pub const WORKER_REQUEST_SECONDS: &str = "switchboard_worker_request_duration_seconds";
+/// Counter by `kind`: connect, status, timeout_first_token, timeout_idle, timeout_total,
+/// protocol, upstream, interrupted, cancelled.
+pub const WORKER_LLM_ERRORS: &str = "switchboard_worker_llm_errors_total";
+/// Counter by `reason` (connect, status code class, interrupted): LLM retries before
+/// the first token.
+pub const WORKER_LLM_RETRIES: &str = "switchboard_worker_llm_retries_total";
+/// Counter: chat requests received again (delivery count above 1).
+pub const WORKER_REDELIVERIES: &str = "switchboard_worker_redeliveries_total";
+/// Counter: `chat.chunk` frames published.
+pub const WORKER_CHUNKS: &str = "switchboard_worker_chunks_total";
+/// Counter by `endpoint` (teams, tasks) and `result` (ok, status, timeout, error, invalid).
+pub const WORKER_BACKEND_CALLS: &str = "switchboard_worker_backend_calls_total";
+/// Gauge: team backend circuit breaker, 0 closed, 1 open, 2 half-open.
+pub const WORKER_BREAKER_STATE: &str = "switchboard_worker_breaker_state";
+/// Counter by `result` (fresh, cached, empty): user-context RPC replies.
+pub const WORKER_CONTEXT_REPLIES: &str = "switchboard_worker_user_context_replies_total";
+/// Counter by `op`: JetStream consumer failures (setup, pull, ack).
+pub const WORKER_CONSUMER_ERRORS: &str = "switchboard_worker_consumer_errors_total";
+/// Gauge: 1 while the chat consumer is pulling.
+pub const WORKER_CONSUMER_UP: &str = "switchboard_worker_consumer_up";
 
 /// Histogram buckets for latencies in seconds: sub-millisecond to the 10 s ceiling
 /// of any request we make.

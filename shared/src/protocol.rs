@@ -314,6 +314,12 @@ pub enum ClientFrame {
         #[serde(default)]
         limit: Option<u32>,
     },
+    #[serde(rename = "presence")]
+    Presence { channel: String },
+    #[serde(rename = "typing")]
+    Typing { channel: String },
+    #[serde(rename = "read")]
+    Read { channel: String, offset: u64 },
 }
 
 impl ClientFrame {
@@ -329,6 +335,9 @@ impl ClientFrame {
             ClientFrame::ChatSend { .. } => "chat.send",
             ClientFrame::ChatCancel { .. } => "chat.cancel",
             ClientFrame::History { .. } => "history",
+            ClientFrame::Presence { .. } => "presence",
+            ClientFrame::Typing { .. } => "typing",
+            ClientFrame::Read { .. } => "read",
         }
     }
 }
@@ -344,6 +353,9 @@ pub const CLIENT_FRAME_TYPES: &[&str] = &[
     "chat.send",
     "chat.cancel",
     "history",
+    "presence",
+    "typing",
+    "read",
 ];
 
 /// A parsed client frame with its correlation id.
@@ -580,10 +592,36 @@ pub enum ServerFrame {
         message: String,
         retryable: bool,
     },
+    #[serde(rename = "presence")]
+    Presence {
+        channel: String,
+        users: Vec<PresenceUser>,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        id: Option<FrameId>,
+    },
+    #[serde(rename = "join")]
+    Join { channel: String, user: String },
+    #[serde(rename = "leave")]
+    Leave { channel: String, user: String },
+    #[serde(rename = "typing")]
+    Typing { channel: String, user: String },
+    #[serde(rename = "read")]
+    Read {
+        channel: String,
+        user: String,
+        offset: u64,
+    },
     #[serde(rename = "reconnect")]
     Reconnect { reason: String, retry_after_ms: u64 },
     #[serde(rename = "error")]
     Error(ErrorBody),
+}
+
+/// One user in a `presence` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PresenceUser {
+    pub user_id: String,
+    pub connections: u64,
 }
 
 /// The body of an `error` frame.
@@ -644,6 +682,11 @@ impl ServerFrame {
             ServerFrame::ChatChunk { .. } => "chat.chunk",
             ServerFrame::ChatComplete { .. } => "chat.complete",
             ServerFrame::ChatError { .. } => "chat.error",
+            ServerFrame::Presence { .. } => "presence",
+            ServerFrame::Join { .. } => "join",
+            ServerFrame::Leave { .. } => "leave",
+            ServerFrame::Typing { .. } => "typing",
+            ServerFrame::Read { .. } => "read",
             ServerFrame::Reconnect { .. } => "reconnect",
             ServerFrame::Error(_) => "error",
         }

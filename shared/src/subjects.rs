@@ -7,6 +7,8 @@ pub const CHAT_STREAM: &str = "SB_CHAT";
 pub const CHAT_CONSUMER: &str = "workers";
 /// Queue group of workers answering RPCs.
 pub const WORKER_QUEUE_GROUP: &str = "workers";
+/// Queue group of gateways answering `sb.rpc.publish`.
+pub const GATEWAY_QUEUE_GROUP: &str = "gateways";
 
 /// Subject builder for one deployment prefix (default `sb`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -49,6 +51,12 @@ impl Subjects {
     /// `sb.ch.<ns>.<name>`: ready `message` frames for a channel's subscribers.
     pub fn channel(&self, namespace: &str, name: &str) -> String {
         format!("{}.ch.{namespace}.{name}", self.prefix)
+    }
+
+    /// `sb.rpc.publish`: server-side publish over NATS (request/reply, one gateway
+    /// answers `{offset}`), for backends that speak NATS.
+    pub fn publish_rpc(&self) -> String {
+        format!("{}.rpc.publish", self.prefix)
     }
 
     /// `sb.ctl.disconnect`: kick commands to every gateway.

@@ -1,7 +1,10 @@
 //! Test fixtures: real `nats-server` (with JetStream) and `redis-server` processes on
 //! free ports, each test with its own, so tests stay isolated and can kill and restart
-//! them to inject faults. Also signed tokens (`tokens`). Used only by tests.
+//! them to inject faults. Also signed tokens (`tokens`) and in-process stub servers for
+//! the LLM (`llm`) and the team backend (`backend`). Used only by tests.
 
+pub mod backend;
+pub mod llm;
 pub mod tokens;
 
 use std::io::{Read, Write};

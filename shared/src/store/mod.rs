@@ -14,6 +14,10 @@ use redis::{AsyncCommands, Script};
 use serde::Serialize;
 use tokio::sync::OnceCell;
 
+mod channel;
+
+pub use channel::{ChannelHistory, ChannelSettings, PresenceEntry};
+
 use crate::keys::Keys;
 use crate::protocol::{HistoryMessage, UserContext};
 
@@ -189,7 +193,9 @@ pub fn now_ms() -> u64 {
 
 /// Bounds a whole operation (connect + commands): the manager queues commands while
 /// it reconnects, and a request must fail rather than wait for an outage to end.
-async fn bounded<T>(op: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+pub(crate) async fn bounded<T>(
+    op: impl Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
     match tokio::time::timeout(OPERATION_TIMEOUT, op).await {
         Ok(r) => r,
         Err(_) => Err(StoreError::Timeout(OPERATION_TIMEOUT)),
@@ -213,7 +219,7 @@ impl SessionStore {
     /// The shared multiplexed connection, opened on first use. While Redis is down
     /// each caller waits at most [`CONNECT_TIMEOUT`]; initialisation is serialised,
     /// so an outage is not answered with a storm of connection attempts.
-    async fn conn(&self) -> Result<ConnectionManager, StoreError> {
+    pub(crate) async fn conn(&self) -> Result<ConnectionManager, StoreError> {
         let cm = self
             .conn
             .get_or_try_init(|| async {

@@ -1,0 +1,122 @@
+//! The live progress line on stderr, once a second: rewritten in place on a terminal,
+//! one plain line per tick otherwise (CI logs, pipes).
+
+use std::io::{IsTerminal, Write};
+use std::time::Duration;
+
+/// How often the progress line is printed and workers report their counters: once per
+/// time-series slot, so that every slot gets one sample.
+pub const TICK: Duration = Duration::from_millis(crate::stats::series::SLOT_MS);
+
+/// What one tick shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Snapshot {
+    pub elapsed: Duration,
+    /// What the run is doing now ("connecting", "holding", "closing").
+    pub phase: &'static str,
+    pub open: u64,
+    pub in_flight: u64,
+    pub ok: u64,
+    pub failed: u64,
+    pub dropped: u64,
+    /// Successful connects per second over the last tick.
+    pub rate: f64,
+    /// Target connection count.
+    pub target: u64,
+}
+
+/// Formats one progress line (no newline).
+pub fn render(s: &Snapshot) -> String {
+    format!(
+        "[{:>6.1}s] {:<10} open {:>7}  ok {:>7}/{}  connect {:>7.0}/s  in-flight {:>5}  failed {:>6}  dropped {:>5}",
+        s.elapsed.as_secs_f64(),
+        s.phase,
+        s.open,
+        s.ok,
+        s.target,
+        s.rate,
+        s.in_flight,
+        s.failed,
+        s.dropped,
+    )
+}
+
+/// Writes progress lines to stderr.
+pub struct ProgressLine {
+    tty: bool,
+    dirty: bool,
+}
+
+impl Default for ProgressLine {
+    fn default() -> Self {
+        ProgressLine::new()
+    }
+}
+
+impl ProgressLine {
+    pub fn new() -> ProgressLine {
+        ProgressLine {
+            tty: std::io::stderr().is_terminal(),
+            dirty: false,
+        }
+    }
+
+    pub fn show(&mut self, s: &Snapshot) {
+        let line = render(s);
+        let mut err = std::io::stderr().lock();
+        // A failed write to stderr is not worth stopping a load test for.
+        let _ = if self.tty {
+            self.dirty = true;
+            write!(err, "\r\x1b[2K{line}")
+        } else {
+            writeln!(err, "{line}")
+        };
+        let _ = err.flush();
+    }
+
+    /// Ends the in-place line so that what follows starts on a fresh line.
+    pub fn finish(&mut self) {
+        if self.tty && self.dirty {
+            let _ = writeln!(std::io::stderr());
+            self.dirty = false;
+        }
+    }
+
+    /// Prints a message on its own line without garbling the progress line.
+    pub fn note(&mut self, message: &str) {
+        self.finish();
+        let _ = writeln!(std::io::stderr(), "{message}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn line_shows_every_counter() {
+        let line = render(&Snapshot {
+            elapsed: Duration::from_millis(3_300),
+            phase: "connecting",
+            open: 1500,
+            in_flight: 200,
+            ok: 1500,
+            failed: 3,
+            dropped: 1,
+            rate: 498.6,
+            target: 10_000,
+        });
+        assert!(line.starts_with("[   3.3s] connecting"), "{line}");
+        for part in [
+            "open    1500",
+            "1500/10000",
+            "499/s",
+            "in-flight   200",
+            "failed      3",
+            "dropped     1",
+        ] {
+            assert!(line.contains(part), "{part:?} missing in {line:?}");
+        }
+        assert!(!line.contains('\n'));
+    }
+}

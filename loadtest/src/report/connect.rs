@@ -1,0 +1,912 @@
+//! The `connect` scenario's report: built once from the merged worker tallies and the
+//! gateway readings, then rendered as the human summary, as JSON (`--json`) and as a
+//! self-contained HTML page with inline SVG charts (`--html`).
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::svg::{Chart, Series, XTicks};
+use super::{bytes, escape, kv, millis, thousands};
+use crate::client::Limit;
+use crate::probe::GatewaySample;
+use crate::scenario::connect::{Plan, Tallies};
+use crate::stats::{Histogram, Tally};
+
+/// Shortest connect phase used to compute a rate: below a millisecond the quotient
+/// would be noise.
+const MIN_RATE_SPAN_MS: u64 = 1;
+/// Growth per connection below which the figure cannot be real: a connection's socket
+/// buffers and state alone take more, so the allocator reused memory of earlier runs.
+const IMPLAUSIBLE_RSS_PER_CONNECTION: f64 = 512.0;
+/// Resolution of the latency percentile curve, in "nines" (x = -log10(1 - q)).
+const CURVE_STEP: f64 = 0.02;
+/// Deepest percentile plotted: 99.99 %, the most a run of this size can resolve.
+const CURVE_MAX_NINES: f64 = 4.0;
+
+/// What the parent knows at the end of a run.
+pub struct RunFacts<'a> {
+    pub plan: &'a Plan,
+    pub tallies: &'a Tallies,
+    pub interrupted: bool,
+    pub errors: Vec<String>,
+    /// How long the connections were held (None: the hold never started).
+    pub held_for: Option<Duration>,
+    /// Open connections when the hold ended.
+    pub open_when_held: u64,
+    /// Gateway readings before, at the end of the hold and after; `None` without a probe.
+    #[allow(clippy::type_complexity)]
+    pub gateway: Option<(
+        Option<GatewaySample>,
+        Option<GatewaySample>,
+        Option<GatewaySample>,
+    )>,
+    pub gateway_series: Vec<GatewaySample>,
+    /// Growth of the kernel's listen-queue overflow counter during the run.
+    pub listen_overflows: Option<u64>,
+    pub finished_ms: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConnectReport {
+    pub scenario: &'static str,
+    pub version: &'static str,
+    pub started_at_unix_ms: u64,
+    pub duration_s: f64,
+    /// All connections opened and held (within --allow-failures), nothing interrupted.
+    pub goal_met: bool,
+    pub verdict: String,
+    /// The limits the failures point to, most frequent first.
+    pub stopped_by: Vec<Finding>,
+    pub interrupted: bool,
+    pub worker_errors: Vec<String>,
+    pub config: Config,
+    pub connections: Connections,
+    pub connect_rate: ConnectRate,
+    /// TCP connect start to `authenticated`, milliseconds.
+    pub latency_ms: Option<Latency>,
+    /// The raw latency data (microseconds), mergeable with other runs' histograms.
+    pub latency_histogram_us: Histogram,
+    pub hold: Hold,
+    pub gateway: Option<Gateway>,
+    /// SYNs dropped on full listen queues during the run (system-wide kernel counter;
+    /// on loopback, the gateway's accept queue). Each delays its client by a SYN
+    /// retransmission (1 s), which shows at the top of the latency distribution.
+    pub listen_overflows: Option<u64>,
+    pub timeline: Timeline,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Finding {
+    pub limit: &'static str,
+    pub count: u64,
+    pub explanation: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Config {
+    pub url: String,
+    pub connections: u64,
+    /// 0 = unlimited.
+    pub rate_per_s: f64,
+    pub concurrency: u64,
+    pub hold_s: u64,
+    pub timeout_s: u64,
+    pub processes: u32,
+    pub sources: String,
+    pub sources_automatic: bool,
+    pub tokens: String,
+    pub fd_limit: u64,
+    pub ephemeral_ports: u64,
+    pub allow_failures_pct: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ReasonCount {
+    pub reason: String,
+    pub count: u64,
+}
+
+fn reasons(t: &Tally) -> Vec<ReasonCount> {
+    t.by_count()
+        .into_iter()
+        .map(|(reason, count)| ReasonCount {
+            reason: reason.to_owned(),
+            count,
+        })
+        .collect()
+}
+
+#[derive(Debug, Serialize)]
+pub struct Connections {
+    pub target: u64,
+    pub attempted: u64,
+    pub ok: u64,
+    pub failed: u64,
+    pub aborted: u64,
+    pub not_attempted: u64,
+    pub failures: Vec<ReasonCount>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ConnectRate {
+    /// Successful connects per second from the first attempt to the last outcome.
+    pub achieved_per_s: f64,
+    /// Most successful connects in any one-second slot.
+    pub peak_1s_per_s: f64,
+    pub connect_phase_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Latency {
+    pub count: u64,
+    pub min: f64,
+    pub mean: f64,
+    pub p50: f64,
+    pub p90: f64,
+    pub p99: f64,
+    pub p999: f64,
+    pub max: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Hold {
+    pub requested_s: u64,
+    pub held_s: Option<f64>,
+    pub open_at_end: u64,
+    pub peak_open: u64,
+    pub unexpected_closes: u64,
+    pub by_reason: Vec<ReasonCount>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Gateway {
+    pub before: Option<GatewaySample>,
+    /// At the end of the hold, every connection open and idle.
+    pub held: Option<GatewaySample>,
+    pub after: Option<GatewaySample>,
+    pub rss_growth_bytes: Option<i64>,
+    pub connections_added: Option<u64>,
+    /// `gateway` (its own gauge) or `generator` (our open count).
+    pub connections_counted_by: &'static str,
+    pub rss_per_connection_bytes: Option<f64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Timeline {
+    pub slot_ms: u64,
+    pub open: Vec<u64>,
+    pub connects: Vec<u64>,
+    pub failures: Vec<u64>,
+    pub drops: Vec<u64>,
+    pub gateway: Vec<GatewaySample>,
+}
+
+fn latency_of(h: &Histogram) -> Option<Latency> {
+    let ms = |q: f64| h.quantile(q).map_or(0.0, |us| us as f64 / 1000.0);
+    Some(Latency {
+        count: h.count(),
+        min: h.min()? as f64 / 1000.0,
+        mean: h.mean()? / 1000.0,
+        p50: ms(0.5),
+        p90: ms(0.9),
+        p99: ms(0.99),
+        p999: ms(0.999),
+        max: h.max()? as f64 / 1000.0,
+    })
+}
+
+fn gateway_of(
+    samples: (
+        Option<GatewaySample>,
+        Option<GatewaySample>,
+        Option<GatewaySample>,
+    ),
+    open_when_held: u64,
+) -> Gateway {
+    let (before, held, after) = samples;
+    let rss = |s: Option<GatewaySample>| s.and_then(|s| s.rss_bytes);
+    let conns = |s: Option<GatewaySample>| s.and_then(|s| s.connections);
+    let rss_growth_bytes = match (rss(before), rss(held)) {
+        (Some(b), Some(h)) => {
+            Some(i64::try_from(h).unwrap_or(i64::MAX) - i64::try_from(b).unwrap_or(0))
+        }
+        _ => None,
+    };
+    let (connections_added, connections_counted_by) = match (conns(before), conns(held)) {
+        (Some(b), Some(h)) => (Some(h.saturating_sub(b)), "gateway"),
+        _ => (held.map(|_| open_when_held), "generator"),
+    };
+    let rss_per_connection_bytes = match (rss_growth_bytes, connections_added) {
+        (Some(g), Some(n)) if n > 0 => Some(g as f64 / n as f64),
+        _ => None,
+    };
+    Gateway {
+        before,
+        held,
+        after,
+        rss_growth_bytes,
+        connections_added,
+        connections_counted_by,
+        rss_per_connection_bytes,
+    }
+}
+
+impl ConnectReport {
+    pub fn build(f: RunFacts<'_>) -> ConnectReport {
+        let plan = f.plan;
+        let t = f.tallies;
+
+        let span_ms = match (t.first_attempt_ms, t.last_outcome_ms) {
+            (Some(a), Some(b)) => b.saturating_sub(a).max(MIN_RATE_SPAN_MS),
+            _ => 0,
+        };
+        let connect_rate = ConnectRate {
+            achieved_per_s: if span_ms > 0 {
+                t.ok as f64 * 1000.0 / span_ms as f64
+            } else {
+                0.0
+            },
+            peak_1s_per_s: t.connects.peak_rate(1),
+            connect_phase_s: span_ms as f64 / 1000.0,
+        };
+
+        let mut limits = t.failure_limits.clone();
+        limits.merge(&t.drop_limits);
+        let stopped_by: Vec<Finding> = limits
+            .by_count()
+            .into_iter()
+            .map(|(label, count)| {
+                let limit = Limit::from_label(label).unwrap_or(Limit::Other);
+                Finding {
+                    limit: limit.label(),
+                    count,
+                    explanation: limit.explain(),
+                }
+            })
+            .collect();
+
+        let missed = plan.total.saturating_sub(t.ok) + t.dropped;
+        let allowed = plan.allow_failures_pct / 100.0 * plan.total as f64;
+        let goal_met = !f.interrupted && f.errors.is_empty() && missed as f64 <= allowed;
+        let held_s = f.held_for.map(|d| d.as_secs_f64());
+        let verdict = if f.interrupted {
+            format!(
+                "interrupted: {}/{} connections opened",
+                thousands(t.ok),
+                thousands(plan.total)
+            )
+        } else if goal_met && missed == 0 {
+            format!(
+                "goal met: {}/{} connections opened and held {:.1} s",
+                thousands(t.ok),
+                thousands(plan.total),
+                held_s.unwrap_or(0.0)
+            )
+        } else if goal_met {
+            format!(
+                "goal met within --allow-failures {}%: {}/{} opened, {} failed, {} dropped while held",
+                plan.allow_failures_pct,
+                thousands(t.ok),
+                thousands(plan.total),
+                thousands(t.failed),
+                thousands(t.dropped)
+            )
+        } else {
+            format!(
+                "goal missed: {}/{} opened, {} failed, {} dropped while held{}",
+                thousands(t.ok),
+                thousands(plan.total),
+                thousands(t.failed),
+                thousands(t.dropped),
+                if f.errors.is_empty() {
+                    ""
+                } else {
+                    "; worker errors"
+                }
+            )
+        };
+
+        let mut gateway_series = f.gateway_series;
+        gateway_series.sort_by_key(|s| s.at_ms);
+
+        ConnectReport {
+            scenario: "connect",
+            version: env!("CARGO_PKG_VERSION"),
+            started_at_unix_ms: plan.epoch_ms,
+            duration_s: f.finished_ms as f64 / 1000.0,
+            goal_met,
+            verdict,
+            stopped_by,
+            interrupted: f.interrupted,
+            worker_errors: f.errors,
+            config: Config {
+                url: plan.url.clone(),
+                connections: plan.total,
+                rate_per_s: plan.rate,
+                concurrency: plan.concurrency,
+                hold_s: plan.hold.as_secs(),
+                timeout_s: plan.timeout.as_secs(),
+                processes: plan.processes,
+                sources: plan.sources.describe(),
+                sources_automatic: plan.sources.automatic,
+                tokens: plan.tokens_described.clone(),
+                fd_limit: plan.fd_limit,
+                ephemeral_ports: plan.ports,
+                allow_failures_pct: plan.allow_failures_pct,
+            },
+            connections: Connections {
+                target: plan.total,
+                attempted: t.attempted,
+                ok: t.ok,
+                failed: t.failed,
+                aborted: t.aborted,
+                not_attempted: plan.total.saturating_sub(t.attempted + t.aborted),
+                failures: reasons(&t.failures),
+            },
+            connect_rate,
+            latency_ms: latency_of(&t.latency_us),
+            latency_histogram_us: t.latency_us.clone(),
+            hold: Hold {
+                requested_s: plan.hold.as_secs(),
+                held_s,
+                open_at_end: t.open_at_finish,
+                peak_open: t.open.peak(),
+                unexpected_closes: t.dropped,
+                by_reason: reasons(&t.drops),
+            },
+            gateway: f.gateway.map(|g| gateway_of(g, f.open_when_held)),
+            listen_overflows: f.listen_overflows,
+            timeline: Timeline {
+                slot_ms: crate::stats::series::SLOT_MS,
+                open: t.open.levels(),
+                connects: t.connects.counts().to_vec(),
+                failures: t.failure_series.counts().to_vec(),
+                drops: t.drop_series.counts().to_vec(),
+                gateway: gateway_series,
+            },
+        }
+    }
+
+    /// The human summary (stdout).
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        out.push('\n');
+        out.push_str(&format!("== loadtest connect: {} ==\n", self.config.url));
+        kv(&mut out, "Result", &self.verdict);
+        kv(&mut out, "Stopped by", &self.stopped_by_text());
+        for e in &self.worker_errors {
+            kv(&mut out, "Error", e);
+        }
+        let c = &self.config;
+        kv(
+            &mut out,
+            "Setup",
+            &format!(
+                "{} process{} (fd limit {}), concurrency {}, rate {}, timeout {} s\n\
+                 sources: {}; tokens: {}",
+                c.processes,
+                if c.processes == 1 { "" } else { "es" },
+                thousands(c.fd_limit),
+                c.concurrency,
+                if c.rate_per_s > 0.0 {
+                    format!("{}/s", c.rate_per_s)
+                } else {
+                    "unlimited".to_owned()
+                },
+                c.timeout_s,
+                c.sources,
+                c.tokens
+            ),
+        );
+        out.push('\n');
+
+        let n = &self.connections;
+        kv(
+            &mut out,
+            "Connections",
+            &format!(
+                "target {}  attempted {}  ok {}  failed {}{}{}",
+                thousands(n.target),
+                thousands(n.attempted),
+                thousands(n.ok),
+                thousands(n.failed),
+                if n.aborted > 0 {
+                    format!("  aborted {}", thousands(n.aborted))
+                } else {
+                    String::new()
+                },
+                if n.not_attempted > 0 {
+                    format!("  not attempted {}", thousands(n.not_attempted))
+                } else {
+                    String::new()
+                },
+            ),
+        );
+        if !n.failures.is_empty() {
+            kv(&mut out, "Failures", &reason_table(&n.failures));
+        }
+        let r = &self.connect_rate;
+        kv(
+            &mut out,
+            "Connect rate",
+            &format!(
+                "{}/s achieved over {:.2} s (peak 1 s slot: {}/s)",
+                thousands(r.achieved_per_s.round() as u64),
+                r.connect_phase_s,
+                thousands(r.peak_1s_per_s.round() as u64)
+            ),
+        );
+        match &self.latency_ms {
+            Some(l) => kv(
+                &mut out,
+                "Latency (ms)",
+                &format!(
+                    "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}\n\
+                     min {}  mean {}  n {}   (TCP connect start -> authenticated)",
+                    millis(l.p50),
+                    millis(l.p90),
+                    millis(l.p99),
+                    millis(l.p999),
+                    millis(l.max),
+                    millis(l.min),
+                    millis(l.mean),
+                    thousands(l.count)
+                ),
+            ),
+            None => kv(&mut out, "Latency (ms)", "no connection succeeded"),
+        }
+        if let Some(n) = self.listen_overflows.filter(|n| *n > 0) {
+            kv(
+                &mut out,
+                "Listen queue",
+                &format!(
+                    "{} SYNs dropped on a full listen queue during the run (kernel \
+                     TcpExtListenOverflows): each cost its client a 1 s SYN retransmission;\n\
+                     the gateway's listen backlog (`ss -ltn`, Send-Q) is smaller than the \
+                     bursts of --concurrency {}",
+                    thousands(n),
+                    self.config.concurrency
+                ),
+            );
+        }
+        let h = &self.hold;
+        kv(
+            &mut out,
+            "Hold",
+            &format!(
+                "{} open when the hold ended ({}, requested {} s); peak open {}; \
+                 unexpected closes {}",
+                thousands(h.open_at_end),
+                match h.held_s {
+                    Some(s) => format!("held {s:.1} s"),
+                    None => "hold never started".to_owned(),
+                },
+                h.requested_s,
+                thousands(h.peak_open),
+                thousands(h.unexpected_closes)
+            ),
+        );
+        if !h.by_reason.is_empty() {
+            kv(&mut out, "Closes", &reason_table(&h.by_reason));
+        }
+        if let Some(g) = &self.gateway {
+            kv(&mut out, "Gateway", &gateway_text(g));
+        }
+        out
+    }
+
+    fn stopped_by_text(&self) -> String {
+        if self.stopped_by.is_empty() {
+            return if self.interrupted {
+                "Ctrl-C".to_owned()
+            } else {
+                "nothing: no connection failed or dropped".to_owned()
+            };
+        }
+        self.stopped_by
+            .iter()
+            .map(|f| format!("{} x{}: {}", f.limit, thousands(f.count), f.explanation))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The self-contained HTML page.
+    pub fn render_html(&self) -> String {
+        let mut body = String::new();
+        body.push_str(&format!(
+            "<h1>loadtest connect: {}</h1><p class=\"verdict {}\">{}</p>",
+            escape(&self.config.url),
+            if self.goal_met { "ok" } else { "bad" },
+            escape(&self.verdict)
+        ));
+        body.push_str("<pre>");
+        body.push_str(&escape(&self.render_text()));
+        body.push_str("</pre>");
+        body.push_str(&self.latency_chart());
+        body.push_str(&self.open_chart());
+        body.push_str(&self.rate_chart());
+        if let Some(chart) = self.gateway_chart() {
+            body.push_str(&chart);
+        }
+        format!(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <title>loadtest connect report</title><style>{STYLE}</style></head>\
+             <body>{body}<p class=\"foot\">switchboard-loadtest {} · started at unix ms {} · \
+             raw data: run with --json</p></body></html>\n",
+            escape(self.version),
+            self.started_at_unix_ms
+        )
+    }
+
+    fn latency_chart(&self) -> String {
+        let h = &self.latency_histogram_us;
+        let nines = if h.count() > 1 {
+            (h.count() as f64).log10().clamp(1.0, CURVE_MAX_NINES)
+        } else {
+            1.0
+        };
+        let mut points = Vec::new();
+        let mut x = 0.0;
+        while x <= nines + 1e-9 {
+            let q = 1.0 - 10f64.powf(-x);
+            if let Some(v) = h.quantile(q) {
+                points.push((x, v as f64 / 1000.0));
+            }
+            x += CURVE_STEP;
+        }
+        if let Some(max) = h.max() {
+            points.push((nines, max as f64 / 1000.0));
+        }
+        let ticks = (0..=nines.floor() as u32)
+            .map(|k| {
+                let label = match k {
+                    0 => "0%".to_owned(),
+                    1 => "90%".to_owned(),
+                    2 => "99%".to_owned(),
+                    3 => "99.9%".to_owned(),
+                    _ => "99.99%".to_owned(),
+                };
+                (f64::from(k), label)
+            })
+            .collect();
+        Chart {
+            title: "Handshake latency by percentile (TCP connect -> authenticated)",
+            x_label: "percentile",
+            y_label: "ms",
+            x_ticks: XTicks::Fixed(ticks),
+            series: vec![Series {
+                name: "latency",
+                color: "#1f77b4",
+                points,
+            }],
+        }
+        .render()
+    }
+
+    fn open_chart(&self) -> String {
+        // A slot's level is the level at its start.
+        let slot_s = self.timeline.slot_ms as f64 / 1000.0;
+        let points = self
+            .timeline
+            .open
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| (i as f64 * slot_s, v as f64))
+            .collect();
+        Chart {
+            title: "Open connections (per-second samples)",
+            x_label: "seconds since start",
+            y_label: "connections",
+            x_ticks: XTicks::Auto,
+            series: vec![Series {
+                name: "open",
+                color: "#2ca02c",
+                points,
+            }],
+        }
+        .render()
+    }
+
+    fn rate_chart(&self) -> String {
+        let slot_s = self.timeline.slot_ms as f64 / 1000.0;
+        // Counts per slot, drawn as steps: flat across each slot.
+        let per_s = |v: &[u64]| -> Vec<(f64, f64)> {
+            v.iter()
+                .enumerate()
+                .flat_map(|(i, &c)| {
+                    let rate = c as f64 / slot_s;
+                    [(i as f64 * slot_s, rate), ((i + 1) as f64 * slot_s, rate)]
+                })
+                .collect()
+        };
+        let mut series = vec![Series {
+            name: "connects/s",
+            color: "#1f77b4",
+            points: per_s(&self.timeline.connects),
+        }];
+        if self.timeline.failures.iter().any(|&c| c > 0) {
+            series.push(Series {
+                name: "failures/s",
+                color: "#d62728",
+                points: per_s(&self.timeline.failures),
+            });
+        }
+        if self.timeline.drops.iter().any(|&c| c > 0) {
+            series.push(Series {
+                name: "drops/s",
+                color: "#ff7f0e",
+                points: per_s(&self.timeline.drops),
+            });
+        }
+        Chart {
+            title: "Connect rate",
+            x_label: "seconds since start",
+            y_label: "per second",
+            x_ticks: XTicks::Auto,
+            series,
+        }
+        .render()
+    }
+
+    fn gateway_chart(&self) -> Option<String> {
+        let points: Vec<(f64, f64)> = self
+            .timeline
+            .gateway
+            .iter()
+            .filter_map(|s| {
+                s.rss_bytes
+                    .map(|r| (s.at_ms as f64 / 1000.0, r as f64 / (1024.0 * 1024.0)))
+            })
+            .collect();
+        if points.is_empty() {
+            return None;
+        }
+        Some(
+            Chart {
+                title: "Gateway resident memory",
+                x_label: "seconds since start",
+                y_label: "MiB",
+                x_ticks: XTicks::Auto,
+                series: vec![Series {
+                    name: "RSS",
+                    color: "#9467bd",
+                    points,
+                }],
+            }
+            .render(),
+        )
+    }
+}
+
+fn reason_table(rows: &[ReasonCount]) -> String {
+    rows.iter()
+        .map(|r| format!("{:>9}  {}", thousands(r.count), r.reason))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn gateway_text(g: &Gateway) -> String {
+    let rss = |s: &Option<GatewaySample>| {
+        s.and_then(|s| s.rss_bytes)
+            .map_or("?".to_owned(), |b| bytes(b as f64))
+    };
+    let conns = |s: &Option<GatewaySample>| {
+        s.and_then(|s| s.connections)
+            .map_or(String::new(), |c| format!(" ({} conns)", thousands(c)))
+    };
+    let mut text = format!(
+        "RSS before {}{}, held {}{}, after close {}{}",
+        rss(&g.before),
+        conns(&g.before),
+        rss(&g.held),
+        conns(&g.held),
+        rss(&g.after),
+        conns(&g.after)
+    );
+    match (
+        g.rss_growth_bytes,
+        g.connections_added,
+        g.rss_per_connection_bytes,
+    ) {
+        (Some(growth), Some(added), Some(per)) => text.push_str(&format!(
+            "\n{} for {} connections (counted by the {}): {} per connection",
+            bytes(growth as f64),
+            thousands(added),
+            g.connections_counted_by,
+            bytes(per)
+        )),
+        _ => {
+            text.push_str("\nRSS per connection: not available (no reading, or no connection held)")
+        }
+    }
+    if g.rss_per_connection_bytes
+        .is_some_and(|per| per < IMPLAUSIBLE_RSS_PER_CONNECTION)
+    {
+        text.push_str(
+            "\n(RSS barely grew: the gateway reused memory freed by an earlier run; \
+             measure against a freshly started gateway)",
+        );
+    }
+    text
+}
+
+const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:860px;margin:2em auto;\
+padding:0 1em;color:#222}h1{font-size:1.3em}pre{background:#f6f6f6;padding:1em;\
+overflow-x:auto;font-size:12px}.verdict{font-weight:bold}.verdict.ok{color:#1a7f37}\
+.verdict.bad{color:#b42318}.chart{width:100%;height:auto;margin:1em 0;border:1px solid #ddd}\
+.chart .title{font-size:14px;font-weight:bold}.chart .grid{stroke:#eee}\
+.chart .axis,.chart .tick{stroke:#555}.chart text{font-size:11px;fill:#333}\
+.chart .ytick{text-anchor:end}.chart .xtick,.chart .xlabel,.chart .ylabel{text-anchor:middle}\
+.foot{color:#777;font-size:12px}";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use crate::client::Failure;
+    use clap::Parser;
+
+    fn plan(extra: &[&str]) -> Plan {
+        let mut args = vec![
+            "loadtest",
+            "--scenario",
+            "connect",
+            "--secret",
+            "0123456789abcdef0123456789abcdef",
+            "--connections",
+            "100",
+        ];
+        args.extend_from_slice(extra);
+        Plan::from_cli(&Cli::try_parse_from(args).unwrap(), 20_000).unwrap()
+    }
+
+    fn tallies(ok: u64, failed: u64) -> Tallies {
+        let mut t = Tallies::default();
+        let mut partial = Tallies::default();
+        for i in 0..ok {
+            partial.latency_us.record(1000 + i * 10);
+            partial.connects.record(i * 10, 1);
+        }
+        partial.attempted = ok + failed;
+        partial.ok = ok;
+        partial.failed = failed;
+        partial.first_attempt_ms = Some(0);
+        partial.last_outcome_ms = Some(500);
+        if failed > 0 {
+            let f = Failure::Closed {
+                code: 4509,
+                error: Some("CONNECTION_LIMIT".into()),
+            };
+            partial.failures.add(&f.to_string(), failed);
+            partial.failure_limits.add(f.limit().label(), failed);
+        }
+        partial.open.sample(0, 0);
+        partial.open.sample(1000, ok);
+        partial.open_at_finish = ok;
+        t.merge(&partial);
+        t
+    }
+
+    fn facts<'a>(plan: &'a Plan, t: &'a Tallies) -> RunFacts<'a> {
+        RunFacts {
+            plan,
+            tallies: t,
+            interrupted: false,
+            errors: vec![],
+            held_for: Some(Duration::from_secs(5)),
+            open_when_held: t.ok,
+            gateway: Some((
+                Some(GatewaySample {
+                    at_ms: 0,
+                    rss_bytes: Some(10 << 20),
+                    connections: Some(0),
+                }),
+                Some(GatewaySample {
+                    at_ms: 6000,
+                    rss_bytes: Some((10 << 20) + 100 * 4096),
+                    connections: Some(100),
+                }),
+                None,
+            )),
+            gateway_series: vec![],
+            listen_overflows: Some(0),
+            finished_ms: 7000,
+        }
+    }
+
+    #[test]
+    fn a_clean_run_meets_its_goal() {
+        let p = plan(&[]);
+        let t = tallies(100, 0);
+        let r = ConnectReport::build(facts(&p, &t));
+        assert!(r.goal_met, "{}", r.verdict);
+        assert!(r.stopped_by.is_empty());
+        assert_eq!(r.connect_rate.achieved_per_s, 200.0);
+        let g = r.gateway.as_ref().unwrap();
+        assert_eq!(g.rss_per_connection_bytes, Some(4096.0));
+        assert_eq!(g.connections_counted_by, "gateway");
+        let text = r.render_text();
+        for part in [
+            "goal met",
+            "4.0 KiB per connection",
+            "p99",
+            "nothing: no connection failed",
+        ] {
+            assert!(text.contains(part), "{part:?} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn failures_miss_the_goal_and_name_the_limit() {
+        let p = plan(&[]);
+        let t = tallies(90, 10);
+        let r = ConnectReport::build(facts(&p, &t));
+        assert!(!r.goal_met);
+        assert_eq!(r.stopped_by[0].limit, "per_user_limit");
+        assert_eq!(
+            r.connections.failures[0].reason,
+            "close 4509 CONNECTION_LIMIT"
+        );
+        let text = r.render_text();
+        assert!(text.contains("SB_MAX_CONNECTIONS_PER_USER"), "{text}");
+        assert!(!text.contains("Listen queue"));
+        let mut f = facts(&p, &t);
+        f.listen_overflows = Some(12);
+        let text = ConnectReport::build(f).render_text();
+        assert!(text.contains("12 SYNs dropped"), "{text}");
+        // Tolerated with --allow-failures 10.
+        let p = plan(&["--allow-failures", "10"]);
+        assert!(ConnectReport::build(facts(&p, &t)).goal_met);
+    }
+
+    #[test]
+    fn interrupted_or_broken_runs_miss_the_goal() {
+        let p = plan(&[]);
+        let t = tallies(100, 0);
+        let mut f = facts(&p, &t);
+        f.interrupted = true;
+        assert!(!ConnectReport::build(f).goal_met);
+        let mut f = facts(&p, &t);
+        f.errors.push("worker 1 ended without results".into());
+        assert!(!ConnectReport::build(f).goal_met);
+    }
+
+    #[test]
+    fn json_and_html_render() {
+        let p = plan(&[]);
+        let t = tallies(100, 3);
+        let r = ConnectReport::build(facts(&p, &t));
+        let json: serde_json::Value = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["connections"]["ok"], 100);
+        assert!(json["latency_ms"]["p99"].as_f64().unwrap() > 1.0);
+        assert!(json["latency_histogram_us"]["buckets"].is_array());
+        assert_eq!(json["gateway"]["rss_per_connection_bytes"], 4096.0);
+        let html = r.render_html();
+        assert!(html.starts_with("<!DOCTYPE html>"));
+        assert_eq!(html.matches("<svg").count(), 3);
+        assert!(
+            !html.contains("<script") && !html.contains("src="),
+            "no external assets"
+        );
+        assert_eq!(
+            html.matches("http").count(),
+            html.matches("xmlns=\"http://www.w3.org/2000/svg\"").count(),
+            "the only URLs are SVG namespaces"
+        );
+    }
+
+    #[test]
+    fn empty_run_renders() {
+        let p = plan(&[]);
+        let t = Tallies::default();
+        let mut f = facts(&p, &t);
+        f.gateway = None;
+        f.held_for = None;
+        let r = ConnectReport::build(f);
+        assert!(!r.goal_met);
+        assert!(r.latency_ms.is_none());
+        assert!(r.render_text().contains("no connection succeeded"));
+        assert!(r.render_html().contains("</html>"));
+    }
+}

@@ -1,0 +1,933 @@
+//! The `connect` scenario: open N authenticated connections at a target rate with a
+//! bounded number of handshakes in flight, hold them idle, then close them. Workers
+//! (in-process or child processes) each take a contiguous share of the connections;
+//! the parent starts the hold when every worker is ready, reads the gateway's memory
+//! before, while held and after, and turns the merged results into the report.
+
+use std::ffi::OsString;
+use std::net::IpAddr;
+use std::ops::Range;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use tokio::sync::{Semaphore, mpsc};
+use tokio::time::{Instant, MissedTickBehavior};
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::cli::Cli;
+use crate::client::{self, Failure};
+use crate::probe::{self, GatewaySample, Probe};
+use crate::progress::{ProgressLine, Snapshot, TICK};
+use crate::report::connect::{ConnectReport, RunFacts};
+use crate::scenario::{Clock, unix_ms};
+use crate::source::{self, SourcePlan};
+use crate::spawn::{self, Control, Event, WorkerLink, WorkerMsg, Workers};
+use crate::stats::series::SLOT_MS;
+use crate::stats::{EventSeries, GaugeSeries, Histogram, Tally};
+use crate::target::Target;
+use crate::tokens::{Minter, TokenSource};
+
+/// Capacity of the queue from connection tasks to their worker's bookkeeping: a burst
+/// of completions is absorbed, and a full queue makes connection tasks wait.
+const OUTCOME_QUEUE: usize = 4096;
+/// Largest rate accepted: far beyond what a loopback gateway can accept, so a larger
+/// value is a typo; it also keeps the pacing arithmetic finite.
+const MAX_RATE: f64 = 10_000_000.0;
+/// Longest hold accepted (one day): bounded so that `--hold` cannot overflow a deadline.
+const MAX_HOLD_SECS: u64 = 86_400;
+/// Longest handshake deadline accepted (ten minutes).
+const MAX_TIMEOUT_SECS: u64 = 600;
+/// Delay of the progress line after the workers' reports: time for their lines to
+/// cross the pipes.
+const PROGRESS_LAG_MS: u64 = 50;
+/// Exit status after a second Ctrl-C: the shell convention for death by SIGINT.
+const EXIT_INTERRUPTED: i32 = 130;
+
+/// Everything a run needs, identical in the parent and every worker (all derive it
+/// from the same command line).
+pub struct Plan {
+    pub target: Target,
+    pub url: String,
+    pub total: u64,
+    pub rate: f64,
+    pub concurrency: u64,
+    pub hold: Duration,
+    pub timeout: Duration,
+    pub tokens: TokenSource,
+    /// How the tokens are made, for the report.
+    pub tokens_described: String,
+    pub sources: SourcePlan,
+    pub processes: u32,
+    /// Open-file limit in force (after raising the soft limit).
+    pub fd_limit: u64,
+    /// Ephemeral ports per source address.
+    pub ports: u64,
+    pub allow_failures_pct: f64,
+    pub epoch_ms: u64,
+}
+
+impl Plan {
+    pub fn from_cli(cli: &Cli, fd_limit: u64) -> Result<Plan> {
+        let target = Target::parse(&cli.url)?;
+        if cli.connections == 0 {
+            bail!("--connections must be at least 1");
+        }
+        if !cli.rate.is_finite() || cli.rate < 0.0 || cli.rate > MAX_RATE {
+            bail!("--rate must be between 0 (unlimited) and {MAX_RATE}");
+        }
+        if cli.concurrency == 0 {
+            bail!("--concurrency must be at least 1");
+        }
+        if cli.hold > MAX_HOLD_SECS {
+            bail!("--hold must be at most {MAX_HOLD_SECS} s");
+        }
+        if cli.timeout == 0 || cli.timeout > MAX_TIMEOUT_SECS {
+            bail!("--timeout must be between 1 and {MAX_TIMEOUT_SECS} s");
+        }
+        if !cli.allow_failures.is_finite() || !(0.0..=100.0).contains(&cli.allow_failures) {
+            bail!("--allow-failures is a percentage, 0 to 100");
+        }
+        let epoch_ms = cli.epoch_ms.unwrap_or_else(unix_ms);
+        let (tokens, tokens_described) = match (&cli.token_file, &cli.secret) {
+            (Some(path), _) => {
+                let source = TokenSource::from_file(path)?;
+                let n = match &source {
+                    TokenSource::File(lines) => lines.len(),
+                    TokenSource::Mint(_) => 0,
+                };
+                (source, format!("{n} from {}", path.display()))
+            }
+            (None, Some(secret)) => {
+                let users = cli.users.unwrap_or(cli.connections);
+                let minter = Minter::new(secret, users, cli.ttl, epoch_ms)?;
+                (
+                    TokenSource::Mint(Arc::new(minter)),
+                    format!("minted HS256, {users} users, ttl {} s", cli.ttl),
+                )
+            }
+            (None, None) => bail!(
+                "no credentials: give --secret (or SB_JWT_SECRET) to mint tokens, or --token-file"
+            ),
+        };
+        let ports = source::ephemeral_ports();
+        let sources = SourcePlan::new(
+            cli.source_ips.as_deref(),
+            cli.connections,
+            target.addr.ip(),
+            ports,
+        )?;
+        let processes = spawn::process_count(cli.connections, cli.processes, fd_limit);
+        if u64::from(processes) > cli.connections {
+            bail!(
+                "--processes {processes} is more than --connections {}",
+                cli.connections
+            );
+        }
+        Ok(Plan {
+            url: cli.url.clone(),
+            target,
+            total: cli.connections,
+            rate: cli.rate,
+            concurrency: cli.concurrency,
+            hold: Duration::from_secs(cli.hold),
+            timeout: Duration::from_secs(cli.timeout),
+            tokens,
+            tokens_described,
+            sources,
+            processes,
+            fd_limit,
+            ports,
+            allow_failures_pct: cli.allow_failures,
+            epoch_ms,
+        })
+    }
+
+    /// Problems visible before the run starts.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut w = Vec::new();
+        let per_process = self.total.div_ceil(u64::from(self.processes));
+        let capacity = spawn::connections_per_process(self.fd_limit);
+        if per_process > capacity {
+            w.push(format!(
+                "each of {} processes opens up to {per_process} connections but can hold about \
+                 {capacity} (open-file limit {}): expect EMFILE; use more --processes",
+                self.processes, self.fd_limit
+            ));
+        }
+        let port_capacity = self.sources.port_capacity(self.ports);
+        if self.total > port_capacity {
+            w.push(format!(
+                "{} connections need more than the {port_capacity} ephemeral ports of {}: \
+                 expect EADDRNOTAVAIL; give more --source-ips",
+                self.total,
+                self.sources.describe()
+            ));
+        }
+        w
+    }
+
+    /// Worker `index`'s connection indices, rate and concurrency.
+    fn share(&self, index: u32, count: u32) -> (Range<u64>, f64, u64) {
+        let range = spawn::share(self.total, index, count);
+        let rate = spawn::split(self.rate, count);
+        let concurrency = self.concurrency.div_ceil(u64::from(count.max(1))).max(1);
+        (range, rate, concurrency)
+    }
+}
+
+// === what workers report ===
+
+/// A worker's cumulative counters.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Progress {
+    pub attempted: u64,
+    pub ok: u64,
+    pub failed: u64,
+    pub aborted: u64,
+    pub open: u64,
+    pub in_flight: u64,
+    pub dropped: u64,
+}
+
+impl Progress {
+    fn add(&mut self, o: &Progress) {
+        self.attempted += o.attempted;
+        self.ok += o.ok;
+        self.failed += o.failed;
+        self.aborted += o.aborted;
+        self.open += o.open;
+        self.in_flight += o.in_flight;
+        self.dropped += o.dropped;
+    }
+}
+
+/// Everything a worker measured; merged by the parent.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Tallies {
+    pub attempted: u64,
+    pub ok: u64,
+    pub failed: u64,
+    /// Handshakes abandoned because the run was aborted.
+    pub aborted: u64,
+    /// Connections closed by the server or dropped after `authenticated`.
+    pub dropped: u64,
+    pub failures: Tally,
+    pub failure_limits: Tally,
+    pub drops: Tally,
+    pub drop_limits: Tally,
+    /// TCP connect start to `authenticated`, microseconds.
+    pub latency_us: Histogram,
+    pub connects: EventSeries,
+    pub failure_series: EventSeries,
+    pub drop_series: EventSeries,
+    pub open: GaugeSeries,
+    /// Run-epoch milliseconds of the first attempt and of the last connect outcome.
+    pub first_attempt_ms: Option<u64>,
+    pub last_outcome_ms: Option<u64>,
+    /// Connections open when the worker was told to finish.
+    pub open_at_finish: u64,
+}
+
+impl Tallies {
+    pub fn merge(&mut self, o: &Tallies) {
+        self.attempted += o.attempted;
+        self.ok += o.ok;
+        self.failed += o.failed;
+        self.aborted += o.aborted;
+        self.dropped += o.dropped;
+        self.failures.merge(&o.failures);
+        self.failure_limits.merge(&o.failure_limits);
+        self.drops.merge(&o.drops);
+        self.drop_limits.merge(&o.drop_limits);
+        self.latency_us.merge(&o.latency_us);
+        self.connects.merge(&o.connects);
+        self.failure_series.merge(&o.failure_series);
+        self.drop_series.merge(&o.drop_series);
+        self.open.merge(&o.open);
+        self.first_attempt_ms = min_some(self.first_attempt_ms, o.first_attempt_ms);
+        self.last_outcome_ms = self.last_outcome_ms.max(o.last_outcome_ms);
+        self.open_at_finish += o.open_at_finish;
+    }
+
+    fn apply(&mut self, outcome: Outcome) {
+        match outcome {
+            Outcome::Connected {
+                started_ms,
+                at_ms,
+                latency,
+            } => {
+                self.attempted += 1;
+                self.ok += 1;
+                self.first_attempt_ms = min_some(self.first_attempt_ms, Some(started_ms));
+                self.last_outcome_ms = self.last_outcome_ms.max(Some(at_ms));
+                self.latency_us
+                    .record(u64::try_from(latency.as_micros()).unwrap_or(u64::MAX));
+                self.connects.record(at_ms, 1);
+            }
+            Outcome::Failed {
+                started_ms,
+                at_ms,
+                failure,
+            } => {
+                self.attempted += 1;
+                self.failed += 1;
+                self.first_attempt_ms = min_some(self.first_attempt_ms, Some(started_ms));
+                self.last_outcome_ms = self.last_outcome_ms.max(Some(at_ms));
+                self.failures.add(&failure.to_string(), 1);
+                self.failure_limits.add(failure.limit().label(), 1);
+                self.failure_series.record(at_ms, 1);
+            }
+            Outcome::Aborted => self.aborted += 1,
+            Outcome::Dropped { at_ms, failure } => {
+                self.dropped += 1;
+                self.drops.add(&failure.to_string(), 1);
+                self.drop_limits.add(failure.limit().label(), 1);
+                self.drop_series.record(at_ms, 1);
+            }
+        }
+    }
+}
+
+fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+/// What a connection task tells its worker.
+enum Outcome {
+    Connected {
+        started_ms: u64,
+        at_ms: u64,
+        latency: Duration,
+    },
+    Failed {
+        started_ms: u64,
+        at_ms: u64,
+        failure: Failure,
+    },
+    Aborted,
+    Dropped {
+        at_ms: u64,
+        failure: Failure,
+    },
+}
+
+impl Outcome {
+    /// Whether this ends a handshake (as opposed to a later drop).
+    fn ends_handshake(&self) -> bool {
+        !matches!(self, Outcome::Dropped { .. })
+    }
+}
+
+/// Live counters shared by a worker's connection tasks.
+#[derive(Default)]
+struct Counters {
+    attempted: AtomicU64,
+    ok: AtomicU64,
+    failed: AtomicU64,
+    aborted: AtomicU64,
+    open: AtomicU64,
+    in_flight: AtomicU64,
+    dropped: AtomicU64,
+}
+
+impl Counters {
+    fn snapshot(&self) -> Progress {
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        Progress {
+            attempted: get(&self.attempted),
+            ok: get(&self.ok),
+            failed: get(&self.failed),
+            aborted: get(&self.aborted),
+            open: get(&self.open),
+            in_flight: get(&self.in_flight),
+            dropped: get(&self.dropped),
+        }
+    }
+}
+
+fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+fn drop_one(a: &AtomicU64) {
+    a.fetch_sub(1, Ordering::Relaxed);
+}
+
+// === worker ===
+
+/// What a connection task needs besides its index.
+struct Shared {
+    plan: Arc<Plan>,
+    clock: Clock,
+    counters: Counters,
+    outcomes: mpsc::Sender<Outcome>,
+    /// Cancelled on Abort: no new attempts, handshakes in flight are abandoned.
+    stop_connecting: CancellationToken,
+    /// Cancelled on Finish or Abort: held connections close.
+    stop_holding: CancellationToken,
+}
+
+/// Runs worker `index` of `count`: its share of the connections, then waits for the
+/// parent's commands, then reports.
+pub async fn run_worker(
+    plan: Arc<Plan>,
+    index: u32,
+    count: u32,
+    mut link: WorkerLink<Progress, Tallies>,
+) -> Result<()> {
+    let (range, rate, concurrency) = plan.share(index, count);
+    let (outcomes_tx, mut outcomes) = mpsc::channel(OUTCOME_QUEUE);
+    let shared = Arc::new(Shared {
+        clock: Clock::from_unix_ms(plan.epoch_ms),
+        plan,
+        counters: Counters::default(),
+        outcomes: outcomes_tx,
+        stop_connecting: CancellationToken::new(),
+        stop_holding: CancellationToken::new(),
+    });
+    let tracker = TaskTracker::new();
+    let mut dispatcher = tokio::spawn(dispatch(
+        range,
+        rate,
+        concurrency,
+        Arc::clone(&shared),
+        tracker.clone(),
+    ));
+
+    let mut tallies = Tallies::default();
+    tallies.open.sample(shared.clock.now_ms(), 0);
+    // Tick on the run's slot boundaries, so that each open-connections sample is the
+    // level at the start of its slot in every worker alike.
+    let now_ms = shared.clock.now_ms();
+    let next_boundary_ms = (now_ms / SLOT_MS + 1) * SLOT_MS;
+    let mut ticker = tokio::time::interval_at(
+        Instant::now() + Duration::from_millis(next_boundary_ms - now_ms),
+        TICK,
+    );
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut dispatched: Option<u64> = None;
+    let mut handshakes_done = 0u64;
+    let mut ready_sent = false;
+    let mut finishing = false;
+    loop {
+        tokio::select! {
+            Some(outcome) = outcomes.recv() => {
+                if outcome.ends_handshake() {
+                    handshakes_done += 1;
+                }
+                tallies.apply(outcome);
+            }
+            joined = &mut dispatcher, if dispatched.is_none() => {
+                dispatched = Some(joined.context("the dispatcher panicked")?);
+            }
+            _ = ticker.tick() => {
+                let p = shared.counters.snapshot();
+                tallies.open.sample(shared.clock.now_ms(), p.open);
+                link.send(WorkerMsg::Progress(p)).await?;
+            }
+            control = link.recv(), if !finishing => match control {
+                Control::Hold => {}
+                Control::Finish => {
+                    finishing = true;
+                    tallies.open_at_finish = shared.counters.snapshot().open;
+                    shared.stop_holding.cancel();
+                }
+                Control::Abort => {
+                    finishing = true;
+                    tallies.open_at_finish = shared.counters.snapshot().open;
+                    shared.stop_connecting.cancel();
+                    shared.stop_holding.cancel();
+                }
+            },
+            () = tracker.wait(), if finishing && dispatched.is_some() => break,
+        }
+        if !ready_sent && dispatched == Some(handshakes_done) {
+            ready_sent = true;
+            link.send(WorkerMsg::Ready(shared.counters.snapshot()))
+                .await?;
+        }
+    }
+    // Every task has ended; collect what they sent last. The channel stays open (this
+    // function holds a sender), so drain what is queued rather than wait for its end.
+    while let Ok(outcome) = outcomes.try_recv() {
+        tallies.apply(outcome);
+    }
+    // Everything is closed by the next slot boundary.
+    let p = shared.counters.snapshot();
+    tallies.open.sample(shared.clock.now_ms() + SLOT_MS, p.open);
+    link.send(WorkerMsg::Progress(p)).await?;
+    link.send(WorkerMsg::Result(tallies)).await
+}
+
+/// Starts one connection task per index, paced to `rate` (0 = unpaced) and limited to
+/// `concurrency` handshakes in flight. Returns how many were started.
+async fn dispatch(
+    range: Range<u64>,
+    rate: f64,
+    concurrency: u64,
+    shared: Arc<Shared>,
+    tracker: TaskTracker,
+) -> u64 {
+    let permits = Arc::new(Semaphore::new(
+        usize::try_from(concurrency)
+            .unwrap_or(Semaphore::MAX_PERMITS)
+            .min(Semaphore::MAX_PERMITS),
+    ));
+    let start = Instant::now();
+    let mut started = 0u64;
+    for index in range {
+        if shared.stop_connecting.is_cancelled() {
+            break;
+        }
+        if rate > 0.0 {
+            let due = start + Duration::from_secs_f64(started as f64 / rate);
+            if due > Instant::now() {
+                tokio::select! {
+                    () = tokio::time::sleep_until(due) => {}
+                    () = shared.stop_connecting.cancelled() => break,
+                }
+            }
+        }
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // never closed
+            },
+            () = shared.stop_connecting.cancelled() => break,
+        };
+        let shared = Arc::clone(&shared);
+        tracker.spawn(async move {
+            connection(index, &shared, permit).await;
+        });
+        started += 1;
+    }
+    tracker.close();
+    started
+}
+
+/// One connection: handshake (holding a concurrency permit), then hold until told.
+async fn connection(index: u64, shared: &Shared, permit: tokio::sync::OwnedSemaphorePermit) {
+    let c = &shared.counters;
+    let plan = &shared.plan;
+    let source: Option<IpAddr> = plan.sources.for_connection(index);
+    let started_ms = shared.clock.now_ms();
+    bump(&c.in_flight);
+    let result = match plan.tokens.token_for(index) {
+        Err(e) => Some(Err(Failure::Token(format!("{e:#}")))),
+        Ok(token) => tokio::select! {
+            r = client::connect(&plan.target, source, &token, plan.timeout) => Some(r),
+            () = shared.stop_connecting.cancelled() => None,
+        },
+    };
+    drop_one(&c.in_flight);
+    drop(permit);
+    let at_ms = shared.clock.now_ms();
+    let outcome = match result {
+        None => {
+            bump(&c.aborted);
+            Outcome::Aborted
+        }
+        Some(Err(failure)) => {
+            bump(&c.attempted);
+            bump(&c.failed);
+            Outcome::Failed {
+                started_ms,
+                at_ms,
+                failure,
+            }
+        }
+        Some(Ok(auth)) => {
+            bump(&c.attempted);
+            bump(&c.ok);
+            bump(&c.open);
+            let connected = Outcome::Connected {
+                started_ms,
+                at_ms,
+                latency: auth.latency,
+            };
+            if shared.outcomes.send(connected).await.is_err() {
+                drop_one(&c.open);
+                return;
+            }
+            let held = client::hold(auth.ws, &shared.stop_holding).await;
+            drop_one(&c.open);
+            match held {
+                Ok(()) => return,
+                Err(failure) => {
+                    bump(&c.dropped);
+                    Outcome::Dropped {
+                        at_ms: shared.clock.now_ms(),
+                        failure,
+                    }
+                }
+            }
+        }
+    };
+    // The worker only stops listening after every task has ended.
+    let _ = shared.outcomes.send(outcome).await;
+}
+
+// === parent ===
+
+/// Where the parent writes its results.
+pub struct Outputs {
+    pub json: Option<PathBuf>,
+    pub html: Option<PathBuf>,
+}
+
+/// The phase of the whole run, as the parent sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Connecting,
+    Holding,
+    Closing,
+}
+
+impl Phase {
+    fn label(self) -> &'static str {
+        match self {
+            Phase::Connecting => "connecting",
+            Phase::Holding => "holding",
+            Phase::Closing => "closing",
+        }
+    }
+}
+
+/// Runs the scenario with its workers, prints progress and the summary, writes the
+/// outputs. Returns whether the run met its goal.
+pub async fn run(
+    plan: Arc<Plan>,
+    probe: Option<Probe>,
+    outputs: Outputs,
+    worker_args: Vec<OsString>,
+) -> Result<bool> {
+    let clock = Clock::from_unix_ms(plan.epoch_ms);
+    let mut line = ProgressLine::new();
+    line.note(&format!(
+        "connect: {} connections to {} from {} process{}, rate {}, concurrency {}, hold {} s, \
+         sources {}",
+        plan.total,
+        plan.url,
+        plan.processes,
+        if plan.processes == 1 { "" } else { "es" },
+        if plan.rate > 0.0 {
+            format!("{}/s", plan.rate)
+        } else {
+            "unlimited".to_owned()
+        },
+        plan.concurrency,
+        plan.hold.as_secs(),
+        plan.sources.describe(),
+    ));
+    for w in plan.warnings() {
+        line.note(&format!("warning: {w}"));
+    }
+
+    let overflows_before = probe::listen_overflows();
+    let mut gateway_series: Vec<GatewaySample> = Vec::new();
+    let before = match &probe {
+        Some(p) => {
+            let s = p.sample(clock.now_ms()).await;
+            gateway_series.push(s);
+            Some(s)
+        }
+        None => None,
+    };
+
+    let mut workers: Workers<Progress, Tallies> = if plan.processes == 1 {
+        let plan = Arc::clone(&plan);
+        Workers::in_process(move |link| run_worker(plan, 0, 1, link))
+    } else {
+        Workers::processes(plan.processes, &worker_args)?
+    };
+    let n = workers.count();
+    let mut latest = vec![Progress::default(); n];
+    let mut ready = vec![false; n];
+    let mut results: Vec<Option<Tallies>> = vec![None; n];
+    let mut errors: Vec<String> = Vec::new();
+    let mut phase = Phase::Connecting;
+    let mut hold_started: Option<Instant> = None;
+    let mut hold_deadline = Instant::now();
+    let mut held: Option<GatewaySample> = None;
+    let mut open_when_held = 0u64;
+    let mut interrupted = false;
+    let mut last_ok = 0u64;
+    let mut last_tick = Instant::now();
+    // Workers report on the run's slot boundaries; print just after, so that the line
+    // shows their fresh counters (and the first line comes after a second of work).
+    let now_ms = clock.now_ms();
+    let first_ms = (now_ms / SLOT_MS + 1) * SLOT_MS + PROGRESS_LAG_MS;
+    let mut ticker = tokio::time::interval_at(
+        Instant::now() + Duration::from_millis(first_ms - now_ms),
+        TICK,
+    );
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let ctrl_c = tokio::signal::ctrl_c();
+    tokio::pin!(ctrl_c);
+
+    loop {
+        tokio::select! {
+            event = workers.next() => {
+                let Some((i, event)) = event else { break };
+                let i = i as usize;
+                match event {
+                    Event::Msg(WorkerMsg::Progress(p)) => latest[i] = p,
+                    Event::Msg(WorkerMsg::Ready(p)) => {
+                        latest[i] = p;
+                        ready[i] = true;
+                        if phase == Phase::Connecting && ready.iter().all(|r| *r) {
+                            phase = Phase::Holding;
+                            workers.broadcast(Control::Hold).await;
+                            hold_started = Some(Instant::now());
+                            hold_deadline = Instant::now() + plan.hold;
+                        }
+                    }
+                    Event::Msg(WorkerMsg::Result(t)) => results[i] = Some(t),
+                    Event::Msg(WorkerMsg::Fatal { error }) => {
+                        errors.push(format!("worker {i}: {error}"));
+                        phase = Phase::Closing;
+                        workers.broadcast(Control::Abort).await;
+                    }
+                    Event::Gone { detail } => {
+                        if results[i].is_none() {
+                            errors.push(format!("worker {i} ended without results: {detail}"));
+                            if phase != Phase::Closing {
+                                phase = Phase::Closing;
+                                workers.broadcast(Control::Abort).await;
+                            }
+                        }
+                    }
+                }
+            }
+            () = tokio::time::sleep_until(hold_deadline), if phase == Phase::Holding => {
+                open_when_held = latest.iter().map(|p| p.open).sum();
+                if let Some(p) = &probe {
+                    let s = p.sample(clock.now_ms()).await;
+                    gateway_series.push(s);
+                    held = Some(s);
+                }
+                phase = Phase::Closing;
+                workers.broadcast(Control::Finish).await;
+            }
+            _ = ticker.tick() => {
+                let mut total = Progress::default();
+                for p in &latest {
+                    total.add(p);
+                }
+                let dt = last_tick.elapsed().as_secs_f64().max(1e-3);
+                let rate = total.ok.saturating_sub(last_ok) as f64 / dt;
+                last_ok = total.ok;
+                last_tick = Instant::now();
+                line.show(&Snapshot {
+                    elapsed: clock.elapsed(),
+                    phase: phase.label(),
+                    open: total.open,
+                    in_flight: total.in_flight,
+                    ok: total.ok,
+                    failed: total.failed,
+                    dropped: total.dropped,
+                    rate,
+                    target: plan.total,
+                });
+                if let Some(p) = &probe {
+                    gateway_series.push(p.sample(clock.now_ms()).await);
+                }
+            }
+            res = &mut ctrl_c, if !interrupted => {
+                interrupted = true;
+                if res.is_ok() {
+                    line.note("interrupted: closing connections (Ctrl-C again to quit at once)");
+                    // Our handler replaced the default action; restore "quit" for the
+                    // second Ctrl-C. Worker processes see their stdin close and abort.
+                    tokio::spawn(async {
+                        if tokio::signal::ctrl_c().await.is_ok() {
+                            std::process::exit(EXIT_INTERRUPTED);
+                        }
+                    });
+                }
+                phase = Phase::Closing;
+                workers.broadcast(Control::Abort).await;
+            }
+        }
+    }
+    line.finish();
+    let after = match &probe {
+        Some(p) => {
+            let s = p.sample(clock.now_ms()).await;
+            gateway_series.push(s);
+            Some(s)
+        }
+        None => None,
+    };
+
+    let mut merged = Tallies::default();
+    for t in results.iter().flatten() {
+        merged.merge(t);
+    }
+    let held_for = hold_started.map(|s| s.elapsed().min(plan.hold));
+    let listen_overflows = match (overflows_before, probe::listen_overflows()) {
+        (Some(b), Some(a)) => Some(a.saturating_sub(b)),
+        _ => None,
+    };
+    let report = ConnectReport::build(RunFacts {
+        plan: &plan,
+        tallies: &merged,
+        interrupted,
+        errors,
+        held_for,
+        open_when_held,
+        gateway: probe.as_ref().map(|_| (before, held, after)),
+        gateway_series,
+        listen_overflows,
+        finished_ms: clock.now_ms(),
+    });
+    print!("{}", report.render_text());
+    if let Some(path) = &outputs.json {
+        let json = serde_json::to_vec_pretty(&report).context("encoding the JSON report")?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &outputs.html {
+        std::fs::write(path, report.render_html())
+            .with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(report.goal_met)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    const SECRET: &str = "0123456789abcdef0123456789abcdef";
+
+    fn cli(extra: &[&str]) -> Cli {
+        let mut args = vec!["loadtest", "--scenario", "connect", "--secret", SECRET];
+        args.extend_from_slice(extra);
+        Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn plan_checks_its_inputs() {
+        let plan = Plan::from_cli(&cli(&["--connections", "50000"]), 20_000).unwrap();
+        assert_eq!(plan.processes, 3);
+        assert!(
+            !plan.sources.addrs.is_empty(),
+            "50k connections need several sources"
+        );
+        assert!(plan.warnings().is_empty(), "{:?}", plan.warnings());
+        for bad in [
+            &["--url", "ws://8.8.8.8/ws"][..],
+            &["--connections", "0"],
+            &["--rate=-1"],
+            &["--rate", "NaN"],
+            &["--concurrency", "0"],
+            &["--timeout", "0"],
+            &["--allow-failures", "101"],
+            &["--connections", "2", "--processes", "3"],
+            &["--users", "0"],
+        ] {
+            assert!(Plan::from_cli(&cli(bad), 20_000).is_err(), "{bad:?}");
+        }
+        let no_creds = Cli::try_parse_from(["loadtest", "--scenario", "connect"]).unwrap();
+        if std::env::var_os("SB_JWT_SECRET").is_none() {
+            assert!(Plan::from_cli(&no_creds, 20_000).is_err());
+        }
+    }
+
+    #[test]
+    fn forced_process_count_is_warned_about() {
+        let plan = Plan::from_cli(
+            &cli(&["--connections", "30000", "--processes", "1"]),
+            20_000,
+        )
+        .unwrap();
+        assert!(plan.warnings().iter().any(|w| w.contains("EMFILE")));
+        let plan = Plan::from_cli(
+            &cli(&["--connections", "30000", "--source-ips", "127.0.0.2"]),
+            20_000,
+        )
+        .unwrap();
+        let expected_warning = plan.ports < 30_000;
+        assert_eq!(
+            plan.warnings().iter().any(|w| w.contains("EADDRNOTAVAIL")),
+            expected_warning
+        );
+    }
+
+    #[test]
+    fn shares_split_rate_and_concurrency() {
+        let plan = Plan::from_cli(
+            &cli(&[
+                "--connections",
+                "10",
+                "--rate",
+                "100",
+                "--concurrency",
+                "5",
+                "--processes",
+                "2",
+            ]),
+            20_000,
+        )
+        .unwrap();
+        let (r0, rate, conc) = plan.share(0, 2);
+        let (r1, _, _) = plan.share(1, 2);
+        assert_eq!((r0, r1), (0..5, 5..10));
+        assert_eq!(rate, 50.0);
+        assert_eq!(conc, 3);
+    }
+
+    #[test]
+    fn tallies_merge() {
+        let mut a = Tallies::default();
+        a.apply(Outcome::Connected {
+            started_ms: 10,
+            at_ms: 20,
+            latency: Duration::from_millis(10),
+        });
+        a.apply(Outcome::Failed {
+            started_ms: 5,
+            at_ms: 1500,
+            failure: Failure::Http(429),
+        });
+        let mut b = Tallies::default();
+        b.apply(Outcome::Connected {
+            started_ms: 30,
+            at_ms: 2500,
+            latency: Duration::from_millis(30),
+        });
+        b.apply(Outcome::Dropped {
+            at_ms: 3000,
+            failure: Failure::Closed {
+                code: 1013,
+                error: None,
+            },
+        });
+        b.apply(Outcome::Aborted);
+        a.merge(&b);
+        assert_eq!(
+            (a.attempted, a.ok, a.failed, a.dropped, a.aborted),
+            (3, 2, 1, 1, 1)
+        );
+        assert_eq!(a.first_attempt_ms, Some(5));
+        assert_eq!(a.last_outcome_ms, Some(2500));
+        assert_eq!(a.latency_us.count(), 2);
+        assert_eq!(a.failure_limits.get("rate_limited"), 1);
+        assert_eq!(a.drops.get("close 1013 (OVERLOADED)"), 1);
+        assert_eq!(a.connects.counts(), &[1, 0, 1]);
+        // And the merged form survives the trip from a worker process.
+        let back: Tallies = serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        assert_eq!(back.latency_us, a.latency_us);
+        assert_eq!(back.failures, a.failures);
+    }
+}

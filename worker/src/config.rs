@@ -1,0 +1,651 @@
+//! Worker configuration: flags with `SB_*` env twins, an optional TOML file, named
+//! defaults, and validation that names the key at fault.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use serde::{Deserialize, Serialize};
+use shared::config::{self as cfg, ConfigError};
+pub use shared::telemetry::LogFormat;
+
+/// Admin port (health, readiness, metrics): next to the gateway's 9090.
+pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9091";
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Prefix of every subject and key: must match the gateways'.
+pub const DEFAULT_PREFIX: &str = "sb";
+/// Single-model servers (llama.cpp, vLLM with one model) ignore the name.
+pub const DEFAULT_LLM_MODEL: &str = "default";
+/// A reachable server accepts TCP (and TLS) well within this, even across regions.
+pub const DEFAULT_LLM_CONNECT_TIMEOUT_MS: u64 = 5_000;
+/// Prompt processing of a long context on a CPU server takes tens of seconds.
+pub const DEFAULT_LLM_FIRST_TOKEN_TIMEOUT_MS: u64 = 60_000;
+/// Once tokens flow they come many times a second; a 30 s silence is a stall.
+pub const DEFAULT_LLM_IDLE_TIMEOUT_MS: u64 = 30_000;
+/// A 2,000-token reply at 10 tokens/s plus prompt processing fits in 5 minutes.
+pub const DEFAULT_LLM_TOTAL_TIMEOUT_MS: u64 = 300_000;
+/// One try plus two retries, like the OpenAI SDKs (`DEFAULT_MAX_RETRIES = 2`).
+pub const DEFAULT_LLM_MAX_ATTEMPTS: u32 = 3;
+/// First retry after about half a second (OpenAI SDK's 0.5 s).
+pub const DEFAULT_LLM_BACKOFF_BASE_MS: u64 = 500;
+/// Retries never wait longer than this without a `Retry-After` (OpenAI SDK's 8 s).
+pub const DEFAULT_LLM_BACKOFF_MAX_MS: u64 = 8_000;
+/// Under the gateway's 2 s user-context RPC timeout, so even a slow backend's
+/// fallback reply arrives in time.
+pub const DEFAULT_BACKEND_TIMEOUT_MS: u64 = 1_500;
+/// Consecutive failed backend calls before the breaker opens: rides out a blip.
+pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
+/// Time the breaker stays open before one probe call: a restarting backend is back.
+pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 10_000;
+/// User-context RPCs handled at once: each is two short HTTP calls.
+pub const DEFAULT_CONTEXT_MAX_IN_FLIGHT: usize = 128;
+/// Chat requests streamed at once per worker (issue 4: default 64).
+pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
+/// Messages of history loaded per request (DESIGN.md: the message window, 100).
+pub const DEFAULT_HISTORY_WINDOW: usize = shared::store::DEFAULT_HISTORY_WINDOW;
+/// Estimated prompt tokens (chars / 4) the history may use (issue 4: 32,000).
+pub const DEFAULT_TOKEN_BUDGET: usize = 32_000;
+/// Redelivery after a worker died: progress acks keep live streams well inside it.
+pub const DEFAULT_ACK_WAIT_SECS: u64 = 30;
+/// Deliveries of one request before the user gets a final error: a request that
+/// killed or failed five workers is poison.
+pub const DEFAULT_MAX_DELIVER: i64 = 5;
+/// Under Kubernetes' default 30 s termination grace period.
+pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 25;
+/// DESIGN.md: chunks coalesced about every 20 ms.
+pub const DEFAULT_CHUNK_INTERVAL_MS: u64 = 20;
+/// Issue 4: or every 64 characters, whichever comes first.
+pub const DEFAULT_CHUNK_CHARS: usize = 64;
+/// Attachments per request: a handful of documents per question.
+pub const DEFAULT_MAX_FILES: usize = 10;
+/// Issue 4: 1 MiB of decoded attachments per request.
+pub const DEFAULT_MAX_FILES_BYTES: usize = 1024 * 1024;
+/// One JetStream replica: a single NATS server; production clusters set 3.
+pub const DEFAULT_JETSTREAM_REPLICAS: usize = 1;
+/// Largest accepted `SB_MAX_IN_FLIGHT`: one pull batch and one semaphore.
+pub const MAX_IN_FLIGHT_LIMIT: usize = 10_000;
+
+/// Which streaming dialect the LLM speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LlmProtocol {
+    /// OpenAI-compatible `POST {base}/chat/completions`, Server-Sent Events.
+    #[default]
+    Openai,
+    /// Ollama's native `POST {base}/api/chat`, NDJSON.
+    Ollama,
+}
+
+/// Settings as given (flags, env, file); every field optional so layers can merge.
+#[derive(Debug, Default, Clone, Parser, Serialize, Deserialize)]
+#[command(name = "worker", version, about = "Switchboard chat worker")]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// TOML config file (keys are the flag names with `_`).
+    #[arg(long, env = "SB_CONFIG")]
+    #[serde(skip)]
+    pub config: Option<PathBuf>,
+    /// Validate the configuration, print a summary (no secrets) and exit.
+    #[arg(long)]
+    #[serde(skip)]
+    pub check_config: bool,
+
+    /// Admin listen address (/healthz, /readyz, /metrics).
+    #[arg(long, env = "SB_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Node id (default: host name).
+    #[arg(long, env = "SB_NODE_ID")]
+    pub node_id: Option<String>,
+    #[arg(long, env = "SB_NATS_URL")]
+    pub nats_url: Option<String>,
+    #[arg(long, env = "SB_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Prefix of NATS subjects and Redis keys.
+    #[arg(long, env = "SB_PREFIX")]
+    pub prefix: Option<String>,
+    #[arg(long, env = "SB_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+
+    /// LLM base URL with the version path for OpenAI (`http://host:8000/v1`), the
+    /// server root for Ollama (`http://host:11434`).
+    #[arg(long, env = "SB_LLM_BASE_URL")]
+    pub llm_base_url: Option<String>,
+    /// Bearer key for the LLM (optional).
+    #[arg(long, env = "SB_LLM_API_KEY", hide_env_values = true)]
+    pub llm_api_key: Option<String>,
+    #[arg(long, env = "SB_LLM_MODEL")]
+    pub llm_model: Option<String>,
+    /// System prompt put first in every conversation (optional).
+    #[arg(long, env = "SB_LLM_SYSTEM_PROMPT")]
+    pub llm_system_prompt: Option<String>,
+    /// openai (SSE) or ollama (native NDJSON).
+    #[arg(long, env = "SB_LLM_PROTOCOL")]
+    pub llm_protocol: Option<LlmProtocol>,
+    /// Upper bound on generated tokens, sent as `max_tokens` / `num_predict` (optional).
+    #[arg(long, env = "SB_LLM_MAX_TOKENS")]
+    pub llm_max_tokens: Option<u32>,
+    #[arg(long, env = "SB_LLM_CONNECT_TIMEOUT_MS")]
+    pub llm_connect_timeout_ms: Option<u64>,
+    /// From sending the request to the first generated text (pings do not count).
+    #[arg(long, env = "SB_LLM_FIRST_TOKEN_TIMEOUT_MS")]
+    pub llm_first_token_timeout_ms: Option<u64>,
+    /// Longest silence (no byte at all) once text flows.
+    #[arg(long, env = "SB_LLM_IDLE_TIMEOUT_MS")]
+    pub llm_idle_timeout_ms: Option<u64>,
+    /// Whole request including retries.
+    #[arg(long, env = "SB_LLM_TOTAL_TIMEOUT_MS")]
+    pub llm_total_timeout_ms: Option<u64>,
+    /// Attempts before the first token (429, 5xx, connection errors), 1 = no retry.
+    #[arg(long, env = "SB_LLM_MAX_ATTEMPTS")]
+    pub llm_max_attempts: Option<u32>,
+    #[arg(long, env = "SB_LLM_BACKOFF_BASE_MS")]
+    pub llm_backoff_base_ms: Option<u64>,
+    #[arg(long, env = "SB_LLM_BACKOFF_MAX_MS")]
+    pub llm_backoff_max_ms: Option<u64>,
+
+    /// Team backend base URL (`GET /api/users/{id}/teams|tasks`); unset = no teams.
+    #[arg(long, env = "SB_BACKEND_URL")]
+    pub backend_url: Option<String>,
+    /// Service token for the backend; unset = forward the user's token.
+    #[arg(long, env = "SB_BACKEND_TOKEN", hide_env_values = true)]
+    pub backend_token: Option<String>,
+    #[arg(long, env = "SB_BACKEND_TIMEOUT_MS")]
+    pub backend_timeout_ms: Option<u64>,
+    /// Consecutive backend failures that open the circuit breaker.
+    #[arg(long, env = "SB_BREAKER_FAILURES")]
+    pub breaker_failures: Option<u32>,
+    /// Open-breaker time before a half-open probe.
+    #[arg(long, env = "SB_BREAKER_COOLDOWN_MS")]
+    pub breaker_cooldown_ms: Option<u64>,
+    /// User-context RPCs handled concurrently.
+    #[arg(long, env = "SB_CONTEXT_MAX_IN_FLIGHT")]
+    pub context_max_in_flight: Option<usize>,
+
+    /// Chat requests streamed concurrently.
+    #[arg(long, env = "SB_MAX_IN_FLIGHT")]
+    pub max_in_flight: Option<usize>,
+    /// History messages loaded per request.
+    #[arg(long, env = "SB_HISTORY_WINDOW")]
+    pub history_window: Option<usize>,
+    /// Estimated tokens (chars / 4) of history sent to the LLM; oldest dropped first.
+    #[arg(long, env = "SB_TOKEN_BUDGET")]
+    pub token_budget: Option<usize>,
+    #[arg(long, env = "SB_ACK_WAIT_SECS")]
+    pub ack_wait_secs: Option<u64>,
+    /// Deliveries of a request before the user gets a final `chat.error`.
+    #[arg(long, env = "SB_MAX_DELIVER")]
+    pub max_deliver: Option<i64>,
+    /// Time in-flight requests get to finish after SIGTERM.
+    #[arg(long, env = "SB_SHUTDOWN_GRACE_SECS")]
+    pub shutdown_grace_secs: Option<u64>,
+    #[arg(long, env = "SB_CHUNK_INTERVAL_MS")]
+    pub chunk_interval_ms: Option<u64>,
+    #[arg(long, env = "SB_CHUNK_CHARS")]
+    pub chunk_chars: Option<usize>,
+    /// Attachments per request.
+    #[arg(long, env = "SB_MAX_FILES")]
+    pub max_files: Option<usize>,
+    /// Decoded attachment bytes per request, all files together.
+    #[arg(long, env = "SB_MAX_FILES_BYTES")]
+    pub max_files_bytes: Option<usize>,
+    #[arg(long, env = "SB_JETSTREAM_REPLICAS")]
+    pub jetstream_replicas: Option<usize>,
+}
+
+/// LLM client settings.
+#[derive(Debug, Clone)]
+pub struct LlmSettings {
+    pub base_url: String,
+    pub api_key: Option<String>,
+    pub model: String,
+    pub system_prompt: Option<String>,
+    pub protocol: LlmProtocol,
+    pub max_tokens: Option<u32>,
+    pub connect_timeout: Duration,
+    pub first_token_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub total_timeout: Duration,
+    pub max_attempts: u32,
+    pub backoff_base: Duration,
+    pub backoff_max: Duration,
+}
+
+/// Team backend settings.
+#[derive(Debug, Clone)]
+pub struct BackendSettings {
+    /// `None`: no backend; users have no teams or tasks (not degraded).
+    pub url: Option<String>,
+    pub token: Option<String>,
+    pub timeout: Duration,
+    pub breaker_failures: u32,
+    pub breaker_cooldown: Duration,
+    pub max_in_flight: usize,
+}
+
+/// Attachment limits.
+#[derive(Debug, Clone, Copy)]
+pub struct FileLimits {
+    pub max_files: usize,
+    pub max_total_bytes: usize,
+}
+
+/// Validated worker configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub admin_listen: SocketAddr,
+    pub node_id: String,
+    pub nats_url: String,
+    pub redis_url: String,
+    pub prefix: String,
+    pub log_format: LogFormat,
+    pub llm: LlmSettings,
+    pub backend: BackendSettings,
+    pub max_in_flight: usize,
+    pub history_window: usize,
+    pub token_budget: usize,
+    pub ack_wait: Duration,
+    pub max_deliver: i64,
+    pub shutdown_grace: Duration,
+    pub chunk_interval: Duration,
+    pub chunk_chars: usize,
+    pub files: FileLimits,
+    pub jetstream_replicas: usize,
+}
+
+impl RawConfig {
+    /// Parses flags and env (clap), then layers them over the file, if any.
+    pub fn load<I, T>(args: I) -> Result<RawConfig, ConfigError>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        let cli = RawConfig::try_parse_from(args).map_err(clap_error)?;
+        cfg::check_env(std::env::vars())?;
+        let Some(path) = cli.config.clone() else {
+            return Ok(cli);
+        };
+        let file: RawConfig = cfg::read_file(&path)?;
+        let check = cli.check_config;
+        let mut merged = cfg::layer(file, cli);
+        merged.config = Some(path);
+        merged.check_config = check;
+        Ok(merged)
+    }
+
+    pub fn validate(&self) -> Result<Config, ConfigError> {
+        let admin_listen = cfg::parse_addr(
+            "SB_ADMIN_LISTEN",
+            self.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
+        )?;
+        let node_id = self.node_id.clone().unwrap_or_else(cfg::default_node_id);
+        cfg::validate_token("SB_NODE_ID", &node_id)?;
+        let prefix = self.prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.into());
+        cfg::validate_token("SB_PREFIX", &prefix)?;
+        let nats_url = self
+            .nats_url
+            .clone()
+            .unwrap_or_else(|| DEFAULT_NATS_URL.into());
+        for url in nats_url.split(',') {
+            cfg::validate_url("SB_NATS_URL", url.trim(), &["nats", "tls", "ws", "wss"])?;
+        }
+        let redis_url = self
+            .redis_url
+            .clone()
+            .unwrap_or_else(|| DEFAULT_REDIS_URL.into());
+        cfg::validate_url(
+            "SB_REDIS_URL",
+            &redis_url,
+            &["redis", "rediss", "redis+unix", "unix"],
+        )?;
+
+        let max_in_flight = self.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
+        if !(1..=MAX_IN_FLIGHT_LIMIT).contains(&max_in_flight) {
+            return Err(ConfigError::invalid(
+                "SB_MAX_IN_FLIGHT",
+                format!("must be between 1 and {MAX_IN_FLIGHT_LIMIT}"),
+            ));
+        }
+        let history_window = self.history_window.unwrap_or(DEFAULT_HISTORY_WINDOW);
+        cfg::positive("SB_HISTORY_WINDOW", history_window as u64)?;
+        let token_budget = self.token_budget.unwrap_or(DEFAULT_TOKEN_BUDGET);
+        cfg::positive("SB_TOKEN_BUDGET", token_budget as u64)?;
+        let ack_wait = cfg::positive(
+            "SB_ACK_WAIT_SECS",
+            self.ack_wait_secs.unwrap_or(DEFAULT_ACK_WAIT_SECS),
+        )?;
+        let max_deliver = self.max_deliver.unwrap_or(DEFAULT_MAX_DELIVER);
+        if max_deliver < 1 {
+            return Err(ConfigError::invalid("SB_MAX_DELIVER", "must be at least 1"));
+        }
+        let chunk_interval = cfg::positive(
+            "SB_CHUNK_INTERVAL_MS",
+            self.chunk_interval_ms.unwrap_or(DEFAULT_CHUNK_INTERVAL_MS),
+        )?;
+        let chunk_chars = self.chunk_chars.unwrap_or(DEFAULT_CHUNK_CHARS);
+        cfg::positive("SB_CHUNK_CHARS", chunk_chars as u64)?;
+        let jetstream_replicas = self
+            .jetstream_replicas
+            .unwrap_or(DEFAULT_JETSTREAM_REPLICAS);
+        if !(1..=5).contains(&jetstream_replicas) {
+            return Err(ConfigError::invalid(
+                "SB_JETSTREAM_REPLICAS",
+                "must be between 1 and 5",
+            ));
+        }
+
+        Ok(Config {
+            admin_listen,
+            node_id,
+            nats_url,
+            redis_url,
+            prefix,
+            log_format: self.log_format.unwrap_or(LogFormat::Json),
+            llm: self.llm()?,
+            backend: self.backend()?,
+            max_in_flight,
+            history_window,
+            token_budget,
+            ack_wait: Duration::from_secs(ack_wait),
+            max_deliver,
+            shutdown_grace: Duration::from_secs(
+                self.shutdown_grace_secs
+                    .unwrap_or(DEFAULT_SHUTDOWN_GRACE_SECS),
+            ),
+            chunk_interval: Duration::from_millis(chunk_interval),
+            chunk_chars,
+            files: FileLimits {
+                max_files: self.max_files.unwrap_or(DEFAULT_MAX_FILES),
+                max_total_bytes: self.max_files_bytes.unwrap_or(DEFAULT_MAX_FILES_BYTES),
+            },
+            jetstream_replicas,
+        })
+    }
+
+    fn llm(&self) -> Result<LlmSettings, ConfigError> {
+        let base_url = self
+            .llm_base_url
+            .clone()
+            .filter(|u| !u.is_empty())
+            .ok_or_else(|| ConfigError::Missing {
+                key: "SB_LLM_BASE_URL".into(),
+            })?;
+        cfg::validate_url("SB_LLM_BASE_URL", &base_url, &["http", "https"])?;
+        let base_url = base_url.trim_end_matches('/').to_owned();
+        if reqwest::Url::parse(&base_url).is_err() {
+            return Err(ConfigError::invalid(
+                "SB_LLM_BASE_URL",
+                "is not a valid URL",
+            ));
+        }
+        let ms = |key: &str, v: Option<u64>, default: u64| -> Result<Duration, ConfigError> {
+            Ok(Duration::from_millis(cfg::positive(
+                key,
+                v.unwrap_or(default),
+            )?))
+        };
+        let first_token_timeout = ms(
+            "SB_LLM_FIRST_TOKEN_TIMEOUT_MS",
+            self.llm_first_token_timeout_ms,
+            DEFAULT_LLM_FIRST_TOKEN_TIMEOUT_MS,
+        )?;
+        let total_timeout = ms(
+            "SB_LLM_TOTAL_TIMEOUT_MS",
+            self.llm_total_timeout_ms,
+            DEFAULT_LLM_TOTAL_TIMEOUT_MS,
+        )?;
+        if total_timeout < first_token_timeout {
+            return Err(ConfigError::invalid(
+                "SB_LLM_TOTAL_TIMEOUT_MS",
+                format!(
+                    "must be at least SB_LLM_FIRST_TOKEN_TIMEOUT_MS ({})",
+                    first_token_timeout.as_millis()
+                ),
+            ));
+        }
+        let backoff_base = ms(
+            "SB_LLM_BACKOFF_BASE_MS",
+            self.llm_backoff_base_ms,
+            DEFAULT_LLM_BACKOFF_BASE_MS,
+        )?;
+        let backoff_max = ms(
+            "SB_LLM_BACKOFF_MAX_MS",
+            self.llm_backoff_max_ms,
+            DEFAULT_LLM_BACKOFF_MAX_MS,
+        )?;
+        if backoff_max < backoff_base {
+            return Err(ConfigError::invalid(
+                "SB_LLM_BACKOFF_MAX_MS",
+                "must be at least SB_LLM_BACKOFF_BASE_MS",
+            ));
+        }
+        let max_attempts = self.llm_max_attempts.unwrap_or(DEFAULT_LLM_MAX_ATTEMPTS);
+        if !(1..=10).contains(&max_attempts) {
+            return Err(ConfigError::invalid(
+                "SB_LLM_MAX_ATTEMPTS",
+                "must be between 1 and 10",
+            ));
+        }
+        let model = self
+            .llm_model
+            .clone()
+            .unwrap_or_else(|| DEFAULT_LLM_MODEL.into());
+        if model.is_empty() {
+            return Err(ConfigError::invalid("SB_LLM_MODEL", "must not be empty"));
+        }
+        if self.llm_max_tokens == Some(0) {
+            return Err(ConfigError::invalid(
+                "SB_LLM_MAX_TOKENS",
+                "must be greater than 0",
+            ));
+        }
+        Ok(LlmSettings {
+            base_url,
+            api_key: self.llm_api_key.clone().filter(|k| !k.is_empty()),
+            model,
+            system_prompt: self.llm_system_prompt.clone().filter(|p| !p.is_empty()),
+            protocol: self.llm_protocol.unwrap_or_default(),
+            max_tokens: self.llm_max_tokens,
+            connect_timeout: ms(
+                "SB_LLM_CONNECT_TIMEOUT_MS",
+                self.llm_connect_timeout_ms,
+                DEFAULT_LLM_CONNECT_TIMEOUT_MS,
+            )?,
+            first_token_timeout,
+            idle_timeout: ms(
+                "SB_LLM_IDLE_TIMEOUT_MS",
+                self.llm_idle_timeout_ms,
+                DEFAULT_LLM_IDLE_TIMEOUT_MS,
+            )?,
+            total_timeout,
+            max_attempts,
+            backoff_base,
+            backoff_max,
+        })
+    }
+
+    fn backend(&self) -> Result<BackendSettings, ConfigError> {
+        let url = match self.backend_url.clone().filter(|u| !u.is_empty()) {
+            Some(u) => {
+                cfg::validate_url("SB_BACKEND_URL", &u, &["http", "https"])?;
+                if reqwest::Url::parse(&u).is_err() {
+                    return Err(ConfigError::invalid("SB_BACKEND_URL", "is not a valid URL"));
+                }
+                Some(u.trim_end_matches('/').to_owned())
+            }
+            None => None,
+        };
+        let breaker_failures = self.breaker_failures.unwrap_or(DEFAULT_BREAKER_FAILURES);
+        cfg::positive("SB_BREAKER_FAILURES", breaker_failures.into())?;
+        let max_in_flight = self
+            .context_max_in_flight
+            .unwrap_or(DEFAULT_CONTEXT_MAX_IN_FLIGHT);
+        if !(1..=MAX_IN_FLIGHT_LIMIT).contains(&max_in_flight) {
+            return Err(ConfigError::invalid(
+                "SB_CONTEXT_MAX_IN_FLIGHT",
+                format!("must be between 1 and {MAX_IN_FLIGHT_LIMIT}"),
+            ));
+        }
+        Ok(BackendSettings {
+            url,
+            token: self.backend_token.clone().filter(|t| !t.is_empty()),
+            timeout: Duration::from_millis(cfg::positive(
+                "SB_BACKEND_TIMEOUT_MS",
+                self.backend_timeout_ms
+                    .unwrap_or(DEFAULT_BACKEND_TIMEOUT_MS),
+            )?),
+            breaker_failures,
+            breaker_cooldown: Duration::from_millis(cfg::positive(
+                "SB_BREAKER_COOLDOWN_MS",
+                self.breaker_cooldown_ms
+                    .unwrap_or(DEFAULT_BREAKER_COOLDOWN_MS),
+            )?),
+            max_in_flight,
+        })
+    }
+}
+
+/// Turns a clap error into a config error naming the env variable too, since most
+/// deployments set env rather than flags. `--help` and `--version` print and exit.
+fn clap_error(e: clap::Error) -> ConfigError {
+    use clap::CommandFactory;
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    let flag = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_owned),
+        _ => None,
+    };
+    let env = flag.as_deref().and_then(|f| {
+        let long = f.trim_start_matches("--");
+        RawConfig::command()
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env().and_then(|v| v.to_str()).map(str::to_owned))
+    });
+    let message = e
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_owned();
+    let key = match (env, flag) {
+        (Some(env), Some(flag)) => format!("{env} ({flag})"),
+        (None, Some(flag)) => flag,
+        _ => "arguments".to_owned(),
+    };
+    ConfigError::Invalid { key, message }
+}
+
+impl Config {
+    /// A summary for `--check-config` and the start-up log; never includes secrets.
+    pub fn summary(&self) -> serde_json::Value {
+        serde_json::json!({
+            "admin_listen": self.admin_listen.to_string(),
+            "node_id": self.node_id,
+            "prefix": self.prefix,
+            "llm_base_url": self.llm.base_url,
+            "llm_protocol": self.llm.protocol,
+            "llm_model": self.llm.model,
+            "llm_api_key_set": self.llm.api_key.is_some(),
+            "llm_system_prompt_set": self.llm.system_prompt.is_some(),
+            "llm_max_attempts": self.llm.max_attempts,
+            "backend_url": self.backend.url,
+            "backend_token_set": self.backend.token.is_some(),
+            "max_in_flight": self.max_in_flight,
+            "history_window": self.history_window,
+            "token_budget": self.token_budget,
+            "ack_wait_secs": self.ack_wait.as_secs(),
+            "max_deliver": self.max_deliver,
+            "shutdown_grace_secs": self.shutdown_grace.as_secs(),
+            "max_files": self.files.max_files,
+            "max_files_bytes": self.files.max_total_bytes,
+            "jetstream_replicas": self.jetstream_replicas,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn raw(args: &[&str]) -> Result<Config, ConfigError> {
+        let mut v = vec!["worker", "--llm-base-url", "http://127.0.0.1:8000/v1"];
+        v.extend_from_slice(args);
+        RawConfig::try_parse_from(v).unwrap().validate()
+    }
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = raw(&[]).unwrap();
+        assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(c.max_in_flight, 64);
+        assert_eq!(c.history_window, 100);
+        assert_eq!(c.token_budget, 32_000);
+        assert_eq!(c.chunk_chars, 64);
+        assert_eq!(c.chunk_interval, Duration::from_millis(20));
+        assert_eq!(c.files.max_total_bytes, 1024 * 1024);
+        assert_eq!(c.llm.protocol, LlmProtocol::Openai);
+        assert_eq!(c.llm.base_url, "http://127.0.0.1:8000/v1");
+        assert!(c.backend.url.is_none());
+    }
+
+    #[test]
+    fn errors_name_the_key() {
+        let e = RawConfig::try_parse_from(["worker"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("SB_LLM_BASE_URL"), "{e}");
+        for (args, key) in [
+            (&["--max-in-flight", "0"][..], "SB_MAX_IN_FLIGHT"),
+            (&["--token-budget", "0"][..], "SB_TOKEN_BUDGET"),
+            (&["--ack-wait-secs", "0"][..], "SB_ACK_WAIT_SECS"),
+            (&["--max-deliver", "0"][..], "SB_MAX_DELIVER"),
+            (&["--llm-max-attempts", "0"][..], "SB_LLM_MAX_ATTEMPTS"),
+            (&["--backend-url", "ftp://x"][..], "SB_BACKEND_URL"),
+            (&["--prefix", "a.b"][..], "SB_PREFIX"),
+            (
+                &[
+                    "--llm-first-token-timeout-ms",
+                    "10",
+                    "--llm-total-timeout-ms",
+                    "5",
+                ][..],
+                "SB_LLM_TOTAL_TIMEOUT_MS",
+            ),
+        ] {
+            let e = raw(args).unwrap_err();
+            assert!(e.to_string().starts_with(key), "{args:?}: {e}");
+        }
+        let e = RawConfig::try_parse_from(["worker", "--llm-base-url", "localhost:1"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.to_string().starts_with("SB_LLM_BASE_URL"), "{e}");
+    }
+
+    #[test]
+    fn protocol_parses() {
+        let c = raw(&["--llm-protocol", "ollama"]).unwrap();
+        assert_eq!(c.llm.protocol, LlmProtocol::Ollama);
+        assert!(RawConfig::try_parse_from(["worker", "--llm-protocol", "grpc"]).is_err());
+    }
+
+    #[test]
+    fn every_env_name_is_known_to_shared() {
+        use clap::CommandFactory;
+        for arg in RawConfig::command().get_arguments() {
+            if let Some(env) = arg.get_env() {
+                let env = env.to_str().unwrap();
+                assert!(
+                    shared::config::KNOWN_ENV.contains(&env),
+                    "{env} missing from KNOWN_ENV"
+                );
+            }
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! Switchboard worker: consumes chat requests from JetStream and streams the LLM's
+//! replies to users over NATS, records history in Redis, and answers user-context
+//! RPCs from the team backend. `main.rs` only parses config and calls [`run`]; tests
+//! run the real thing in-process the same way.
+#![forbid(unsafe_code)]
+
+pub mod attachments;
+pub mod backend;
+pub mod breaker;
+pub mod cancel;
+pub mod config;
+pub mod consume;
+pub mod context;
+pub mod error;
+pub mod history;
+pub mod llm;
+pub mod reply;
+pub mod request;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use shared::keys::Keys;
+use shared::store::SessionStore;
+use shared::subjects::Subjects;
+use tokio::net::TcpListener;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+pub use config::{Config, RawConfig};
+
+use backend::BackendClient;
+use breaker::Breaker;
+use cancel::CancelRegistry;
+use llm::LlmClient;
+
+/// NATS connect attempt timeout; reconnects go on forever in the background.
+pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// NATS keepalive: detects a dead server within two intervals.
+pub const NATS_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// Messages buffered per subscription (cancels, user-context RPCs, pull batches)
+/// before the client drops them: far above what a worker receives between polls.
+pub const NATS_SUBSCRIPTION_CAPACITY: usize = 4096;
+/// Pending NATS commands before publishers wait: bounded, see crates.md section 3.
+pub const NATS_CLIENT_CAPACITY: usize = 8192;
+/// A publish (chunk, reply, ack) that cannot be queued within this long fails.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often readiness re-checks Redis and refreshes the dependency gauges.
+pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// Time allowed to flush NATS and stop background loops after the drain.
+pub const SHUTDOWN_CLEANUP_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Why the worker could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("SB_REDIS_URL: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("SB_NATS_URL: {0}")]
+    Nats(#[from] async_nats::ConnectError),
+    #[error("SB_LLM_BASE_URL: {0}")]
+    Llm(#[from] llm::BuildError),
+    #[error("SB_BACKEND_URL: {0}")]
+    Backend(String),
+}
+
+/// State shared by the consumer, the request tasks and the RPC handlers.
+pub struct Worker {
+    pub config: Config,
+    pub nats: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub store: SessionStore,
+    pub subjects: Subjects,
+    pub llm: LlmClient,
+    /// `None`: no team backend configured.
+    pub backend: Option<BackendClient>,
+    pub breaker: Breaker,
+    pub cancels: CancelRegistry,
+    /// The chat consumer is set up and pulling.
+    pub consumer_up: AtomicBool,
+    /// The last Redis check succeeded.
+    pub redis_up: AtomicBool,
+    /// SIGTERM received: no new work.
+    pub shutting_down: AtomicBool,
+}
+
+impl Worker {
+    pub fn nats_connected(&self) -> bool {
+        self.nats.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Ready for work: NATS connected, Redis answering, consumer pulling, not stopping.
+    pub fn is_ready(&self) -> bool {
+        !self.shutting_down.load(Ordering::Acquire)
+            && self.nats_connected()
+            && self.redis_up.load(Ordering::Acquire)
+            && self.consumer_up.load(Ordering::Acquire)
+    }
+}
+
+impl shared::admin::Health for Worker {
+    fn ready(&self) -> bool {
+        self.is_ready()
+    }
+
+    fn readiness(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ready": self.is_ready(),
+            "shutting_down": self.shutting_down.load(Ordering::Acquire),
+            "nats": self.nats_connected(),
+            "redis": self.redis_up.load(Ordering::Acquire),
+            "consumer": self.consumer_up.load(Ordering::Acquire),
+            "in_flight": self.cancels.len(),
+            "breaker": format!("{:?}", self.breaker.state()).to_lowercase(),
+            "node": self.config.node_id,
+        })
+    }
+}
+
+/// Runs a worker until `shutdown` is cancelled, then stops pulling, lets in-flight
+/// requests finish within the grace period, and returns. Dropping (aborting) the
+/// returned future stops everything at once, like a crash: un-acked requests are
+/// redelivered to other workers after the ack wait.
+pub async fn run(
+    admin: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    let metrics = shared::telemetry::metrics_handle();
+    let store = SessionStore::new(&config.redis_url, Keys::new(&config.prefix))?;
+    let llm = LlmClient::new(&config.llm)?;
+    let backend = BackendClient::new(&config.backend).map_err(StartError::Backend)?;
+    let nats = async_nats::ConnectOptions::new()
+        .name(format!("worker-{}", config.node_id))
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(NATS_CONNECT_TIMEOUT)
+        .ping_interval(NATS_PING_INTERVAL)
+        .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
+        .client_capacity(NATS_CLIENT_CAPACITY)
+        .connect(config.nats_url.as_str())
+        .await?;
+    let js = async_nats::jetstream::new(nats.clone());
+    tracing::info!(config = %config.summary(), "worker starting");
+    if backend.is_none() {
+        tracing::info!("no team backend configured (SB_BACKEND_URL): users have no teams or tasks");
+    }
+    metrics::gauge!(shared::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
+
+    let worker = Arc::new(Worker {
+        subjects: Subjects::new(&config.prefix),
+        breaker: Breaker::new(
+            config.backend.breaker_failures,
+            config.backend.breaker_cooldown,
+        ),
+        config,
+        nats,
+        js,
+        store,
+        llm,
+        backend,
+        cancels: CancelRegistry::default(),
+        consumer_up: AtomicBool::new(false),
+        redis_up: AtomicBool::new(false),
+        shutting_down: AtomicBool::new(false),
+    });
+
+    // Owned here, so aborting `run` aborts all of it.
+    let stop = CancellationToken::new();
+    let rpc_stop = CancellationToken::new();
+    let mut background = JoinSet::new();
+    background.spawn(shared::admin::serve(
+        admin,
+        worker.clone() as Arc<dyn shared::admin::Health>,
+        metrics.clone(),
+        stop.clone(),
+    ));
+    background.spawn(shared::telemetry::upkeep(metrics, stop.clone()));
+    background.spawn(health_loop(worker.clone(), stop.clone()));
+    background.spawn(cancel::listen(worker.clone(), stop.clone()));
+    background.spawn(context::serve(worker.clone(), rpc_stop.clone()));
+
+    let on_shutdown = async {
+        shutdown.cancelled().await;
+        worker.shutting_down.store(true, Ordering::Release);
+        tracing::info!("shutting down: no new requests; finishing in-flight ones");
+        rpc_stop.cancel();
+    };
+    tokio::join!(consume::run(worker.clone(), shutdown.clone()), on_shutdown);
+
+    stop.cancel();
+    let _ = tokio::time::timeout(SHUTDOWN_CLEANUP_TIMEOUT, async {
+        let _ = worker.nats.flush().await;
+        while background.join_next().await.is_some() {}
+    })
+    .await;
+    background.abort_all();
+    tracing::info!("worker stopped");
+    Ok(())
+}
+
+/// Follows Redis and NATS health for readiness and the gauges.
+async fn health_loop(worker: Arc<Worker>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
+    loop {
+        tokio::select! {
+            biased;
+            _ = stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let up = worker.store.ping().await.is_ok();
+        if worker.redis_up.swap(up, Ordering::AcqRel) != up {
+            tracing::warn!(up, "redis availability changed");
+        }
+        metrics::gauge!(shared::metrics::REDIS_UP).set(if up { 1.0 } else { 0.0 });
+        metrics::gauge!(shared::metrics::NATS_CONNECTED, "binary" => "worker")
+            .set(if worker.nats_connected() { 1.0 } else { 0.0 });
+    }
+}

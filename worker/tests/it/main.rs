@@ -1,0 +1,12 @@
+//! Worker integration tests: real NATS (JetStream) and Redis started per test, stub
+//! LLM and team backend servers in process, workers in process via `worker::run`.
+
+mod common;
+
+mod attachments;
+mod cancel;
+mod chat;
+mod config;
+mod context;
+mod failures;
+mod shutdown;
