@@ -147,10 +147,8 @@ pub async fn subscribe(
     let ch = parse(channel)?;
     check(node, perms, &ch, Access::Subscribe)?;
     let key: Arc<str> = ch.to_string().into();
-    if subs.contains(&key) {
-        return Err(SessionError::BadRequest(format!(
-            "already subscribed to {ch}"
-        )));
+    if let Some(sub) = subs.subs.get(&key) {
+        return resubscribe(node, &perms.user_id, &ch, sub.last, since, id, announce).await;
     }
     let max = node.config.channels.max_subscriptions;
     if subs.len() >= max {
@@ -215,6 +213,53 @@ pub async fn subscribe(
         out.push(
             ServerFrame::Subscribed {
                 channel: key.to_string(),
+                offset: last,
+                recovered,
+                read_offset,
+                id,
+            }
+            .to_bytes(),
+        );
+    }
+    Ok(out)
+}
+
+/// `subscribe` to a channel the connection already has (its own `user:` channel,
+/// or a client that lost track): answers `subscribed` again and, with `since`,
+/// replays what this connection was already given after `since`.
+async fn resubscribe(
+    node: &Node,
+    user_id: &str,
+    ch: &Channel,
+    last: u64,
+    since: Option<u64>,
+    id: Option<FrameId>,
+    announce: bool,
+) -> Result<Vec<Bytes>, SessionError> {
+    let mut out = Vec::new();
+    let mut recovered = false;
+    if let Some(since) = since.filter(|s| *s <= last) {
+        let h = node
+            .store
+            .channel_since(ch, since)
+            .await
+            .map_err(|e| store_down("channel_since", e))?;
+        let frames: Vec<_> = h.frames.into_iter().filter(|(o, _)| *o <= last).collect();
+        recovered = frames.len() as u64 == last - since
+            && frames.first().is_none_or(|(o, _)| *o == since + 1);
+        if recovered {
+            out.extend(frames.into_iter().map(|(_, f)| Bytes::from(f)));
+        }
+    }
+    let read_offset = node
+        .store
+        .read_offset(user_id, &ch.to_string())
+        .await
+        .map_err(|e| store_down("read_offset", e))?;
+    if announce {
+        out.push(
+            ServerFrame::Subscribed {
+                channel: ch.to_string(),
                 offset: last,
                 recovered,
                 read_offset,
@@ -437,7 +482,7 @@ async fn join_presence(node: &Node, perms: &Perms, conn_id: &str, ch: &Channel) 
             channel: ch.to_string(),
             user: perms.user_id.clone(),
         };
-        event(node, ch, &f, &perms.user_id, false).await;
+        event(node, ch, &f, &perms.user_id, true).await;
     }
 }
 
@@ -452,7 +497,7 @@ async fn leave_presence(node: &Node, perms: &Perms, conn_id: &str, ch: &Channel)
                 channel: ch.to_string(),
                 user: perms.user_id.clone(),
             };
-            event(node, ch, &f, &perms.user_id, false).await;
+            event(node, ch, &f, &perms.user_id, true).await;
         }
         Ok(_) => {}
         Err(e) => {

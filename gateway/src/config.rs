@@ -66,6 +66,8 @@ pub const DEFAULT_OFFSET_TTL_SECS: u64 = 7 * 24 * 3600;
 pub const DEFAULT_PRESENCE_TTL_SECS: u64 = 90;
 /// Namespaces with presence `join`/`leave` events and `read` events by default.
 pub const DEFAULT_EVENT_NAMESPACES: &str = "team";
+/// Node heartbeat period: `GET /v1/nodes` drops a node after three missed beats (30 s).
+pub const DEFAULT_HEARTBEAT_SECS: u64 = 10;
 /// File descriptors kept free for NATS, Redis, logs and the admin port when the
 /// per-node connection cap is derived from the process's open-file limit.
 pub const FD_RESERVE: u64 = 256;
@@ -192,6 +194,9 @@ pub struct RawConfig {
     pub history_ttl_secs: Option<u64>,
     #[arg(long, env = "SB_PRESENCE_TTL_SECS")]
     pub presence_ttl_secs: Option<u64>,
+    /// Node heartbeat period (node list, channel counts); a node is gone after three.
+    #[arg(long, env = "SB_HEARTBEAT_SECS")]
+    pub heartbeat_secs: Option<u64>,
 }
 
 /// Channel settings.
@@ -240,6 +245,7 @@ pub struct Config {
     pub max_files_bytes: usize,
     pub jetstream_replicas: usize,
     pub channels: ChannelConfig,
+    pub heartbeat: Duration,
 }
 
 /// Which browser origins may open a socket.
@@ -449,6 +455,10 @@ impl RawConfig {
                     .unwrap_or(DEFAULT_JETSTREAM_REPLICAS) as u64,
             )? as usize,
             channels: self.channels()?,
+            heartbeat: Duration::from_secs(cfg::positive(
+                "SB_HEARTBEAT_SECS",
+                self.heartbeat_secs.unwrap_or(DEFAULT_HEARTBEAT_SECS),
+            )?),
         })
     }
 

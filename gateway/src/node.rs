@@ -19,10 +19,9 @@ use crate::config::Config;
 use crate::hub::{Closer, Hub};
 use crate::limits::ConnectLimiter;
 
-/// Heartbeat period of the node record (`GET /v1/nodes`).
-pub const HEARTBEAT_INTERVAL: Duration = Duration::from_secs(10);
-/// A node missing three heartbeats is gone; well inside the 90 s promise.
-pub const HEARTBEAT_TTL: Duration = Duration::from_secs(30);
+/// A node missing this many heartbeats is gone (30 s by default, well inside the
+/// 90 s promise).
+pub const HEARTBEATS_TO_EXPIRE: u32 = 3;
 /// How often readiness re-checks Redis: fast enough that `/readyz` follows an outage
 /// within a couple of seconds.
 pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
@@ -201,7 +200,7 @@ impl Node {
             }
             tokio::select! {
                 _ = self.stop.cancelled() => return,
-                _ = tokio::time::sleep(HEARTBEAT_INTERVAL) => {}
+                _ = tokio::time::sleep(self.config.heartbeat) => {}
             }
         }
     }
@@ -300,20 +299,26 @@ impl Node {
     }
 
     async fn heartbeat_loop(&self) {
-        let mut tick = tokio::time::interval(HEARTBEAT_INTERVAL);
+        let ttl = self.config.heartbeat * HEARTBEATS_TO_EXPIRE;
+        let mut tick = tokio::time::interval(self.config.heartbeat);
         loop {
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
+            if let Err(e) = self.store.node_heartbeat(&self.node_record(), ttl).await {
+                metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "heartbeat").increment(1);
+                tracing::warn!(error = %e, "node heartbeat failed");
+            }
+            let counts = self.hub.channel_counts();
             if let Err(e) = self
                 .store
-                .node_heartbeat(&self.node_record(), HEARTBEAT_TTL)
+                .node_channels(&self.config.node_id, &counts, ttl)
                 .await
             {
                 metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "heartbeat").increment(1);
-                tracing::warn!(error = %e, "node heartbeat failed");
+                tracing::debug!(error = %e, "channel counts not written");
             }
         }
     }

@@ -59,6 +59,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "SB_HISTORY_SIZE",
     "SB_HISTORY_TTL_SECS",
     "SB_PRESENCE_TTL_SECS",
+    "SB_HEARTBEAT_SECS",
     // worker
     "SB_LLM_BASE_URL",
     "SB_LLM_API_KEY",

@@ -278,3 +278,50 @@ pub async fn subscribe_ready(nats: &async_nats::Client, subject: &str) -> async_
     assert!(matches!(probe, Ok(Some(m)) if &m.payload[..] == b"probe"));
     sub
 }
+
+/// Stands in for workers on `sb.rpc.user_context`: answers every user with the teams
+/// listed for them (none otherwise).
+pub async fn context_responder(
+    deps: &Deps,
+    teams: &[(&str, &[&str])],
+) -> tokio::task::JoinHandle<()> {
+    let map: std::collections::HashMap<String, Vec<String>> = teams
+        .iter()
+        .map(|(u, t)| (u.to_string(), t.iter().map(|s| s.to_string()).collect()))
+        .collect();
+    let nats = async_nats::connect(deps.nats.url()).await.unwrap();
+    let mut sub = nats
+        .queue_subscribe("sb.rpc.user_context", "workers".into())
+        .await
+        .unwrap();
+    // A request on the same connection proves the SUB is in place before tests start.
+    let _ = nats.request("sb.rpc.barrier-for-tests", "".into()).await;
+    tokio::spawn(async move {
+        while let Some(msg) = futures_util::StreamExt::next(&mut sub).await {
+            let req: Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
+            let user = req["user_id"].as_str().unwrap_or_default();
+            let teams: Vec<Value> = map
+                .get(user)
+                .map(|t| {
+                    t.iter()
+                        .map(|id| serde_json::json!({"id": id, "name": id}))
+                        .collect()
+                })
+                .unwrap_or_default();
+            let body = serde_json::json!({"teams": teams, "tasks": [], "degraded": false});
+            if let Some(reply) = msg.reply {
+                let _ = nats.publish(reply, body.to_string().into()).await;
+            }
+        }
+    })
+}
+
+/// Reads frames until one satisfies `pred`; returns it (others are skipped).
+pub async fn next_matching(ws: &mut Ws, pred: impl Fn(&Value) -> bool) -> Value {
+    loop {
+        let f = next_json(ws).await;
+        if pred(&f) {
+            return f;
+        }
+    }
+}

@@ -1,0 +1,608 @@
+//! Channels across the cluster: fan-out in order across nodes, permissions,
+//! unsubscribe, slow consumers, recovery, presence, read offsets, typing, the HTTP
+//! publish API.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use testkit::tokens;
+
+use crate::common::*;
+
+fn public(c: &mut gateway::RawConfig) {
+    c.public_namespaces = Some("news".into());
+    // These tests publish in bursts from one connection.
+    c.message_rate = Some(10_000);
+    c.message_burst = Some(10_000);
+}
+
+async fn subscribe(ws: &mut Ws, channel: &str, since: Option<u64>) -> Value {
+    let mut f = json!({"type": "subscribe", "channel": channel, "id": channel});
+    if let Some(s) = since {
+        f["since"] = json!(s);
+    }
+    send_json(ws, f).await;
+    next_matching(ws, |f| f["type"] == "subscribed" || f["type"] == "error").await
+}
+
+async fn http_publish(gw: &Gw, channel: &str, data: Value) -> u64 {
+    let r = api()
+        .post(gw.http("/v1/publish"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"channel": channel, "data": data}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    r.json::<Value>().await.unwrap()["offset"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn publications_reach_every_node_in_order() {
+    let deps = Deps::start();
+    let (a, b, c) = (
+        gateway(&deps, public).await,
+        gateway(&deps, public).await,
+        gateway(&deps, public).await,
+    );
+    let (mut pub_ws, _) = authed(&a, "pat").await;
+    let (mut sb, _) = authed(&b, "sue").await;
+    let (mut sc, _) = authed(&c, "sid").await;
+    let (mut sc2, _) = authed(&c, "sal").await;
+    for ws in [&mut sb, &mut sc, &mut sc2] {
+        let s = subscribe(ws, "news:live", None).await;
+        assert_eq!(
+            (
+                s["type"].as_str(),
+                s["recovered"].as_bool(),
+                s["offset"].as_u64()
+            ),
+            (Some("subscribed"), Some(false), Some(0))
+        );
+    }
+    for i in 0..50 {
+        send_json(
+            &mut pub_ws,
+            json!({"type": "publish", "channel": "news:live", "data": {"n": i}, "id": i}),
+        )
+        .await;
+    }
+    let mut acked = Vec::new();
+    while acked.len() < 50 {
+        let f = next_json(&mut pub_ws).await;
+        assert_eq!(f["type"], "ack", "{f}");
+        acked.push(f["offset"].as_u64().unwrap());
+    }
+    assert_eq!(acked, (1..=50).collect::<Vec<_>>());
+    for ws in [&mut sb, &mut sc, &mut sc2] {
+        for i in 0..50u64 {
+            let m = next_json(ws).await;
+            assert_eq!(m["type"], "message");
+            assert_eq!(m["channel"], "news:live");
+            assert_eq!(m["offset"], i + 1);
+            assert_eq!(m["data"], json!({"n": i}));
+            assert_eq!(m["from"], "pat");
+        }
+    }
+    let metrics = b.metrics().await;
+    assert!(
+        metrics.contains("switchboard_fanout_seconds_bucket"),
+        "fan-out latency recorded"
+    );
+}
+
+#[tokio::test]
+async fn permission_matrix() {
+    let deps = Deps::start();
+    let _ctx = context_responder(&deps, &[("alice", &["t1"])]).await;
+    let gw = gateway(&deps, public).await;
+    let (mut ws, auth) = authed(&gw, "alice").await;
+    assert_eq!(auth["teams"], json!([{"id": "t1", "name": "t1"}]));
+    // The own user channel is joined automatically; subscribing to it again (say,
+    // with `since`) is answered like any subscribe.
+    let sub_cases = [
+        ("user:alice", "subscribed"),
+        ("user:bob", "FORBIDDEN"),
+        ("team:t1", "subscribed"),
+        ("team:t2", "FORBIDDEN"),
+        ("news:x", "subscribed"),
+        ("secret:x", "FORBIDDEN"),
+        ("bad channel", "BAD_REQUEST"),
+        ("news:a.b", "BAD_REQUEST"),
+    ];
+    for (ch, want) in sub_cases {
+        let r = subscribe(&mut ws, ch, None).await;
+        let got = if r["type"] == "subscribed" {
+            "subscribed"
+        } else {
+            r["code"].as_str().unwrap()
+        };
+        assert_eq!(got, want, "subscribe {ch}: {r}");
+        assert_eq!(r["id"], ch);
+    }
+    let pub_cases = [
+        ("user:bob", "FORBIDDEN"),
+        ("team:t2", "FORBIDDEN"),
+        ("secret:x", "FORBIDDEN"),
+        ("team:t1", "ack"),
+        ("news:x", "ack"),
+        ("user:alice", "ack"),
+    ];
+    for (ch, want) in pub_cases {
+        send_json(
+            &mut ws,
+            json!({"type": "publish", "channel": ch, "data": 1, "id": ch}),
+        )
+        .await;
+        let r = next_matching(&mut ws, |f| f["id"] == ch).await;
+        let got = if r["type"] == "ack" {
+            "ack"
+        } else {
+            r["code"].as_str().unwrap()
+        };
+        assert_eq!(got, want, "publish {ch}: {r}");
+    }
+    // Subscribing twice answers `subscribed` again, at the connection's position.
+    let again = subscribe(&mut ws, "news:x", Some(0)).await;
+    assert_eq!(
+        (
+            again["type"].as_str(),
+            again["offset"].as_u64(),
+            again["recovered"].as_bool()
+        ),
+        (Some("subscribed"), Some(1), Some(true))
+    );
+}
+
+#[tokio::test]
+async fn unsubscribe_stops_delivery() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, public).await;
+    let (mut ws, _) = authed(&gw, "uli").await;
+    subscribe(&mut ws, "news:a", None).await;
+    subscribe(&mut ws, "news:b", None).await;
+    http_publish(&gw, "news:a", json!(1)).await;
+    assert_eq!(next_json(&mut ws).await["channel"], "news:a");
+    send_json(
+        &mut ws,
+        json!({"type": "unsubscribe", "channel": "news:a", "id": 1}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ws).await,
+        json!({"type": "unsubscribed", "channel": "news:a", "id": 1})
+    );
+    http_publish(&gw, "news:a", json!(2)).await;
+    http_publish(&gw, "news:b", json!(3)).await;
+    let m = next_json(&mut ws).await;
+    assert_eq!(
+        (m["channel"].as_str(), m["data"].as_i64()),
+        (Some("news:b"), Some(3))
+    );
+    send_json(
+        &mut ws,
+        json!({"type": "unsubscribe", "channel": "news:a", "id": 2}),
+    )
+    .await;
+    assert_eq!(next_json(&mut ws).await["code"], "BAD_REQUEST");
+}
+
+#[tokio::test]
+async fn a_slow_consumer_is_closed_alone() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, |c| {
+        public(c);
+        c.outbound_queue = Some(16);
+        c.max_message_bytes = Some(64 * 1024);
+    })
+    .await;
+    let (mut slow, _) = authed(&gw, "slow").await;
+    let (mut fast, _) = authed(&gw, "fast").await;
+    subscribe(&mut slow, "news:firehose", None).await;
+    subscribe(&mut fast, "news:firehose", None).await;
+    const N: u64 = 1500;
+    let reader = tokio::spawn(async move {
+        let mut last = 0;
+        while last < N {
+            let m = next_json(&mut fast).await;
+            assert_eq!(
+                m["offset"].as_u64(),
+                Some(last + 1),
+                "fast client misses nothing"
+            );
+            last += 1;
+        }
+        fast
+    });
+    let blob = "x".repeat(16 * 1024);
+    let (pub_ws, _) = authed(&gw, "pub").await;
+    let mut pub_ws = pub_ws;
+    for i in 0..N {
+        send_json(
+            &mut pub_ws,
+            json!({"type": "publish", "channel": "news:firehose", "data": {"i": i, "blob": blob}}),
+        )
+        .await;
+        if i % 50 == 0 {
+            // Keep the publisher's own acks drained.
+            while let Ok(Some(_)) = tokio::time::timeout(
+                Duration::from_millis(1),
+                futures_util::StreamExt::next(&mut pub_ws),
+            )
+            .await
+            {}
+        }
+    }
+    let mut fast = tokio::time::timeout(Duration::from_secs(60), reader)
+        .await
+        .expect("fast client kept up")
+        .unwrap();
+    // The slow client was cut off; once it reads, it finds the reason at the end.
+    eventually("slow consumer close", || async {
+        gw.metrics()
+            .await
+            .contains("switchboard_slow_consumer_closes_total 1")
+    })
+    .await;
+    let (frames, code) = until_close(&mut slow).await;
+    assert_eq!(
+        code,
+        Some(4008),
+        "last frames: {:?}",
+        frames.iter().rev().take(1).collect::<Vec<_>>()
+    );
+    assert_eq!(frames.last().unwrap()["code"], "SLOW_CONSUMER");
+    send_json(&mut fast, json!({"type": "ping"})).await;
+    assert_eq!(
+        next_matching(&mut fast, |f| f["type"] == "pong").await["type"],
+        "pong"
+    );
+}
+
+#[tokio::test]
+async fn recovery_on_another_node_replays_exactly_what_was_missed() {
+    let deps = Deps::start();
+    let a = gateway(&deps, public).await;
+    let b = gateway(&deps, public).await;
+    const TOTAL: u64 = 300;
+    let publisher = {
+        let url = a.http("/v1/publish");
+        tokio::spawn(async move {
+            let c = api();
+            for i in 0..TOTAL {
+                c.post(&url)
+                    .bearer_auth(API_KEY)
+                    .json(&json!({"channel": "news:stream", "data": i}))
+                    .send()
+                    .await
+                    .unwrap();
+                tokio::time::sleep(Duration::from_millis(3)).await;
+            }
+        })
+    };
+    let (mut ws, _) = authed(&a, "rick").await;
+    let s = subscribe(&mut ws, "news:stream", None).await;
+    let mut last = s["offset"].as_u64().unwrap();
+    let mut seen = Vec::new();
+    while seen.len() < 40 {
+        let m = next_json(&mut ws).await;
+        let o = m["offset"].as_u64().unwrap();
+        assert_eq!(o, last + 1);
+        last = o;
+        seen.push(o);
+    }
+    drop(ws);
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let (mut ws, _) = authed(&b, "rick").await;
+    send_json(
+        &mut ws,
+        json!({"type": "subscribe", "channel": "news:stream", "since": last, "id": "s"}),
+    )
+    .await;
+    let mut got = Vec::new();
+    let mut subscribed = None;
+    while got.last().copied().unwrap_or(last) < TOTAL {
+        let f = next_json(&mut ws).await;
+        match f["type"].as_str() {
+            Some("message") => got.push(f["offset"].as_u64().unwrap()),
+            Some("subscribed") => subscribed = Some(f),
+            _ => panic!("unexpected {f}"),
+        }
+    }
+    publisher.await.unwrap();
+    let s = subscribed.expect("subscribed");
+    assert_eq!(s["recovered"], true, "{s}");
+    let expected: Vec<u64> = (last + 1..=TOTAL).collect();
+    assert_eq!(got, expected, "contiguous, no duplicates");
+    let m = b.metrics().await;
+    assert!(
+        m.contains("switchboard_recoveries_total{result=\"hit\"} 1"),
+        "{m}"
+    );
+}
+
+#[tokio::test]
+async fn recovery_past_the_history_bound_says_so() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, |c| {
+        public(c);
+        c.history_size = Some(5);
+    })
+    .await;
+    for i in 0..20 {
+        http_publish(&gw, "news:old", json!(i)).await;
+    }
+    let (mut ws, _) = authed(&gw, "tom").await;
+    let s = subscribe(&mut ws, "news:old", Some(2)).await;
+    assert_eq!(
+        (s["recovered"].as_bool(), s["offset"].as_u64()),
+        (Some(false), Some(20))
+    );
+    // Within the bound it recovers.
+    let (mut ws, _) = authed(&gw, "tom").await;
+    send_json(
+        &mut ws,
+        json!({"type": "subscribe", "channel": "news:old", "since": 17}),
+    )
+    .await;
+    let offsets: Vec<_> = [
+        next_json(&mut ws).await,
+        next_json(&mut ws).await,
+        next_json(&mut ws).await,
+    ]
+    .iter()
+    .map(|m| m["offset"].as_u64().unwrap())
+    .collect();
+    assert_eq!(offsets, [18, 19, 20]);
+    let s = next_json(&mut ws).await;
+    assert_eq!(
+        (s["type"].as_str(), s["recovered"].as_bool()),
+        (Some("subscribed"), Some(true))
+    );
+    // From the future (history lost): not recovered.
+    let (mut ws, _) = authed(&gw, "tom").await;
+    assert_eq!(
+        subscribe(&mut ws, "news:old", Some(99)).await["recovered"],
+        false
+    );
+}
+
+#[tokio::test]
+async fn presence_joins_leaves_and_expires_with_a_dead_node() {
+    let deps = Deps::start();
+    let _ctx = context_responder(
+        &deps,
+        &[("ann", &["t1"]), ("ben", &["t1"]), ("cat", &["t1"])],
+    )
+    .await;
+    let cfg = |c: &mut gateway::RawConfig| c.presence_ttl_secs = Some(3);
+    let a = gateway(&deps, cfg).await;
+    let b = gateway(&deps, cfg).await;
+    let (mut ben, _) = authed(&b, "ben").await;
+    subscribe(&mut ben, "team:t1", None).await;
+    let (mut ann, _) = authed(&a, "ann").await;
+    subscribe(&mut ann, "team:t1", None).await;
+    assert_eq!(
+        next_json(&mut ben).await,
+        json!({"type": "join", "channel": "team:t1", "user": "ann"})
+    );
+    send_json(
+        &mut ben,
+        json!({"type": "presence", "channel": "team:t1", "id": 1}),
+    )
+    .await;
+    let p = next_json(&mut ben).await;
+    assert_eq!(
+        p["users"],
+        json!([{"user_id": "ann", "connections": 1}, {"user_id": "ben", "connections": 1}]),
+        "{p}"
+    );
+    send_json(
+        &mut ann,
+        json!({"type": "unsubscribe", "channel": "team:t1"}),
+    )
+    .await;
+    assert_eq!(
+        next_json(&mut ben).await,
+        json!({"type": "leave", "channel": "team:t1", "user": "ann"})
+    );
+
+    // A node that dies without a word: its presence entries expire.
+    let (port, admin) = (testkit::free_port(), testkit::free_port());
+    let mut dead = tokio::process::Command::new(env!("CARGO_BIN_EXE_gateway"))
+        .env_clear()
+        .env("SB_LISTEN", format!("127.0.0.1:{port}"))
+        .env("SB_ADMIN_LISTEN", format!("127.0.0.1:{admin}"))
+        .env("SB_NODE_ID", "doomed")
+        .env("SB_NATS_URL", deps.nats.url())
+        .env("SB_REDIS_URL", deps.redis.url())
+        .env("SB_JWT_SECRET", tokens::TEST_SECRET)
+        .env("SB_PRESENCE_TTL_SECS", "3")
+        .env("SB_LOG", "warn")
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let url = format!("ws://127.0.0.1:{port}/ws");
+    let cat = loop {
+        if let Ok((mut ws, _)) = connect(&url, Hs::bearer(&tokens::token("cat", 600))).await {
+            assert_eq!(next_json(&mut ws).await["type"], "authenticated");
+            break ws;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut cat = cat;
+    subscribe(&mut cat, "team:t1", None).await;
+    assert_eq!(next_json(&mut ben).await["user"], "cat");
+    dead.kill().await.unwrap();
+    let presence_url = a.http("/v1/channels/team:t1/presence");
+    eventually("cat's presence expires", || async {
+        let v: Value = api()
+            .get(&presence_url)
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["users"] == json!([{"user_id": "ben", "connections": 1}])
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn read_offsets_follow_the_user_to_another_node() {
+    let deps = Deps::start();
+    let _ctx = context_responder(&deps, &[("dan", &["t1"]), ("eve", &["t1"])]).await;
+    let a = gateway(&deps, |_| {}).await;
+    let b = gateway(&deps, |_| {}).await;
+    let (mut eve, _) = authed(&b, "eve").await;
+    subscribe(&mut eve, "team:t1", None).await;
+    let (mut dan, _) = authed(&a, "dan").await;
+    let s = subscribe(&mut dan, "team:t1", None).await;
+    assert!(s.get("read_offset").is_none());
+    send_json(
+        &mut dan,
+        json!({"type": "read", "channel": "team:t1", "offset": 7, "id": "r"}),
+    )
+    .await;
+    let ack = next_matching(&mut dan, |f| f["type"] == "ack").await;
+    assert_eq!(
+        (ack["offset"].as_u64(), ack["id"].as_str()),
+        (Some(7), Some("r"))
+    );
+    let ev = next_matching(&mut eve, |f| f["type"] == "read").await;
+    assert_eq!(
+        ev,
+        json!({"type": "read", "channel": "team:t1", "user": "dan", "offset": 7})
+    );
+    // An older offset does not move it back.
+    send_json(
+        &mut dan,
+        json!({"type": "read", "channel": "team:t1", "offset": 3}),
+    )
+    .await;
+    assert_eq!(
+        next_matching(&mut dan, |f| f["type"] == "ack").await["offset"],
+        7
+    );
+    drop(dan);
+    let (mut dan, _) = authed(&b, "dan").await;
+    let s = subscribe(&mut dan, "team:t1", None).await;
+    assert_eq!(s["read_offset"], 7, "{s}");
+}
+
+#[tokio::test]
+async fn typing_reaches_the_others_only() {
+    let deps = Deps::start();
+    let a = gateway(&deps, public).await;
+    let b = gateway(&deps, public).await;
+    let (mut fay, _) = authed(&a, "fay").await;
+    let (mut fay2, _) = authed(&b, "fay").await;
+    let (mut gus, _) = authed(&b, "gus").await;
+    for ws in [&mut fay, &mut fay2, &mut gus] {
+        subscribe(ws, "news:room", None).await;
+    }
+    send_json(&mut fay, json!({"type": "typing", "channel": "news:room"})).await;
+    assert_eq!(
+        next_json(&mut gus).await,
+        json!({"type": "typing", "channel": "news:room", "user": "fay"})
+    );
+    // Fay's other connection does not get her own typing; the next thing it sees is this.
+    http_publish(&a, "news:room", json!("after")).await;
+    assert_eq!(next_json(&mut fay2).await["type"], "message");
+    send_json(
+        &mut gus,
+        json!({"type": "typing", "channel": "news:elsewhere", "id": 1}),
+    )
+    .await;
+    assert_eq!(
+        next_matching(&mut gus, |f| f["type"] == "error").await["code"],
+        "BAD_REQUEST"
+    );
+}
+
+#[tokio::test]
+async fn http_publish_and_channel_listing() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, |c| {
+        public(c);
+        c.heartbeat_secs = Some(1);
+    })
+    .await;
+    let c = api();
+    let r = c
+        .post(gw.http("/v1/publish"))
+        .json(&json!({"channel": "news:x", "data": 1}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert_eq!(
+        r.json::<Value>().await.unwrap()["error"]["code"],
+        "UNAUTHORIZED"
+    );
+    for body in [
+        "{",
+        r#"{"channel":"news:x"}"#,
+        r#"{"channel":"nope","data":1}"#,
+        r#"{"channel":"news:x","data":1,"extra":2}"#,
+    ] {
+        let r = c
+            .post(gw.http("/v1/publish"))
+            .bearer_auth(API_KEY)
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{body}");
+        assert_eq!(
+            r.json::<Value>().await.unwrap()["error"]["code"],
+            "BAD_REQUEST"
+        );
+    }
+    let (mut ws, _) = authed(&gw, "hal").await;
+    subscribe(&mut ws, "news:x", None).await;
+    assert_eq!(
+        http_publish(&gw, "news:x", json!({"hello": "world"})).await,
+        1
+    );
+    let m = next_json(&mut ws).await;
+    assert_eq!(
+        m,
+        json!({"type": "message", "channel": "news:x", "offset": 1, "data": {"hello": "world"}, "from": "server"})
+    );
+
+    // Publishing over NATS request/reply does the same.
+    let nats = async_nats::connect(deps.nats.url()).await.unwrap();
+    let reply = nats
+        .request(
+            "sb.rpc.publish",
+            json!({"channel": "news:x", "data": 2}).to_string().into(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        serde_json::from_slice::<Value>(&reply.payload).unwrap(),
+        json!({"offset": 2})
+    );
+    assert_eq!(next_json(&mut ws).await["offset"], 2);
+
+    eventually("channel counts", || async {
+        let v: Value = c
+            .get(gw.http("/v1/channels"))
+            .bearer_auth(API_KEY)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        v["channels"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|ch| ch["channel"] == "news:x" && ch["subscribers"] == 1)
+    })
+    .await;
+}
