@@ -181,4 +181,25 @@ mod tests {
             let _ = extract(&HeaderMap::new(), Some(q));
         }
     }
+
+    proptest::proptest! {
+        #[test]
+        fn extraction_never_panics(
+            auth in proptest::option::of(".{0,200}"),
+            proto in proptest::option::of(".{0,200}"),
+            query in proptest::option::of(".{0,200}"),
+        ) {
+            let mut h = HeaderMap::new();
+            if let Some(a) = auth.and_then(|a| HeaderValue::from_str(&a).ok()) {
+                h.insert(AUTHORIZATION, a);
+            }
+            if let Some(p) = proto.and_then(|p| HeaderValue::from_str(&p).ok()) {
+                h.insert(SEC_WEBSOCKET_PROTOCOL, p);
+            }
+            let hs = extract(&h, query.as_deref());
+            if let Some(Ok((t, _))) = hs.token {
+                proptest::prop_assert!(!t.is_empty());
+            }
+        }
+    }
 }
