@@ -352,8 +352,10 @@ impl Node {
             }
             let up = self.store.ping().await.is_ok();
             let was = self.redis_up.swap(up, Ordering::AcqRel);
-            if was != up {
-                tracing::warn!(up, "redis availability changed");
+            match (was, up) {
+                (true, false) => tracing::warn!("redis unreachable"),
+                (false, true) => tracing::info!("redis reachable"),
+                _ => {}
             }
             metrics::gauge!(shared::metrics::REDIS_UP).set(if up { 1.0 } else { 0.0 });
             metrics::gauge!(shared::metrics::NATS_CONNECTED, "binary" => "gateway")

@@ -9,6 +9,7 @@ mod channels;
 mod chat;
 mod cluster;
 mod connect;
+mod e2e_chat;
 mod faults;
 mod limits;
 mod proxy;
