@@ -18,6 +18,14 @@ pub enum BreakerState {
 }
 
 impl BreakerState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BreakerState::Closed => "closed",
+            BreakerState::Open => "open",
+            BreakerState::HalfOpen => "half_open",
+        }
+    }
+
     /// Gauge value: 0 closed, 1 open, 2 half-open.
     pub fn gauge(self) -> f64 {
         match self {

@@ -59,7 +59,7 @@ pub const DEFAULT_CHUNK_INTERVAL_MS: u64 = 20;
 /// Issue 4: or every 64 characters, whichever comes first.
 pub const DEFAULT_CHUNK_CHARS: usize = 64;
 /// Attachments per request: a handful of documents per question.
-pub const DEFAULT_MAX_FILES: usize = 10;
+pub const DEFAULT_MAX_FILES: usize = 5;
 /// Issue 4: 1 MiB of decoded attachments per request.
 pub const DEFAULT_MAX_FILES_BYTES: usize = 1024 * 1024;
 /// One JetStream replica: a single NATS server; production clusters set 3.
@@ -194,8 +194,8 @@ pub struct RawConfig {
     pub jetstream_replicas: Option<usize>,
 }
 
-/// LLM client settings.
-#[derive(Debug, Clone)]
+/// LLM client settings. `Debug` leaves the API key out.
+#[derive(Clone)]
 pub struct LlmSettings {
     pub base_url: String,
     pub api_key: Option<String>,
@@ -212,8 +212,8 @@ pub struct LlmSettings {
     pub backoff_max: Duration,
 }
 
-/// Team backend settings.
-#[derive(Debug, Clone)]
+/// Team backend settings. `Debug` leaves the token out.
+#[derive(Clone)]
 pub struct BackendSettings {
     /// `None`: no backend; users have no teams or tasks (not degraded).
     pub url: Option<String>,
@@ -222,6 +222,36 @@ pub struct BackendSettings {
     pub breaker_failures: u32,
     pub breaker_cooldown: Duration,
     pub max_in_flight: usize,
+}
+
+impl std::fmt::Debug for LlmSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmSettings")
+            .field("base_url", &self.base_url)
+            .field("api_key_set", &self.api_key.is_some())
+            .field("model", &self.model)
+            .field("protocol", &self.protocol)
+            .field("max_tokens", &self.max_tokens)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("first_token_timeout", &self.first_token_timeout)
+            .field("idle_timeout", &self.idle_timeout)
+            .field("total_timeout", &self.total_timeout)
+            .field("max_attempts", &self.max_attempts)
+            .finish_non_exhaustive()
+    }
+}
+
+impl std::fmt::Debug for BackendSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BackendSettings")
+            .field("url", &self.url)
+            .field("token_set", &self.token.is_some())
+            .field("timeout", &self.timeout)
+            .field("breaker_failures", &self.breaker_failures)
+            .field("breaker_cooldown", &self.breaker_cooldown)
+            .field("max_in_flight", &self.max_in_flight)
+            .finish()
+    }
 }
 
 /// Attachment limits.
@@ -626,6 +656,22 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(e.to_string().starts_with("SB_LLM_BASE_URL"), "{e}");
+    }
+
+    #[test]
+    fn debug_output_has_no_secrets() {
+        let c = raw(&[
+            "--llm-api-key",
+            "sk-secret-1",
+            "--backend-token",
+            "bt-secret-2",
+        ])
+        .unwrap();
+        let d = format!("{c:?}");
+        assert!(
+            !d.contains("sk-secret-1") && !d.contains("bt-secret-2"),
+            "{d}"
+        );
     }
 
     #[test]

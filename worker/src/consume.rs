@@ -22,7 +22,7 @@ use std::time::Duration;
 use async_nats::jetstream::AckKind;
 use async_nats::jetstream::consumer::PullConsumer;
 use futures_util::StreamExt;
-use shared::protocol::ChatRequest;
+use shared::protocol::{ChatRequest, valid_name};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
 use tokio::time::Instant;
@@ -132,7 +132,7 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
                         failures = 0;
                         let Some(permit) = permits.pop() else {
                             // More than asked for: give it back at once.
-                            let _ = msg.ack_with(AckKind::Nak(None)).await;
+                            send(&msg, AckKind::Nak(None), "nak").await;
                             continue;
                         };
                         tasks.spawn(process(worker.clone(), msg, permit, abandon.clone()));
@@ -234,7 +234,20 @@ async fn process(
     if delivered > 1 {
         metrics::counter!(shared::metrics::WORKER_REDELIVERIES).increment(1);
     }
-    let outcome = match serde_json::from_slice::<ChatRequest>(&msg.payload) {
+    let parsed = serde_json::from_slice::<ChatRequest>(&msg.payload)
+        .map_err(|e| e.to_string())
+        .and_then(|r| {
+            // Ids become subject tokens and key parts: never trust the publisher.
+            let ok = [&r.user_id, &r.session_id, &r.request_id]
+                .iter()
+                .all(|id| valid_name(id));
+            if ok {
+                Ok(r)
+            } else {
+                Err("user, session or request id is not [A-Za-z0-9_-]{1,128}".to_owned())
+            }
+        });
+    let outcome = match parsed {
         Ok(request) => {
             let job = Job { request, delivered };
             let work = request::handle(&worker, &job, &abandon);

@@ -7,7 +7,7 @@
 use std::sync::Arc;
 
 use futures_util::StreamExt;
-use shared::protocol::{UserContext, UserContextRequest};
+use shared::protocol::{UserContext, UserContextRequest, valid_name};
 use shared::subjects::WORKER_QUEUE_GROUP;
 use tokio::sync::Semaphore;
 use tokio::task::JoinSet;
@@ -47,7 +47,7 @@ pub async fn serve(worker: Arc<Worker>, stop: CancellationToken) {
                 biased;
                 _ = stop.cancelled() => {
                     // Leave the queue group at once so other workers get new requests.
-                    let _ = sub.unsubscribe().await;
+                    let _ = tokio::time::timeout(crate::PUBLISH_TIMEOUT, sub.unsubscribe()).await;
                     break 'subscribe;
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
@@ -77,7 +77,14 @@ pub async fn serve(worker: Arc<Worker>, stop: CancellationToken) {
             tasks.spawn(async move {
                 let _permit = permit;
                 let ctx = match serde_json::from_slice::<UserContextRequest>(&msg.payload) {
-                    Ok(req) => answer(&worker, &req).await,
+                    Ok(req) if valid_name(&req.user_id) => answer(&worker, &req).await,
+                    Ok(_) => {
+                        tracing::warn!("user-context request with an invalid user id");
+                        UserContext {
+                            degraded: true,
+                            ..UserContext::default()
+                        }
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "malformed user-context request");
                         UserContext {

@@ -111,7 +111,7 @@ impl shared::admin::Health for Worker {
             "redis": self.redis_up.load(Ordering::Acquire),
             "consumer": self.consumer_up.load(Ordering::Acquire),
             "in_flight": self.cancels.len(),
-            "breaker": format!("{:?}", self.breaker.state()).to_lowercase(),
+            "breaker": self.breaker.state().as_str(),
             "node": self.config.node_id,
         })
     }

@@ -1,7 +1,8 @@
 //! The reply frames a user receives for one request, on `sb.user.<uid>` (every
 //! connection of the user, on any gateway): `chat.chunk` with `seq` 0, 1, 2.. of
-//! text coalesced to about every 20 ms or 64 characters, then one `chat.complete`
-//! (the whole text) or `chat.error`.
+//! text coalesced to at most one chunk per 20 ms unless 64 characters wait (the
+//! first text is sent at once), then one `chat.complete` (the whole text) or
+//! `chat.error`.
 //!
 //! A redelivered request streams again from `seq` 0: clients drop chunks whose
 //! `request_id` + `seq` they already have, and take `chat.complete`'s content as the
@@ -14,13 +15,15 @@ use tokio::time::Instant;
 
 use crate::PUBLISH_TIMEOUT;
 
-/// Collects streamed text into chunks: a chunk is due when it holds `max_chars`
-/// characters, or `interval` after its first character arrived.
+/// Collects streamed text into chunks, at most one chunk per `interval` unless
+/// `max_chars` characters are waiting. Leading edge: text arriving after a quiet
+/// `interval` (the first token above all) goes out at once, so coalescing never adds
+/// latency to a slow stream; a fast stream is sent every `interval` or `max_chars`.
 #[derive(Debug)]
 pub struct Coalescer {
     buf: String,
     chars: usize,
-    since: Option<Instant>,
+    last_sent: Option<Instant>,
     max_chars: usize,
     interval: Duration,
 }
@@ -30,33 +33,42 @@ impl Coalescer {
         Coalescer {
             buf: String::new(),
             chars: 0,
-            since: None,
+            last_sent: None,
             max_chars: max_chars.max(1),
             interval,
         }
     }
 
-    /// Adds text; `true` when the chunk is full and should go out now.
+    /// Adds text; `true` when a chunk should go out now.
     pub fn push(&mut self, text: &str, now: Instant) -> bool {
         if text.is_empty() {
             return false;
         }
-        self.since.get_or_insert(now);
         self.buf.push_str(text);
         self.chars += text.chars().count();
-        self.chars >= self.max_chars
+        self.chars >= self.max_chars || self.last_sent.is_none_or(|t| now >= t + self.interval)
     }
 
-    /// When the pending chunk is due, if there is one.
+    /// When the waiting text is due, if any is waiting.
     pub fn deadline(&self) -> Option<Instant> {
-        self.since.map(|t| t + self.interval)
+        if self.buf.is_empty() {
+            return None;
+        }
+        Some(match self.last_sent {
+            Some(t) => t + self.interval,
+            // Nothing sent yet: due at once.
+            None => Instant::now(),
+        })
     }
 
-    /// The pending chunk, if any.
-    pub fn take(&mut self) -> Option<String> {
-        self.since = None;
+    /// The chunk to send now, if any text is waiting.
+    pub fn take(&mut self, now: Instant) -> Option<String> {
+        if self.buf.is_empty() {
+            return None;
+        }
+        self.last_sent = Some(now);
         self.chars = 0;
-        (!self.buf.is_empty()).then(|| std::mem::take(&mut self.buf))
+        Some(std::mem::take(&mut self.buf))
     }
 }
 
@@ -170,18 +182,24 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunks_fill_up_or_time_out() {
+    fn chunks_fill_up_or_wait_for_the_interval() {
+        let ms = Duration::from_millis;
         let t = Instant::now();
-        let mut c = Coalescer::new(5, Duration::from_millis(20));
+        let mut c = Coalescer::new(5, ms(20));
         assert_eq!(c.deadline(), None);
-        assert!(!c.push("ab", t));
-        assert_eq!(c.deadline(), Some(t + Duration::from_millis(20)));
-        assert!(!c.push("", t + Duration::from_millis(5)));
-        assert!(c.push("cdé", t + Duration::from_millis(10)));
-        assert_eq!(c.take().as_deref(), Some("abcdé"));
+        // The first text is due at once.
+        assert!(c.push("a", t));
+        assert_eq!(c.take(t).as_deref(), Some("a"));
+        // More within the interval waits for it...
+        assert!(!c.push("bc", t + ms(5)));
+        assert!(!c.push("", t + ms(6)));
+        assert_eq!(c.deadline(), Some(t + ms(20)));
+        // ...unless the chunk fills up.
+        assert!(c.push("déf", t + ms(10)));
+        assert_eq!(c.take(t + ms(10)).as_deref(), Some("bcdéf"));
         assert_eq!(c.deadline(), None);
-        assert_eq!(c.take(), None);
-        assert!(!c.push("x", t + Duration::from_millis(30)));
-        assert_eq!(c.deadline(), Some(t + Duration::from_millis(50)));
+        assert_eq!(c.take(t + ms(11)), None);
+        // After a quiet interval, text goes out at once again.
+        assert!(c.push("x", t + ms(40)));
     }
 }

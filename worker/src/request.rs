@@ -200,15 +200,16 @@ pub async fn handle(worker: &Worker, job: &Job, abandon: &CancellationToken) -> 
             _ = cancel.cancelled() => break End::Cancelled,
             _ = abandon.cancelled() => break End::Abandoned,
             _ = tokio::time::sleep_until(due.unwrap_or(started)), if due.is_some() => {
-                if let Some(c) = chunks.take() {
+                if let Some(c) = chunks.take(Instant::now()) {
                     reply.chunk(c).await;
                 }
             }
             r = stream.next() => match r {
                 Ok(Some(t)) => {
                     text.push_str(&t);
-                    if chunks.push(&t, Instant::now())
-                        && let Some(c) = chunks.take()
+                    let now = Instant::now();
+                    if chunks.push(&t, now)
+                        && let Some(c) = chunks.take(now)
                     {
                         reply.chunk(c).await;
                     }
@@ -224,7 +225,7 @@ pub async fn handle(worker: &Worker, job: &Job, abandon: &CancellationToken) -> 
     if matches!(end, End::Abandoned) {
         return Outcome::abandoned();
     }
-    if let Some(c) = chunks.take() {
+    if let Some(c) = chunks.take(Instant::now()) {
         reply.chunk(c).await;
     }
     match end {

@@ -5,6 +5,7 @@ mod common;
 
 mod auth_matrix;
 mod autobahn;
+mod bench;
 mod channels;
 mod chat;
 mod cluster;

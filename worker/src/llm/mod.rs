@@ -38,6 +38,10 @@ pub const MAX_WHOLE_BODY_BYTES: usize = 8 * 1024 * 1024;
 pub const ERROR_BODY_TIMEOUT: Duration = Duration::from_secs(2);
 /// Idle connections to the LLM are kept this long for the next request.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// After `[DONE]`, the rest of the body (the chunked terminator) is read in the
+/// background for at most this long, so the connection can be reused (a TLS
+/// handshake saved per request); otherwise it is closed.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Who said a message.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -324,6 +328,7 @@ impl LlmClient {
             scratch: Vec::new(),
             usage: None,
             finish_reason: None,
+            error: None,
             done: false,
             eof: false,
             idle: self.settings.idle_timeout,
@@ -469,6 +474,8 @@ pub struct LlmStream {
     scratch: Vec<LlmEvent>,
     usage: Option<Usage>,
     finish_reason: Option<String>,
+    /// A failure met while decoding, reported after the text before it.
+    error: Option<LlmError>,
     done: bool,
     eof: bool,
     idle: Duration,
@@ -502,7 +509,17 @@ impl LlmStream {
                     LlmEvent::Usage(u) => self.usage = Some(u),
                     LlmEvent::Finish(r) => self.finish_reason = Some(r),
                     LlmEvent::Done => {
-                        self.finish();
+                        self.done = true;
+                        if let Some(mut resp) = self.response.take() {
+                            // Nothing more is needed; read the body's end off the
+                            // request path so the connection returns to the pool.
+                            tokio::spawn(async move {
+                                let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+                                    while let Ok(Some(_)) = resp.chunk().await {}
+                                })
+                                .await;
+                            });
+                        }
                     }
                 }
                 if self.done {
@@ -512,11 +529,16 @@ impl LlmStream {
             if self.done {
                 return Ok(None);
             }
+            if let Some(e) = self.error.take() {
+                self.response = None;
+                return Err(e);
+            }
             if self.eof {
                 // Ended without [DONE]: whole if the model said why it stopped
                 // (llm.md A5 policy), otherwise cut short.
                 if self.finish_reason.is_some() {
-                    self.finish();
+                    self.done = true;
+                    self.response = None;
                     return Ok(None);
                 }
                 self.response = None;
@@ -552,16 +574,13 @@ impl LlmStream {
                     self.decoder.feed(&[], &mut scratch, true)
                 }
             };
+            // Text decoded before a failure in the same read still goes out first.
             self.pending.extend(scratch.drain(..));
             self.scratch = scratch;
-            r?;
+            if let Err(e) = r {
+                self.error = Some(e);
+            }
         }
-    }
-
-    fn finish(&mut self) {
-        self.done = true;
-        // Nothing more is needed from the server; dropping the body frees the connection.
-        self.response = None;
     }
 }
 

@@ -45,7 +45,11 @@ async fn cancel_stops_the_stream_fast_closes_upstream_and_records_the_partial_re
     assert!(took <= Duration::from_millis(100), "stopped in {took:?}");
     assert_eq!(last["type"], "chat.complete", "{last}");
     let partial = last["content"].as_str().unwrap().to_owned();
-    assert_eq!(partial, seen.chunk_text(), "complete carries what was streamed");
+    assert_eq!(
+        partial,
+        seen.chunk_text(),
+        "complete carries what was streamed"
+    );
     assert!(!partial.is_empty() && partial.len() < Reply::numbered(200).text().len());
     assert!(
         env.llm.wait_for(WAIT, |s| s.disconnects() == 1).await,

@@ -140,7 +140,11 @@ impl Env {
 
     /// A subscriber on the user's subject, ready before anything is published.
     pub async fn frames(&self, user_id: &str) -> Frames {
-        let sub = self.nc.subscribe(self.subjects.user(user_id)).await.unwrap();
+        let sub = self
+            .nc
+            .subscribe(self.subjects.user(user_id))
+            .await
+            .unwrap();
         self.nc.flush().await.unwrap();
         Frames { sub }
     }

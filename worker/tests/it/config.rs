@@ -17,7 +17,11 @@ const BASE: (&str, &str) = ("SB_LLM_BASE_URL", "http://127.0.0.1:8000/v1");
 #[test]
 fn check_config_accepts_a_valid_setup_and_hides_secrets() {
     let out = worker(
-        &[BASE, ("SB_LLM_API_KEY", "sk-very-secret"), ("SB_MAX_IN_FLIGHT", "8")],
+        &[
+            BASE,
+            ("SB_LLM_API_KEY", "sk-very-secret"),
+            ("SB_MAX_IN_FLIGHT", "8"),
+        ],
         &["--check-config"],
     );
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -37,10 +41,22 @@ fn bad_settings_are_named_and_exit_64() {
     let cases: Vec<Case> = vec![
         (vec![BASE, ("SB_LLM_BOGUS", "1")], vec![], "SB_LLM_BOGUS"),
         (vec![BASE], vec!["--config", file], "bogus_key"),
-        (vec![BASE, ("SB_MAX_IN_FLIGHT", "0")], vec![], "SB_MAX_IN_FLIGHT"),
-        (vec![BASE, ("SB_LLM_PROTOCOL", "grpc")], vec![], "SB_LLM_PROTOCOL"),
+        (
+            vec![BASE, ("SB_MAX_IN_FLIGHT", "0")],
+            vec![],
+            "SB_MAX_IN_FLIGHT",
+        ),
+        (
+            vec![BASE, ("SB_LLM_PROTOCOL", "grpc")],
+            vec![],
+            "SB_LLM_PROTOCOL",
+        ),
         (vec![], vec![], "SB_LLM_BASE_URL"),
-        (vec![("SB_LLM_BASE_URL", "localhost:8000")], vec![], "SB_LLM_BASE_URL"),
+        (
+            vec![("SB_LLM_BASE_URL", "localhost:8000")],
+            vec![],
+            "SB_LLM_BASE_URL",
+        ),
     ];
     for (envs, mut args, key) in cases {
         args.push("--check-config");

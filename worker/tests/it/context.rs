@@ -33,16 +33,28 @@ async fn context_comes_from_the_backend_with_the_users_token_and_is_cached() {
     let user = unique("u");
     let ctx = ask(&env, &user, "user-jwt").await;
     assert!(!ctx.degraded);
-    assert_eq!(ctx.teams, vec![json!({"id": "t1", "name": "Red"}), json!({"id": "t2"})]);
-    assert_eq!(ctx.tasks, vec![json!({"id": "task-1", "title": "Write tests"})]);
+    assert_eq!(
+        ctx.teams,
+        vec![json!({"id": "t1", "name": "Red"}), json!({"id": "t2"})]
+    );
+    assert_eq!(
+        ctx.tasks,
+        vec![json!({"id": "task-1", "title": "Write tests"})]
+    );
     assert_eq!(env.backend.calls(), 2);
     let auth = env.backend.authorizations();
-    assert!(auth.iter().all(|a| a.as_deref() == Some("Bearer user-jwt")), "{auth:?}");
+    assert!(
+        auth.iter().all(|a| a.as_deref() == Some("Bearer user-jwt")),
+        "{auth:?}"
+    );
     let mut paths = env.backend.paths();
     paths.sort();
     assert_eq!(
         paths,
-        [format!("/api/users/{user}/tasks"), format!("/api/users/{user}/teams")]
+        [
+            format!("/api/users/{user}/tasks"),
+            format!("/api/users/{user}/teams")
+        ]
     );
     let cached = env.store.cached_context(&user).await.unwrap().unwrap();
     assert_eq!(cached.teams, ctx.teams);

@@ -22,12 +22,13 @@ async fn a_killed_workers_request_completes_on_another_worker_recorded_once() {
 
     // Worker A streams a little, then dies mid-stream.
     let first = frames.next().await;
-    assert_eq!((first["type"].as_str(), first["seq"].as_u64()), (Some("chat.chunk"), Some(0)));
+    assert_eq!(
+        (first["type"].as_str(), first["seq"].as_u64()),
+        (Some("chat.chunk"), Some(0))
+    );
     a.kill().await;
     assert!(
-        env.llm
-            .wait_for(WAIT, |s| s.disconnects() == 1)
-            .await,
+        env.llm.wait_for(WAIT, |s| s.disconnects() == 1).await,
         "the dead worker's upstream connection closes"
     );
     let b = env.worker(|c| c.ack_wait_secs = Some(1)).await;
@@ -159,9 +160,8 @@ async fn a_hanging_stream_hits_the_idle_timeout_and_pings_do_not_count_as_tokens
     let user = unique("u");
     let mut frames = env.frames(&user).await;
 
-    env.llm.set_default(Script::Reply(
-        Reply::numbered(10).stop_after(2, End::Hang),
-    ));
+    env.llm
+        .set_default(Script::Reply(Reply::numbered(10).stop_after(2, End::Hang)));
     let req = request(&user, "hang");
     env.publish(&req).await;
     let first = frames.next().await;
@@ -237,7 +237,11 @@ async fn after_max_deliver_the_user_gets_a_final_error_and_the_request_is_droppe
     assert_eq!(seen.kind(), "chat.error");
     assert_eq!(seen.last["retryable"], false);
     assert_eq!(seen.last["request_id"], req.request_id.as_str());
-    assert_eq!(env.llm.request_count(), 0, "the extra delivery is never processed");
+    assert_eq!(
+        env.llm.request_count(),
+        0,
+        "the extra delivery is never processed"
+    );
     env.wait_queue_empty().await;
     frames.expect_silence(Duration::from_millis(500)).await;
 }
@@ -246,21 +250,65 @@ async fn after_max_deliver_the_user_gets_a_final_error_and_the_request_is_droppe
 async fn the_worker_recovers_from_a_nats_restart() {
     let mut env = Env::start().await;
     let w = env.worker(|_| {}).await;
-    env.nats.restart().expect("nats restart");
-    // The worker notices, then recovers by itself.
-    let start = Instant::now();
-    loop {
-        let (code, body) = w.readyz().await;
-        if code == 200 && start.elapsed() > Duration::from_millis(200) {
-            break;
-        }
-        assert!(start.elapsed() < WAIT * 2, "not ready again: {body}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    env.nats.stop();
+    w.wait_ready(false).await;
+    env.nats.start_again().expect("nats start");
+    // The worker reconnects and sets the consumer up again by itself.
+    w.wait_ready(true).await;
     let req = request(&unique("u"), "still there?");
     let mut frames = env.frames(&req.user_id).await;
     env.publish(&req).await;
     let seen = frames.until_end().await;
     assert_eq!(seen.kind(), "chat.complete", "{:?}", seen.last);
     assert_eq!(env.history(&req.session_id).await.len(), 2);
+}
+
+#[tokio::test]
+async fn progress_acks_keep_a_long_reply_from_being_redelivered() {
+    let env = Env::start().await;
+    // About 2.5 s of streaming against a 1 s ack wait.
+    let reply = Reply::numbered(50).token_delay(Duration::from_millis(50));
+    env.llm.set_default(Script::Reply(reply.clone()));
+    let _a = env.worker(|c| c.ack_wait_secs = Some(1)).await;
+    let _b = env.worker(|c| c.ack_wait_secs = Some(1)).await;
+    let req = request(&unique("u"), "a long answer please");
+    let mut frames = env.frames(&req.user_id).await;
+    env.publish(&req).await;
+    let seen = frames.until_end().await;
+    assert_eq!(seen.kind(), "chat.complete");
+    assert_eq!(seen.last["content"], reply.text());
+    let seqs = seen.seqs();
+    assert_eq!(
+        seqs,
+        (0..seqs.len() as u64).collect::<Vec<_>>(),
+        "one attempt only"
+    );
+    assert_eq!(
+        env.llm.request_count(),
+        1,
+        "never redelivered while streaming"
+    );
+    env.wait_queue_empty().await;
+}
+
+#[tokio::test]
+async fn malformed_requests_are_terminated_without_side_effects() {
+    let env = Env::start().await;
+    let _w = env.worker(|_| {}).await;
+    let mut bad = request(&unique("u"), "hi");
+    bad.user_id = "a.b".into();
+    env.publish(&bad).await;
+    env.js()
+        .publish(env.subjects.chat_requests(), "not json".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    env.wait_queue_empty().await;
+    assert_eq!(env.llm.request_count(), 0);
+    // The worker is still healthy and serves the next request.
+    let req = request(&unique("u"), "hi");
+    let mut frames = env.frames(&req.user_id).await;
+    env.publish(&req).await;
+    assert_eq!(frames.until_end().await.kind(), "chat.complete");
 }

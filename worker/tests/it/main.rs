@@ -4,6 +4,7 @@
 mod common;
 
 mod attachments;
+mod bench;
 mod cancel;
 mod chat;
 mod config;
