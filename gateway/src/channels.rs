@@ -13,11 +13,11 @@ use shared::protocol::{Channel, FrameId, PresenceUser, ServerFrame, UserContext}
 use shared::store::{ChannelSettings, StoreError, now_ms};
 
 use crate::error::SessionError;
-use crate::hub::{HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS};
+use crate::hub::{HEADER_CHANNEL, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS};
 use crate::node::Node;
 
 /// The namespace whose channels belong to one user each.
-pub const USER_NAMESPACE: &str = "user";
+pub use crate::hub::USER_NAMESPACE;
 /// The namespace whose channels belong to the members of one team each.
 pub const TEAM_NAMESPACE: &str = "team";
 /// NATS publish of a stored publication must not hang the publisher.
@@ -404,7 +404,7 @@ pub async fn publish(
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(HEADER_OFFSET, offset.to_string().as_str());
     headers.insert(HEADER_TS, now_ms().to_string().as_str());
-    let subject = node.subjects.channel(&ch.namespace, &ch.name);
+    let subject = subject(node, ch, &mut headers);
     let sent = tokio::time::timeout(
         PUBLISH_TIMEOUT,
         node.nats
@@ -446,7 +446,7 @@ async fn event(node: &Node, ch: &Channel, frame: &ServerFrame, from: &str, skip_
     if skip_sender {
         headers.insert(HEADER_SKIP_SENDER, "1");
     }
-    let subject = node.subjects.channel(&ch.namespace, &ch.name);
+    let subject = subject(node, ch, &mut headers);
     let sent = tokio::time::timeout(
         PUBLISH_TIMEOUT,
         node.nats
@@ -455,6 +455,17 @@ async fn event(node: &Node, ch: &Channel, frame: &ServerFrame, from: &str, skip_
     .await;
     if !matches!(sent, Ok(Ok(()))) {
         metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "channel_event").increment(1);
+    }
+}
+
+/// The NATS subject a channel's traffic travels on: `sb.ch.<ns>.<name>`, except a
+/// user's own channel, which rides on `sb.user.<id>` marked with its channel name.
+fn subject(node: &Node, ch: &Channel, headers: &mut async_nats::HeaderMap) -> String {
+    if ch.namespace == USER_NAMESPACE {
+        headers.insert(HEADER_CHANNEL, ch.to_string().as_str());
+        node.subjects.user(&ch.name)
+    } else {
+        node.subjects.channel(&ch.namespace, &ch.name)
     }
 }
 

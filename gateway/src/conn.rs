@@ -2,9 +2,10 @@
 //! `auth` frame within the deadline), the frame loop with rate limits, token refresh
 //! and expiry, heartbeats, outbound delivery from the hub, and every way it can end.
 //!
-//! A connection is one task. Reading is a pinned future that owns the reader and is
-//! re-armed after each message, so it survives `select!` iterations (fastwebsockets
-//! is not cancel-safe); writes are awaited in place, never raced.
+//! A connection is one task: one `select!` over the close signal, socket readiness
+//! (reads and writes are cancel-safe), the outbound queue and the next timer. The
+//! handlers of an event run in a boxed future, so the long-lived connection future
+//! stays small (an idle connection's memory is mostly this future).
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -76,6 +77,7 @@ pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up
     let (tx, rx) = mpsc::channel(node.config.outbound_queue);
     let now = Instant::now();
     let session = Session {
+        reader,
         limiter: MessageLimiter::new(node.config.message_rate, node.config.message_burst, now),
         node,
         conn_id: conn_id.into(),
@@ -89,7 +91,7 @@ pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up
         auth_deadline: now,
     };
     metrics::gauge!(m::CONNECTIONS_PENDING).increment(1.0);
-    session.run(reader, rx, up).instrument(span).await;
+    session.run(rx, up).instrument(span).await;
     drop(guard);
 }
 
@@ -113,6 +115,7 @@ struct Session {
     closer: Arc<Closer>,
     /// Kept so the hub can be handed clones; also keeps `rx` open.
     tx: mpsc::Sender<Outbound>,
+    reader: WsReader,
     writer: WsWriter,
     auth: Option<Authed>,
     limiter: MessageLimiter,
@@ -131,18 +134,13 @@ enum End {
 
 enum Event {
     Kill,
-    Read(WsReader, Result<Inbound, ReadError>),
+    Read(Result<Inbound, ReadError>),
     Outbound(Outbound),
     Timer,
     /// The socket can take more of the write buffer.
     Writable,
     /// The socket failed.
     Gone,
-}
-
-async fn read_next(mut r: WsReader) -> (WsReader, Result<Inbound, ReadError>) {
-    let res = r.next().await;
-    (r, res)
 }
 
 fn unix_now() -> u64 {
@@ -157,20 +155,19 @@ fn new_conn_id() -> String {
 }
 
 impl Session {
-    async fn run(mut self, reader: WsReader, mut rx: mpsc::Receiver<Outbound>, up: Upgrade) {
+    async fn run(mut self, mut rx: mpsc::Receiver<Outbound>, up: Upgrade) {
         let now = Instant::now();
         self.auth_deadline = now + self.node.config.auth_timeout;
         self.next_ping = now + self.node.config.ping_interval;
-        let read = read_next(reader);
-        tokio::pin!(read);
-
         let mut end = None;
         if let Some(refusal) = up.refusal {
             end = Some(self.fail(refusal, None).await);
         } else {
             match up.token {
                 Some(Ok((token, source))) => {
-                    if let Err(e) = self.authenticate(token, source, None, up.started).await {
+                    if let Err(e) =
+                        Box::pin(self.authenticate(token, source, None, up.started)).await
+                    {
                         end = Some(self.fail(e, None).await);
                     }
                 }
@@ -202,7 +199,7 @@ impl Session {
                         Ok(()) => Event::Writable,
                         Err(_) => Event::Gone,
                     },
-                    (r, res) = &mut read, if room => Event::Read(r, res),
+                    res = self.reader.next(), if room => Event::Read(res),
                     Some(b) = rx.recv(), if room => Event::Outbound(b),
                     _ = sleep_until(deadline.into()) => Event::Timer,
                 };
@@ -212,11 +209,8 @@ impl Session {
                             CloseReason::new(CloseCode::GoingAway, None, "closing")
                         }),
                     ))),
-                    Event::Read(r, res) => {
-                        read.set(read_next(r));
-                        self.on_read(res, up.started).await
-                    }
-                    Event::Outbound(first) => self.on_outbound(first, &mut rx).await,
+                    Event::Read(res) => Box::pin(self.on_read(res, up.started)).await,
+                    Event::Outbound(first) => Box::pin(self.on_outbound(first, &mut rx)).await,
                     Event::Timer => self.on_timer().await,
                     Event::Writable => None,
                     Event::Gone => Some(End::PeerGone),
@@ -226,7 +220,7 @@ impl Session {
                 }
             },
         };
-        self.finish(end, read).await;
+        self.finish(end).await;
     }
 
     /// Earliest instant something must happen without input.
@@ -769,10 +763,7 @@ impl Session {
 
     /// Sends the close sequence (if we are the one closing), waits briefly for the
     /// peer's close, then releases everything the connection held.
-    async fn finish<F>(mut self, end: End, read: std::pin::Pin<&mut F>)
-    where
-        F: std::future::Future<Output = (WsReader, Result<Inbound, ReadError>)>,
-    {
+    async fn finish(mut self, end: End) {
         if let End::Close(reason) = &end {
             metrics::counter!(m::CLOSES, "code" => reason.code.label()).increment(1);
             // What is already queued goes first; a slow peer gets the linger time to
@@ -783,7 +774,9 @@ impl Session {
             self.writer.queue_close(reason.code.as_u16(), reason.text);
             let flushed = tokio::time::timeout(transport::CLOSE_LINGER, self.writer.flush()).await;
             if matches!(flushed, Ok(Ok(()))) {
-                linger(read).await;
+                // Wait a moment for the peer's close; anything else it says no
+                // longer matters.
+                let _ = tokio::time::timeout(transport::CLOSE_LINGER, self.reader.next()).await;
             }
         }
         if let Some(mut a) = self.auth.take() {
@@ -796,19 +789,6 @@ impl Session {
             metrics::gauge!(m::CONNECTIONS_PENDING).decrement(1.0);
         }
     }
-}
-
-/// Waits a moment for the peer's close frame after ours.
-async fn linger<F>(mut read: std::pin::Pin<&mut F>)
-where
-    F: std::future::Future<Output = (WsReader, Result<Inbound, ReadError>)>,
-{
-    let _ = tokio::time::timeout(transport::CLOSE_LINGER, async {
-        // Only the first completion can be awaited: after it the future is spent, and
-        // anything but a close from a peer that is leaving does not matter.
-        let _ = read.as_mut().await;
-    })
-    .await;
 }
 
 fn close_text(code: CloseCode) -> &'static str {

@@ -27,6 +27,12 @@ pub const HEADER_TS: &str = "Sb-Ts";
 pub const HEADER_FROM: &str = "Sb-From";
 /// NATS header marking an event the sender's own connections should not get.
 pub const HEADER_SKIP_SENDER: &str = "Sb-Skip-Sender";
+/// NATS header naming the channel of a publication or event carried on a user
+/// subject: a user's own `user:<id>` channel rides on `sb.user.<id>`, so a node needs
+/// one subscription per user, not two.
+pub const HEADER_CHANNEL: &str = "Sb-Channel";
+/// The namespace whose channels ride on user subjects.
+pub const USER_NAMESPACE: &str = "user";
 
 // === Closer ===
 
@@ -236,6 +242,9 @@ impl Hub {
             add_interest(&mut st.channels, &key, &conn, &self.shutdown)
         };
         match stop {
+            // The user's own channel arrives on the user subject, which this node
+            // already holds for the connection's user.
+            Some(_) if ch.namespace == USER_NAMESPACE => Ok(false),
             Some(stop) => {
                 let subject = self.subjects.channel(&ch.namespace, &ch.name);
                 if let Err(e) = self.subscribe(subject, Topic::Channel(key), stop).await {
@@ -325,7 +334,10 @@ impl Hub {
                 },
             };
             match &topic {
-                Topic::User(user) => self.deliver_to_user(user, msg.payload),
+                Topic::User(user) => match header(&msg, HEADER_CHANNEL) {
+                    Some(ch) => self.deliver_to_channel(&Arc::from(ch.as_str()), &msg),
+                    None => self.deliver_to_user(user, msg.payload),
+                },
                 Topic::Channel(ch) => self.deliver_to_channel(ch, &msg),
             }
         }
@@ -347,12 +359,7 @@ impl Hub {
     }
 
     fn deliver_to_channel(&self, channel: &Arc<str>, msg: &async_nats::Message) {
-        let header = |name: &str| {
-            msg.headers
-                .as_ref()
-                .and_then(|h| h.get(name))
-                .map(|v| v.as_str().to_owned())
-        };
+        let header = |name: &str| header(msg, name);
         let item = match header(HEADER_OFFSET).and_then(|o| o.parse::<u64>().ok()) {
             Some(offset) => {
                 if let Some(ts) = header(HEADER_TS).and_then(|t| t.parse::<u64>().ok()) {
@@ -469,6 +476,13 @@ impl Hub {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+}
+
+fn header(msg: &async_nats::Message, name: &str) -> Option<String> {
+    msg.headers
+        .as_ref()
+        .and_then(|h| h.get(name))
+        .map(|v| v.as_str().to_owned())
 }
 
 /// Adds `conn` to the interest in `key`; returns a fresh stop token when this is the

@@ -1,26 +1,22 @@
-//! The WebSocket transport: RFC 6455 framing on top of fastwebsockets, with what the
-//! crate leaves out (see `../shared/research/crates.md` section 2): an aggregate cap on
-//! fragmented messages, close frames with the right code on every protocol error,
-//! refusal of unmasked client frames, control-frame size checks, and incremental
-//! UTF-8 validation of fragmented text. Writing is our own small buffered encoder
-//! (server frames are unmasked and trivial to frame): frames queue in a buffer that is
-//! flushed without blocking, so a connection can batch many frames per syscall, keep
-//! serving its other duties while a slow peer drains, and never corrupts the stream
-//! by cancelling a write half-way. The gateway's connections and the Autobahn echo
-//! harness both run on exactly this code.
+//! The WebSocket transport: RFC 6455 framing for the gateway's connections (and the
+//! Autobahn echo harness, which runs on exactly this code). fastwebsockets answers
+//! the upgrade handshake; framing is ours, because the gateway needs what the crate
+//! does not give (see `../shared/research/crates.md` section 2): an aggregate cap on
+//! fragmented messages checked before their bytes are buffered, a close frame with
+//! the right code on every protocol error, refusal of unmasked client frames,
+//! control-frame checks, incremental UTF-8 validation of fragments, cancel-safe
+//! reads and writes, and no buffer held by an idle connection (the crate keeps 8 KiB
+//! per connection, twice). Reads wait for readiness and then take what the socket
+//! has; writes queue frames in a buffer flushed without blocking, so a burst becomes
+//! one syscall and a slow peer never stalls its session.
 
 use std::io;
-use std::pin::Pin;
-use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use bytes::BufMut;
-use bytes::{Bytes, BytesMut};
-use fastwebsockets::{Frame, OpCode, Payload, Role, WebSocketError, WebSocketRead};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
 use hyper::upgrade::Upgraded;
 use hyper_util::rt::TokioIo;
 use shared::protocol::CloseCode;
-use tokio::io::{AsyncRead, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
@@ -35,6 +31,9 @@ const MAX_CONTROL_PAYLOAD: usize = 125;
 /// An emptied write buffer larger than this is released, so an idle connection that
 /// once sent a big message does not keep its buffer.
 const KEEP_BUFFER_BYTES: usize = 4096;
+/// Bytes taken from the socket per read: a typical client frame is far smaller, and
+/// the scratch space lives on the thread's stack, not in the connection.
+const READ_CHUNK: usize = 16 * 1024;
 
 /// Why reading stopped; each maps to the close code the server sends.
 #[derive(Debug, thiserror::Error)]
@@ -61,25 +60,6 @@ impl ReadError {
             ReadError::Eof | ReadError::Io(_) => None,
         }
     }
-
-    fn from_ws(e: WebSocketError, max: usize) -> ReadError {
-        match e {
-            WebSocketError::InvalidUTF8 => ReadError::InvalidUtf8,
-            WebSocketError::FrameTooLarge => ReadError::TooLarge(max),
-            WebSocketError::ReservedBitsNotZero => ReadError::Protocol("reserved bits set"),
-            WebSocketError::ControlFrameFragmented => {
-                ReadError::Protocol("fragmented control frame")
-            }
-            WebSocketError::PingFrameTooLarge => ReadError::Protocol("control frame too large"),
-            WebSocketError::InvalidValue => ReadError::Protocol("reserved opcode"),
-            WebSocketError::UnexpectedEOF => ReadError::Eof,
-            WebSocketError::IoError(e) if MaskCheck::is_unmasked_error(&e) => {
-                ReadError::Protocol("unmasked client frame")
-            }
-            WebSocketError::IoError(e) => ReadError::Io(e),
-            _ => ReadError::Protocol("malformed frame"),
-        }
-    }
 }
 
 /// One complete message or control frame from the peer.
@@ -102,11 +82,16 @@ struct Partial {
     valid_up_to: usize,
 }
 
-/// Reads complete messages, enforcing `max_message` across fragments.
+/// Reads complete messages, enforcing `max_message` across fragments. `next` is
+/// cancel-safe: bytes leave the socket only into `buf`, and `buf` is parsed only
+/// synchronously.
 pub struct WsReader {
-    inner: WebSocketRead<MaskCheck>,
+    stream: OwnedReadHalf,
+    /// Bytes read and not yet parsed; empty (no allocation) between messages.
+    buf: BytesMut,
     max_message: usize,
     partial: Option<Partial>,
+    eof: bool,
 }
 
 /// Encodes frames into a buffer and writes it to the socket. `queue_*` never block;
@@ -137,23 +122,13 @@ pub async fn accept(
 /// layer read past the handshake.
 pub fn split(stream: TcpStream, read_buf: Bytes, max_message: usize) -> (WsReader, WsWriter) {
     let (r, w) = stream.into_split();
-    // Only the read half of fastwebsockets is used; `WsWriter` does the writing.
-    let (mut rd, _) = fastwebsockets::after_handshake_split(
-        MaskCheck::new(r, read_buf),
-        tokio::io::sink(),
-        Role::Server,
-    );
-    // We answer pings and closes ourselves (after validating them), so the library
-    // never needs the split-mode callback.
-    rd.set_auto_close(false);
-    rd.set_auto_pong(false);
-    // The crate rejects frames with `len >= max`: +1 makes `max` itself acceptable.
-    rd.set_max_message_size(max_message.saturating_add(1));
     (
         WsReader {
-            inner: rd,
+            stream: r,
+            buf: BytesMut::from(&read_buf[..]),
             max_message,
             partial: None,
+            eof: false,
         },
         WsWriter {
             stream: w,
@@ -163,97 +138,217 @@ pub fn split(stream: TcpStream, read_buf: Bytes, max_message: usize) -> (WsReade
     )
 }
 
-async fn never_called(_: Frame<'_>) -> Result<(), io::Error> {
-    Ok(())
+/// A frame header, parsed.
+struct Header {
+    fin: bool,
+    opcode: u8,
+    mask: [u8; 4],
+    /// Header bytes, mask included.
+    len: usize,
+    payload: usize,
 }
 
 impl WsReader {
-    /// The next complete message or control frame. Cancel-unsafe: a dropped call may
-    /// lose a partly read frame, so only drop it when the connection ends.
+    /// The next complete message or control frame. Cancel-safe.
     pub async fn next(&mut self) -> Result<Inbound, ReadError> {
         loop {
-            let frame = self
-                .inner
-                .read_frame(&mut never_called)
-                .await
-                .map_err(|e| ReadError::from_ws(e, self.max_message))?;
-            if let Some(msg) = on_frame(&mut self.partial, self.max_message, frame)? {
+            if let Some(msg) = self.parse()? {
                 return Ok(msg);
+            }
+            if self.eof {
+                return Err(ReadError::Eof);
+            }
+            self.stream.readable().await.map_err(ReadError::Io)?;
+            self.fill()?;
+        }
+    }
+
+    /// Takes what the socket has now into `buf` (through stack scratch space, so an
+    /// idle connection holds no buffer).
+    fn fill(&mut self) -> Result<(), ReadError> {
+        let mut scratch = [0u8; READ_CHUNK];
+        loop {
+            match self.stream.try_read(&mut scratch) {
+                Ok(0) => {
+                    self.eof = true;
+                    return Ok(());
+                }
+                Ok(n) => {
+                    self.buf.extend_from_slice(&scratch[..n]);
+                    if n < scratch.len() {
+                        return Ok(());
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(e) => return Err(ReadError::Io(e)),
             }
         }
     }
-}
 
-/// Folds one frame into the message being assembled; returns a message when complete.
-fn on_frame(
-    partial: &mut Option<Partial>,
-    max_message: usize,
-    frame: Frame<'_>,
-) -> Result<Option<Inbound>, ReadError> {
-    let fin = frame.fin;
-    match frame.opcode {
-        OpCode::Text | OpCode::Binary => {
-            if partial.is_some() {
-                return Err(ReadError::Protocol("new message inside a fragmented one"));
+    /// Parses frames out of `buf` until one completes a message (or `buf` runs dry).
+    fn parse(&mut self) -> Result<Option<Inbound>, ReadError> {
+        loop {
+            let Some(h) = self.header()? else {
+                return Ok(None);
+            };
+            if self.buf.len() < h.len + h.payload {
+                // Reserve once for the whole frame (bounded by the checks above).
+                self.buf.reserve(h.len + h.payload - self.buf.len());
+                return Ok(None);
             }
-            let text = frame.opcode == OpCode::Text;
-            let buf = payload_bytes(frame.payload);
-            if fin {
-                // Unfragmented text was UTF-8-checked by the crate already.
-                let b = buf.freeze();
-                return Ok(Some(if text {
+            self.buf.advance(h.len);
+            let mut payload = self.buf.split_to(h.payload);
+            if self.buf.is_empty() {
+                // Let go of the allocation the payload shares, so nothing is kept
+                // once the message is handled.
+                self.buf = BytesMut::new();
+            }
+            unmask(&mut payload, h.mask);
+            if let Some(msg) = self.on_frame(h.fin, h.opcode, payload)? {
+                return Ok(Some(msg));
+            }
+        }
+    }
+
+    /// Parses and checks the header at the front of `buf`, before its payload is
+    /// waited for: oversized and malformed frames fail without being buffered.
+    fn header(&self) -> Result<Option<Header>, ReadError> {
+        let b = &self.buf[..];
+        if b.len() < 2 {
+            return Ok(None);
+        }
+        let fin = b[0] & 0x80 != 0;
+        if b[0] & 0x70 != 0 {
+            return Err(ReadError::Protocol("reserved bits set"));
+        }
+        let opcode = b[0] & 0x0f;
+        if b[1] & 0x80 == 0 {
+            return Err(ReadError::Protocol("unmasked client frame"));
+        }
+        let (ext, short) = match b[1] & 0x7f {
+            126 => (2, None),
+            127 => (8, None),
+            n => (0, Some(usize::from(n))),
+        };
+        let len = 2 + ext + 4;
+        if b.len() < len {
+            return Ok(None);
+        }
+        let payload = match (short, ext) {
+            (Some(n), _) => n,
+            (None, 2) => usize::from(u16::from_be_bytes([b[2], b[3]])),
+            _ => {
+                let n = u64::from_be_bytes([b[2], b[3], b[4], b[5], b[6], b[7], b[8], b[9]]);
+                if n >> 63 != 0 {
+                    return Err(ReadError::Protocol("payload length out of range"));
+                }
+                usize::try_from(n).map_err(|_| ReadError::TooLarge(self.max_message))?
+            }
+        };
+        match opcode {
+            0x8..=0xa => {
+                if !fin {
+                    return Err(ReadError::Protocol("fragmented control frame"));
+                }
+                if payload > MAX_CONTROL_PAYLOAD {
+                    return Err(ReadError::Protocol("control frame too large"));
+                }
+            }
+            0x0..=0x2 => {
+                let so_far = self.partial.as_ref().map_or(0, |p| p.buf.len());
+                if opcode != 0 || self.partial.is_some() {
+                    if so_far.saturating_add(payload) > self.max_message {
+                        return Err(ReadError::TooLarge(self.max_message));
+                    }
+                } else {
+                    return Err(ReadError::Protocol("continuation without a message"));
+                }
+            }
+            _ => return Err(ReadError::Protocol("reserved opcode")),
+        }
+        let mask = [b[len - 4], b[len - 3], b[len - 2], b[len - 1]];
+        Ok(Some(Header {
+            fin,
+            opcode,
+            mask,
+            len,
+            payload,
+        }))
+    }
+
+    /// Folds one frame into the message being assembled; returns a message when complete.
+    fn on_frame(
+        &mut self,
+        fin: bool,
+        opcode: u8,
+        payload: BytesMut,
+    ) -> Result<Option<Inbound>, ReadError> {
+        match opcode {
+            0x1 | 0x2 => {
+                if self.partial.is_some() {
+                    return Err(ReadError::Protocol("new message inside a fragmented one"));
+                }
+                let text = opcode == 0x1;
+                if fin {
+                    if text && simdutf8::basic::from_utf8(&payload).is_err() {
+                        return Err(ReadError::InvalidUtf8);
+                    }
+                    let b = payload.freeze();
+                    return Ok(Some(if text {
+                        Inbound::Text(b)
+                    } else {
+                        Inbound::Binary(b)
+                    }));
+                }
+                let mut p = Partial {
+                    text,
+                    buf: payload,
+                    valid_up_to: 0,
+                };
+                check_utf8_prefix(&mut p)?;
+                self.partial = Some(p);
+                Ok(None)
+            }
+            0x0 => {
+                let Some(mut p) = self.partial.take() else {
+                    return Err(ReadError::Protocol("continuation without a message"));
+                };
+                p.buf.extend_from_slice(&payload);
+                if !fin {
+                    check_utf8_prefix(&mut p)?;
+                    self.partial = Some(p);
+                    return Ok(None);
+                }
+                if p.text && simdutf8::basic::from_utf8(&p.buf[p.valid_up_to..]).is_err() {
+                    return Err(ReadError::InvalidUtf8);
+                }
+                let b = p.buf.freeze();
+                Ok(Some(if p.text {
                     Inbound::Text(b)
                 } else {
                     Inbound::Binary(b)
-                }));
+                }))
             }
-            let mut p = Partial {
-                text,
-                buf,
-                valid_up_to: 0,
-            };
-            check_utf8_prefix(&mut p)?;
-            *partial = Some(p);
-            Ok(None)
+            0x9 => Ok(Some(Inbound::Ping(payload.freeze()))),
+            0xa => Ok(Some(Inbound::Pong)),
+            _ => parse_close(&payload).map(Some),
         }
-        OpCode::Continuation => {
-            let Some(mut p) = partial.take() else {
-                return Err(ReadError::Protocol("continuation without a message"));
-            };
-            if p.buf.len() + frame.payload.len() > max_message {
-                return Err(ReadError::TooLarge(max_message));
-            }
-            p.buf.extend_from_slice(&frame.payload);
-            if !fin {
-                check_utf8_prefix(&mut p)?;
-                *partial = Some(p);
-                return Ok(None);
-            }
-            if p.text && simdutf8::basic::from_utf8(&p.buf[p.valid_up_to..]).is_err() {
-                return Err(ReadError::InvalidUtf8);
-            }
-            let b = p.buf.freeze();
-            Ok(Some(if p.text {
-                Inbound::Text(b)
-            } else {
-                Inbound::Binary(b)
-            }))
-        }
-        OpCode::Ping => Ok(Some(Inbound::Ping(payload_bytes(frame.payload).freeze()))),
-        OpCode::Pong => {
-            if frame.payload.len() > MAX_CONTROL_PAYLOAD {
-                return Err(ReadError::Protocol("control frame too large"));
-            }
-            Ok(Some(Inbound::Pong))
-        }
-        OpCode::Close => parse_close(&frame.payload).map(Some),
     }
 }
 
-fn payload_bytes(p: Payload<'_>) -> BytesMut {
-    match p {
-        Payload::Bytes(b) => b,
-        other => BytesMut::from(&other[..]),
+/// XORs the payload with the client's mask, eight bytes at a time.
+fn unmask(payload: &mut [u8], mask: [u8; 4]) {
+    let word = u64::from_ne_bytes([
+        mask[0], mask[1], mask[2], mask[3], mask[0], mask[1], mask[2], mask[3],
+    ]);
+    let mut chunks = payload.chunks_exact_mut(8);
+    for c in &mut chunks {
+        let v = u64::from_ne_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]) ^ word;
+        c.copy_from_slice(&v.to_ne_bytes());
+    }
+    let rest = chunks.into_remainder();
+    for (i, b) in rest.iter_mut().enumerate() {
+        *b ^= mask[i % 4];
     }
 }
 
@@ -280,10 +375,9 @@ fn parse_close(payload: &[u8]) -> Result<Inbound, ReadError> {
     match payload.len() {
         0 => Ok(Inbound::Close(None, String::new())),
         1 => Err(ReadError::Protocol("close frame with a 1-byte payload")),
-        n if n > MAX_CONTROL_PAYLOAD => Err(ReadError::Protocol("control frame too large")),
         _ => {
             let code = u16::from_be_bytes([payload[0], payload[1]]);
-            if !fastwebsockets::CloseCode::from(code).is_allowed() {
+            if !valid_close_code(code) {
                 return Err(ReadError::Protocol("invalid close code"));
             }
             let reason = simdutf8::basic::from_utf8(&payload[2..])
@@ -292,6 +386,12 @@ fn parse_close(payload: &[u8]) -> Result<Inbound, ReadError> {
             Ok(Inbound::Close(Some(code), reason))
         }
     }
+}
+
+/// Close codes a peer may send (RFC 6455 section 7.4 and the IANA registry; 1004-1006,
+/// 1014-1015 are reserved or not for endpoints, 1016-2999 unassigned).
+fn valid_close_code(code: u16) -> bool {
+    matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999)
 }
 
 impl WsWriter {
@@ -434,119 +534,6 @@ pub async fn close(reader: &mut WsReader, writer: &mut WsWriter, code: u16, reas
 /// Answers the peer's close frame with the same code (RFC 6455 section 5.5.1).
 pub async fn echo_close(writer: &mut WsWriter, code: Option<u16>) {
     let _ = writer.send_close(code.unwrap_or(1000), "").await;
-}
-
-// === impl MaskCheck ===
-
-/// Read side of the socket that follows frame boundaries and fails on a client frame
-/// without the mask bit (RFC 6455 section 5.1: the server MUST close), which
-/// fastwebsockets accepts. Also replays bytes the HTTP layer read past the handshake.
-pub struct MaskCheck {
-    inner: OwnedReadHalf,
-    prefix: Bytes,
-    state: FrameCursor,
-}
-
-/// Where in the frame stream the next byte falls.
-enum FrameCursor {
-    /// Collecting a header; `len` bytes of `buf` are filled.
-    Header { buf: [u8; 14], len: usize },
-    /// Skipping payload bytes.
-    Payload(u64),
-}
-
-const UNMASKED: &str = "unmasked client frame";
-
-impl MaskCheck {
-    fn new(inner: OwnedReadHalf, prefix: Bytes) -> MaskCheck {
-        MaskCheck {
-            inner,
-            prefix,
-            state: FrameCursor::Header {
-                buf: [0; 14],
-                len: 0,
-            },
-        }
-    }
-
-    fn is_unmasked_error(e: &io::Error) -> bool {
-        e.kind() == io::ErrorKind::InvalidData && e.to_string() == UNMASKED
-    }
-
-    /// Advances the cursor over bytes handed to the frame parser.
-    fn observe(&mut self, mut data: &[u8]) -> io::Result<()> {
-        while !data.is_empty() {
-            match &mut self.state {
-                FrameCursor::Payload(left) => {
-                    let n = (*left).min(data.len() as u64) as usize;
-                    *left -= n as u64;
-                    data = &data[n..];
-                    if *left == 0 {
-                        self.state = FrameCursor::Header {
-                            buf: [0; 14],
-                            len: 0,
-                        };
-                    }
-                }
-                FrameCursor::Header { buf, len } => {
-                    buf[*len] = data[0];
-                    *len += 1;
-                    data = &data[1..];
-                    if *len < 2 {
-                        continue;
-                    }
-                    if buf[1] & 0x80 == 0 {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, UNMASKED));
-                    }
-                    let ext = match buf[1] & 0x7f {
-                        126 => 2,
-                        127 => 8,
-                        _ => 0,
-                    };
-                    if *len < 2 + ext + 4 {
-                        continue;
-                    }
-                    let payload = match ext {
-                        0 => u64::from(buf[1] & 0x7f),
-                        2 => u64::from(u16::from_be_bytes([buf[2], buf[3]])),
-                        _ => u64::from_be_bytes([
-                            buf[2], buf[3], buf[4], buf[5], buf[6], buf[7], buf[8], buf[9],
-                        ]),
-                    };
-                    self.state = if payload == 0 {
-                        FrameCursor::Header {
-                            buf: [0; 14],
-                            len: 0,
-                        }
-                    } else {
-                        FrameCursor::Payload(payload)
-                    };
-                }
-            }
-        }
-        Ok(())
-    }
-}
-
-impl AsyncRead for MaskCheck {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        let this = &mut *self;
-        if !this.prefix.is_empty() {
-            let n = this.prefix.len().min(buf.remaining());
-            let chunk = this.prefix.split_to(n);
-            this.observe(&chunk)?;
-            buf.put_slice(&chunk);
-            return Poll::Ready(Ok(()));
-        }
-        let before = buf.filled().len();
-        ready!(Pin::new(&mut this.inner).poll_read(cx, buf))?;
-        this.observe(&buf.filled()[before..])?;
-        Poll::Ready(Ok(()))
-    }
 }
 
 #[cfg(test)]
