@@ -16,7 +16,6 @@ use shared::auth::Claims;
 use shared::metrics as m;
 use shared::protocol::{ClientFrame, ClientMessage, CloseCode, FrameId, ServerFrame, UserInfo};
 use shared::store::{Admission, ConnRecord, now_ms};
-use tokio::sync::mpsc;
 use tokio::time::sleep_until;
 use tracing::Instrument;
 
@@ -27,6 +26,7 @@ use crate::error::SessionError;
 use crate::hub::{CloseReason, Closer, Member, Outbound, Registration};
 use crate::limits::{MessageLimiter, MessageVerdict};
 use crate::node::Node;
+use crate::outbox::Outbox;
 use crate::transport::{self, Inbound, ReadError, WsReader, WsWriter};
 
 /// The upgrade must complete this quickly after the 101 response.
@@ -74,7 +74,7 @@ pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up
     let conn_id = new_conn_id();
     let span =
         tracing::debug_span!("conn", conn_id = %conn_id, ip = %up.ip, user = tracing::field::Empty);
-    let (tx, rx) = mpsc::channel(node.config.outbound_queue);
+    let outbox = Arc::new(Outbox::new(node.config.outbound_queue));
     let now = Instant::now();
     let session = Session {
         reader,
@@ -83,7 +83,7 @@ pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up
         conn_id: conn_id.into(),
         ip: up.ip,
         closer,
-        tx,
+        outbox,
         writer,
         auth: None,
         last_heard: now,
@@ -91,7 +91,7 @@ pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up
         auth_deadline: now,
     };
     metrics::gauge!(m::CONNECTIONS_PENDING).increment(1.0);
-    session.run(rx, up).instrument(span).await;
+    session.run(up).instrument(span).await;
     drop(guard);
 }
 
@@ -113,8 +113,8 @@ struct Session {
     conn_id: Arc<str>,
     ip: IpAddr,
     closer: Arc<Closer>,
-    /// Kept so the hub can be handed clones; also keeps `rx` open.
-    tx: mpsc::Sender<Outbound>,
+    /// Frames for this connection from the hub (deliveries), bounded.
+    outbox: Arc<Outbox<Outbound>>,
     reader: WsReader,
     writer: WsWriter,
     auth: Option<Authed>,
@@ -155,7 +155,7 @@ fn new_conn_id() -> String {
 }
 
 impl Session {
-    async fn run(mut self, mut rx: mpsc::Receiver<Outbound>, up: Upgrade) {
+    async fn run(mut self, up: Upgrade) {
         let now = Instant::now();
         self.auth_deadline = now + self.node.config.auth_timeout;
         self.next_ping = now + self.node.config.ping_interval;
@@ -200,7 +200,7 @@ impl Session {
                         Err(_) => Event::Gone,
                     },
                     res = self.reader.next(), if room => Event::Read(res),
-                    Some(b) = rx.recv(), if room => Event::Outbound(b),
+                    item = self.outbox.take(), if room => Event::Outbound(item),
                     _ = sleep_until(deadline.into()) => Event::Timer,
                 };
                 let step = match ev {
@@ -210,8 +210,8 @@ impl Session {
                         }),
                     ))),
                     Event::Read(res) => Box::pin(self.on_read(res, up.started)).await,
-                    Event::Outbound(first) => Box::pin(self.on_outbound(first, &mut rx)).await,
-                    Event::Timer => self.on_timer().await,
+                    Event::Outbound(first) => Box::pin(self.on_outbound(first)).await,
+                    Event::Timer => Box::pin(self.on_timer()).await,
                     Event::Writable => None,
                     Event::Gone => Some(End::PeerGone),
                 };
@@ -220,7 +220,7 @@ impl Session {
                 }
             },
         };
-        self.finish(end).await;
+        Box::pin(self.finish(end)).await;
     }
 
     /// Earliest instant something must happen without input.
@@ -274,18 +274,14 @@ impl Session {
         None
     }
 
-    async fn on_outbound(
-        &mut self,
-        first: Outbound,
-        rx: &mut mpsc::Receiver<Outbound>,
-    ) -> Option<End> {
+    async fn on_outbound(&mut self, first: Outbound) -> Option<End> {
         let mut next = Some(first);
         let mut n = 0;
         while let Some(item) = next.take() {
             self.deliver(item).await;
             n += 1;
             if n < OUTBOUND_BATCH && self.writer.pending() < MAX_PENDING_BYTES {
-                next = rx.try_recv().ok();
+                next = self.outbox.try_take();
             }
         }
         None
@@ -569,7 +565,7 @@ impl Session {
             .register(Member {
                 conn_id: self.conn_id.clone(),
                 user_id: user,
-                tx: self.tx.clone(),
+                outbox: self.outbox.clone(),
                 closer: self.closer.clone(),
             })
             .await
@@ -764,6 +760,7 @@ impl Session {
     /// Sends the close sequence (if we are the one closing), waits briefly for the
     /// peer's close, then releases everything the connection held.
     async fn finish(mut self, end: End) {
+        self.outbox.close();
         if let End::Close(reason) = &end {
             metrics::counter!(m::CLOSES, "code" => reason.code.label()).increment(1);
             // What is already queued goes first; a slow peer gets the linger time to

@@ -12,8 +12,9 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use shared::protocol::{Channel, CloseCode, DisconnectCommand, ErrorBody, ErrorCode, ServerFrame};
 use shared::subjects::Subjects;
-use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+
+use crate::outbox::{OfferError, Outbox};
 use tokio_util::task::TaskTracker;
 
 /// A NATS subscribe that takes longer than this means the client is wedged; the
@@ -113,7 +114,7 @@ pub enum Outbound {
 pub struct Member {
     pub conn_id: Arc<str>,
     pub user_id: Arc<str>,
-    pub tx: mpsc::Sender<Outbound>,
+    pub outbox: Arc<Outbox<Outbound>>,
     pub closer: Arc<Closer>,
 }
 
@@ -525,9 +526,9 @@ fn remove_interest(map: &mut HashMap<Arc<str>, Interest>, key: &str, conn: &str)
 /// Offers an item to one connection without waiting; a full queue means the client
 /// does not read fast enough, and it is closed instead of slowing the fan-out.
 pub fn offer(m: &Member, item: Outbound) {
-    match m.tx.try_send(item) {
+    match m.outbox.offer(item) {
         Ok(()) => {}
-        Err(mpsc::error::TrySendError::Full(_)) => {
+        Err(OfferError::Full) => {
             if m.closer.reason().is_none() {
                 metrics::counter!(shared::metrics::SLOW_CONSUMERS).increment(1);
             }
@@ -538,6 +539,6 @@ pub fn offer(m: &Member, item: Outbound) {
             ));
         }
         // The connection is closing; its frames no longer matter.
-        Err(mpsc::error::TrySendError::Closed(_)) => {}
+        Err(OfferError::Closed) => {}
     }
 }

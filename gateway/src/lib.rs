@@ -14,6 +14,7 @@ pub mod error;
 pub mod hub;
 pub mod limits;
 pub mod node;
+pub mod outbox;
 pub mod proxy;
 pub mod server;
 pub mod transport;
