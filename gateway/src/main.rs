@@ -14,6 +14,7 @@ const EXIT_CONFIG: u8 = 64;
 const LISTEN_BACKLOG: u32 = 4096;
 
 fn main() -> ExitCode {
+    raise_open_file_limit();
     let raw = match RawConfig::load(std::env::args_os()) {
         Ok(r) => r,
         Err(e) => return config_error(&e),
@@ -41,6 +42,18 @@ fn main() -> ExitCode {
             eprintln!("gateway: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Every connection is a file descriptor: lift the soft limit to the hard one (some
+/// container runtimes start processes at 1024). The per-node connection cap defaults
+/// to this limit minus a reserve, so it must be raised before the config is read.
+fn raise_open_file_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+    {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
     }
 }
 
