@@ -3,8 +3,9 @@
 //! Each binary declares its own typed struct; this module makes them behave alike.
 
 use std::collections::BTreeMap;
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -158,6 +159,127 @@ pub fn layer<T: Serialize + DeserializeOwned>(base: T, top: T) -> T {
     }
     // Both inputs came from `T`, so the merge deserialises back into it.
     serde_json::from_value(serde_json::Value::Object(merged.into_iter().collect())).unwrap_or(top)
+}
+
+/// A binary's raw settings: parsed by clap (flags with `SB_*` env twins) and by serde
+/// (the TOML file), with every setting optional so the layers can merge.
+pub trait Settings: clap::Parser + Serialize + DeserializeOwned {
+    /// The config file named by `--config` / `SB_CONFIG`.
+    fn file(&self) -> Option<PathBuf>;
+    /// Copies what is not a setting (the file path, `--check-config`) from the
+    /// command line onto the merged result.
+    fn keep_flags(&mut self, cli: &Self);
+}
+
+/// Parses flags and env, refuses unknown `SB_*` variables, then layers flags and env
+/// over the file, if any (defaults < file < env < flags).
+pub fn load<T, I, A>(args: I) -> Result<T, ConfigError>
+where
+    T: Settings,
+    I: IntoIterator<Item = A>,
+    A: Into<OsString> + Clone,
+{
+    let cli = T::try_parse_from(args).map_err(clap_error::<T>)?;
+    check_env(std::env::vars())?;
+    let Some(path) = cli.file() else {
+        return Ok(cli);
+    };
+    let file: T = read_file(&path)?;
+    let mut merged = layer(file, cli.clone_via_serde()?);
+    merged.keep_flags(&cli);
+    Ok(merged)
+}
+
+/// Cloning through serde keeps `Settings` free of a `Clone` bound.
+trait CloneViaSerde: Sized {
+    fn clone_via_serde(&self) -> Result<Self, ConfigError>;
+}
+
+impl<T: Serialize + DeserializeOwned> CloneViaSerde for T {
+    fn clone_via_serde(&self) -> Result<Self, ConfigError> {
+        serde_json::to_value(self)
+            .and_then(serde_json::from_value)
+            .map_err(|e| ConfigError::invalid("arguments", e.to_string()))
+    }
+}
+
+/// Turns a clap error into a config error naming the env variable too, since most
+/// deployments set env rather than flags. `--help` and `--version` print and exit.
+fn clap_error<T: clap::CommandFactory>(e: clap::Error) -> ConfigError {
+    use clap::error::{ContextKind, ContextValue, ErrorKind};
+    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
+        e.exit();
+    }
+    let flag = match e.get(ContextKind::InvalidArg) {
+        Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_owned),
+        _ => None,
+    };
+    let env = flag.as_deref().and_then(|f| {
+        let long = f.trim_start_matches("--");
+        T::command()
+            .get_arguments()
+            .find(|a| a.get_long() == Some(long))
+            .and_then(|a| a.get_env().and_then(|v| v.to_str()).map(str::to_owned))
+    });
+    let message = e
+        .to_string()
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .trim_start_matches("error: ")
+        .to_owned();
+    let key = match (env, flag) {
+        (Some(env), Some(flag)) => format!("{env} ({flag})"),
+        (None, Some(flag)) => flag,
+        _ => "arguments".to_owned(),
+    };
+    ConfigError::Invalid { key, message }
+}
+
+/// Where a binary finds NATS and Redis, and what it is called there: the settings
+/// every Switchboard binary shares, validated the same way everywhere.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    pub node_id: String,
+    pub prefix: String,
+    pub nats_url: String,
+    pub redis_url: String,
+}
+
+/// Default NATS and Redis (a local install) and prefix.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Prefix of every subject and key: lets several deployments share NATS and Redis.
+pub const DEFAULT_PREFIX: &str = "sb";
+
+impl Cluster {
+    pub fn validate(
+        node_id: Option<&str>,
+        prefix: Option<&str>,
+        nats_url: Option<&str>,
+        redis_url: Option<&str>,
+    ) -> Result<Cluster, ConfigError> {
+        let node_id = node_id.map(str::to_owned).unwrap_or_else(default_node_id);
+        validate_token("SB_NODE_ID", &node_id)?;
+        let prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
+        validate_token("SB_PREFIX", &prefix)?;
+        let nats_url = nats_url.unwrap_or(DEFAULT_NATS_URL).to_owned();
+        for url in nats_url.split(',') {
+            validate_url("SB_NATS_URL", url.trim(), &["nats", "tls", "ws", "wss"])?;
+        }
+        let redis_url = redis_url.unwrap_or(DEFAULT_REDIS_URL).to_owned();
+        validate_url(
+            "SB_REDIS_URL",
+            &redis_url,
+            &["redis", "rediss", "redis+unix", "unix"],
+        )?;
+        Ok(Cluster {
+            node_id,
+            prefix,
+            nats_url,
+            redis_url,
+        })
+    }
 }
 
 /// Splits a comma-separated list, trimming blanks (PROTOCOL.md section 6).

@@ -8,14 +8,11 @@ use std::time::Duration;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use shared::config::{self as cfg, ConfigError};
+pub use shared::config::{DEFAULT_NATS_URL, DEFAULT_PREFIX, DEFAULT_REDIS_URL};
 pub use shared::telemetry::LogFormat;
 
 /// Admin port (health, readiness, metrics): next to the gateway's 9090.
 pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9091";
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
-pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
-/// Prefix of every subject and key: must match the gateways'.
-pub const DEFAULT_PREFIX: &str = "sb";
 /// Single-model servers (llama.cpp, vLLM with one model) ignore the name.
 pub const DEFAULT_LLM_MODEL: &str = "default";
 /// A reachable server accepts TCP (and TLS) well within this, even across regions.
@@ -284,24 +281,25 @@ pub struct Config {
     pub jetstream_replicas: usize,
 }
 
+impl cfg::Settings for RawConfig {
+    fn file(&self) -> Option<PathBuf> {
+        self.config.clone()
+    }
+
+    fn keep_flags(&mut self, cli: &Self) {
+        self.config = cli.config.clone();
+        self.check_config = cli.check_config;
+    }
+}
+
 impl RawConfig {
-    /// Parses flags and env (clap), then layers them over the file, if any.
+    /// Parses flags and env, then layers them over the file, if any.
     pub fn load<I, T>(args: I) -> Result<RawConfig, ConfigError>
     where
         I: IntoIterator<Item = T>,
         T: Into<std::ffi::OsString> + Clone,
     {
-        let cli = RawConfig::try_parse_from(args).map_err(clap_error)?;
-        cfg::check_env(std::env::vars())?;
-        let Some(path) = cli.config.clone() else {
-            return Ok(cli);
-        };
-        let file: RawConfig = cfg::read_file(&path)?;
-        let check = cli.check_config;
-        let mut merged = cfg::layer(file, cli);
-        merged.config = Some(path);
-        merged.check_config = check;
-        Ok(merged)
+        cfg::load(args)
     }
 
     pub fn validate(&self) -> Result<Config, ConfigError> {
@@ -309,25 +307,16 @@ impl RawConfig {
             "SB_ADMIN_LISTEN",
             self.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
         )?;
-        let node_id = self.node_id.clone().unwrap_or_else(cfg::default_node_id);
-        cfg::validate_token("SB_NODE_ID", &node_id)?;
-        let prefix = self.prefix.clone().unwrap_or_else(|| DEFAULT_PREFIX.into());
-        cfg::validate_token("SB_PREFIX", &prefix)?;
-        let nats_url = self
-            .nats_url
-            .clone()
-            .unwrap_or_else(|| DEFAULT_NATS_URL.into());
-        for url in nats_url.split(',') {
-            cfg::validate_url("SB_NATS_URL", url.trim(), &["nats", "tls", "ws", "wss"])?;
-        }
-        let redis_url = self
-            .redis_url
-            .clone()
-            .unwrap_or_else(|| DEFAULT_REDIS_URL.into());
-        cfg::validate_url(
-            "SB_REDIS_URL",
-            &redis_url,
-            &["redis", "rediss", "redis+unix", "unix"],
+        let cfg::Cluster {
+            node_id,
+            prefix,
+            nats_url,
+            redis_url,
+        } = cfg::Cluster::validate(
+            self.node_id.as_deref(),
+            self.prefix.as_deref(),
+            self.nats_url.as_deref(),
+            self.redis_url.as_deref(),
         )?;
 
         let max_in_flight = self.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
@@ -534,40 +523,6 @@ impl RawConfig {
             max_in_flight,
         })
     }
-}
-
-/// Turns a clap error into a config error naming the env variable too, since most
-/// deployments set env rather than flags. `--help` and `--version` print and exit.
-fn clap_error(e: clap::Error) -> ConfigError {
-    use clap::CommandFactory;
-    use clap::error::{ContextKind, ContextValue, ErrorKind};
-    if matches!(e.kind(), ErrorKind::DisplayHelp | ErrorKind::DisplayVersion) {
-        e.exit();
-    }
-    let flag = match e.get(ContextKind::InvalidArg) {
-        Some(ContextValue::String(s)) => s.split_whitespace().next().map(str::to_owned),
-        _ => None,
-    };
-    let env = flag.as_deref().and_then(|f| {
-        let long = f.trim_start_matches("--");
-        RawConfig::command()
-            .get_arguments()
-            .find(|a| a.get_long() == Some(long))
-            .and_then(|a| a.get_env().and_then(|v| v.to_str()).map(str::to_owned))
-    });
-    let message = e
-        .to_string()
-        .lines()
-        .next()
-        .unwrap_or_default()
-        .trim_start_matches("error: ")
-        .to_owned();
-    let key = match (env, flag) {
-        (Some(env), Some(flag)) => format!("{env} ({flag})"),
-        (None, Some(flag)) => flag,
-        _ => "arguments".to_owned(),
-    };
-    ConfigError::Invalid { key, message }
 }
 
 impl Config {
