@@ -12,8 +12,35 @@ pub const DEFAULT_CONNECTIONS: u64 = 1000;
 /// Default in-flight handshakes: enough to keep a 2-core gateway busy without
 /// turning the run into a SYN flood that only measures the listen backlog.
 pub const DEFAULT_CONCURRENCY: u64 = 100;
-/// Default rate: unpaced, so that a run measures the most the gateway accepts.
+/// Default connect rate: unpaced, so that a run measures the most the gateway accepts.
 pub const DEFAULT_RATE: f64 = 0.0;
+/// Default publication rate of `broadcast`: gentle enough for any gateway build (a
+/// debug build included); measurements pick their own.
+pub const DEFAULT_PUBLISH_RATE: f64 = 10.0;
+/// Default subscriber count of `broadcast`: the README's smoke size.
+pub const DEFAULT_SUBSCRIBERS: u64 = 1000;
+/// Default channel count of `broadcast`: every subscriber on one channel, the fan-out
+/// case the issue measures.
+pub const DEFAULT_CHANNELS: u64 = 1;
+/// Default publishing time of `broadcast`, seconds.
+pub const DEFAULT_DURATION_SECS: u64 = 10;
+/// Default size of a publication's `data`, bytes: a short chat message.
+pub const DEFAULT_PAYLOAD_BYTES: usize = 100;
+/// Default publisher connections (HTTP keep-alive connections for `api`, WebSocket
+/// connections for `client`): one, so that publications reach the gateway, and its
+/// NATS subject, in offset order. With several, concurrent requests overtake one
+/// another, and every subscriber of the gateway repairs each reordering from Redis
+/// (measured in loadtest/README.md); raise it for rates one connection cannot carry.
+pub const DEFAULT_PUBLISHERS: u32 = 1;
+/// Default longest wait, after the last publication, for subscribers to receive
+/// everything: a backlog longer than this is a gateway that cannot keep up.
+pub const DEFAULT_DRAIN_SECS: u64 = 10;
+/// The gateway's default per-connection message rate (SB_MESSAGE_RATE), frames/s:
+/// client publishing beyond it is refused `RATE_LIMITED` unless the gateway is told.
+pub const GATEWAY_DEFAULT_MESSAGE_RATE: u32 = 20;
+/// Default channel namespace of `broadcast` (the gateway must list it in
+/// SB_PUBLIC_NAMESPACES).
+pub const DEFAULT_NAMESPACE: &str = "bench";
 /// Default tolerance: none, so that a smoke run passes only if everything worked.
 pub const DEFAULT_ALLOW_FAILURES_PCT: f64 = 0.0;
 /// Default hold: long enough for the gateway's memory to settle after the connect
@@ -25,6 +52,18 @@ pub const DEFAULT_HOLD_SECS: u64 = 5;
 pub enum ScenarioName {
     /// Open N authenticated connections at a rate, hold them idle, report.
     Connect,
+    /// N subscribers on C channels, publications at a rate; delivery rate, latency,
+    /// gaps and duplicates.
+    Broadcast,
+}
+
+/// How `broadcast` publishes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum PublishVia {
+    /// `POST /v1/publish` with the api key, over keep-alive HTTP/1.1 connections.
+    Api,
+    /// `publish` frames on authenticated WebSocket connections.
+    Client,
 }
 
 /// Switchboard load generator. Sends traffic to loopback addresses only.
@@ -36,16 +75,19 @@ pub struct Cli {
     pub scenario: ScenarioName,
 
     /// Gateway WebSocket URL (loopback only: 127.0.0.0/8, [::1] or localhost).
-    #[arg(long, default_value = DEFAULT_URL)]
-    pub url: String,
+    /// `broadcast` accepts it repeated: subscribers are spread round-robin.
+    #[arg(long, default_values_t = [DEFAULT_URL.to_owned()])]
+    pub url: Vec<String>,
 
     /// Connections to open.
     #[arg(long, default_value_t = DEFAULT_CONNECTIONS)]
     pub connections: u64,
 
-    /// Target connects per second over the whole run; 0 = as fast as --concurrency allows.
-    #[arg(long, default_value_t = DEFAULT_RATE)]
-    pub rate: f64,
+    /// connect: connects per second over the whole run (default 0 = as fast as
+    /// --concurrency allows). broadcast: publications per second over all channels
+    /// (default 10).
+    #[arg(long)]
+    pub rate: Option<f64>,
 
     /// Seconds to hold the connections open once all are attempted.
     #[arg(long, default_value_t = DEFAULT_HOLD_SECS)]
@@ -75,9 +117,11 @@ pub struct Cli {
     #[arg(long, default_value_t = crate::tokens::DEFAULT_TTL_SECS)]
     pub ttl: u64,
 
-    /// Gateway process id: its RSS is read from /proc/<pid>/status.
+    /// Gateway process id: its RSS is read from /proc/<pid>/status. `broadcast`
+    /// accepts it repeated (gateways, nats-server, redis-server) and reports the CPU
+    /// each one used while publishing, from /proc/<pid>/stat.
     #[arg(long)]
-    pub pid: Option<u32>,
+    pub pid: Vec<u32>,
 
     /// Gateway metrics URL (admin port), for RSS and its connection count.
     #[arg(long)]
@@ -104,6 +148,50 @@ pub struct Cli {
     /// in percent of --connections, before the exit code says the goal was missed.
     #[arg(long, default_value_t = DEFAULT_ALLOW_FAILURES_PCT)]
     pub allow_failures: f64,
+
+    /// broadcast: subscriber connections (each subscribes to one channel).
+    #[arg(long, default_value_t = DEFAULT_SUBSCRIBERS)]
+    pub subscribers: u64,
+
+    /// broadcast: channels `<namespace>:0` .. `<namespace>:<C-1>`; subscriber i takes
+    /// channel i mod C, publication j goes to channel j mod C.
+    #[arg(long, default_value_t = DEFAULT_CHANNELS)]
+    pub channels: u64,
+
+    /// broadcast: channel namespace; the gateway must list it in SB_PUBLIC_NAMESPACES.
+    #[arg(long, default_value = DEFAULT_NAMESPACE)]
+    pub namespace: String,
+
+    /// broadcast: seconds of publishing.
+    #[arg(long, default_value_t = DEFAULT_DURATION_SECS)]
+    pub duration: u64,
+
+    /// broadcast: size of each publication's `data` (publish timestamp plus padding).
+    #[arg(long, default_value_t = DEFAULT_PAYLOAD_BYTES)]
+    pub payload_bytes: usize,
+
+    /// broadcast: publish through the HTTP API or client `publish` frames.
+    #[arg(long, value_enum, default_value_t = PublishVia::Api)]
+    pub publish_via: PublishVia,
+
+    /// broadcast: gateway HTTP base URL for `POST /v1/publish` (loopback only);
+    /// repeated: publications are spread round-robin.
+    #[arg(long)]
+    pub api_url: Vec<String>,
+
+    /// broadcast: the gateway's api key (SB_API_KEY) for `POST /v1/publish`.
+    #[arg(long, env = "SB_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// broadcast: publisher connections (HTTP keep-alive connections, or WebSocket
+    /// connections with --publish-via client).
+    #[arg(long, default_value_t = DEFAULT_PUBLISHERS)]
+    pub publishers: u32,
+
+    /// broadcast: longest wait after the last publication for every subscriber to
+    /// receive everything, seconds.
+    #[arg(long, default_value_t = DEFAULT_DRAIN_SECS)]
+    pub drain: u64,
 
     /// Internal: this process is worker `i` of a multi-process run.
     #[arg(long, hide = true)]
@@ -133,7 +221,9 @@ mod tests {
         let cli = Cli::try_parse_from(["loadtest", "--scenario", "connect"]).unwrap();
         assert_eq!(cli.scenario, ScenarioName::Connect);
         assert_eq!(cli.connections, DEFAULT_CONNECTIONS);
-        assert_eq!(cli.url, DEFAULT_URL);
+        assert_eq!(cli.url, vec![DEFAULT_URL.to_owned()]);
+        assert_eq!(cli.rate, None);
+        assert!(cli.pid.is_empty());
         let cli = Cli::try_parse_from([
             "loadtest",
             "--scenario",
@@ -151,9 +241,33 @@ mod tests {
         ])
         .unwrap();
         assert_eq!(cli.connections, 10_000);
-        assert_eq!(cli.rate, 2500.0);
+        assert_eq!(cli.rate, Some(2500.0));
         assert_eq!(cli.worker_index, Some(1));
         assert!(Cli::try_parse_from(["loadtest", "--scenario", "nope"]).is_err());
+        let cli = Cli::try_parse_from([
+            "loadtest",
+            "--scenario",
+            "broadcast",
+            "--url",
+            "ws://127.0.0.1:1/ws",
+            "--url",
+            "ws://127.0.0.1:2/ws",
+            "--pid",
+            "7",
+            "--pid",
+            "8",
+            "--publish-via",
+            "client",
+            "--subscribers",
+            "10000",
+        ])
+        .unwrap();
+        assert_eq!(cli.scenario, ScenarioName::Broadcast);
+        assert_eq!(cli.url.len(), 2);
+        assert_eq!(cli.pid, vec![7, 8]);
+        assert_eq!(cli.publish_via, PublishVia::Client);
+        assert_eq!(cli.subscribers, 10_000);
+        assert_eq!(cli.channels, DEFAULT_CHANNELS);
         assert!(Cli::try_parse_from(["loadtest"]).is_err());
     }
 }

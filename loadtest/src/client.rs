@@ -53,6 +53,7 @@ pub enum Stage {
     Tcp,
     Upgrade,
     Authenticated,
+    Subscribe,
     Holding,
 }
 
@@ -62,6 +63,7 @@ impl fmt::Display for Stage {
             Stage::Tcp => "tcp connect",
             Stage::Upgrade => "websocket upgrade",
             Stage::Authenticated => "waiting for authenticated",
+            Stage::Subscribe => "waiting for subscribed",
             Stage::Holding => "holding",
         })
     }
@@ -132,6 +134,11 @@ pub enum Failure {
     ErrorFrame {
         code: String,
     },
+    /// A request (`subscribe`) was answered with an `error` frame of this code.
+    Refused {
+        request: &'static str,
+        code: String,
+    },
     /// Anything the protocol does not allow (bad handshake, binary frame, bad JSON).
     Protocol(String),
     /// The client could not build its credentials.
@@ -185,6 +192,7 @@ impl fmt::Display for Failure {
                 }
             }
             Failure::ErrorFrame { code } => write!(f, "error {code} without close"),
+            Failure::Refused { request, code } => write!(f, "{request} refused: {code}"),
             Failure::Protocol(detail) => write!(f, "protocol: {detail}"),
             Failure::Token(detail) => write!(f, "token: {detail}"),
         }
@@ -206,12 +214,14 @@ pub enum Limit {
     Dropped,
     Draining,
     GatewayError,
+    SlowConsumer,
+    ChannelForbidden,
     Other,
 }
 
 impl Limit {
     /// Every limit, for parsing labels back.
-    pub const ALL: [Limit; 13] = [
+    pub const ALL: [Limit; 15] = [
         Limit::EphemeralPorts,
         Limit::GeneratorOpenFiles,
         Limit::GatewayFull,
@@ -224,6 +234,8 @@ impl Limit {
         Limit::Dropped,
         Limit::Draining,
         Limit::GatewayError,
+        Limit::SlowConsumer,
+        Limit::ChannelForbidden,
         Limit::Other,
     ];
 
@@ -242,6 +254,8 @@ impl Limit {
             Limit::Dropped => "dropped",
             Limit::Draining => "draining",
             Limit::GatewayError => "gateway_error",
+            Limit::SlowConsumer => "slow_consumer",
+            Limit::ChannelForbidden => "channel_forbidden",
             Limit::Other => "other",
         }
     }
@@ -299,6 +313,16 @@ impl Limit {
                  down or restarted during the run"
             }
             Limit::GatewayError => "the gateway reported internal errors (close 1011 INTERNAL)",
+            Limit::SlowConsumer => {
+                "the gateway closed subscribers 4008 SLOW_CONSUMER: they did not read as fast as \
+                 it delivered (its per-connection queue, SB_OUTBOUND_QUEUE, filled); the \
+                 generator is CPU-bound or the rate is beyond the box: lower --rate, or give \
+                 the generator more --processes"
+            }
+            Limit::ChannelForbidden => {
+                "subscribe was refused FORBIDDEN: run the gateway with \
+                 SB_PUBLIC_NAMESPACES listing the --namespace (default bench)"
+            }
             Limit::Other => "other failures (see the table)",
         }
     }
@@ -325,14 +349,23 @@ impl Failure {
                 4000 | 4001 | 4503 => Limit::Credentials,
                 1011 => Limit::GatewayError,
                 1001 | 1012 => Limit::Draining,
+                4008 => Limit::SlowConsumer,
                 _ => Limit::Other,
             },
             Failure::Dropped { .. } => Limit::Dropped,
+            Failure::Refused { code, .. } => match code.as_str() {
+                "FORBIDDEN" => Limit::ChannelForbidden,
+                "RATE_LIMITED" => Limit::RateLimited,
+                "INTERNAL" => Limit::GatewayError,
+                _ => Limit::Other,
+            },
             Failure::ErrorFrame { .. } | Failure::Protocol(_) | Failure::Token(_) => Limit::Other,
         }
     }
 
-    fn from_ws(e: WsError, stage: Stage, error: Option<String>) -> Failure {
+    /// A failure from a tungstenite error at `stage`, after an `error` frame of code
+    /// `error` if one came.
+    pub fn from_ws(e: WsError, stage: Stage, error: Option<String>) -> Failure {
         match e {
             WsError::Http(response) => Failure::Http(response.status().as_u16()),
             WsError::ConnectionClosed
@@ -453,6 +486,64 @@ async fn await_authenticated(ws: &mut Ws, error_code: &mut Option<String>) -> Re
             }
         }
     }
+}
+
+/// Subscribes an authenticated connection to `channel` and waits (until `deadline`)
+/// for `subscribed`; returns the channel's offset at that moment (the last
+/// publication before this subscriber joined).
+pub async fn subscribe(ws: &mut Ws, channel: &str, deadline: Instant) -> Result<u64, Failure> {
+    let send = ws.send(Message::text(crate::payload::subscribe_frame(channel)));
+    match timeout_at(deadline, send).await {
+        Err(_) => return Err(Failure::Timeout(Stage::Subscribe)),
+        Ok(Err(e)) => return Err(Failure::from_ws(e, Stage::Subscribe, None)),
+        Ok(Ok(())) => {}
+    }
+    let mut error_code = None;
+    let wait = async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Text(text))) => {
+                    if let crate::payload::Frame::Other(o) = crate::payload::parse(text.as_str()) {
+                        match o.kind.as_str() {
+                            "subscribed" if o.channel.as_deref() == Some(channel) => {
+                                return Ok(o.offset.unwrap_or(0));
+                            }
+                            "error" => {
+                                let code = o.code.unwrap_or_else(|| "UNKNOWN".to_owned());
+                                if o.id == Some(serde_json::Value::from("sub")) {
+                                    return Err(Failure::Refused {
+                                        request: "subscribe",
+                                        code,
+                                    });
+                                }
+                                error_code = Some(code);
+                            }
+                            _ => {}
+                        }
+                    }
+                }
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(Failure::Closed {
+                        code: frame.map_or(1005, |f| u16::from(f.code)),
+                        error: error_code.take(),
+                    });
+                }
+                Some(Ok(_)) => {}
+                Some(Err(e)) => {
+                    return Err(Failure::from_ws(e, Stage::Subscribe, error_code.take()));
+                }
+                None => {
+                    return Err(Failure::Dropped {
+                        stage: Stage::Subscribe,
+                        error: error_code.take(),
+                    });
+                }
+            }
+        }
+    };
+    timeout_at(deadline, wait)
+        .await
+        .unwrap_or(Err(Failure::Timeout(Stage::Subscribe)))
 }
 
 /// Holds an authenticated connection: keeps reading (which answers pings) until `stop`
@@ -599,6 +690,27 @@ mod tests {
                 },
                 "close 4242",
                 Limit::Other,
+            ),
+            (
+                Failure::Closed {
+                    code: 4008,
+                    error: Some("SLOW_CONSUMER".into()),
+                },
+                "close 4008 SLOW_CONSUMER",
+                Limit::SlowConsumer,
+            ),
+            (
+                Failure::Refused {
+                    request: "subscribe",
+                    code: "FORBIDDEN".into(),
+                },
+                "subscribe refused: FORBIDDEN",
+                Limit::ChannelForbidden,
+            ),
+            (
+                Failure::Timeout(Stage::Subscribe),
+                "timeout: waiting for subscribed",
+                Limit::Saturated,
             ),
         ];
         for (failure, text, limit) in cases {

@@ -6,8 +6,10 @@
 
 pub mod cli;
 pub mod client;
+pub mod payload;
 pub mod probe;
 pub mod progress;
+pub mod publish;
 pub mod report;
 pub mod scenario;
 pub mod source;
@@ -19,9 +21,10 @@ pub mod tokens;
 use std::ffi::OsString;
 use std::sync::Arc;
 
-use anyhow::Result;
+use anyhow::{Result, bail};
 
 use cli::{Cli, ScenarioName};
+use scenario::broadcast;
 use scenario::connect::{self, Outputs, Plan};
 use spawn::{WorkerLink, WorkerMsg};
 
@@ -34,21 +37,43 @@ pub async fn run(cli: Cli, args: Vec<OsString>) -> Result<bool> {
     }
 }
 
+/// Workers get the same flags plus the run's epoch, so that they derive the same plan
+/// and their series line up.
+fn worker_args(mut args: Vec<OsString>, epoch_ms: u64) -> Vec<OsString> {
+    args.push("--epoch-ms".into());
+    args.push(epoch_ms.to_string().into());
+    args
+}
+
 async fn run_parent(cli: &Cli, fd_limit: u64, args: Vec<OsString>) -> Result<bool> {
+    let outputs = Outputs {
+        json: cli.json.clone(),
+        html: cli.html.clone(),
+    };
     match cli.scenario {
         ScenarioName::Connect => {
+            if cli.pid.len() > 1 {
+                bail!(
+                    "connect takes one --pid (the gateway whose memory per connection it reports)"
+                );
+            }
             let plan = Arc::new(Plan::from_cli(cli, fd_limit)?);
-            let probe = probe::Probe::new(cli.pid, cli.metrics_url.as_deref())?;
-            // Workers get the same flags plus the run's epoch, so that they derive the
-            // same plan and their series line up.
-            let mut worker_args = args;
-            worker_args.push("--epoch-ms".into());
-            worker_args.push(plan.epoch_ms.to_string().into());
-            let outputs = Outputs {
-                json: cli.json.clone(),
-                html: cli.html.clone(),
-            };
+            let probe = probe::Probe::new(cli.pid.first().copied(), cli.metrics_url.as_deref())?;
+            let worker_args = worker_args(args, plan.epoch_ms);
             connect::run(plan, probe, outputs, worker_args).await
+        }
+        ScenarioName::Broadcast => {
+            let plan = Arc::new(broadcast::Plan::from_cli(cli, fd_limit)?);
+            // The first --pid is the gateway whose memory is sampled; every one gets its
+            // CPU reported.
+            let probe = probe::Probe::new(cli.pid.first().copied(), cli.metrics_url.as_deref())?;
+            for &pid in &cli.pid {
+                if probe::cpu_seconds(Some(pid)).is_none() {
+                    bail!("--pid {pid}: no such process");
+                }
+            }
+            let worker_args = worker_args(args, plan.epoch_ms);
+            broadcast::run(plan, probe, cli.pid.clone(), outputs, worker_args).await
         }
     }
 }
@@ -71,6 +96,21 @@ async fn run_worker(cli: &Cli, fd_limit: u64, index: u32, count: u32) -> Result<
                 }
             };
             connect::run_worker(plan, index, count, link).await?;
+            Ok(true)
+        }
+        ScenarioName::Broadcast => {
+            let mut link: WorkerLink<broadcast::Progress, broadcast::Tallies> = WorkerLink::stdio();
+            let plan = match broadcast::Plan::from_cli(cli, fd_limit) {
+                Ok(plan) => Arc::new(plan),
+                Err(e) => {
+                    link.send(WorkerMsg::Fatal {
+                        error: format!("{e:#}"),
+                    })
+                    .await?;
+                    return Ok(false);
+                }
+            };
+            broadcast::run_worker(plan, index, count, false, link).await?;
             Ok(true)
         }
     }

@@ -101,6 +101,83 @@ async fn scrape(client: &reqwest::Client, url: &reqwest::Url) -> Result<String> 
     Ok(String::from_utf8_lossy(&body).into_owned())
 }
 
+/// CPU time a process used, seconds, split as the kernel accounts it: `user` is
+/// the program's own code, `system` the kernel working for it (syscalls, and on
+/// loopback much of the TCP stack).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+pub struct CpuSeconds {
+    pub user: f64,
+    pub system: f64,
+}
+
+impl CpuSeconds {
+    pub fn total(&self) -> f64 {
+        self.user + self.system
+    }
+
+    /// The time used since `earlier`.
+    pub fn since(&self, earlier: &CpuSeconds) -> CpuSeconds {
+        CpuSeconds {
+            user: (self.user - earlier.user).max(0.0),
+            system: (self.system - earlier.system).max(0.0),
+        }
+    }
+
+    pub fn add(&mut self, other: &CpuSeconds) {
+        self.user += other.user;
+        self.system += other.system;
+    }
+}
+
+/// CPU time of a process from `/proc/<pid>/stat` (`/proc/self/stat` for `None`).
+pub fn cpu_seconds(pid: Option<u32>) -> Option<CpuSeconds> {
+    let path = match pid {
+        Some(pid) => format!("/proc/{pid}/stat"),
+        None => "/proc/self/stat".to_owned(),
+    };
+    let (user, system) = stat_cpu_ticks(&std::fs::read_to_string(path).ok()?)?;
+    let hz = clock_ticks_per_second() as f64;
+    Some(CpuSeconds {
+        user: user as f64 / hz,
+        system: system as f64 / hz,
+    })
+}
+
+/// `(utime, stime)` in clock ticks (fields 14 and 15) from a `/proc/<pid>/stat`
+/// line. The command name (field 2) is in parentheses and may hold spaces and
+/// parentheses itself, so fields are counted from the last `)`.
+pub fn stat_cpu_ticks(stat: &str) -> Option<(u64, u64)> {
+    let after = &stat[stat.rfind(')')? + 1..];
+    // `after` starts with field 3 (state): utime is the 12th field from here.
+    let mut fields = after.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    Some((utime, stime))
+}
+
+/// Linux's USER_HZ, the unit of `/proc/<pid>/stat` times, when sysconf cannot say.
+const FALLBACK_CLOCK_TICKS: u64 = 100;
+
+/// Clock ticks per second of `/proc/<pid>/stat` times.
+pub fn clock_ticks_per_second() -> u64 {
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(t)) if t > 0 => t as u64,
+        _ => FALLBACK_CLOCK_TICKS,
+    }
+}
+
+/// A process's command name (`/proc/<pid>/comm`), e.g. `gateway`, `nats-server`.
+pub fn process_name(pid: u32) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/comm"))
+        .ok()
+        .map(|s| s.trim().to_owned())
+}
+
+/// Resident memory of a process, bytes.
+pub fn rss_bytes(pid: u32) -> Option<u64> {
+    vm_rss_bytes(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
 /// The kernel's TCP extension counters.
 const NETSTAT_FILE: &str = "/proc/net/netstat";
 
@@ -217,6 +294,38 @@ switchboard_closes_total{code=\"4503\"} 4
             metric_value("switchboard_connections NaN\n", "switchboard_connections"),
             None
         );
+    }
+
+    #[test]
+    fn cpu_times_are_read_from_stat() {
+        // A command name with spaces and parentheses must not shift the fields.
+        let stat = "1234 (my (odd) proc) S 1 1234 1234 0 -1 4194560 100 0 0 0 \
+                    250 75 0 0 20 0 4 0 100 1000000 300 18446744073709551615";
+        assert_eq!(stat_cpu_ticks(stat), Some((250, 75)));
+        assert_eq!(stat_cpu_ticks("garbage"), None);
+        assert_eq!(stat_cpu_ticks("1 (x) S 1 2"), None);
+        assert!(cpu_seconds(None).is_some());
+        assert!(cpu_seconds(Some(std::process::id())).is_some());
+        let a = CpuSeconds {
+            user: 1.0,
+            system: 0.5,
+        };
+        let mut b = CpuSeconds {
+            user: 3.0,
+            system: 0.25,
+        };
+        assert_eq!(
+            b.since(&a),
+            CpuSeconds {
+                user: 2.0,
+                system: 0.0
+            }
+        );
+        b.add(&a);
+        assert_eq!(b.total(), 4.75);
+        assert!(clock_ticks_per_second() > 0);
+        assert!(process_name(std::process::id()).is_some_and(|n| !n.is_empty()));
+        assert!(rss_bytes(std::process::id()).is_some_and(|r| r > 0));
     }
 
     #[test]

@@ -41,6 +41,51 @@ pub fn render(s: &Snapshot) -> String {
     )
 }
 
+/// What one tick of `broadcast` shows.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct BroadcastSnapshot {
+    pub elapsed: Duration,
+    /// "subscribing", "publishing", "draining", "closing".
+    pub phase: &'static str,
+    pub subscribed: u64,
+    pub target: u64,
+    pub open: u64,
+    pub failed: u64,
+    /// Subscribers the server closed or dropped.
+    pub closed: u64,
+    /// Publications sent per second over the last tick.
+    pub publish_rate: f64,
+    pub acked: u64,
+    pub publish_failed: u64,
+    /// Deliveries per second over the last tick, all subscribers.
+    pub delivery_rate: f64,
+    /// Delivery latency of the last complete second.
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+}
+
+/// Formats one `broadcast` progress line (no newline).
+pub fn render_broadcast(s: &BroadcastSnapshot) -> String {
+    let ms = |v: Option<f64>| v.map_or_else(|| "-".to_owned(), crate::report::millis);
+    format!(
+        "[{:>6.1}s] {:<11} subs {:>6}/{} open {:>6}  pub {:>6.0}/s acked {:>8}  deliver {:>9.0}/s  \
+         p50 {:>6} p99 {:>6} ms  failed {:>5} closed {:>5} pub-failed {:>5}",
+        s.elapsed.as_secs_f64(),
+        s.phase,
+        s.subscribed,
+        s.target,
+        s.open,
+        s.publish_rate,
+        s.acked,
+        s.delivery_rate,
+        ms(s.p50_ms),
+        ms(s.p99_ms),
+        s.failed,
+        s.closed,
+        s.publish_failed,
+    )
+}
+
 /// Writes progress lines to stderr.
 pub struct ProgressLine {
     tty: bool,
@@ -62,7 +107,11 @@ impl ProgressLine {
     }
 
     pub fn show(&mut self, s: &Snapshot) {
-        let line = render(s);
+        self.show_text(&render(s));
+    }
+
+    /// Shows an already formatted line.
+    pub fn show_text(&mut self, line: &str) {
         let mut err = std::io::stderr().lock();
         // A failed write to stderr is not worth stopping a load test for.
         let _ = if self.tty {
@@ -118,5 +167,37 @@ mod tests {
             assert!(line.contains(part), "{part:?} missing in {line:?}");
         }
         assert!(!line.contains('\n'));
+    }
+
+    #[test]
+    fn broadcast_line_shows_rates_and_latency() {
+        let line = render_broadcast(&BroadcastSnapshot {
+            elapsed: Duration::from_millis(12_000),
+            phase: "publishing",
+            subscribed: 10_000,
+            target: 10_000,
+            open: 9_999,
+            failed: 0,
+            closed: 1,
+            publish_rate: 100.0,
+            acked: 1_200,
+            publish_failed: 2,
+            delivery_rate: 999_900.0,
+            p50_ms: Some(3.25),
+            p99_ms: None,
+        });
+        for part in [
+            "[  12.0s] publishing",
+            "subs  10000/10000",
+            "open   9999",
+            "pub    100/s",
+            "acked     1200",
+            "deliver    999900/s",
+            "p50   3.25 p99      - ms",
+            "closed     1",
+            "pub-failed     2",
+        ] {
+            assert!(line.contains(part), "{part:?} missing in {line:?}");
+        }
     }
 }

@@ -97,11 +97,15 @@ pub enum WorkerMsg<P, R> {
 }
 
 /// What the parent tells a worker, one JSON object per line on its stdin.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Control {
-    /// Every worker is ready: start the hold phase.
+    /// Every worker is ready: start the hold phase (`broadcast`: publishing starts).
     Hold,
+    /// `broadcast`: publishing is over; the last acknowledged offset of each channel
+    /// (by channel index; `None` when nothing was acknowledged there), so that
+    /// subscribers know what they should have received.
+    Expect(Vec<Option<u64>>),
     /// Close everything and report.
     Finish,
     /// Stop at once (Ctrl-C, another worker failed), close everything and report.
@@ -287,7 +291,8 @@ where
         for c in &mut self.controls {
             match c {
                 ControlOut::Channel(tx) => {
-                    let _ = tokio::time::timeout(CONTROL_WRITE_TIMEOUT, tx.send(control)).await;
+                    let _ =
+                        tokio::time::timeout(CONTROL_WRITE_TIMEOUT, tx.send(control.clone())).await;
                 }
                 ControlOut::Process { stdin } => {
                     let Some(pipe) = stdin.as_mut() else { continue };
@@ -420,6 +425,10 @@ mod tests {
         ));
         let c = serde_json::to_string(&Control::Hold).unwrap();
         assert_eq!(serde_json::from_str::<Control>(&c).unwrap(), Control::Hold);
+        let expect = Control::Expect(vec![Some(41), None]);
+        let c = serde_json::to_string(&expect).unwrap();
+        assert_eq!(c, r#"{"expect":[41,null]}"#);
+        assert_eq!(serde_json::from_str::<Control>(&c).unwrap(), expect);
     }
 
     #[tokio::test]

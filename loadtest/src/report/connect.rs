@@ -7,11 +7,15 @@ use std::time::Duration;
 use serde::Serialize;
 
 use super::svg::{Chart, Series, XTicks};
-use super::{bytes, escape, kv, millis, thousands};
+pub use super::{Finding, Latency, ReasonCount};
+use super::{
+    STYLE, bytes, escape, kv, latency_of, millis, percentile_chart, reason_table, reasons,
+    thousands,
+};
 use crate::client::Limit;
 use crate::probe::GatewaySample;
 use crate::scenario::connect::{Plan, Tallies};
-use crate::stats::{Histogram, Tally};
+use crate::stats::Histogram;
 
 /// Shortest connect phase used to compute a rate: below a millisecond the quotient
 /// would be noise.
@@ -19,10 +23,6 @@ const MIN_RATE_SPAN_MS: u64 = 1;
 /// Growth per connection below which the figure cannot be real: a connection's socket
 /// buffers and state alone take more, so the allocator reused memory of earlier runs.
 const IMPLAUSIBLE_RSS_PER_CONNECTION: f64 = 512.0;
-/// Resolution of the latency percentile curve, in "nines" (x = -log10(1 - q)).
-const CURVE_STEP: f64 = 0.02;
-/// Deepest percentile plotted: 99.99 %, the most a run of this size can resolve.
-const CURVE_MAX_NINES: f64 = 4.0;
 
 /// What the parent knows at the end of a run.
 pub struct RunFacts<'a> {
@@ -77,13 +77,6 @@ pub struct ConnectReport {
 }
 
 #[derive(Debug, Serialize)]
-pub struct Finding {
-    pub limit: &'static str,
-    pub count: u64,
-    pub explanation: &'static str,
-}
-
-#[derive(Debug, Serialize)]
 pub struct Config {
     pub url: String,
     pub connections: u64,
@@ -99,22 +92,6 @@ pub struct Config {
     pub fd_limit: u64,
     pub ephemeral_ports: u64,
     pub allow_failures_pct: f64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct ReasonCount {
-    pub reason: String,
-    pub count: u64,
-}
-
-fn reasons(t: &Tally) -> Vec<ReasonCount> {
-    t.by_count()
-        .into_iter()
-        .map(|(reason, count)| ReasonCount {
-            reason: reason.to_owned(),
-            count,
-        })
-        .collect()
 }
 
 #[derive(Debug, Serialize)]
@@ -135,18 +112,6 @@ pub struct ConnectRate {
     /// Most successful connects in any one-second slot.
     pub peak_1s_per_s: f64,
     pub connect_phase_s: f64,
-}
-
-#[derive(Debug, Serialize)]
-pub struct Latency {
-    pub count: u64,
-    pub min: f64,
-    pub mean: f64,
-    pub p50: f64,
-    pub p90: f64,
-    pub p99: f64,
-    pub p999: f64,
-    pub max: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -180,20 +145,6 @@ pub struct Timeline {
     pub failures: Vec<u64>,
     pub drops: Vec<u64>,
     pub gateway: Vec<GatewaySample>,
-}
-
-fn latency_of(h: &Histogram) -> Option<Latency> {
-    let ms = |q: f64| h.quantile(q).map_or(0.0, |us| us as f64 / 1000.0);
-    Some(Latency {
-        count: h.count(),
-        min: h.min()? as f64 / 1000.0,
-        mean: h.mean()? / 1000.0,
-        p50: ms(0.5),
-        p90: ms(0.9),
-        p99: ms(0.99),
-        p999: ms(0.999),
-        max: h.max()? as f64 / 1000.0,
-    })
 }
 
 fn gateway_of(
@@ -540,48 +491,10 @@ impl ConnectReport {
     }
 
     fn latency_chart(&self) -> String {
-        let h = &self.latency_histogram_us;
-        let nines = if h.count() > 1 {
-            (h.count() as f64).log10().clamp(1.0, CURVE_MAX_NINES)
-        } else {
-            1.0
-        };
-        let mut points = Vec::new();
-        let mut x = 0.0;
-        while x <= nines + 1e-9 {
-            let q = 1.0 - 10f64.powf(-x);
-            if let Some(v) = h.quantile(q) {
-                points.push((x, v as f64 / 1000.0));
-            }
-            x += CURVE_STEP;
-        }
-        if let Some(max) = h.max() {
-            points.push((nines, max as f64 / 1000.0));
-        }
-        let ticks = (0..=nines.floor() as u32)
-            .map(|k| {
-                let label = match k {
-                    0 => "0%".to_owned(),
-                    1 => "90%".to_owned(),
-                    2 => "99%".to_owned(),
-                    3 => "99.9%".to_owned(),
-                    _ => "99.99%".to_owned(),
-                };
-                (f64::from(k), label)
-            })
-            .collect();
-        Chart {
-            title: "Handshake latency by percentile (TCP connect -> authenticated)",
-            x_label: "percentile",
-            y_label: "ms",
-            x_ticks: XTicks::Fixed(ticks),
-            series: vec![Series {
-                name: "latency",
-                color: "#1f77b4",
-                points,
-            }],
-        }
-        .render()
+        percentile_chart(
+            &self.latency_histogram_us,
+            "Handshake latency by percentile (TCP connect -> authenticated)",
+        )
     }
 
     fn open_chart(&self) -> String {
@@ -679,13 +592,6 @@ impl ConnectReport {
     }
 }
 
-fn reason_table(rows: &[ReasonCount]) -> String {
-    rows.iter()
-        .map(|r| format!("{:>9}  {}", thousands(r.count), r.reason))
-        .collect::<Vec<_>>()
-        .join("\n")
-}
-
 fn gateway_text(g: &Gateway) -> String {
     let rss = |s: &Option<GatewaySample>| {
         s.and_then(|s| s.rss_bytes)
@@ -730,15 +636,6 @@ fn gateway_text(g: &Gateway) -> String {
     }
     text
 }
-
-const STYLE: &str = "body{font-family:system-ui,sans-serif;max-width:860px;margin:2em auto;\
-padding:0 1em;color:#222}h1{font-size:1.3em}pre{background:#f6f6f6;padding:1em;\
-overflow-x:auto;font-size:12px}.verdict{font-weight:bold}.verdict.ok{color:#1a7f37}\
-.verdict.bad{color:#b42318}.chart{width:100%;height:auto;margin:1em 0;border:1px solid #ddd}\
-.chart .title{font-size:14px;font-weight:bold}.chart .grid{stroke:#eee}\
-.chart .axis,.chart .tick{stroke:#555}.chart text{font-size:11px;fill:#333}\
-.chart .ytick{text-anchor:end}.chart .xtick,.chart .xlabel,.chart .ylabel{text-anchor:middle}\
-.foot{color:#777;font-size:12px}";
 
 #[cfg(test)]
 mod tests {

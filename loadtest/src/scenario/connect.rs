@@ -73,11 +73,19 @@ pub struct Plan {
 
 impl Plan {
     pub fn from_cli(cli: &Cli, fd_limit: u64) -> Result<Plan> {
-        let target = Target::parse(&cli.url)?;
+        let url = match cli.url.as_slice() {
+            [one] => one.clone(),
+            _ => bail!(
+                "connect takes one --url (several gateways: put a load balancer in front, or \
+                 run one loadtest per gateway)"
+            ),
+        };
+        let target = Target::parse(&url)?;
         if cli.connections == 0 {
             bail!("--connections must be at least 1");
         }
-        if !cli.rate.is_finite() || cli.rate < 0.0 || cli.rate > MAX_RATE {
+        let rate = cli.rate.unwrap_or(crate::cli::DEFAULT_RATE);
+        if !rate.is_finite() || !(0.0..=MAX_RATE).contains(&rate) {
             bail!("--rate must be between 0 (unlimited) and {MAX_RATE}");
         }
         if cli.concurrency == 0 {
@@ -129,10 +137,10 @@ impl Plan {
             );
         }
         Ok(Plan {
-            url: cli.url.clone(),
+            url,
             target,
             total: cli.connections,
-            rate: cli.rate,
+            rate,
             concurrency: cli.concurrency,
             hold: Duration::from_secs(cli.hold),
             timeout: Duration::from_secs(cli.timeout),
@@ -434,7 +442,7 @@ pub async fn run_worker(
                 link.send(WorkerMsg::Progress(p)).await?;
             }
             control = link.recv(), if !finishing => match control {
-                Control::Hold => {}
+                Control::Hold | Control::Expect(_) => {}
                 Control::Finish => {
                     finishing = true;
                     tallies.open_at_finish = shared.counters.snapshot().open;
@@ -835,6 +843,12 @@ mod tests {
             &["--allow-failures", "101"],
             &["--connections", "2", "--processes", "3"],
             &["--users", "0"],
+            &[
+                "--url",
+                "ws://127.0.0.1:1/ws",
+                "--url",
+                "ws://127.0.0.1:2/ws",
+            ],
         ] {
             assert!(Plan::from_cli(&cli(bad), 20_000).is_err(), "{bad:?}");
         }

@@ -2,6 +2,7 @@
 //! time from the same epoch (passed to worker processes with `--epoch-ms`), so their
 //! per-second series line up when the parent merges them.
 
+pub mod broadcast;
 pub mod connect;
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -9,5 +9,5 @@ pub mod tally;
 
 pub use histogram::Histogram;
 pub use offsets::{GapSummary, OffsetTracker};
-pub use series::{EventSeries, GaugeSeries};
+pub use series::{EventSeries, GaugeSeries, HistogramSeries};
 pub use tally::Tally;

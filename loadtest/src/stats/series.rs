@@ -1,8 +1,11 @@
 //! Time series in fixed slots since a shared run epoch: event counts (connects,
-//! failures, drops) from which rates over any window are derived, and sampled gauges
-//! (open connections). Both merge across workers slot by slot.
+//! failures, drops) from which rates over any window are derived, sampled gauges
+//! (open connections), and a histogram per slot (delivery latency second by second).
+//! All merge across workers slot by slot.
 
 use serde::{Deserialize, Serialize};
+
+use super::Histogram;
 
 /// Slot width of every series: one second, the resolution of the progress line and
 /// of the report's plots.
@@ -158,6 +161,91 @@ impl GaugeSeries {
     }
 }
 
+/// A histogram per slot: the distribution of values recorded in each second (delivery
+/// latency), from which per-second percentiles, per-second counts and the distribution
+/// over any window follow. Slots without values hold an empty histogram.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct HistogramSeries {
+    slots: Vec<Histogram>,
+}
+
+impl HistogramSeries {
+    pub fn new() -> HistogramSeries {
+        HistogramSeries::default()
+    }
+
+    fn slot_mut(&mut self, elapsed_ms: u64) -> &mut Histogram {
+        let slot = slot_of(elapsed_ms);
+        if self.slots.len() <= slot {
+            self.slots.resize_with(slot + 1, Histogram::new);
+        }
+        &mut self.slots[slot]
+    }
+
+    /// Records `value` at `elapsed_ms` since the run epoch.
+    pub fn record(&mut self, elapsed_ms: u64, value: u64) {
+        self.slot_mut(elapsed_ms).record(value);
+    }
+
+    /// Adds a whole histogram of values recorded at `elapsed_ms`.
+    pub fn add(&mut self, elapsed_ms: u64, values: &Histogram) {
+        if !values.is_empty() {
+            self.slot_mut(elapsed_ms).merge(values);
+        }
+    }
+
+    /// Adds `other` slot by slot.
+    pub fn merge(&mut self, other: &HistogramSeries) {
+        let other_len = other.slots.len().min(MAX_SLOTS);
+        if self.slots.len() < other_len {
+            self.slots.resize_with(other_len, Histogram::new);
+        }
+        for (mine, theirs) in self.slots.iter_mut().zip(&other.slots) {
+            mine.merge(theirs);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The histogram of slot `index` (empty past the end).
+    pub fn slot(&self, index: usize) -> Histogram {
+        self.slots.get(index).cloned().unwrap_or_default()
+    }
+
+    /// Everything recorded, in one histogram.
+    pub fn total(&self) -> Histogram {
+        self.window(0, self.slots.len())
+    }
+
+    /// Everything recorded in slots `[from, to)`.
+    pub fn window(&self, from: usize, to: usize) -> Histogram {
+        let mut h = Histogram::new();
+        for s in self.slots.iter().take(to).skip(from) {
+            h.merge(s);
+        }
+        h
+    }
+
+    /// Values recorded per slot, as an event series.
+    pub fn counts(&self) -> EventSeries {
+        EventSeries {
+            counts: self.slots.iter().map(Histogram::count).collect(),
+        }
+    }
+
+    /// Quantile `q` of each slot (`None` for a slot without values).
+    pub fn quantiles(&self, q: f64) -> Vec<Option<u64>> {
+        self.slots.iter().map(|h| h.quantile(q)).collect()
+    }
+}
+
 fn extend_forward(mut levels: Vec<u64>, len: usize) -> Vec<u64> {
     let last = levels.last().copied().unwrap_or(0);
     levels.resize(len, last);
@@ -214,6 +302,46 @@ mod tests {
         s.record(u64::MAX, 1);
         assert_eq!(s.counts().len(), MAX_SLOTS);
         assert_eq!(s.total(), 1);
+    }
+
+    #[test]
+    fn histogram_series_keeps_each_second_apart() {
+        let mut a = HistogramSeries::new();
+        a.record(100, 1_000);
+        a.record(900, 3_000);
+        a.record(2_500, 50_000);
+        assert_eq!(a.len(), 3);
+        assert_eq!(a.counts().counts(), &[2, 0, 1]);
+        assert_eq!(a.quantiles(1.0), vec![Some(3_000), None, Some(50_000)]);
+        assert_eq!(a.slot(1).count(), 0);
+        assert_eq!(a.slot(99).count(), 0);
+
+        let mut b = HistogramSeries::new();
+        let mut burst = Histogram::new();
+        burst.record_n(2_000, 4);
+        b.add(1_200, &burst);
+        b.add(1_300, &Histogram::new());
+        b.record(4_000, 7);
+        a.merge(&b);
+        assert_eq!(a.counts().counts(), &[2, 4, 1, 0, 1]);
+        let total = a.total();
+        assert_eq!(total.count(), 8);
+        assert_eq!((total.min(), total.max()), (Some(7), Some(50_000)));
+        assert_eq!(a.window(1, 2).count(), 4);
+        assert_eq!(a.window(3, 100).count(), 1);
+
+        // It survives the trip from a worker process.
+        let back: HistogramSeries =
+            serde_json::from_str(&serde_json::to_string(&a).unwrap()).unwrap();
+        assert_eq!(back, a);
+    }
+
+    #[test]
+    fn histogram_series_is_capped() {
+        let mut s = HistogramSeries::new();
+        s.record(u64::MAX, 1);
+        assert_eq!(s.len(), MAX_SLOTS);
+        assert_eq!(s.total().count(), 1);
     }
 
     #[test]

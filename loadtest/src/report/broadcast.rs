@@ -1,0 +1,1359 @@
+//! The `broadcast` scenario's report: built once from the merged worker tallies, the
+//! publisher's tallies and the process readings, then rendered as the human summary,
+//! as JSON (`--json`) and as a self-contained HTML page (`--html`).
+
+use serde::Serialize;
+
+use super::svg::{Chart, Series, XTicks};
+use super::{
+    Finding, Latency, ReasonCount, STYLE, bytes, escape, kv, latency_of, millis, percentile_chart,
+    reason_table, reasons, thousands,
+};
+use crate::cli::PublishVia;
+use crate::client::Limit;
+use crate::payload;
+use crate::probe::{CpuSeconds, GatewaySample};
+use crate::publish::PublishTallies;
+use crate::scenario::broadcast::{Plan, Tallies};
+use crate::stats::Histogram;
+use crate::stats::series::SLOT_MS;
+
+/// Shortest span used to compute a rate: below this the quotient is noise.
+const MIN_RATE_SPAN_MS: u64 = 1;
+/// Share of the target publication rate below which the verdict says the publisher,
+/// not the schedule, set the pace.
+const SLOW_PUBLISHER: f64 = 0.9;
+
+/// What the parent knows at the end of a run.
+pub struct RunFacts<'a> {
+    pub plan: &'a Plan,
+    pub tallies: &'a Tallies,
+    pub published: PublishTallies,
+    pub interrupted: bool,
+    pub errors: Vec<String>,
+    /// Run-epoch milliseconds when publishing started and when the publisher was done
+    /// (every publication answered or timed out).
+    pub publish_started_ms: Option<u64>,
+    pub publish_ended_ms: Option<u64>,
+    /// How long the drain lasted, and whether every subscriber caught up in it.
+    pub drain_s: Option<f64>,
+    pub drained_fully: bool,
+    /// Gateway readings before the run, once everyone subscribed, after the drain and
+    /// after closing; `None` without `--pid`/`--metrics-url`.
+    pub gateway: Option<[Option<GatewaySample>; 4]>,
+    pub gateway_series: Vec<GatewaySample>,
+    pub cpu: Option<CpuUse>,
+    pub finished_ms: u64,
+}
+
+/// CPU used from the start of publishing to the end of the drain.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuUse {
+    pub window_s: f64,
+    /// The `--pid` processes (gateways, nats-server, redis-server, ...).
+    pub processes: Vec<ProcessCpu>,
+    /// The parent: the publisher, and the subscribers too when they run in-process.
+    pub loadtest_parent: Option<CpuSeconds>,
+    /// Worker processes together (`None` when the subscribers ran in the parent).
+    pub loadtest_workers: Option<CpuSeconds>,
+    pub loadtest: Option<CpuSeconds>,
+    pub loadtest_cores: Option<f64>,
+}
+
+impl CpuUse {
+    pub fn new(window_s: f64, processes: Vec<ProcessCpu>, parent: Option<CpuSeconds>) -> CpuUse {
+        CpuUse {
+            window_s,
+            processes,
+            loadtest_parent: parent,
+            loadtest_workers: None,
+            loadtest: parent,
+            loadtest_cores: parent.map(|c| c.total() / window_s.max(1e-3)),
+        }
+    }
+
+    /// Adds the worker processes' own CPU time.
+    pub fn add_workers(&mut self, workers: Option<CpuSeconds>) {
+        self.loadtest_workers = workers;
+        if let Some(w) = workers {
+            let mut total = self.loadtest_parent.unwrap_or_default();
+            total.add(&w);
+            self.loadtest = Some(total);
+            self.loadtest_cores = Some(total.total() / self.window_s.max(1e-3));
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessCpu {
+    pub pid: u32,
+    pub name: String,
+    pub cpu: Option<CpuSeconds>,
+    /// CPU seconds per second of the window.
+    pub cores: Option<f64>,
+    /// Resident memory at the end of the window.
+    pub rss_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct BroadcastReport {
+    pub scenario: &'static str,
+    pub version: &'static str,
+    pub started_at_unix_ms: u64,
+    pub duration_s: f64,
+    /// Every subscriber subscribed and stayed, every publication acknowledged, every
+    /// acknowledged publication delivered once to every subscriber of its channel
+    /// (failures within --allow-failures), nothing interrupted.
+    pub goal_met: bool,
+    pub verdict: String,
+    pub stopped_by: Vec<Finding>,
+    pub interrupted: bool,
+    pub worker_errors: Vec<String>,
+    pub config: Config,
+    pub subscribers: Subscribers,
+    pub publications: Publications,
+    pub deliveries: Deliveries,
+    /// Publish timestamp (in the payload) to receipt by a subscriber, milliseconds,
+    /// over every timed delivery of every subscriber.
+    pub latency_ms: Option<Latency>,
+    /// The raw latency data (microseconds), mergeable with other runs' histograms.
+    pub latency_histogram_us: Histogram,
+    pub offsets: Offsets,
+    pub cpu: Option<CpuUse>,
+    pub gateway: Option<GatewayMemory>,
+    pub timeline: Timeline,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Config {
+    pub urls: Vec<String>,
+    pub api_urls: Vec<String>,
+    pub publish_via: &'static str,
+    pub subscribers: u64,
+    pub channels: u64,
+    pub namespace: String,
+    pub rate_per_s: f64,
+    pub duration_s: u64,
+    pub payload_bytes: usize,
+    pub publishers: u32,
+    pub concurrency: u64,
+    pub timeout_s: u64,
+    pub drain_s: u64,
+    pub processes: u32,
+    pub sources: String,
+    pub tokens: String,
+    pub fd_limit: u64,
+    pub allow_failures_pct: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Subscribers {
+    pub target: u64,
+    pub attempted: u64,
+    pub subscribed: u64,
+    pub failed: u64,
+    pub aborted: u64,
+    pub not_attempted: u64,
+    pub failures: Vec<ReasonCount>,
+    /// TCP connect start to `subscribed`.
+    pub setup_latency_ms: Option<Latency>,
+    /// Closed or dropped by the server after `subscribed` (e.g. 4008 slow consumer).
+    pub unexpected_closes: u64,
+    pub closes: Vec<ReasonCount>,
+    pub open_at_end: u64,
+    pub peak_open: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ChannelOffsets {
+    pub channel: String,
+    pub subscribers: u64,
+    pub acked: u64,
+    pub first_offset: Option<u64>,
+    pub last_offset: Option<u64>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Publications {
+    pub scheduled: u64,
+    pub sent: u64,
+    pub acked: u64,
+    pub failed: u64,
+    pub failures: Vec<ReasonCount>,
+    pub target_per_s: f64,
+    /// Sent per second from the first send to the last.
+    pub achieved_per_s: f64,
+    pub window_s: f64,
+    /// Send to acknowledgement.
+    pub ack_latency_ms: Option<Latency>,
+    /// Most the sends fell behind the schedule (every publisher connection busy).
+    pub max_lag_ms: u64,
+    pub late: u64,
+    /// Publisher WebSocket connections the gateway ended (e.g. 4029 over its
+    /// per-connection message rate).
+    pub connection_ends: Vec<ReasonCount>,
+    pub channels: Vec<ChannelOffsets>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct PerSubscriber {
+    /// Subscribers that stayed to the end.
+    pub count: u64,
+    pub mean_per_s: f64,
+    pub min_per_s: f64,
+    pub p50_per_s: f64,
+    pub max_per_s: f64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Deliveries {
+    /// `message` frames received on the subscribed channels, duplicates included.
+    pub total: u64,
+    /// Offsets the subscribers should have received: distinct received plus missing.
+    pub expected: u64,
+    pub target_per_s: f64,
+    /// Deliveries per second from the start of publishing to the last delivery (at
+    /// least the publishing time).
+    pub achieved_per_s: f64,
+    pub span_s: f64,
+    /// Deliveries per second over the whole seconds inside the publishing window.
+    pub steady_per_s: Option<f64>,
+    pub peak_1s_per_s: f64,
+    pub per_subscriber: Option<PerSubscriber>,
+    /// Time from the end of publishing until every subscriber had everything (or the
+    /// --drain limit).
+    pub drain_s: Option<f64>,
+    pub drained: bool,
+    /// Deliveries without a publish timestamp (someone else's publications).
+    pub untimed: u64,
+    /// Frames on channels not subscribed to, or unreadable.
+    pub stray_frames: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Offsets {
+    /// One stream per subscriber that subscribed.
+    pub streams: u64,
+    pub received: u64,
+    pub duplicates: u64,
+    pub missing: u64,
+    pub gap_count: u64,
+    pub streams_with_problems: u64,
+    /// A few subscribers with gaps or duplicates, with their offsets.
+    pub examples: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct GatewayMemory {
+    pub before: Option<GatewaySample>,
+    /// Every subscriber subscribed, nothing published yet.
+    pub subscribed: Option<GatewaySample>,
+    /// At the end of the drain.
+    pub drained: Option<GatewaySample>,
+    pub after: Option<GatewaySample>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Timeline {
+    pub slot_ms: u64,
+    pub publish_start_s: Option<f64>,
+    pub publish_end_s: Option<f64>,
+    pub published: Vec<u64>,
+    pub acked: Vec<u64>,
+    /// Timed deliveries per second.
+    pub deliveries: Vec<u64>,
+    pub latency_p50_ms: Vec<Option<f64>>,
+    pub latency_p99_ms: Vec<Option<f64>>,
+    pub open: Vec<u64>,
+    pub closes: Vec<u64>,
+    pub gateway: Vec<GatewaySample>,
+}
+
+fn rate(n: u64, span_ms: u64) -> f64 {
+    if span_ms == 0 {
+        0.0
+    } else {
+        n as f64 * 1000.0 / span_ms.max(MIN_RATE_SPAN_MS) as f64
+    }
+}
+
+fn finding(limit: &'static str, count: u64, explanation: &'static str) -> Finding {
+    Finding {
+        limit,
+        count,
+        explanation,
+    }
+}
+
+impl BroadcastReport {
+    pub fn build(f: RunFacts<'_>) -> BroadcastReport {
+        let plan = f.plan;
+        let t = f.tallies;
+        let p = &f.published;
+
+        let latency_total = t.latency_us.total();
+        let publish_span_ms = match (p.first_sent_ms, p.last_sent_ms) {
+            (Some(a), Some(b)) => b.saturating_sub(a).max(MIN_RATE_SPAN_MS),
+            _ => 0,
+        };
+        // Sends are due at 0, 1/R, ..., so n sends span (n-1)/R seconds.
+        let achieved_publish = if p.sent > 1 {
+            (p.sent - 1) as f64 * 1000.0 / publish_span_ms as f64
+        } else {
+            0.0
+        };
+        // From the start of publishing to the last delivery, but at least the
+        // publishing time: publication n-1 is due 1/R before the end, so a gateway that
+        // keeps up delivers everything slightly before `duration` has passed.
+        let delivery_span_ms = match (f.publish_started_ms, t.last_delivery_ms) {
+            (Some(a), Some(b)) => b
+                .saturating_sub(a)
+                .max(u64::try_from(plan.duration.as_millis()).unwrap_or(u64::MAX)),
+            _ => 0,
+        };
+        let counts = t.latency_us.counts();
+        let steady_per_s = match (f.publish_started_ms, f.publish_ended_ms) {
+            (Some(a), Some(b)) => {
+                let from = a.div_ceil(SLOT_MS) as usize;
+                let to = (b / SLOT_MS) as usize;
+                (to >= from + 2).then(|| counts.rate(from, to))
+            }
+            _ => None,
+        };
+        let per_subscriber = (t.per_subscriber.count() > 0 && delivery_span_ms > 0).then(|| {
+            let per_s = |v: u64| v as f64 * 1000.0 / delivery_span_ms as f64;
+            PerSubscriber {
+                count: t.per_subscriber.count(),
+                mean_per_s: t.per_subscriber.mean().unwrap_or(0.0) * 1000.0
+                    / delivery_span_ms as f64,
+                min_per_s: per_s(t.per_subscriber.min().unwrap_or(0)),
+                p50_per_s: per_s(t.per_subscriber.quantile(0.5).unwrap_or(0)),
+                max_per_s: per_s(t.per_subscriber.max().unwrap_or(0)),
+            }
+        });
+        let gaps = t.gaps;
+        let expected = (gaps.received - gaps.duplicates) + gaps.missing;
+
+        // What went wrong, most frequent first.
+        let mut limits = t.failure_limits.clone();
+        limits.merge(&t.close_limits);
+        let mut stopped_by: Vec<Finding> = limits
+            .by_count()
+            .into_iter()
+            .map(|(label, count)| {
+                let limit = Limit::from_label(label).unwrap_or(Limit::Other);
+                finding(limit.label(), count, limit.explain())
+            })
+            .collect();
+        if p.failed > 0 {
+            stopped_by.push(finding(
+                "publish_failed",
+                p.failed,
+                match plan.via {
+                    PublishVia::Api => {
+                        "publications failed (see Publications): 401 is a wrong --api-key, \
+                         503 a gateway that lost Redis or NATS, timeouts a saturated gateway"
+                    }
+                    PublishVia::Client => {
+                        "publications failed (see Publications): RATE_LIMITED is the gateway's \
+                         per-connection limit (run it with SB_MESSAGE_RATE and \
+                         SB_MESSAGE_BURST raised, or give more --publishers), FORBIDDEN a \
+                         namespace missing from SB_PUBLIC_NAMESPACES"
+                    }
+                },
+            ));
+        }
+        if gaps.missing > 0 {
+            stopped_by.push(finding(
+                if f.drained_fully { "gaps" } else { "behind" },
+                gaps.missing,
+                if f.drained_fully {
+                    "acknowledged publications never reached some subscribers (see Offsets)"
+                } else {
+                    "subscribers had not received everything when --drain ran out: the \
+                     gateway (or the generator) fell behind the publication rate; lower \
+                     --rate or raise --drain to see whether it catches up"
+                },
+            ));
+        }
+        if gaps.duplicates > 0 {
+            stopped_by.push(finding(
+                "duplicates",
+                gaps.duplicates,
+                "some offsets reached a subscriber more than once (see Offsets)",
+            ));
+        }
+        stopped_by.sort_by_key(|f| std::cmp::Reverse(f.count));
+
+        let lost_subscribers = plan.subscribers.saturating_sub(t.subscribed) + t.closed;
+        let allowed_subscribers = plan.allow_failures_pct / 100.0 * plan.subscribers as f64;
+        let allowed_publications = plan.allow_failures_pct / 100.0 * p.scheduled as f64;
+        let goal_met = !f.interrupted
+            && f.errors.is_empty()
+            && lost_subscribers as f64 <= allowed_subscribers
+            && p.failed as f64 <= allowed_publications
+            && p.acked > 0
+            && gaps.missing == 0
+            && gaps.duplicates == 0;
+        let verdict = if f.interrupted {
+            format!(
+                "interrupted: {} deliveries of {} publications",
+                thousands(gaps.received),
+                thousands(p.acked)
+            )
+        } else if goal_met {
+            format!(
+                "goal met: {} subscribers received {} publications ({} deliveries), no gap, \
+                 no duplicate{}{}",
+                thousands(t.subscribed - t.closed),
+                thousands(p.acked),
+                thousands(gaps.received),
+                if lost_subscribers > 0 || p.failed > 0 {
+                    format!(
+                        " (within --allow-failures {}%: {} subscribers lost, {} publications failed)",
+                        plan.allow_failures_pct,
+                        thousands(lost_subscribers),
+                        thousands(p.failed)
+                    )
+                } else {
+                    String::new()
+                },
+                if achieved_publish < SLOW_PUBLISHER * plan.rate {
+                    format!(
+                        "; but the publisher reached only {achieved_publish:.1}/s of {}/s (the \
+                         gateway acknowledged too slowly for --publishers {})",
+                        plan.rate, plan.publishers
+                    )
+                } else {
+                    String::new()
+                }
+            )
+        } else {
+            let mut why = Vec::new();
+            if !f.errors.is_empty() {
+                why.push("worker or publisher errors".to_owned());
+            }
+            if t.subscribed < plan.subscribers {
+                why.push(format!(
+                    "{}/{} subscribed",
+                    thousands(t.subscribed),
+                    thousands(plan.subscribers)
+                ));
+            }
+            if t.closed > 0 {
+                why.push(format!("{} closed by the gateway", thousands(t.closed)));
+            }
+            if p.failed > 0 {
+                why.push(format!("{} publications failed", thousands(p.failed)));
+            }
+            if p.acked == 0 {
+                why.push("no publication acknowledged".to_owned());
+            }
+            if gaps.missing > 0 {
+                why.push(format!(
+                    "{} deliveries missing{}",
+                    thousands(gaps.missing),
+                    if f.drained_fully {
+                        ""
+                    } else {
+                        " (not caught up within --drain)"
+                    }
+                ));
+            }
+            if gaps.duplicates > 0 {
+                why.push(format!("{} duplicates", thousands(gaps.duplicates)));
+            }
+            format!("goal missed: {}", why.join(", "))
+        };
+
+        let channel_names = plan.channel_names();
+        let channels = channel_names
+            .iter()
+            .enumerate()
+            .map(|(k, name)| ChannelOffsets {
+                channel: name.clone(),
+                subscribers: plan.subscribers_on(k as u64),
+                acked: p.channel_acked.get(k).copied().unwrap_or(0),
+                first_offset: p.channel_first.get(k).copied().flatten(),
+                last_offset: p.channel_last.get(k).copied().flatten(),
+            })
+            .collect();
+
+        let mut gateway_series = f.gateway_series;
+        gateway_series.sort_by_key(|s| s.at_ms);
+        let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
+
+        BroadcastReport {
+            scenario: "broadcast",
+            version: env!("CARGO_PKG_VERSION"),
+            started_at_unix_ms: plan.epoch_ms,
+            duration_s: f.finished_ms as f64 / 1000.0,
+            goal_met,
+            verdict,
+            stopped_by,
+            interrupted: f.interrupted,
+            worker_errors: f.errors,
+            config: Config {
+                urls: plan.urls.clone(),
+                api_urls: plan.api_urls.iter().map(|u| u.to_string()).collect(),
+                publish_via: match plan.via {
+                    PublishVia::Api => "api",
+                    PublishVia::Client => "client",
+                },
+                subscribers: plan.subscribers,
+                channels: plan.channels,
+                namespace: plan.namespace.clone(),
+                rate_per_s: plan.rate,
+                duration_s: plan.duration.as_secs(),
+                payload_bytes: payload::data_len(plan.payload_bytes),
+                publishers: plan.publishers,
+                concurrency: plan.concurrency,
+                timeout_s: plan.timeout.as_secs(),
+                drain_s: plan.drain.as_secs(),
+                processes: plan.processes,
+                sources: plan.sources.describe(),
+                tokens: plan.tokens_described.clone(),
+                fd_limit: plan.fd_limit,
+                allow_failures_pct: plan.allow_failures_pct,
+            },
+            subscribers: Subscribers {
+                target: plan.subscribers,
+                attempted: t.attempted,
+                subscribed: t.subscribed,
+                failed: t.failed,
+                aborted: t.aborted,
+                not_attempted: plan.subscribers.saturating_sub(t.attempted + t.aborted),
+                failures: reasons(&t.failures),
+                setup_latency_ms: latency_of(&t.setup_latency_us),
+                unexpected_closes: t.closed,
+                closes: reasons(&t.closes),
+                open_at_end: t.open_at_finish,
+                peak_open: t.open.peak(),
+            },
+            publications: Publications {
+                scheduled: p.scheduled,
+                sent: p.sent,
+                acked: p.acked,
+                failed: p.failed,
+                failures: reasons(&p.failures),
+                target_per_s: plan.rate,
+                achieved_per_s: achieved_publish,
+                window_s: publish_span_ms as f64 / 1000.0,
+                ack_latency_ms: latency_of(&p.ack_latency_us),
+                max_lag_ms: p.max_lag_ms,
+                late: p.late,
+                connection_ends: reasons(&p.connection_ends),
+                channels,
+            },
+            deliveries: Deliveries {
+                total: gaps.received,
+                expected,
+                target_per_s: plan.target_deliveries_per_s(),
+                achieved_per_s: rate(gaps.received, delivery_span_ms),
+                span_s: delivery_span_ms as f64 / 1000.0,
+                steady_per_s,
+                peak_1s_per_s: counts.peak_rate(1),
+                per_subscriber,
+                drain_s: f.drain_s,
+                drained: f.drained_fully,
+                untimed: t.untimed,
+                stray_frames: t.stray_frames,
+            },
+            latency_ms: latency_of(&latency_total),
+            latency_histogram_us: latency_total,
+            offsets: Offsets {
+                streams: gaps.streams,
+                received: gaps.received,
+                duplicates: gaps.duplicates,
+                missing: gaps.missing,
+                gap_count: gaps.gap_count,
+                streams_with_problems: gaps.streams_with_problems,
+                examples: t.problems.clone(),
+            },
+            cpu: f.cpu,
+            gateway: f
+                .gateway
+                .map(|[before, subscribed, drained, after]| GatewayMemory {
+                    before,
+                    subscribed,
+                    drained,
+                    after,
+                }),
+            timeline: Timeline {
+                slot_ms: SLOT_MS,
+                publish_start_s: f.publish_started_ms.map(|v| v as f64 / 1000.0),
+                publish_end_s: f.publish_ended_ms.map(|v| v as f64 / 1000.0),
+                published: p.sent_series.counts().to_vec(),
+                acked: p.acked_series.counts().to_vec(),
+                deliveries: counts.counts().to_vec(),
+                latency_p50_ms: t.latency_us.quantiles(0.5).into_iter().map(ms).collect(),
+                latency_p99_ms: t.latency_us.quantiles(0.99).into_iter().map(ms).collect(),
+                open: t.open.levels(),
+                closes: t.close_series.counts().to_vec(),
+                gateway: gateway_series,
+            },
+        }
+    }
+
+    /// The human summary.
+    pub fn render_text(&self) -> String {
+        let mut out = String::new();
+        kv(&mut out, "Result", &self.verdict);
+        kv(&mut out, "Stopped by", &self.stopped_by_text());
+        let c = &self.config;
+        kv(
+            &mut out,
+            "Setup",
+            &format!(
+                "{} subscribers on {} channel{} ({}:0..) over {} gateway URL{}; {} process{} \
+                 (open-file limit {}), concurrency {}\n\
+                 publish via {} ({} connection{}), {}/s for {} s, data {} B; drain up to {} s\n\
+                 sources {}; tokens {}",
+                thousands(c.subscribers),
+                c.channels,
+                if c.channels == 1 { "" } else { "s" },
+                c.namespace,
+                c.urls.len(),
+                if c.urls.len() == 1 { "" } else { "s" },
+                c.processes,
+                if c.processes == 1 { "" } else { "es" },
+                c.fd_limit,
+                c.concurrency,
+                match c.publish_via {
+                    "api" => "POST /v1/publish",
+                    _ => "client publish frames",
+                },
+                c.publishers,
+                if c.publishers == 1 { "" } else { "s" },
+                c.rate_per_s,
+                c.duration_s,
+                c.payload_bytes,
+                c.drain_s,
+                c.sources,
+                c.tokens
+            ),
+        );
+        for e in &self.worker_errors {
+            kv(&mut out, "Error", e);
+        }
+        let s = &self.subscribers;
+        kv(
+            &mut out,
+            "Subscribers",
+            &format!(
+                "target {}  subscribed {}  failed {}{}{}  unexpected closes {}  open at end {}{}",
+                thousands(s.target),
+                thousands(s.subscribed),
+                thousands(s.failed),
+                if s.aborted > 0 {
+                    format!("  aborted {}", thousands(s.aborted))
+                } else {
+                    String::new()
+                },
+                if s.not_attempted > 0 {
+                    format!("  not attempted {}", thousands(s.not_attempted))
+                } else {
+                    String::new()
+                },
+                thousands(s.unexpected_closes),
+                thousands(s.open_at_end),
+                match &s.setup_latency_ms {
+                    Some(l) => format!(
+                        "\nsetup (TCP connect -> subscribed) p50 {} p99 {} max {} ms",
+                        millis(l.p50),
+                        millis(l.p99),
+                        millis(l.max)
+                    ),
+                    None => String::new(),
+                }
+            ),
+        );
+        if !s.failures.is_empty() {
+            kv(&mut out, "Failures", &reason_table(&s.failures));
+        }
+        if !s.closes.is_empty() {
+            kv(&mut out, "Closes", &reason_table(&s.closes));
+        }
+        let p = &self.publications;
+        kv(
+            &mut out,
+            "Publications",
+            &format!(
+                "scheduled {}  sent {}  acked {}  failed {}\n\
+                 {:.1}/s achieved over {:.1} s (target {}/s); send -> ack {}{}",
+                thousands(p.scheduled),
+                thousands(p.sent),
+                thousands(p.acked),
+                thousands(p.failed),
+                p.achieved_per_s,
+                p.window_s,
+                p.target_per_s,
+                match &p.ack_latency_ms {
+                    Some(l) => format!("p50 {} p99 {} ms", millis(l.p50), millis(l.p99)),
+                    None => "-".to_owned(),
+                },
+                if p.late > 0 {
+                    format!(
+                        "\n{} sent over 100 ms late (all publisher connections busy; most {} ms)",
+                        thousands(p.late),
+                        thousands(p.max_lag_ms)
+                    )
+                } else {
+                    String::new()
+                }
+            ),
+        );
+        if !p.failures.is_empty() {
+            kv(&mut out, "Pub failures", &reason_table(&p.failures));
+        }
+        if !p.connection_ends.is_empty() {
+            kv(&mut out, "Pub closes", &reason_table(&p.connection_ends));
+        }
+        let d = &self.deliveries;
+        let mut deliveries = format!(
+            "{} received of {} expected; {}/s over {:.2} s (target {}/s)",
+            thousands(d.total),
+            thousands(d.expected),
+            thousands(d.achieved_per_s.round() as u64),
+            d.span_s,
+            thousands(d.target_per_s.round() as u64),
+        );
+        if let Some(steady) = d.steady_per_s {
+            deliveries.push_str(&format!(
+                "\nwhile publishing {}/s; busiest second {}/s",
+                thousands(steady.round() as u64),
+                thousands(d.peak_1s_per_s.round() as u64)
+            ));
+        }
+        if let Some(ps) = &d.per_subscriber {
+            deliveries.push_str(&format!(
+                "\nper subscriber {:.1}/s (min {:.1}, median {:.1}, max {:.1}; {} subscribers)",
+                ps.mean_per_s,
+                ps.min_per_s,
+                ps.p50_per_s,
+                ps.max_per_s,
+                thousands(ps.count)
+            ));
+        }
+        if let Some(drain) = d.drain_s {
+            deliveries.push_str(&format!(
+                "\n{} {:.2} s after the last publication",
+                if d.drained {
+                    "everyone had everything"
+                } else {
+                    "drain limit reached, not caught up,"
+                },
+                drain
+            ));
+        }
+        if d.untimed > 0 || d.stray_frames > 0 {
+            deliveries.push_str(&format!(
+                "\n{} without timestamp (foreign publications), {} stray frames",
+                thousands(d.untimed),
+                thousands(d.stray_frames)
+            ));
+        }
+        kv(&mut out, "Deliveries", &deliveries);
+        match &self.latency_ms {
+            Some(l) => kv(
+                &mut out,
+                "Latency (ms)",
+                &format!(
+                    "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}\n\
+                     min {}  mean {}  n {}   (publish timestamp -> subscriber receive)",
+                    millis(l.p50),
+                    millis(l.p90),
+                    millis(l.p99),
+                    millis(l.p999),
+                    millis(l.max),
+                    millis(l.min),
+                    millis(l.mean),
+                    thousands(l.count)
+                ),
+            ),
+            None => kv(&mut out, "Latency (ms)", "nothing delivered"),
+        }
+        let o = &self.offsets;
+        let mut offsets = format!(
+            "{} streams: {} missing in {} gaps, {} duplicates; {} streams with problems",
+            thousands(o.streams),
+            thousands(o.missing),
+            thousands(o.gap_count),
+            thousands(o.duplicates),
+            thousands(o.streams_with_problems)
+        );
+        for e in &o.examples {
+            offsets.push('\n');
+            offsets.push_str(e);
+        }
+        kv(&mut out, "Offsets", &offsets);
+        if let Some(cpu) = &self.cpu {
+            kv(&mut out, "CPU", &cpu_text(cpu));
+        }
+        if let Some(g) = &self.gateway {
+            let rss = |s: &Option<GatewaySample>| {
+                s.and_then(|s| s.rss_bytes)
+                    .map_or("?".to_owned(), |b| bytes(b as f64))
+            };
+            kv(
+                &mut out,
+                "Gateway RSS",
+                &format!(
+                    "before {}, subscribed {}, drained {}, after close {}",
+                    rss(&g.before),
+                    rss(&g.subscribed),
+                    rss(&g.drained),
+                    rss(&g.after)
+                ),
+            );
+        }
+        out
+    }
+
+    fn stopped_by_text(&self) -> String {
+        if self.stopped_by.is_empty() {
+            return if self.interrupted {
+                "Ctrl-C".to_owned()
+            } else {
+                "nothing: no subscriber failed or closed, no publication failed or lost".to_owned()
+            };
+        }
+        self.stopped_by
+            .iter()
+            .map(|f| format!("{} x{}: {}", f.limit, thousands(f.count), f.explanation))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// The self-contained HTML page.
+    pub fn render_html(&self) -> String {
+        let mut body = String::new();
+        body.push_str(&format!(
+            "<h1>loadtest broadcast: {}</h1><p class=\"verdict {}\">{}</p>",
+            escape(&self.config.urls.join(", ")),
+            if self.goal_met { "ok" } else { "bad" },
+            escape(&self.verdict)
+        ));
+        body.push_str("<pre>");
+        body.push_str(&escape(&self.render_text()));
+        body.push_str("</pre>");
+        body.push_str(&percentile_chart(
+            &self.latency_histogram_us,
+            "Delivery latency by percentile (publish timestamp -> subscriber receive)",
+        ));
+        body.push_str(&self.delivery_chart());
+        body.push_str(&self.latency_over_time_chart());
+        body.push_str(&self.publication_chart());
+        body.push_str(&self.open_chart());
+        if let Some(chart) = self.gateway_chart() {
+            body.push_str(&chart);
+        }
+        format!(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <title>loadtest broadcast report</title><style>{STYLE}</style></head>\
+             <body>{body}<p class=\"foot\">switchboard-loadtest {} · started at unix ms {} · \
+             raw data: run with --json</p></body></html>\n",
+            escape(self.version),
+            self.started_at_unix_ms
+        )
+    }
+
+    fn slot_s(&self) -> f64 {
+        self.timeline.slot_ms as f64 / 1000.0
+    }
+
+    /// Counts per slot as a per-second step line.
+    fn steps(&self, counts: &[u64]) -> Vec<(f64, f64)> {
+        let slot_s = self.slot_s();
+        counts
+            .iter()
+            .enumerate()
+            .flat_map(|(i, &c)| {
+                let r = c as f64 / slot_s;
+                [(i as f64 * slot_s, r), ((i + 1) as f64 * slot_s, r)]
+            })
+            .collect()
+    }
+
+    fn delivery_chart(&self) -> String {
+        Chart {
+            title: "Deliveries per second (all subscribers)",
+            x_label: "seconds since start",
+            y_label: "deliveries/s",
+            x_ticks: XTicks::Auto,
+            series: vec![Series {
+                name: "deliveries/s",
+                color: "#1f77b4",
+                points: self.steps(&self.timeline.deliveries),
+            }],
+        }
+        .render()
+    }
+
+    fn latency_over_time_chart(&self) -> String {
+        let slot_s = self.slot_s();
+        let points = |v: &[Option<f64>]| -> Vec<(f64, f64)> {
+            v.iter()
+                .enumerate()
+                .filter_map(|(i, ms)| ms.map(|ms| ((i as f64 + 0.5) * slot_s, ms)))
+                .collect()
+        };
+        Chart {
+            title: "Delivery latency per second",
+            x_label: "seconds since start",
+            y_label: "ms",
+            x_ticks: XTicks::Auto,
+            series: vec![
+                Series {
+                    name: "p50",
+                    color: "#2ca02c",
+                    points: points(&self.timeline.latency_p50_ms),
+                },
+                Series {
+                    name: "p99",
+                    color: "#d62728",
+                    points: points(&self.timeline.latency_p99_ms),
+                },
+            ],
+        }
+        .render()
+    }
+
+    fn publication_chart(&self) -> String {
+        let mut series = vec![
+            Series {
+                name: "sent/s",
+                color: "#1f77b4",
+                points: self.steps(&self.timeline.published),
+            },
+            Series {
+                name: "acked/s",
+                color: "#ff7f0e",
+                points: self.steps(&self.timeline.acked),
+            },
+        ];
+        if self.timeline.closes.iter().any(|&c| c > 0) {
+            series.push(Series {
+                name: "closes/s",
+                color: "#d62728",
+                points: self.steps(&self.timeline.closes),
+            });
+        }
+        Chart {
+            title: "Publications per second (and subscriber closes)",
+            x_label: "seconds since start",
+            y_label: "per second",
+            x_ticks: XTicks::Auto,
+            series,
+        }
+        .render()
+    }
+
+    fn open_chart(&self) -> String {
+        let slot_s = self.slot_s();
+        Chart {
+            title: "Open subscribers (per-second samples)",
+            x_label: "seconds since start",
+            y_label: "subscribers",
+            x_ticks: XTicks::Auto,
+            series: vec![Series {
+                name: "open",
+                color: "#2ca02c",
+                points: self
+                    .timeline
+                    .open
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| (i as f64 * slot_s, v as f64))
+                    .collect(),
+            }],
+        }
+        .render()
+    }
+
+    fn gateway_chart(&self) -> Option<String> {
+        let points: Vec<(f64, f64)> = self
+            .timeline
+            .gateway
+            .iter()
+            .filter_map(|s| {
+                s.rss_bytes
+                    .map(|r| (s.at_ms as f64 / 1000.0, r as f64 / (1024.0 * 1024.0)))
+            })
+            .collect();
+        if points.is_empty() {
+            return None;
+        }
+        Some(
+            Chart {
+                title: "Gateway resident memory",
+                x_label: "seconds since start",
+                y_label: "MiB",
+                x_ticks: XTicks::Auto,
+                series: vec![Series {
+                    name: "RSS",
+                    color: "#9467bd",
+                    points,
+                }],
+            }
+            .render(),
+        )
+    }
+}
+
+/// `1.52 cores (30.4 s: user 12.1, system 18.3)`.
+fn cores_text(cores: f64, c: &CpuSeconds) -> String {
+    format!(
+        "{cores:.2} cores ({:.1} s: user {:.1}, system {:.1})",
+        c.total(),
+        c.user,
+        c.system
+    )
+}
+
+fn cpu_text(cpu: &CpuUse) -> String {
+    let mut parts: Vec<String> = cpu
+        .processes
+        .iter()
+        .map(|p| {
+            format!(
+                "{} (pid {}) {}{}",
+                p.name,
+                p.pid,
+                match (p.cores, &p.cpu) {
+                    (Some(cores), Some(c)) => cores_text(cores, c),
+                    _ => "? (gone)".to_owned(),
+                },
+                p.rss_bytes
+                    .map(|r| format!(", RSS {}", bytes(r as f64)))
+                    .unwrap_or_default()
+            )
+        })
+        .collect();
+    if let (Some(cores), Some(c)) = (cpu.loadtest_cores, &cpu.loadtest) {
+        parts.push(format!(
+            "loadtest {}{}",
+            cores_text(cores, c),
+            match (cpu.loadtest_parent, cpu.loadtest_workers) {
+                (Some(p), Some(w)) => format!(
+                    "; parent (publisher) {:.1} s, workers (subscribers) {:.1} s",
+                    p.total(),
+                    w.total()
+                ),
+                _ => String::new(),
+            }
+        ));
+    }
+    format!(
+        "over {:.1} s from the first publication to the end of the drain:\n{}",
+        cpu.window_s,
+        parts.join("\n")
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cli::Cli;
+    use crate::client::Failure;
+    use crate::stats::OffsetTracker;
+    use clap::Parser;
+
+    fn plan(extra: &[&str]) -> Plan {
+        let mut args = vec![
+            "loadtest",
+            "--scenario",
+            "broadcast",
+            "--secret",
+            "0123456789abcdef0123456789abcdef",
+            "--api-url",
+            "http://127.0.0.1:8080",
+            "--api-key",
+            "0123456789abcdef",
+            "--subscribers",
+            "100",
+            "--channels",
+            "2",
+            "--rate",
+            "10",
+            "--duration",
+            "5",
+        ];
+        args.extend_from_slice(extra);
+        Plan::from_cli(&Cli::try_parse_from(args).unwrap(), 20_000).unwrap()
+    }
+
+    /// 100 subscribers that each received offsets 1..=25 of their channel, 1 ms to
+    /// 10 ms late, during seconds 1 to 5; 50 publications acked per... 25 per channel.
+    fn clean() -> (Tallies, PublishTallies) {
+        let mut t = Tallies {
+            attempted: 100,
+            subscribed: 100,
+            open_at_finish: 100,
+            ..Tallies::default()
+        };
+        t.open.sample(0, 0);
+        t.open.sample(1000, 100);
+        for s in 0..100u64 {
+            let mut o = OffsetTracker::new();
+            let ch = format!("bench:{}", s % 2);
+            o.expect(&ch, Some(1), Some(25));
+            for off in 1..=25 {
+                o.record(&ch, off);
+                t.latency_us
+                    .record(1000 + off * 200, 1000 + (s * 37 + off * 11) % 9000);
+            }
+            t.gaps.merge(&o.summary());
+            t.per_subscriber.record(25);
+            t.setup_latency_us.record(2000 + s);
+        }
+        t.last_delivery_ms = Some(6_000);
+        let mut p = PublishTallies {
+            scheduled: 50,
+            sent: 50,
+            acked: 50,
+            channel_first: vec![Some(1), Some(1)],
+            channel_last: vec![Some(25), Some(25)],
+            channel_acked: vec![25, 25],
+            first_sent_ms: Some(1_000),
+            last_sent_ms: Some(5_900),
+            ..PublishTallies::default()
+        };
+        for i in 0..50u64 {
+            p.sent_series.record(1_000 + i * 100, 1);
+            p.acked_series.record(1_001 + i * 100, 1);
+            p.ack_latency_us.record(800 + i);
+        }
+        (t, p)
+    }
+
+    fn facts<'a>(plan: &'a Plan, t: &'a Tallies, p: PublishTallies) -> RunFacts<'a> {
+        RunFacts {
+            plan,
+            tallies: t,
+            published: p,
+            interrupted: false,
+            errors: vec![],
+            publish_started_ms: Some(1_000),
+            publish_ended_ms: Some(6_000),
+            drain_s: Some(0.05),
+            drained_fully: true,
+            gateway: Some([
+                Some(GatewaySample {
+                    at_ms: 0,
+                    rss_bytes: Some(10 << 20),
+                    connections: None,
+                }),
+                None,
+                None,
+                None,
+            ]),
+            gateway_series: vec![],
+            cpu: Some(CpuUse::new(
+                5.0,
+                vec![ProcessCpu {
+                    pid: 42,
+                    name: "gateway".into(),
+                    cpu: Some(CpuSeconds {
+                        user: 1.5,
+                        system: 2.5,
+                    }),
+                    cores: Some(0.8),
+                    rss_bytes: Some(50 << 20),
+                }],
+                Some(CpuSeconds {
+                    user: 0.5,
+                    system: 0.5,
+                }),
+            )),
+            finished_ms: 7_000,
+        }
+    }
+
+    #[test]
+    fn a_clean_run_meets_its_goal() {
+        let p = plan(&[]);
+        let (t, pubs) = clean();
+        let r = BroadcastReport::build(facts(&p, &t, pubs));
+        assert!(r.goal_met, "{}", r.verdict);
+        assert!(r.stopped_by.is_empty());
+        assert_eq!(r.deliveries.total, 2_500);
+        assert_eq!(r.deliveries.expected, 2_500);
+        // 2,500 deliveries from t = 1 s to the last at 6 s.
+        assert_eq!(r.deliveries.achieved_per_s, 500.0);
+        assert_eq!(r.deliveries.target_per_s, 500.0);
+        // Seconds 1..6 lie inside the window; deliveries sit in slots 1 to 6.
+        assert!(r.deliveries.steady_per_s.is_some());
+        let ps = r.deliveries.per_subscriber.as_ref().unwrap();
+        assert_eq!((ps.count, ps.min_per_s, ps.max_per_s), (100, 5.0, 5.0));
+        let l = r.latency_ms.as_ref().unwrap();
+        assert_eq!(l.count, 2_500);
+        assert!(l.p50 > 1.0 && l.p99 < 10.1, "{l:?}");
+        assert!((r.publications.achieved_per_s - 10.0).abs() < 0.01);
+        assert_eq!(r.publications.channels[1].last_offset, Some(25));
+        assert_eq!(r.publications.channels[0].subscribers, 50);
+        let text = r.render_text();
+        for part in [
+            "goal met",
+            "100 subscribers received 50 publications (2,500 deliveries)",
+            "2,500 received of 2,500 expected; 500/s",
+            "0 missing in 0 gaps, 0 duplicates",
+            "gateway (pid 42) 0.80 cores (4.0 s: user 1.5, system 2.5)",
+            "loadtest 0.20 cores",
+            "p99",
+            "nothing: no subscriber failed",
+        ] {
+            assert!(text.contains(part), "{part:?} missing:\n{text}");
+        }
+    }
+
+    #[test]
+    fn gaps_duplicates_and_closes_miss_the_goal() {
+        let p = plan(&[]);
+        let (mut t, pubs) = clean();
+        let mut o = OffsetTracker::new();
+        o.expect("bench:0", Some(1), Some(5));
+        for off in [1, 2, 2, 5] {
+            o.record("bench:0", off);
+        }
+        t.gaps.merge(&o.summary());
+        t.problems.push(
+            "subscriber 7 on bench:0: 2 missing in 1 gap(s) (offsets 3-4), 1 duplicate(s)".into(),
+        );
+        let f = Failure::Closed {
+            code: 4008,
+            error: Some("SLOW_CONSUMER".into()),
+        };
+        t.closed = 1;
+        t.closes.add(&f.to_string(), 1);
+        t.close_limits.add(f.limit().label(), 1);
+        let r = BroadcastReport::build(facts(&p, &t, pubs.clone()));
+        assert!(!r.goal_met);
+        let limits: Vec<&str> = r.stopped_by.iter().map(|f| f.limit).collect();
+        assert_eq!(limits, vec!["gaps", "slow_consumer", "duplicates"]);
+        assert_eq!((r.offsets.missing, r.offsets.duplicates), (2, 1));
+        let text = r.render_text();
+        for part in [
+            "goal missed",
+            "1 closed by the gateway",
+            "2 deliveries missing",
+            "1 duplicates",
+            "close 4008 SLOW_CONSUMER",
+            "offsets 3-4",
+        ] {
+            assert!(text.contains(part), "{part:?} missing:\n{text}");
+        }
+        // A drain that ran out names the backlog, not lost messages.
+        let mut f = facts(&p, &t, pubs.clone());
+        f.drained_fully = false;
+        let r = BroadcastReport::build(f);
+        assert!(r.stopped_by.iter().any(|f| f.limit == "behind"));
+        assert!(
+            r.verdict.contains("not caught up within --drain"),
+            "{}",
+            r.verdict
+        );
+        // A publisher that could not keep the schedule is named in the verdict.
+        let (t3, mut slow) = clean();
+        slow.first_sent_ms = Some(1_000);
+        slow.last_sent_ms = Some(11_000);
+        let r = BroadcastReport::build(facts(&p, &t3, slow));
+        assert!(r.goal_met);
+        assert!(
+            r.verdict.contains("publisher reached only 4.9/s of 10/s"),
+            "{}",
+            r.verdict
+        );
+        // Closes are tolerated with --allow-failures, gaps never.
+        let p = plan(&["--allow-failures", "5"]);
+        let (mut t2, pubs2) = clean();
+        t2.closed = 1;
+        assert!(BroadcastReport::build(facts(&p, &t2, pubs2)).goal_met);
+        assert!(!BroadcastReport::build(facts(&p, &t, pubs)).goal_met);
+    }
+
+    #[test]
+    fn failed_publications_and_broken_runs_miss_the_goal() {
+        let p = plan(&[]);
+        let (t, mut pubs) = clean();
+        pubs.failed = 3;
+        pubs.failures.add("http 503 UNAVAILABLE", 3);
+        let r = BroadcastReport::build(facts(&p, &t, pubs.clone()));
+        assert!(!r.goal_met);
+        assert_eq!(r.stopped_by[0].limit, "publish_failed");
+        assert!(r.render_text().contains("http 503 UNAVAILABLE"));
+        assert_eq!(r.publications.failures[0].count, 3);
+        let (t, pubs) = clean();
+        let mut f = facts(&p, &t, pubs);
+        f.errors.push("worker 1 ended without results".into());
+        assert!(!BroadcastReport::build(f).goal_met);
+        let (t, pubs) = clean();
+        let mut f = facts(&p, &t, pubs);
+        f.interrupted = true;
+        let r = BroadcastReport::build(f);
+        assert!(!r.goal_met && r.verdict.starts_with("interrupted"));
+    }
+
+    #[test]
+    fn cpu_of_worker_processes_adds_up() {
+        let mut c = CpuUse::new(
+            10.0,
+            vec![],
+            Some(CpuSeconds {
+                user: 1.0,
+                system: 1.0,
+            }),
+        );
+        assert_eq!(c.loadtest_cores, Some(0.2));
+        c.add_workers(Some(CpuSeconds {
+            user: 5.0,
+            system: 3.0,
+        }));
+        assert_eq!(c.loadtest.map(|c| c.total()), Some(10.0));
+        assert_eq!(c.loadtest_cores, Some(1.0));
+        let text = cpu_text(&c);
+        assert!(
+            text.contains("loadtest 1.00 cores (10.0 s: user 6.0, system 4.0)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("parent (publisher) 2.0 s, workers (subscribers) 8.0 s"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn json_and_html_render() {
+        let p = plan(&[]);
+        let (t, pubs) = clean();
+        let r = BroadcastReport::build(facts(&p, &t, pubs));
+        let json = serde_json::to_value(&r).unwrap();
+        assert_eq!(json["scenario"], "broadcast");
+        assert_eq!(json["deliveries"]["total"], 2_500);
+        assert_eq!(json["offsets"]["missing"], 0);
+        assert!(json["latency_ms"]["p99"].as_f64().unwrap() > 1.0);
+        assert!(json["latency_histogram_us"]["buckets"].is_array());
+        assert_eq!(json["timeline"]["deliveries"].as_array().unwrap().len(), 7);
+        assert_eq!(json["cpu"]["processes"][0]["name"], "gateway");
+        let html = r.render_html();
+        assert!(html.starts_with("<!DOCTYPE html>"));
+        assert_eq!(html.matches("<svg").count(), 5);
+        assert!(!html.contains("<script") && !html.contains("src="));
+        assert!(!html.contains("NaN"));
+    }
+
+    #[test]
+    fn empty_run_renders() {
+        let p = plan(&[]);
+        let t = Tallies::default();
+        let mut f = facts(&p, &t, PublishTallies::default());
+        f.gateway = None;
+        f.cpu = None;
+        f.publish_started_ms = None;
+        let r = BroadcastReport::build(f);
+        assert!(!r.goal_met);
+        assert!(r.latency_ms.is_none());
+        assert!(r.render_text().contains("nothing delivered"));
+        assert!(r.render_html().contains("</html>"));
+    }
+}
