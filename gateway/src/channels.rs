@@ -3,9 +3,9 @@
 //! history) before it goes to NATS, so a subscriber that missed it live can always
 //! find it: at `subscribe` with `since`, or when a later offset shows a gap.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use serde_json::Value;
@@ -20,6 +20,12 @@ use crate::node::Node;
 pub use crate::hub::USER_NAMESPACE;
 /// The namespace whose channels belong to the members of one team each.
 pub const TEAM_NAMESPACE: &str = "team";
+/// How long a connection holds publications that arrived ahead of a missing offset
+/// before repairing from history: concurrent publishers reorder in NATS by well
+/// under this; a real loss costs one history read after it.
+pub const REORDER_WINDOW: Duration = Duration::from_millis(100);
+/// Publications held per channel and connection while a gap is open.
+const MAX_HELD: usize = 256;
 /// NATS publish of a stored publication must not hang the publisher.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -102,6 +108,38 @@ struct Sub {
     channel: Channel,
     /// Highest offset delivered to this connection.
     last: u64,
+    /// Publications that arrived ahead of a missing offset, held for the reorder
+    /// window: concurrent publishes can reach NATS out of offset order.
+    ahead: BTreeMap<u64, Bytes>,
+    /// When the current gap was first seen.
+    gap_since: Option<Instant>,
+}
+
+impl Sub {
+    fn new(channel: Channel, last: u64) -> Sub {
+        Sub {
+            channel,
+            last,
+            ahead: BTreeMap::new(),
+            gap_since: None,
+        }
+    }
+
+    /// Moves held publications that are now next in line to `out`.
+    fn release(&mut self, out: &mut Vec<Bytes>) {
+        while let Some(f) = self.ahead.remove(&(self.last + 1)) {
+            self.last += 1;
+            out.push(f);
+        }
+        // Anything at or below `last` arrived twice.
+        let last = self.last;
+        self.ahead.retain(|o, _| *o > last);
+        self.gap_since = if self.ahead.is_empty() {
+            None
+        } else {
+            self.gap_since.or(Some(Instant::now()))
+        };
+    }
 }
 
 /// The channels one connection is subscribed to, with delivery positions.
@@ -200,13 +238,7 @@ pub async fn subscribe(
         .read_offset(&perms.user_id, &key)
         .await
         .map_err(|e| fail(store_down("read_offset", e)))?;
-    subs.subs.insert(
-        key.clone(),
-        Sub {
-            channel: ch.clone(),
-            last,
-        },
-    );
+    subs.subs.insert(key.clone(), Sub::new(ch.clone(), last));
     metrics::gauge!(shared::metrics::SUBSCRIPTIONS).increment(1.0);
     join_presence(node, perms, conn_id, &ch).await;
     if announce {
@@ -323,11 +355,11 @@ pub async fn revoke_lost(
     out
 }
 
-/// Decides what of a live publication this connection writes: nothing for a
-/// duplicate or an unsubscribed channel; for a gap, the missing offsets from
-/// history first.
-pub async fn on_publication(
-    node: &Node,
+/// Decides what of a live publication this connection writes, in offset order:
+/// nothing for a duplicate or an unsubscribed channel; a publication that comes
+/// ahead of a missing offset is held until the gap fills (or is repaired from
+/// history once [`REORDER_WINDOW`] passes, see [`repair_gaps`]).
+pub fn on_publication(
     subs: &mut Subscriptions,
     channel: &str,
     offset: u64,
@@ -340,20 +372,68 @@ pub async fn on_publication(
         return Vec::new();
     }
     let mut out = Vec::new();
-    if offset > sub.last + 1 {
+    if offset == sub.last + 1 {
+        sub.last = offset;
+        out.push(frame);
+    } else if sub.ahead.len() < MAX_HELD {
+        sub.ahead.insert(offset, frame);
+    } else {
+        // Far behind: make the repair due now rather than hold more.
+        sub.ahead.insert(offset, frame);
+        sub.gap_since = Some(Instant::now() - REORDER_WINDOW);
+        return out;
+    }
+    sub.release(&mut out);
+    out
+}
+
+/// When the oldest open gap of this connection must be repaired.
+pub fn next_repair(subs: &Subscriptions) -> Option<Instant> {
+    subs.subs
+        .values()
+        .filter_map(|s| s.gap_since)
+        .min()
+        .map(|t| t + REORDER_WINDOW)
+}
+
+/// Repairs gaps older than the reorder window from the channel's history: the
+/// missing offsets were lost between nodes. Returns the frames to write. When
+/// history cannot fill a gap (Redis away, or the offsets trimmed), the connection
+/// must not silently skip them: the error closes it, and the client recovers with
+/// `since`.
+pub async fn repair_gaps(
+    node: &Node,
+    subs: &mut Subscriptions,
+    now: Instant,
+) -> Result<Vec<Bytes>, SessionError> {
+    let mut out = Vec::new();
+    for sub in subs.subs.values_mut() {
+        let due = sub.gap_since.is_some_and(|t| now >= t + REORDER_WINDOW);
+        let Some((&upto, _)) = sub.ahead.last_key_value() else {
+            continue;
+        };
+        if !due {
+            continue;
+        }
         metrics::counter!(shared::metrics::GAP_REPAIRS).increment(1);
-        match node
+        let missing = node
             .store
-            .channel_range(&sub.channel, sub.last, offset)
+            .channel_range(&sub.channel, sub.last, upto)
             .await
-        {
-            Ok(missing) => out.extend(missing.into_iter().map(|(_, f)| Bytes::from(f))),
-            Err(e) => tracing::warn!(error = %e, "cannot repair a gap in channel delivery"),
+            .map_err(|e| {
+                tracing::warn!(error = %e, channel = %sub.channel, "cannot repair a gap in channel delivery");
+                SessionError::DeliveryGap
+            })?;
+        for (o, f) in missing {
+            sub.ahead.entry(o).or_insert_with(|| Bytes::from(f));
+        }
+        sub.release(&mut out);
+        if !sub.ahead.is_empty() {
+            tracing::warn!(channel = %sub.channel, last = sub.last, "history no longer holds missing offsets");
+            return Err(SessionError::DeliveryGap);
         }
     }
-    sub.last = offset;
-    out.push(frame);
-    out
+    Ok(out)
 }
 
 /// Whether an ephemeral event goes to this connection.
@@ -602,4 +682,53 @@ pub async fn read(
         request_id: None,
         id,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn subs(last: u64) -> Subscriptions {
+        let ch = Channel::parse("news:x").unwrap();
+        let mut s = Subscriptions::default();
+        s.subs.insert("news:x".into(), Sub::new(ch, last));
+        s
+    }
+
+    fn f(o: u64) -> Bytes {
+        Bytes::from(o.to_string())
+    }
+
+    fn delivered(out: Vec<Bytes>) -> Vec<String> {
+        out.iter()
+            .map(|b| String::from_utf8_lossy(b).into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn in_order_and_duplicates() {
+        let mut s = subs(3);
+        assert_eq!(delivered(on_publication(&mut s, "news:x", 4, f(4))), ["4"]);
+        assert!(on_publication(&mut s, "news:x", 4, f(4)).is_empty());
+        assert!(on_publication(&mut s, "news:x", 2, f(2)).is_empty());
+        assert!(
+            on_publication(&mut s, "news:y", 5, f(5)).is_empty(),
+            "not subscribed"
+        );
+        assert!(next_repair(&s).is_none());
+    }
+
+    #[test]
+    fn reordered_publications_are_held_then_released_in_order() {
+        let mut s = subs(0);
+        assert!(on_publication(&mut s, "news:x", 3, f(3)).is_empty());
+        assert!(on_publication(&mut s, "news:x", 2, f(2)).is_empty());
+        assert!(next_repair(&s).is_some(), "a gap is open");
+        assert_eq!(
+            delivered(on_publication(&mut s, "news:x", 1, f(1))),
+            ["1", "2", "3"]
+        );
+        assert!(next_repair(&s).is_none(), "the gap closed without history");
+        assert_eq!(delivered(on_publication(&mut s, "news:x", 4, f(4))), ["4"]);
+    }
 }

@@ -231,6 +231,9 @@ impl Session {
             None => d = d.min(self.auth_deadline),
             Some(a) => {
                 d = d.min(a.expires);
+                if let Some(r) = channels::next_repair(&a.subs) {
+                    d = d.min(r);
+                }
                 if let Some(w) = a.warn_at {
                     d = d.min(w);
                 }
@@ -243,6 +246,14 @@ impl Session {
         let now = Instant::now();
         let node = self.node.clone();
         let cfg = &node.config;
+        if let Some(a) = self.auth.as_mut()
+            && channels::next_repair(&a.subs).is_some_and(|t| now >= t)
+        {
+            match channels::repair_gaps(&node, &mut a.subs, now).await {
+                Ok(frames) => self.write_all(&frames),
+                Err(e) => return self.fail(e, None).await,
+            }
+        }
         match &mut self.auth {
             None if now >= self.auth_deadline => {
                 return self.fail(SessionError::AuthTimeout, None).await;
@@ -300,9 +311,7 @@ impl Session {
                 let Some(a) = self.auth.as_mut() else {
                     return;
                 };
-                let frames =
-                    channels::on_publication(&self.node, &mut a.subs, &channel, offset, frame)
-                        .await;
+                let frames = channels::on_publication(&mut a.subs, &channel, offset, frame);
                 self.write_all(&frames)
             }
             Outbound::Event {

@@ -34,6 +34,10 @@ pub enum SessionError {
     Binary,
     #[error("{0} unavailable")]
     AuthUnavailable(&'static str),
+    /// Channel messages were lost in transit and history could not supply them:
+    /// the connection closes so the client recovers them with `since`.
+    #[error("channel delivery interrupted; resubscribe with since to recover")]
+    DeliveryGap,
 
     // --- not fatal: an error frame, the connection stays open ---
     /// A `refresh` with a bad token: the current token stays in force until it expires.
@@ -90,7 +94,7 @@ impl SessionError {
                     close: Some(CloseCode::Unsupported),
                 };
             }
-            E::AuthUnavailable(_) | E::Unavailable(_) => {
+            E::AuthUnavailable(_) | E::Unavailable(_) | E::DeliveryGap => {
                 (ErrorCode::Unavailable, self.to_string(), None)
             }
             E::BadRequest(m) => (ErrorCode::BadRequest, m.clone(), None),

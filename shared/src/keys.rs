@@ -61,9 +61,16 @@ impl Keys {
         format!("{}:ch:{namespace}:{name}:history", self.prefix)
     }
 
-    /// `sb:ch:<ns>:<name>:presence`: sorted set of `<uid>:<conn_id>` by expiry (ms).
+    /// `sb:ch:<ns>:<name>:presence`: sorted set of user ids by their latest
+    /// connection's expiry (ms).
     pub fn channel_presence(&self, namespace: &str, name: &str) -> String {
         format!("{}:ch:{namespace}:{name}:presence", self.prefix)
+    }
+
+    /// `sb:ch:<ns>:<name>:presence:<uid>`: sorted set of the user's connection ids in
+    /// the channel by expiry (ms), so one user's count never reads the whole channel.
+    pub fn channel_presence_user(&self, namespace: &str, name: &str, user_id: &str) -> String {
+        format!("{}:ch:{namespace}:{name}:presence:{user_id}", self.prefix)
     }
 
     /// `sb:user:<uid>:read`: hash channel -> last read offset.
@@ -106,6 +113,10 @@ mod tests {
         assert_eq!(k.channel_offset("team", "a"), "sb:ch:team:a:offset");
         assert_eq!(k.channel_history("team", "a"), "sb:ch:team:a:history");
         assert_eq!(k.channel_presence("team", "a"), "sb:ch:team:a:presence");
+        assert_eq!(
+            k.channel_presence_user("team", "a", "u"),
+            "sb:ch:team:a:presence:u"
+        );
         assert_eq!(k.user_reads("u"), "sb:user:u:read");
         assert_eq!(k.node_channels("n"), "sb:node:n:channels");
     }

@@ -636,3 +636,45 @@ async fn http_publish_and_channel_listing() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn a_publication_lost_in_transit_is_repaired_from_history() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, public).await;
+    let (mut ws, _) = authed(&gw, "ivy").await;
+    subscribe(&mut ws, "news:lossy", None).await;
+    // Offset 1 reaches Redis history but never NATS, as if lost between nodes.
+    let store =
+        shared::store::SessionStore::new(&deps.redis.url(), shared::keys::Keys::new("sb")).unwrap();
+    let settings = shared::store::ChannelSettings {
+        history_size: 100,
+        history_ttl: Duration::from_secs(60),
+        offset_ttl: Duration::from_secs(600),
+    };
+    let ch = shared::protocol::Channel::parse("news:lossy").unwrap();
+    let head = r#"{"type":"message","channel":"news:lossy","offset":"#;
+    let tail = r#","data":"lost","from":"server"}"#;
+    assert_eq!(
+        store
+            .publish_channel(&ch, head, tail, &settings)
+            .await
+            .unwrap(),
+        1
+    );
+    assert_eq!(http_publish(&gw, "news:lossy", json!("after")).await, 2);
+    let first = next_json(&mut ws).await;
+    assert_eq!(
+        (first["offset"].as_u64(), first["data"].as_str()),
+        (Some(1), Some("lost"))
+    );
+    let second = next_json(&mut ws).await;
+    assert_eq!(
+        (second["offset"].as_u64(), second["data"].as_str()),
+        (Some(2), Some("after"))
+    );
+    assert!(
+        gw.metrics()
+            .await
+            .contains("switchboard_gap_repairs_total 1")
+    );
+}

@@ -175,8 +175,13 @@ impl SessionStore {
     }
 
     // === presence ===
+    //
+    // Two levels, so no operation reads a whole channel's connections: per channel
+    // a sorted set of users scored by their latest connection's expiry, and per
+    // (channel, user) a sorted set of that user's connections by expiry.
 
-    /// Records connections in channels for `ttl` (added or refreshed).
+    /// Records connections `(channel, user, conn)` as present for `ttl` (added or
+    /// refreshed).
     pub async fn presence_touch(
         &self,
         entries: &[(Channel, String, String)],
@@ -188,12 +193,24 @@ impl SessionStore {
         bounded(async {
             let mut c = self.conn().await?;
             let expiry = now_ms() + ttl.as_millis() as u64;
+            let ttl_ms = ttl.as_millis() as i64;
             for batch in entries.chunks(512) {
                 let mut p = redis::pipe();
                 for (ch, user, conn) in batch {
-                    let key = self.keys.channel_presence(&ch.namespace, &ch.name);
-                    p.zadd(&key, format!("{user}:{conn}"), expiry).ignore();
-                    p.pexpire(&key, ttl.as_millis() as i64).ignore();
+                    let users = self.keys.channel_presence(&ch.namespace, &ch.name);
+                    let conns = self
+                        .keys
+                        .channel_presence_user(&ch.namespace, &ch.name, user);
+                    p.zadd(&conns, conn, expiry).ignore();
+                    p.pexpire(&conns, ttl_ms).ignore();
+                    // GT: a refresh of one connection never shortens the user's entry.
+                    p.cmd("ZADD")
+                        .arg(&users)
+                        .arg("GT")
+                        .arg(expiry)
+                        .arg(user)
+                        .ignore();
+                    p.pexpire(&users, ttl_ms).ignore();
                 }
                 let _: () = p.query_async(&mut c).await?;
             }
@@ -212,24 +229,35 @@ impl SessionStore {
     ) -> Result<u64, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
-            let key = self.keys.channel_presence(&ch.namespace, &ch.name);
-            let _: () = c.zrem(&key, format!("{user}:{conn}")).await?;
-            let members: Vec<String> = c.zrangebyscore(&key, now_ms(), "+inf").await?;
-            let prefix = format!("{user}:");
-            Ok(members.iter().filter(|m| m.starts_with(&prefix)).count() as u64)
+            let conns = self
+                .keys
+                .channel_presence_user(&ch.namespace, &ch.name, user);
+            let now = now_ms();
+            let (_, left): ((), u64) = redis::pipe()
+                .zrem(&conns, conn)
+                .zcount(&conns, now, "+inf")
+                .query_async(&mut c)
+                .await?;
+            if left == 0 {
+                let _: () = c
+                    .zrem(self.keys.channel_presence(&ch.namespace, &ch.name), user)
+                    .await?;
+            }
+            Ok(left)
         })
         .await
     }
 
     /// Live connections of a user in a channel.
     pub async fn presence_count(&self, ch: &Channel, user: &str) -> Result<u64, StoreError> {
-        Ok(self
-            .presence(ch)
-            .await?
-            .into_iter()
-            .find(|p| p.user_id == user)
-            .map(|p| p.connections)
-            .unwrap_or(0))
+        bounded(async {
+            let mut c = self.conn().await?;
+            let conns = self
+                .keys
+                .channel_presence_user(&ch.namespace, &ch.name, user);
+            Ok(c.zcount(&conns, now_ms(), "+inf").await?)
+        })
+        .await
     }
 
     /// Who is in a channel right now, with connection counts, by user id.
@@ -239,15 +267,24 @@ impl SessionStore {
             let key = self.keys.channel_presence(&ch.namespace, &ch.name);
             let now = now_ms();
             let _: () = c.zrembyscore(&key, "-inf", now).await?;
-            let members: Vec<String> = c.zrangebyscore(&key, now, "+inf").await?;
-            let mut by_user: BTreeMap<String, u64> = BTreeMap::new();
-            for m in members {
-                if let Some((user, _)) = m.split_once(':') {
-                    *by_user.entry(user.to_owned()).or_default() += 1;
-                }
+            let mut users: Vec<String> = c.zrangebyscore(&key, now, "+inf").await?;
+            users.sort();
+            if users.is_empty() {
+                return Ok(Vec::new());
             }
-            Ok(by_user
+            let mut p = redis::pipe();
+            for u in &users {
+                p.zcount(
+                    self.keys.channel_presence_user(&ch.namespace, &ch.name, u),
+                    now,
+                    "+inf",
+                );
+            }
+            let counts: Vec<u64> = p.query_async(&mut c).await?;
+            Ok(users
                 .into_iter()
+                .zip(counts)
+                .filter(|(_, n)| *n > 0)
                 .map(|(user_id, connections)| PresenceEntry {
                     user_id,
                     connections,
