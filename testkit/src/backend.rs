@@ -21,6 +21,8 @@ struct State {
     teams: Mutex<Value>,
     tasks: Mutex<Value>,
     failing: AtomicBool,
+    /// Probability that a call fails (503) even when not `failing`.
+    fail_rate: Mutex<f64>,
     latency: Mutex<Duration>,
     calls: AtomicUsize,
     authorizations: Mutex<Vec<Option<String>>>,
@@ -40,6 +42,16 @@ impl Drop for BackendStub {
     }
 }
 
+/// Calls remembered for inspection; a long-running stub must not grow without bound.
+const MAX_RECORDED: usize = 10_000;
+
+fn bounded_push<T>(v: &mut Vec<T>, item: T) {
+    if v.len() >= MAX_RECORDED {
+        v.drain(..MAX_RECORDED / 2);
+    }
+    v.push(item);
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -48,11 +60,17 @@ impl BackendStub {
     /// Starts on 127.0.0.1, port 0, answering one team and one task.
     pub async fn start() -> BackendStub {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stub");
+        BackendStub::start_on(listener)
+    }
+
+    /// Serves on a listener the caller bound (the `mock-backend` binary).
+    pub fn start_on(listener: TcpListener) -> BackendStub {
         let addr = listener.local_addr().expect("stub addr");
         let state = Arc::new(State {
             teams: Mutex::new(json!([{"id": "team-1", "name": "Team One"}])),
             tasks: Mutex::new(json!([{"id": "task-1", "title": "Write tests"}])),
             failing: AtomicBool::new(false),
+            fail_rate: Mutex::new(0.0),
             latency: Mutex::new(Duration::ZERO),
             calls: AtomicUsize::new(0),
             authorizations: Mutex::new(Vec::new()),
@@ -98,6 +116,11 @@ impl BackendStub {
         self.state.failing.store(failing, Ordering::SeqCst);
     }
 
+    /// Each call fails (503) with this probability.
+    pub fn set_fail_rate(&self, p: f64) {
+        *lock(&self.state.fail_rate) = p;
+    }
+
     pub fn set_latency(&self, d: Duration) {
         *lock(&self.state.latency) = d;
     }
@@ -128,9 +151,9 @@ async fn handle(
         .get("authorization")
         .and_then(|v| v.to_str().ok())
         .map(str::to_owned);
-    lock(&state.authorizations).push(auth);
+    bounded_push(&mut lock(&state.authorizations), auth);
     let path = req.uri().path().to_owned();
-    lock(&state.paths).push(path.clone());
+    bounded_push(&mut lock(&state.paths), path.clone());
     let latency = *lock(&state.latency);
     if !latency.is_zero() {
         tokio::time::sleep(latency).await;
@@ -144,7 +167,8 @@ async fn handle(
         );
         r
     };
-    if state.failing.load(Ordering::SeqCst) {
+    let unlucky = rand::random::<f64>() < *lock(&state.fail_rate);
+    if state.failing.load(Ordering::SeqCst) || unlucky {
         return Ok(reply(503, r#"{"error":"backend down"}"#.into()));
     }
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();

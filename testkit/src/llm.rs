@@ -171,6 +171,8 @@ impl Recorded {
 struct State {
     queue: Mutex<VecDeque<Script>>,
     default: Mutex<Option<Script>>,
+    /// Scripts chosen at random per request, with their probabilities.
+    mix: Mutex<Vec<(f64, Script)>>,
     requests: Mutex<Vec<Recorded>>,
     disconnects: AtomicUsize,
     completed: AtomicUsize,
@@ -195,6 +197,11 @@ impl LlmStub {
     /// Starts on 127.0.0.1, port 0. Default script: a short reply.
     pub async fn start() -> LlmStub {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind stub");
+        LlmStub::start_on(listener)
+    }
+
+    /// Serves on a listener the caller bound (the `mock-llm` binary).
+    pub fn start_on(listener: TcpListener) -> LlmStub {
         let addr = listener.local_addr().expect("stub addr");
         let state = Arc::new(State::default());
         *lock(&state.default) = Some(Script::Reply(Reply::new(["Hello", ",", " world", "!"])));
@@ -234,6 +241,12 @@ impl LlmStub {
     /// The script for every request without a queued one.
     pub fn set_default(&self, s: Script) {
         *lock(&self.state.default) = Some(s);
+    }
+
+    /// Error injection: each request without a queued script takes script `i` with
+    /// probability `p_i` (the rest get the default).
+    pub fn set_mix(&self, mix: Vec<(f64, Script)>) {
+        *lock(&self.state.mix) = mix;
     }
 
     /// A script for the next request (queued in order).
@@ -279,6 +292,21 @@ impl LlmStub {
     }
 }
 
+/// Requests remembered for inspection.
+const MAX_RECORDED: usize = 10_000;
+
+/// Picks a script from the error-injection mix, if the dice say so.
+fn roll(mix: &[(f64, Script)]) -> Option<Script> {
+    let mut x: f64 = rand::random();
+    for (p, s) in mix {
+        if x < *p {
+            return Some(s.clone());
+        }
+        x -= p;
+    }
+    None
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -318,12 +346,18 @@ async fn handle(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-    lock(&state.requests).push(Recorded {
+    let mut requests = lock(&state.requests);
+    if requests.len() >= MAX_RECORDED {
+        // A long-running stub (the binary) must not grow without bound.
+        requests.drain(..MAX_RECORDED / 2);
+    }
+    requests.push(Recorded {
         at: Instant::now(),
         path: path.clone(),
         body,
         authorization,
     });
+    drop(requests);
     state.changed.notify_waiters();
     let ollama = path.ends_with("/api/chat");
     if !ollama && !path.ends_with("/chat/completions") {
@@ -335,6 +369,7 @@ async fn handle(
     }
     let script = lock(&state.queue)
         .pop_front()
+        .or_else(|| roll(&lock(&state.mix)))
         .or_else(|| lock(&state.default).clone())
         .unwrap_or(Script::status(500));
     match script {
