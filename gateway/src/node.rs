@@ -375,21 +375,44 @@ impl Node {
         }
     }
 
-    /// Applies `sb.ctl.disconnect` kicks to local connections. The subscription is
-    /// re-sent by the client after NATS reconnects.
-    async fn control_loop(&self) {
-        use futures_util::StreamExt;
-        let mut sub = loop {
-            match self.nats.subscribe(self.subjects.ctl_disconnect()).await {
-                Ok(s) => break s,
+    /// Subscribes (in a queue group when given), retrying while NATS refuses, until
+    /// the node stops. The client re-sends the subscription after reconnects.
+    async fn subscribe_until_stopped(
+        &self,
+        subject: String,
+        queue: Option<&str>,
+    ) -> Option<async_nats::Subscriber> {
+        loop {
+            let r = match queue {
+                Some(q) => {
+                    self.nats
+                        .queue_subscribe(subject.clone(), q.to_owned())
+                        .await
+                }
+                None => self.nats.subscribe(subject.clone()).await,
+            };
+            match r {
+                Ok(s) => return Some(s),
                 Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe to control subject");
+                    tracing::warn!(error = %e, subject, "cannot subscribe; retrying");
                     tokio::select! {
-                        _ = self.stop.cancelled() => return,
+                        _ = self.stop.cancelled() => return None,
                         _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
                     }
                 }
             }
+        }
+    }
+
+    /// Applies `sb.ctl.disconnect` kicks to local connections. The subscription is
+    /// re-sent by the client after NATS reconnects.
+    async fn control_loop(&self) {
+        use futures_util::StreamExt;
+        let Some(mut sub) = self
+            .subscribe_until_stopped(self.subjects.ctl_disconnect(), None)
+            .await
+        else {
+            return;
         };
         loop {
             let msg = tokio::select! {
@@ -443,24 +466,11 @@ impl Node {
     async fn publish_rpc_loop(&self) {
         use futures_util::StreamExt;
         let subject = self.subjects.publish_rpc();
-        let mut sub = loop {
-            match self
-                .nats
-                .queue_subscribe(
-                    subject.clone(),
-                    shared::subjects::GATEWAY_QUEUE_GROUP.into(),
-                )
-                .await
-            {
-                Ok(s) => break s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "cannot subscribe to the publish subject");
-                    tokio::select! {
-                        _ = self.stop.cancelled() => return,
-                        _ = tokio::time::sleep(HEALTH_INTERVAL) => {}
-                    }
-                }
-            }
+        let Some(mut sub) = self
+            .subscribe_until_stopped(subject, Some(shared::subjects::GATEWAY_QUEUE_GROUP))
+            .await
+        else {
+            return;
         };
         loop {
             let msg = tokio::select! {
