@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
+use tokio::sync::{OwnedSemaphorePermit, mpsc};
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
@@ -31,7 +31,7 @@ use crate::progress::{self, ProgressLine, TICK};
 use crate::publish::{self, Live, PublishTallies, Route, Schedule};
 use crate::report::broadcast::{BroadcastReport, CpuUse, ProcessCpu, RunFacts};
 use crate::scenario::connect::Outputs;
-use crate::scenario::{Clock, unix_ms};
+use crate::scenario::{Clock, bump, dispatch, drop_one, min_some, unix_ms};
 use crate::source::{self, SourcePlan};
 use crate::spawn::{self, Control, Event, WorkerLink, WorkerMsg, Workers};
 use crate::stats::series::SLOT_MS;
@@ -485,13 +485,6 @@ impl Tallies {
     }
 }
 
-fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.min(y)),
-        (x, y) => x.or(y),
-    }
-}
-
 /// How one subscriber's life ended.
 struct SubscriberEnd {
     received: u64,
@@ -554,14 +547,6 @@ impl Counters {
             window: None,
         }
     }
-}
-
-fn bump(a: &AtomicU64) {
-    a.fetch_add(1, Ordering::Relaxed);
-}
-
-fn drop_one(a: &AtomicU64) {
-    a.fetch_sub(1, Ordering::Relaxed);
 }
 
 /// One live subscriber as its worker sees it, to tell when everyone caught up.
@@ -662,11 +647,17 @@ pub async fn run_worker(
         subs: Mutex::new(Vec::new()),
     });
     let tracker = TaskTracker::new();
+    let task_shared = Arc::clone(&shared);
     let mut dispatcher = tokio::spawn(dispatch(
         range,
+        0.0,
         concurrency,
-        Arc::clone(&shared),
+        shared.stop_connecting.clone(),
         tracker.clone(),
+        move |index, permit| {
+            let shared = Arc::clone(&task_shared);
+            async move { subscriber(index, &shared, permit).await }
+        },
     ));
 
     let mut tallies = Tallies::default();
@@ -761,40 +752,6 @@ pub async fn run_worker(
     tallies.open.sample(shared.clock.now_ms() + SLOT_MS, p.open);
     link.send(WorkerMsg::Progress(p)).await?;
     link.send(WorkerMsg::Result(tallies)).await
-}
-
-/// Starts one subscriber task per index with at most `concurrency` setups in flight.
-async fn dispatch(
-    range: Range<u64>,
-    concurrency: u64,
-    shared: Arc<Shared>,
-    tracker: TaskTracker,
-) -> u64 {
-    let permits = Arc::new(Semaphore::new(
-        usize::try_from(concurrency)
-            .unwrap_or(Semaphore::MAX_PERMITS)
-            .min(Semaphore::MAX_PERMITS),
-    ));
-    let mut started = 0u64;
-    for index in range {
-        if shared.stop_connecting.is_cancelled() {
-            break;
-        }
-        let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break,
-            },
-            () = shared.stop_connecting.cancelled() => break,
-        };
-        let shared = Arc::clone(&shared);
-        tracker.spawn(async move {
-            subscriber(index, &shared, permit).await;
-        });
-        started += 1;
-    }
-    tracker.close();
-    started
 }
 
 /// One subscriber: connect, authenticate, subscribe (holding a concurrency permit),

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use tokio::sync::{Semaphore, mpsc};
+use tokio::sync::mpsc;
 use tokio::time::{Instant, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -24,7 +24,7 @@ use crate::client::{self, Failure};
 use crate::probe::{self, GatewaySample, Probe};
 use crate::progress::{ProgressLine, Snapshot, TICK};
 use crate::report::connect::{ConnectReport, RunFacts};
-use crate::scenario::{Clock, unix_ms};
+use crate::scenario::{Clock, bump, dispatch, drop_one, min_some, unix_ms};
 use crate::source::{self, SourcePlan};
 use crate::spawn::{self, Control, Event, WorkerLink, WorkerMsg, Workers};
 use crate::stats::series::SLOT_MS;
@@ -301,13 +301,6 @@ impl Tallies {
     }
 }
 
-fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
-    match (a, b) {
-        (Some(x), Some(y)) => Some(x.min(y)),
-        (x, y) => x.or(y),
-    }
-}
-
 /// What a connection task tells its worker.
 enum Outcome {
     Connected {
@@ -361,14 +354,6 @@ impl Counters {
     }
 }
 
-fn bump(a: &AtomicU64) {
-    a.fetch_add(1, Ordering::Relaxed);
-}
-
-fn drop_one(a: &AtomicU64) {
-    a.fetch_sub(1, Ordering::Relaxed);
-}
-
 // === worker ===
 
 /// What a connection task needs besides its index.
@@ -402,12 +387,17 @@ pub async fn run_worker(
         stop_holding: CancellationToken::new(),
     });
     let tracker = TaskTracker::new();
+    let task_shared = Arc::clone(&shared);
     let mut dispatcher = tokio::spawn(dispatch(
         range,
         rate,
         concurrency,
-        Arc::clone(&shared),
+        shared.stop_connecting.clone(),
         tracker.clone(),
+        move |index, permit| {
+            let shared = Arc::clone(&task_shared);
+            async move { connection(index, &shared, permit).await }
+        },
     ));
 
     let mut tallies = Tallies::default();
@@ -473,52 +463,6 @@ pub async fn run_worker(
     tallies.open.sample(shared.clock.now_ms() + SLOT_MS, p.open);
     link.send(WorkerMsg::Progress(p)).await?;
     link.send(WorkerMsg::Result(tallies)).await
-}
-
-/// Starts one connection task per index, paced to `rate` (0 = unpaced) and limited to
-/// `concurrency` handshakes in flight. Returns how many were started.
-async fn dispatch(
-    range: Range<u64>,
-    rate: f64,
-    concurrency: u64,
-    shared: Arc<Shared>,
-    tracker: TaskTracker,
-) -> u64 {
-    let permits = Arc::new(Semaphore::new(
-        usize::try_from(concurrency)
-            .unwrap_or(Semaphore::MAX_PERMITS)
-            .min(Semaphore::MAX_PERMITS),
-    ));
-    let start = Instant::now();
-    let mut started = 0u64;
-    for index in range {
-        if shared.stop_connecting.is_cancelled() {
-            break;
-        }
-        if rate > 0.0 {
-            let due = start + Duration::from_secs_f64(started as f64 / rate);
-            if due > Instant::now() {
-                tokio::select! {
-                    () = tokio::time::sleep_until(due) => {}
-                    () = shared.stop_connecting.cancelled() => break,
-                }
-            }
-        }
-        let permit = tokio::select! {
-            p = Arc::clone(&permits).acquire_owned() => match p {
-                Ok(p) => p,
-                Err(_) => break, // never closed
-            },
-            () = shared.stop_connecting.cancelled() => break,
-        };
-        let shared = Arc::clone(&shared);
-        tracker.spawn(async move {
-            connection(index, &shared, permit).await;
-        });
-        started += 1;
-    }
-    tracker.close();
-    started
 }
 
 /// One connection: handshake (holding a concurrency permit), then hold until told.

@@ -5,9 +5,16 @@
 pub mod broadcast;
 pub mod connect;
 
+use std::future::Future;
+use std::ops::Range;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
 /// Milliseconds since the unix epoch, now.
 pub fn unix_ms() -> u64 {
@@ -45,6 +52,71 @@ impl Clock {
     pub fn epoch_unix_ms(&self) -> u64 {
         self.epoch_unix_ms
     }
+}
+
+/// Starts one task per index in `range`, at most `concurrency` holding a permit at
+/// once, paced to `rate` starts per second (0 = as fast as permits allow), until
+/// `stop` is cancelled. Returns how many were started; closes `tracker`.
+pub(crate) async fn dispatch<F, Fut>(
+    range: Range<u64>,
+    rate: f64,
+    concurrency: u64,
+    stop: CancellationToken,
+    tracker: TaskTracker,
+    task: F,
+) -> u64
+where
+    F: Fn(u64, OwnedSemaphorePermit) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let permits = Arc::new(Semaphore::new(
+        usize::try_from(concurrency)
+            .unwrap_or(Semaphore::MAX_PERMITS)
+            .min(Semaphore::MAX_PERMITS),
+    ));
+    let start = Instant::now();
+    let mut started = 0u64;
+    for index in range {
+        if stop.is_cancelled() {
+            break;
+        }
+        if rate > 0.0 {
+            let due = start + Duration::from_secs_f64(started as f64 / rate);
+            if due > Instant::now() {
+                tokio::select! {
+                    () = tokio::time::sleep_until(due) => {}
+                    () = stop.cancelled() => break,
+                }
+            }
+        }
+        let permit = tokio::select! {
+            p = Arc::clone(&permits).acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => break, // never closed
+            },
+            () = stop.cancelled() => break,
+        };
+        tracker.spawn(task(index, permit));
+        started += 1;
+    }
+    tracker.close();
+    started
+}
+
+/// The smaller of two optional values, or whichever is set.
+pub(crate) fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.min(y)),
+        (x, y) => x.or(y),
+    }
+}
+
+pub(crate) fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+pub(crate) fn drop_one(a: &AtomicU64) {
+    a.fetch_sub(1, Ordering::Relaxed);
 }
 
 #[cfg(test)]
