@@ -47,15 +47,30 @@ fn signal(child: &Child, sig: &str) {
         .status();
 }
 
-fn wait_until(what: &str, mut ready: impl FnMut() -> bool) -> anyhow::Result<()> {
+/// Ports are picked free but bound by the server a moment later; a parallel test can
+/// take one in between, and the server then exits. Starting again on fresh ports
+/// makes that race harmless.
+const START_ATTEMPTS: usize = 5;
+
+/// Why a started server is not serving.
+enum NotReady {
+    /// It exited (a port was taken): try again on other ports.
+    Exited,
+    TimedOut,
+}
+
+fn wait_until(child: &mut Child, mut ready: impl FnMut() -> bool) -> Result<(), NotReady> {
     let start = Instant::now();
     while start.elapsed() < START_TIMEOUT {
         if ready() {
             return Ok(());
         }
+        if matches!(child.try_wait(), Ok(Some(_))) {
+            return Err(NotReady::Exited);
+        }
         std::thread::sleep(Duration::from_millis(5));
     }
-    bail!("{what} not ready after {START_TIMEOUT:?}")
+    Err(NotReady::TimedOut)
 }
 
 fn http_get_ok(addr: SocketAddr, path: &str) -> bool {
@@ -79,6 +94,8 @@ pub struct Nats {
     monitor: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Once started, restarts keep the port (clients reconnect to it).
+    started: bool,
 }
 
 impl Nats {
@@ -88,6 +105,7 @@ impl Nats {
             monitor: free_port(),
             dir: tempfile::tempdir()?,
             child: None,
+            started: false,
         };
         n.spawn()?;
         Ok(n)
@@ -99,19 +117,41 @@ impl Nats {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let bin = find_binary("nats-server")?;
-        let child = Command::new(bin)
-            .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
-            .args(["-m", &self.monitor.to_string(), "-js", "-sd"])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning nats-server")?;
-        self.child = Some(child);
-        let monitor: SocketAddr = ([127, 0, 0, 1], self.monitor).into();
-        wait_until("nats-server", || {
-            http_get_ok(monitor, "/healthz?js-enabled-only=true")
-        })
+        for _ in 0..START_ATTEMPTS {
+            let mut child = Command::new(&bin)
+                .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
+                .args(["-m", &self.monitor.to_string(), "-js", "-sd"])
+                .arg(self.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("spawning nats-server")?;
+            let monitor: SocketAddr = ([127, 0, 0, 1], self.monitor).into();
+            let ready = wait_until(&mut child, || {
+                http_get_ok(monitor, "/healthz?js-enabled-only=true")
+            });
+            match ready {
+                Ok(()) => {
+                    self.child = Some(child);
+                    self.started = true;
+                    return Ok(());
+                }
+                Err(NotReady::Exited) => {
+                    // The monitor port is ours alone; the client port moves only
+                    // before the first start (a restart keeps it for reconnects).
+                    self.monitor = free_port();
+                    if !self.started {
+                        self.port = free_port();
+                    }
+                }
+                Err(NotReady::TimedOut) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("nats-server not ready after {START_TIMEOUT:?}");
+                }
+            }
+        }
+        bail!("nats-server exited {START_ATTEMPTS} times at start (ports taken?)")
     }
 
     /// SIGKILL, like a crash.
@@ -154,6 +194,8 @@ pub struct Redis {
     pub port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Once started, restarts keep the port (clients reconnect to it).
+    started: bool,
 }
 
 impl Redis {
@@ -162,6 +204,7 @@ impl Redis {
             port: free_port(),
             dir: tempfile::tempdir()?,
             child: None,
+            started: false,
         };
         r.spawn()?;
         Ok(r)
@@ -173,17 +216,32 @@ impl Redis {
 
     fn spawn(&mut self) -> anyhow::Result<()> {
         let bin = find_binary("redis-server")?;
-        let child = Command::new(bin)
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(self.dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("spawning redis-server")?;
-        self.child = Some(child);
-        let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
-        wait_until("redis-server", || redis_ping(addr))
+        for _ in 0..START_ATTEMPTS {
+            let mut child = Command::new(&bin)
+                .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no", "--dir"])
+                .arg(self.dir.path())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .context("spawning redis-server")?;
+            let addr: SocketAddr = ([127, 0, 0, 1], self.port).into();
+            match wait_until(&mut child, || redis_ping(addr)) {
+                Ok(()) => {
+                    self.child = Some(child);
+                    self.started = true;
+                    return Ok(());
+                }
+                Err(NotReady::Exited) if !self.started => self.port = free_port(),
+                Err(NotReady::Exited) => {}
+                Err(NotReady::TimedOut) => {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                    bail!("redis-server not ready after {START_TIMEOUT:?}");
+                }
+            }
+        }
+        bail!("redis-server exited {START_ATTEMPTS} times at start (port taken?)")
     }
 
     pub fn kill(&mut self) {
