@@ -1,8 +1,8 @@
 //! The node's local registry of authenticated connections and its NATS interest:
 //! a node subscribes to `sb.user.<uid>` and `sb.ch.<ns>.<name>` only while it holds a
-//! connection that needs them (reference-counted), and fans each message out to the
-//! local connections by `try_send` into their bounded queues, sharing the bytes. A
-//! full queue closes that connection 4008; nobody else waits for it.
+//! connection that needs them (reference-counted, on the [`Mux`] connection), and fans
+//! each message out to the local connections by `try_send` into their bounded queues,
+//! sharing the bytes. A full queue closes that connection 4008; nobody else waits.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -14,6 +14,7 @@ use shared::protocol::{Channel, CloseCode, DisconnectCommand, ErrorBody, ErrorCo
 use shared::subjects::Subjects;
 use tokio_util::sync::CancellationToken;
 
+use crate::mux::{Deliver, Msg, Mux, Topic};
 use crate::outbox::{OfferError, Outbox};
 use tokio_util::task::TaskTracker;
 
@@ -123,11 +124,20 @@ struct ConnEntry {
     channels: Vec<Arc<str>>,
 }
 
-/// Local connections interested in one subject, and the switch that ends the
-/// subject's forwarding task when the last one leaves.
+/// Local connections interested in one subject, and what ends the subscription when
+/// the last one leaves: its multiplexer id, or the switch of its forwarding task.
 struct Interest {
     conns: Vec<Arc<str>>,
+    sid: Option<u64>,
     stop: CancellationToken,
+}
+
+/// How subscriptions reach NATS: the node's multiplexer (`nats://`), or one
+/// async-nats subscription and forwarding task per subject for schemes the
+/// multiplexer does not speak (`tls://`, `ws://`).
+pub enum Wire {
+    Mux(Arc<Mux>),
+    Client,
 }
 
 #[derive(Default)]
@@ -140,6 +150,7 @@ struct State {
 /// The local registry; cheap to share (`Arc<Hub>`).
 pub struct Hub {
     nats: async_nats::Client,
+    wire: Wire,
     subjects: Subjects,
     state: Mutex<State>,
     tasks: TaskTracker,
@@ -166,27 +177,52 @@ pub enum HubError {
     Timeout(Duration),
 }
 
-/// Which kind of subject a forwarding task serves.
-#[derive(Clone)]
-enum Topic {
-    User(Arc<str>),
-    Channel(Arc<str>),
-}
-
 impl Hub {
     pub fn new(
         nats: async_nats::Client,
+        wire: Wire,
         subjects: Subjects,
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<Hub> {
         Arc::new(Hub {
             nats,
+            wire,
             subjects,
             state: Mutex::new(State::default()),
             tasks,
             shutdown,
         })
+    }
+
+    /// Starts the multiplexer's connection (when there is one).
+    pub fn start(self: &Arc<Self>) {
+        if let Wire::Mux(mux) = &self.wire {
+            let sink: Arc<dyn Deliver> = self.clone();
+            self.tasks
+                .spawn(mux.clone().run(sink, self.shutdown.clone()));
+        }
+    }
+
+    /// The subscription connection is up (always true without a multiplexer: the
+    /// async-nats client's state covers it).
+    pub fn wire_connected(&self) -> bool {
+        match &self.wire {
+            Wire::Mux(m) => m.is_connected(),
+            Wire::Client => true,
+        }
+    }
+
+    /// Records the first interest in a subject: on the multiplexer the `SUB` is queued
+    /// at once; otherwise the caller subscribes with [`Hub::subscribe`].
+    fn first_interest(&self, interest: &mut Interest, subject: String, topic: Topic) -> bool {
+        match &self.wire {
+            Wire::Mux(m) => {
+                interest.sid = Some(m.subscribe(subject, topic));
+                false
+            }
+            Wire::Client => true,
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
@@ -199,7 +235,7 @@ impl Hub {
     /// on this node. The subscription is queued on the NATS connection before this
     /// returns, ahead of anything this connection publishes afterwards.
     pub async fn register(self: &Arc<Self>, m: Member) -> Result<Registration, HubError> {
-        let stop = {
+        let (first, needs_task) = {
             let mut st = self.lock();
             st.conns.insert(
                 m.conn_id.clone(),
@@ -208,16 +244,34 @@ impl Hub {
                     channels: Vec::new(),
                 },
             );
-            add_interest(&mut st.users, &m.user_id, &m.conn_id, &self.shutdown)
+            match add_interest(&mut st.users, &m.user_id, &m.conn_id, &self.shutdown) {
+                Some(interest) => {
+                    let subject = self.subjects.user(&m.user_id);
+                    let stop = interest.stop.clone();
+                    let task =
+                        self.first_interest(interest, subject, Topic::User(m.user_id.clone()));
+                    (true, task.then_some(stop))
+                }
+                None => (false, None),
+            }
         };
         let reg = Registration {
             hub: self.clone(),
             conn_id: m.conn_id.clone(),
         };
-        if let Some(stop) = stop {
+        if let Some(stop) = needs_task {
             let subject = self.subjects.user(&m.user_id);
             self.subscribe(subject, Topic::User(m.user_id.clone()), stop)
                 .await?;
+        } else if first
+            && let Wire::Mux(mux) = &self.wire
+            && mux.is_connected()
+        {
+            // Best effort: the user's events flow once the server has the SUB. While
+            // NATS is away the SUB waits in the table and authentication goes on.
+            if let Err(e) = mux.flush(SUBSCRIBE_TIMEOUT).await {
+                tracing::debug!(error = %e, "user subscription not confirmed");
+            }
         }
         Ok(reg)
     }
@@ -230,7 +284,7 @@ impl Hub {
         ch: &Channel,
     ) -> Result<bool, HubError> {
         let key: Arc<str> = ch.to_string().into();
-        let stop = {
+        let needs_task = {
             let mut st = self.lock();
             let Some(entry) = st.conns.get_mut(conn_id) else {
                 return Ok(false);
@@ -240,22 +294,27 @@ impl Hub {
             }
             entry.channels.push(key.clone());
             let conn = entry.member.conn_id.clone();
-            add_interest(&mut st.channels, &key, &conn, &self.shutdown)
-        };
-        match stop {
-            // The user's own channel arrives on the user subject, which this node
-            // already holds for the connection's user.
-            Some(_) if ch.namespace == USER_NAMESPACE => Ok(false),
-            Some(stop) => {
-                let subject = self.subjects.channel(&ch.namespace, &ch.name);
-                if let Err(e) = self.subscribe(subject, Topic::Channel(key), stop).await {
-                    self.leave_channel(conn_id, &ch.to_string());
-                    return Err(e);
+            match add_interest(&mut st.channels, &key, &conn, &self.shutdown) {
+                // The user's own channel arrives on the user subject, which this node
+                // already holds for the connection's user.
+                Some(_) if ch.namespace == USER_NAMESPACE => return Ok(false),
+                Some(interest) => {
+                    let subject = self.subjects.channel(&ch.namespace, &ch.name);
+                    let stop = interest.stop.clone();
+                    self.first_interest(interest, subject, Topic::Channel(key.clone()))
+                        .then_some(stop)
                 }
-                Ok(true)
+                None => return Ok(false),
             }
-            None => Ok(false),
+        };
+        if let Some(stop) = needs_task {
+            let subject = self.subjects.channel(&ch.namespace, &ch.name);
+            if let Err(e) = self.subscribe(subject, Topic::Channel(key), stop).await {
+                self.leave_channel(conn_id, &ch.to_string());
+                return Err(e);
+            }
         }
+        Ok(true)
     }
 
     /// Removes a connection from a channel; `true` if it was subscribed.
@@ -269,7 +328,7 @@ impl Hub {
         if entry.channels.len() == before {
             return false;
         }
-        remove_interest(&mut st.channels, channel, conn_id);
+        self.drop_interest(&mut st, Kind::Channel, channel, conn_id);
         true
     }
 
@@ -277,6 +336,12 @@ impl Hub {
     /// a request to a subject nobody serves is answered "no responders" only after
     /// the server read everything this connection sent before it.
     pub async fn barrier(&self) -> Result<(), HubError> {
+        if let Wire::Mux(mux) = &self.wire {
+            return mux.flush(SUBSCRIBE_TIMEOUT).await.map_err(|e| match e {
+                crate::mux::MuxError::Timeout => HubError::Timeout(SUBSCRIBE_TIMEOUT),
+                e => HubError::Subscribe(e.to_string()),
+            });
+        }
         let subject = format!("_INBOX.sb-barrier.{:016x}", rand::random::<u64>());
         match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.nats.request(subject, Bytes::new()))
             .await
@@ -311,9 +376,26 @@ impl Hub {
         let Some(entry) = st.conns.remove(conn_id) else {
             return;
         };
-        remove_interest(&mut st.users, &entry.member.user_id, conn_id);
+        self.drop_interest(&mut st, Kind::User, &entry.member.user_id, conn_id);
         for ch in &entry.channels {
-            remove_interest(&mut st.channels, ch, conn_id);
+            self.drop_interest(&mut st, Kind::Channel, ch, conn_id);
+        }
+    }
+
+    fn drop_interest(&self, st: &mut State, kind: Kind, key: &str, conn: &str) {
+        let map = match kind {
+            Kind::User => &mut st.users,
+            Kind::Channel => &mut st.channels,
+        };
+        if let Some(i) = map.get_mut(key) {
+            i.conns.retain(|c| &**c != conn);
+            if i.conns.is_empty() {
+                i.stop.cancel();
+                if let (Some(sid), Wire::Mux(mux)) = (i.sid, &self.wire) {
+                    mux.unsubscribe(sid);
+                }
+                map.remove(key);
+            }
         }
     }
 
@@ -334,13 +416,14 @@ impl Hub {
                     None => break,
                 },
             };
-            match &topic {
-                Topic::User(user) => match header(&msg, HEADER_CHANNEL) {
-                    Some(ch) => self.deliver_to_channel(&Arc::from(ch.as_str()), &msg),
-                    None => self.deliver_to_user(user, msg.payload),
+            let headers = crate::mux::headers_of(&msg);
+            self.deliver(
+                &topic,
+                Msg {
+                    payload: msg.payload,
+                    headers,
                 },
-                Topic::Channel(ch) => self.deliver_to_channel(ch, &msg),
-            }
+            );
         }
         // Dropping the subscriber unsubscribes; say so now rather than at drop time.
         let _ = sub.unsubscribe().await;
@@ -359,28 +442,24 @@ impl Hub {
         }
     }
 
-    fn deliver_to_channel(&self, channel: &Arc<str>, msg: &async_nats::Message) {
-        let header = |name: &str| header(msg, name);
-        let item = match header(HEADER_OFFSET).and_then(|o| o.parse::<u64>().ok()) {
+    fn deliver_to_channel(&self, channel: &Arc<str>, msg: Msg) {
+        let h = msg.headers;
+        let item = match h.offset {
             Some(offset) => {
-                if let Some(ts) = header(HEADER_TS).and_then(|t| t.parse::<u64>().ok()) {
+                if let Some(ts) = h.ts {
                     let lag = shared::store::now_ms().saturating_sub(ts) as f64 / 1000.0;
                     metrics::histogram!(shared::metrics::FANOUT_SECONDS).record(lag);
                 }
                 Outbound::Publication {
                     channel: channel.clone(),
                     offset,
-                    frame: msg.payload.clone(),
+                    frame: msg.payload,
                 }
             }
             None => Outbound::Event {
                 channel: channel.clone(),
-                skip_user: header(HEADER_SKIP_SENDER)
-                    .is_some()
-                    .then(|| header(HEADER_FROM))
-                    .flatten()
-                    .map(Arc::from),
-                frame: msg.payload.clone(),
+                skip_user: if h.skip_sender { h.from } else { None },
+                frame: msg.payload,
             },
         };
         let st = self.lock();
@@ -479,47 +558,43 @@ impl Hub {
     }
 }
 
-fn header(msg: &async_nats::Message, name: &str) -> Option<String> {
-    msg.headers
-        .as_ref()
-        .and_then(|h| h.get(name))
-        .map(|v| v.as_str().to_owned())
-}
-
-/// Adds `conn` to the interest in `key`; returns a fresh stop token when this is the
-/// first interest (the caller subscribes).
-fn add_interest(
-    map: &mut HashMap<Arc<str>, Interest>,
-    key: &Arc<str>,
-    conn: &Arc<str>,
-    shutdown: &CancellationToken,
-) -> Option<CancellationToken> {
-    match map.get_mut(key) {
-        Some(i) => {
-            i.conns.push(conn.clone());
-            None
-        }
-        None => {
-            let stop = shutdown.child_token();
-            map.insert(
-                key.clone(),
-                Interest {
-                    conns: vec![conn.clone()],
-                    stop: stop.clone(),
-                },
-            );
-            Some(stop)
+impl Deliver for Hub {
+    fn deliver(&self, topic: &Topic, msg: Msg) {
+        match topic {
+            Topic::User(user) => match msg.headers.channel.clone() {
+                Some(ch) => self.deliver_to_channel(&ch, msg),
+                None => self.deliver_to_user(user, msg.payload),
+            },
+            Topic::Channel(ch) => self.deliver_to_channel(ch, msg),
         }
     }
 }
 
-fn remove_interest(map: &mut HashMap<Arc<str>, Interest>, key: &str, conn: &str) {
-    if let Some(i) = map.get_mut(key) {
-        i.conns.retain(|c| &**c != conn);
-        if i.conns.is_empty() {
-            i.stop.cancel();
-            map.remove(key);
+#[derive(Clone, Copy)]
+enum Kind {
+    User,
+    Channel,
+}
+
+/// Adds `conn` to the interest in `key`; returns the new entry when this is the
+/// first interest (the caller subscribes).
+fn add_interest<'a>(
+    map: &'a mut HashMap<Arc<str>, Interest>,
+    key: &Arc<str>,
+    conn: &Arc<str>,
+    shutdown: &CancellationToken,
+) -> Option<&'a mut Interest> {
+    use std::collections::hash_map::Entry;
+    match map.entry(key.clone()) {
+        Entry::Occupied(mut e) => {
+            e.get_mut().conns.push(conn.clone());
+            None
         }
+        Entry::Vacant(v) => Some(v.insert(Interest {
+            conns: vec![conn.clone()],
+            sid: None,
+            stop: shutdown.child_token(),
+        })),
     }
 }
 

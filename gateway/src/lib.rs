@@ -13,6 +13,7 @@ pub mod drain;
 pub mod error;
 pub mod hub;
 pub mod limits;
+pub mod mux;
 pub mod node;
 pub mod outbox;
 pub mod proxy;
@@ -29,6 +30,8 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, RawConfig};
+use hub::Wire;
+use mux::Mux;
 use node::Node;
 
 /// NATS connect attempt timeout; reconnects go on forever in the background.
@@ -52,6 +55,8 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("SB_NATS_URL: {0}")]
     Nats(#[from] async_nats::ConnectError),
+    #[error("{0}")]
+    Mux(#[from] mux::MuxError),
 }
 
 /// The two ports a gateway serves.
@@ -87,7 +92,15 @@ pub async fn run(
     tracing::info!(config = %config.summary(), "gateway starting");
     metrics::gauge!(shared::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
-    let node = Node::new(config, validator, store, nats, shutdown.clone());
+    let wire = match mux::parse_servers(&config.nats_url)? {
+        Some(servers) => Wire::Mux(Mux::new(
+            servers,
+            format!("gateway-{}-subs", config.node_id),
+        )),
+        None => Wire::Client,
+    };
+    let node = Node::new(config, validator, store, nats, wire, shutdown.clone());
+    node.hub.start();
     node.spawn_background();
     node.background.spawn(shared::telemetry::upkeep(
         metrics.clone(),

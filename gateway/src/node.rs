@@ -80,6 +80,7 @@ impl Node {
         validator: Validator,
         store: SessionStore,
         nats: async_nats::Client,
+        wire: crate::hub::Wire,
         shutdown: CancellationToken,
     ) -> Arc<Node> {
         let subjects = Subjects::new(&config.prefix);
@@ -87,6 +88,7 @@ impl Node {
         let background = TaskTracker::new();
         let hub = Hub::new(
             nats.clone(),
+            wire,
             subjects.clone(),
             background.clone(),
             stop.clone(),
@@ -162,6 +164,7 @@ impl Node {
 
     pub fn nats_connected(&self) -> bool {
         self.nats.connection_state() == async_nats::connection::State::Connected
+            && self.hub.wire_connected()
     }
 
     /// Ready to take connections: not draining, NATS connected, Redis answering.
