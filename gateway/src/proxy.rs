@@ -403,6 +403,18 @@ async fn read_header(stream: &mut TcpStream) -> Result<Option<SocketAddr>, Proxy
     parse_header(&buf[..len])
 }
 
+/// What [`read_proxy_header`] makes of bytes already in memory, without the socket:
+/// `Ok(None)` while they are a valid prefix, else the header length and the source
+/// address it carries. For the fuzz targets and property tests.
+pub fn decode_proxy_header(
+    buf: &[u8],
+) -> Result<Option<(usize, Option<SocketAddr>)>, ProxyHeaderError> {
+    match frame(&buf[..buf.len().min(V2_MAX_LEN)])? {
+        Framing::Incomplete => Ok(None),
+        Framing::Complete(len) => parse_header(&buf[..len]).map(|source| Some((len, source))),
+    }
+}
+
 #[derive(Debug, PartialEq)]
 enum Framing {
     /// The header is this many bytes long and all of them have been seen.

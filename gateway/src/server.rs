@@ -82,6 +82,9 @@ async fn serve_tcp(node: Arc<Node>, mut stream: TcpStream, socket_peer: SocketAd
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(HEADER_READ_TIMEOUT)
+        // `max_buf_size` alone is not a head limit: hyper reads into whatever the
+        // buffer has room for, and heads of about twice the size got through.
+        .max_header_size(MAX_HEADER_BYTES)
         .max_buf_size(MAX_HEADER_BYTES);
     let conn = builder
         .serve_connection(TokioIo::new(stream), service)

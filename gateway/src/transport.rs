@@ -83,15 +83,22 @@ struct Partial {
 }
 
 /// Reads complete messages, enforcing `max_message` across fragments. `next` is
-/// cancel-safe: bytes leave the socket only into `buf`, and `buf` is parsed only
-/// synchronously.
+/// cancel-safe: bytes leave the socket only into the decoder's buffer, and that
+/// buffer is parsed only synchronously.
 pub struct WsReader {
     stream: OwnedReadHalf,
+    decoder: FrameDecoder,
+    eof: bool,
+}
+
+/// The framing rules without the socket: bytes in, messages or the protocol error
+/// out. [`WsReader`] feeds it from TCP; the fuzz targets and property tests feed it
+/// arbitrary bytes, so what they check is exactly what the gateway runs.
+pub struct FrameDecoder {
     /// Bytes read and not yet parsed; empty (no allocation) between messages.
     buf: BytesMut,
     max_message: usize,
     partial: Option<Partial>,
-    eof: bool,
 }
 
 /// Encodes frames into a buffer and writes it to the socket. `queue_*` never block;
@@ -125,9 +132,11 @@ pub fn split(stream: TcpStream, read_buf: Bytes, max_message: usize) -> (WsReade
     (
         WsReader {
             stream: r,
-            buf: BytesMut::from(&read_buf[..]),
-            max_message,
-            partial: None,
+            decoder: FrameDecoder {
+                buf: BytesMut::from(&read_buf[..]),
+                max_message,
+                partial: None,
+            },
             eof: false,
         },
         WsWriter {
@@ -152,7 +161,7 @@ impl WsReader {
     /// The next complete message or control frame. Cancel-safe.
     pub async fn next(&mut self) -> Result<Inbound, ReadError> {
         loop {
-            if let Some(msg) = self.parse()? {
+            if let Some(msg) = self.decoder.parse()? {
                 return Ok(msg);
             }
             if self.eof {
@@ -163,8 +172,8 @@ impl WsReader {
         }
     }
 
-    /// Takes what the socket has now into `buf` (through stack scratch space, so an
-    /// idle connection holds no buffer).
+    /// Takes what the socket has now into the decoder (through stack scratch space, so
+    /// an idle connection holds no buffer).
     fn fill(&mut self) -> Result<(), ReadError> {
         let mut scratch = [0u8; READ_CHUNK];
         loop {
@@ -174,7 +183,7 @@ impl WsReader {
                     return Ok(());
                 }
                 Ok(n) => {
-                    self.buf.extend_from_slice(&scratch[..n]);
+                    self.decoder.push(&scratch[..n]);
                     if n < scratch.len() {
                         return Ok(());
                     }
@@ -184,9 +193,31 @@ impl WsReader {
             }
         }
     }
+}
+
+impl FrameDecoder {
+    /// A decoder holding no bytes, for messages of at most `max_message` bytes.
+    pub fn new(max_message: usize) -> FrameDecoder {
+        FrameDecoder {
+            buf: BytesMut::new(),
+            max_message,
+            partial: None,
+        }
+    }
+
+    /// Appends bytes received from the peer.
+    pub fn push(&mut self, bytes: &[u8]) {
+        self.buf.extend_from_slice(bytes);
+    }
+
+    /// Bytes pushed and not yet consumed by a complete frame.
+    pub fn buffered(&self) -> usize {
+        self.buf.len()
+    }
 
     /// Parses frames out of `buf` until one completes a message (or `buf` runs dry).
-    fn parse(&mut self) -> Result<Option<Inbound>, ReadError> {
+    /// After an error the stream is unusable: the connection is closed.
+    pub fn parse(&mut self) -> Result<Option<Inbound>, ReadError> {
         loop {
             let Some(h) = self.header()? else {
                 return Ok(None);

@@ -12,6 +12,7 @@ mod cluster;
 mod connect;
 mod e2e_chat;
 mod faults;
+mod hostile;
 mod limits;
 mod proxy;
 mod shutdown;
