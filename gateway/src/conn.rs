@@ -51,7 +51,10 @@ pub struct Upgrade {
 }
 
 /// Serves one upgraded socket until it closes.
-pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up: Upgrade) {
+/// `up` is boxed and the session is driven by reference: an async fn keeps its
+/// by-value arguments twice in its state (as captured and as locals), and this state
+/// is the biggest part of an idle connection's memory.
+pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up: Box<Upgrade>) {
     let accepted = tokio::time::timeout(
         UPGRADE_TIMEOUT,
         transport::accept(fut, node.config.max_message_bytes),
@@ -76,12 +79,19 @@ pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up
         tracing::debug_span!("conn", conn_id = %conn_id, ip = %up.ip, user = tracing::field::Empty);
     let outbox = Arc::new(Outbox::new(node.config.outbound_queue));
     let now = Instant::now();
-    let session = Session {
+    let Upgrade {
+        ip,
+        started,
+        token,
+        refusal,
+    } = *up;
+    let mut session = Session {
         reader,
         limiter: MessageLimiter::new(node.config.message_rate, node.config.message_burst, now),
         node,
         conn_id: conn_id.into(),
-        ip: up.ip,
+        ip,
+        started,
         closer,
         outbox,
         writer,
@@ -91,7 +101,12 @@ pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up
         auth_deadline: now,
     };
     metrics::gauge!(m::CONNECTIONS_PENDING).increment(1.0);
-    session.run(up).instrument(span).await;
+    async move {
+        let end = session.run(token, refusal).await;
+        Box::pin(session.finish(end)).await;
+    }
+    .instrument(span)
+    .await;
     drop(guard);
 }
 
@@ -112,6 +127,8 @@ struct Session {
     node: Arc<Node>,
     conn_id: Arc<str>,
     ip: IpAddr,
+    /// When the TCP connection was accepted (handshake latency).
+    started: Instant,
     closer: Arc<Closer>,
     /// Frames for this connection from the hub (deliveries), bounded.
     outbox: Arc<Outbox<Outbound>>,
@@ -155,18 +172,23 @@ fn new_conn_id() -> String {
 }
 
 impl Session {
-    async fn run(mut self, up: Upgrade) {
+    /// Serves the connection until it ends; the caller then runs [`Session::finish`].
+    async fn run(
+        &mut self,
+        token: Option<Result<(String, Source), &'static str>>,
+        refusal: Option<SessionError>,
+    ) -> End {
         let now = Instant::now();
         self.auth_deadline = now + self.node.config.auth_timeout;
         self.next_ping = now + self.node.config.ping_interval;
         let mut end = None;
-        if let Some(refusal) = up.refusal {
+        if let Some(refusal) = refusal {
             end = Some(self.fail(refusal, None).await);
         } else {
-            match up.token {
+            match token {
                 Some(Ok((token, source))) => {
                     if let Err(e) =
-                        Box::pin(self.authenticate(token, source, None, up.started)).await
+                        Box::pin(self.authenticate(token, source, None, self.started)).await
                     {
                         end = Some(self.fail(e, None).await);
                     }
@@ -180,7 +202,7 @@ impl Session {
             }
         }
 
-        let end = match end {
+        match end {
             Some(Some(end)) => end,
             _ => loop {
                 // Write what is queued without waiting; while the peer is slow to
@@ -209,7 +231,7 @@ impl Session {
                             CloseReason::new(CloseCode::GoingAway, None, "closing")
                         }),
                     ))),
-                    Event::Read(res) => Box::pin(self.on_read(res, up.started)).await,
+                    Event::Read(res) => Box::pin(self.on_read(res, self.started)).await,
                     Event::Outbound(first) => Box::pin(self.on_outbound(first)).await,
                     Event::Timer => Box::pin(self.on_timer()).await,
                     Event::Writable => None,
@@ -219,8 +241,7 @@ impl Session {
                     break end;
                 }
             },
-        };
-        Box::pin(self.finish(end)).await;
+        }
     }
 
     /// Earliest instant something must happen without input.

@@ -174,12 +174,12 @@ fn ws_upgrade(
             return api::error_response(&ApiError::BadRequest(format!("bad upgrade request: {e}")));
         }
     };
-    let up = Upgrade {
+    let up = Box::new(Upgrade {
         ip,
         started: accepted,
         token: hs.token,
         refusal,
-    };
+    });
     let node2 = node.clone();
     node.tasks
         .spawn(async move { conn::serve(node2, fut, up).await });
