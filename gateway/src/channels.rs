@@ -3,7 +3,7 @@
 //! history) before it goes to NATS, so a subscriber that missed it live can always
 //! find it: at `subscribe` with `since`, or when a later offset shows a gap.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,7 +145,67 @@ impl Sub {
 /// The channels one connection is subscribed to, with delivery positions.
 #[derive(Default)]
 pub struct Subscriptions {
-    subs: HashMap<Arc<str>, Sub>,
+    subs: SubList,
+}
+
+/// A connection's subscriptions as a short list searched in order: connections hold
+/// a handful (at most `SB_MAX_SUBSCRIPTIONS`, default 100), and the smallest HashMap
+/// table of these entries cost about 1 KiB per idle connection.
+#[derive(Default)]
+struct SubList(Vec<(Arc<str>, Sub)>);
+
+impl SubList {
+    fn position(&self, key: &str) -> Option<usize> {
+        self.0.iter().position(|(k, _)| &**k == key)
+    }
+
+    fn get(&self, key: &str) -> Option<&Sub> {
+        self.position(key).map(|i| &self.0[i].1)
+    }
+
+    fn get_mut(&mut self, key: &str) -> Option<&mut Sub> {
+        self.position(key).map(|i| &mut self.0[i].1)
+    }
+
+    fn contains_key(&self, key: &str) -> bool {
+        self.position(key).is_some()
+    }
+
+    fn insert(&mut self, key: Arc<str>, sub: Sub) {
+        match self.position(&key) {
+            Some(i) => self.0[i].1 = sub,
+            None => {
+                // Most connections subscribe once or twice: grow one entry at a time
+                // rather than by Vec's default of four.
+                self.0.reserve_exact(1);
+                self.0.push((key, sub));
+            }
+        }
+    }
+
+    fn remove(&mut self, key: &str) -> Option<Sub> {
+        self.position(key).map(|i| self.0.swap_remove(i).1)
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = (Arc<str>, Sub)> + '_ {
+        self.0.drain(..)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Sub> {
+        self.0.iter().map(|(_, s)| s)
+    }
+
+    fn values_mut(&mut self) -> impl Iterator<Item = &mut Sub> {
+        self.0.iter_mut().map(|(_, s)| s)
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
 }
 
 impl Subscriptions {

@@ -66,12 +66,13 @@ impl CloseReason {
 #[derive(Debug, Default)]
 pub struct Closer {
     token: CancellationToken,
-    reason: OnceLock<CloseReason>,
+    /// Boxed: the reason is rare, the closer lives as long as the connection.
+    reason: OnceLock<Box<CloseReason>>,
 }
 
 impl Closer {
     pub fn close(&self, reason: CloseReason) {
-        if self.reason.set(reason).is_ok() {
+        if self.reason.set(Box::new(reason)).is_ok() {
             self.token.cancel();
         }
     }
@@ -81,7 +82,7 @@ impl Closer {
     }
 
     pub fn reason(&self) -> Option<&CloseReason> {
-        self.reason.get()
+        self.reason.get().map(|r| &**r)
     }
 }
 
@@ -129,7 +130,8 @@ struct ConnEntry {
 struct Interest {
     conns: Vec<Arc<str>>,
     sid: Option<u64>,
-    stop: CancellationToken,
+    /// Only for a forwarding task (the async-nats path).
+    stop: Option<CancellationToken>,
 }
 
 /// How subscriptions reach NATS: the node's multiplexer (`nats://`), or one
@@ -214,14 +216,24 @@ impl Hub {
     }
 
     /// Records the first interest in a subject: on the multiplexer the `SUB` is queued
-    /// at once; otherwise the caller subscribes with [`Hub::subscribe`].
-    fn first_interest(&self, interest: &mut Interest, subject: String, topic: Topic) -> bool {
+    /// at once; otherwise the caller subscribes with [`Hub::subscribe`] and the
+    /// returned switch ends its forwarding task.
+    fn first_interest(
+        &self,
+        interest: &mut Interest,
+        subject: String,
+        topic: Topic,
+    ) -> Option<CancellationToken> {
         match &self.wire {
             Wire::Mux(m) => {
                 interest.sid = Some(m.subscribe(subject, topic));
-                false
+                None
             }
-            Wire::Client => true,
+            Wire::Client => {
+                let stop = self.shutdown.child_token();
+                interest.stop = Some(stop.clone());
+                Some(stop)
+            }
         }
     }
 
@@ -244,13 +256,12 @@ impl Hub {
                     channels: Vec::new(),
                 },
             );
-            match add_interest(&mut st.users, &m.user_id, &m.conn_id, &self.shutdown) {
+            match add_interest(&mut st.users, &m.user_id, &m.conn_id) {
                 Some(interest) => {
                     let subject = self.subjects.user(&m.user_id);
-                    let stop = interest.stop.clone();
                     let task =
                         self.first_interest(interest, subject, Topic::User(m.user_id.clone()));
-                    (true, task.then_some(stop))
+                    (true, task)
                 }
                 None => (false, None),
             }
@@ -294,15 +305,13 @@ impl Hub {
             }
             entry.channels.push(key.clone());
             let conn = entry.member.conn_id.clone();
-            match add_interest(&mut st.channels, &key, &conn, &self.shutdown) {
+            match add_interest(&mut st.channels, &key, &conn) {
                 // The user's own channel arrives on the user subject, which this node
                 // already holds for the connection's user.
                 Some(_) if ch.namespace == USER_NAMESPACE => return Ok(false),
                 Some(interest) => {
                     let subject = self.subjects.channel(&ch.namespace, &ch.name);
-                    let stop = interest.stop.clone();
                     self.first_interest(interest, subject, Topic::Channel(key.clone()))
-                        .then_some(stop)
                 }
                 None => return Ok(false),
             }
@@ -390,7 +399,9 @@ impl Hub {
         if let Some(i) = map.get_mut(key) {
             i.conns.retain(|c| &**c != conn);
             if i.conns.is_empty() {
-                i.stop.cancel();
+                if let Some(stop) = &i.stop {
+                    stop.cancel();
+                }
                 if let (Some(sid), Wire::Mux(mux)) = (i.sid, &self.wire) {
                     mux.unsubscribe(sid);
                 }
@@ -582,7 +593,6 @@ fn add_interest<'a>(
     map: &'a mut HashMap<Arc<str>, Interest>,
     key: &Arc<str>,
     conn: &Arc<str>,
-    shutdown: &CancellationToken,
 ) -> Option<&'a mut Interest> {
     use std::collections::hash_map::Entry;
     match map.entry(key.clone()) {
@@ -593,7 +603,7 @@ fn add_interest<'a>(
         Entry::Vacant(v) => Some(v.insert(Interest {
             conns: vec![conn.clone()],
             sid: None,
-            stop: shutdown.child_token(),
+            stop: None,
         })),
     }
 }
