@@ -22,7 +22,7 @@ pub const DEFAULT_SUBSCRIBERS: u64 = 1000;
 /// Default channel count of `broadcast`: every subscriber on one channel, the fan-out
 /// case the issue measures.
 pub const DEFAULT_CHANNELS: u64 = 1;
-/// Default publishing time of `broadcast`, seconds.
+/// Default window of `broadcast` and `chat` (publishing, chatting), seconds.
 pub const DEFAULT_DURATION_SECS: u64 = 10;
 /// Default size of a publication's `data`, bytes: a short chat message.
 pub const DEFAULT_PAYLOAD_BYTES: usize = 100;
@@ -46,6 +46,23 @@ pub const DEFAULT_ALLOW_FAILURES_PCT: f64 = 0.0;
 /// Default hold: long enough for the gateway's memory to settle after the connect
 /// burst, short enough for a smoke run.
 pub const DEFAULT_HOLD_SECS: u64 = 5;
+/// Default chat users of `chat`: a hundred concurrent conversations, the issue's
+/// smaller benchmark point.
+pub const DEFAULT_CHAT_USERS: u64 = 100;
+/// Default chat users of `soak`: a steady trickle of streams beside the subscribers.
+pub const DEFAULT_SOAK_CHAT_USERS: u64 = 10;
+/// Default think time between a user's streams, ms: a person reading the reply.
+pub const DEFAULT_THINK_MS: u64 = 1000;
+/// Default size of a chat message, bytes: a short question.
+pub const DEFAULT_MESSAGE_BYTES: usize = 64;
+/// Default window of `soak`, seconds: long enough for a first memory trend; real
+/// soaks give hours.
+pub const DEFAULT_SOAK_DURATION_SECS: u64 = 60;
+/// Default churn of `soak`: subscribers closed and replaced per second.
+pub const DEFAULT_CHURN_RATE: f64 = 10.0;
+/// The gateway's default per-user chat rate (SB_CHAT_RATE_PER_MINUTE): faster users
+/// are refused `RATE_LIMITED` unless the gateway is told.
+pub const GATEWAY_DEFAULT_CHAT_RATE_PER_MINUTE: u32 = 20;
 
 /// Which scenario to run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -55,6 +72,12 @@ pub enum ScenarioName {
     /// N subscribers on C channels, publications at a rate; delivery rate, latency,
     /// gaps and duplicates.
     Broadcast,
+    /// M users chatting with think time; ack, first-chunk and complete latency, the
+    /// chat path's overhead over the LLM's own time, errors by code, chunk gaps.
+    Chat,
+    /// All of it for a duration with connection churn: success ratio, abnormal
+    /// closes, latencies, memory growth per hour; thresholds for CI (`--fail-on`).
+    Soak,
 }
 
 /// How `broadcast` publishes.
@@ -162,9 +185,10 @@ pub struct Cli {
     #[arg(long, default_value = DEFAULT_NAMESPACE)]
     pub namespace: String,
 
-    /// broadcast: seconds of publishing.
-    #[arg(long, default_value_t = DEFAULT_DURATION_SECS)]
-    pub duration: u64,
+    /// Seconds of the window: publishing (broadcast, soak) and chatting (chat, soak).
+    /// Default 10 (soak: 60; chat with --messages: until they are sent).
+    #[arg(long)]
+    pub duration: Option<u64>,
 
     /// broadcast: size of each publication's `data` (publish timestamp plus padding).
     #[arg(long, default_value_t = DEFAULT_PAYLOAD_BYTES)]
@@ -192,6 +216,73 @@ pub struct Cli {
     /// receive everything, seconds.
     #[arg(long, default_value_t = DEFAULT_DRAIN_SECS)]
     pub drain: u64,
+
+    /// chat, soak: mean think time between a user's streams, ms (each wait is drawn
+    /// from 0.5x to 1.5x of it). Default 1000.
+    #[arg(long)]
+    pub think_ms: Option<u64>,
+
+    /// chat, soak: instead of think time, start streams on an open-loop schedule of
+    /// this many per second over all users.
+    #[arg(long)]
+    pub chat_rate: Option<f64>,
+
+    /// chat, soak: messages per user; the window ends when every user sent them
+    /// (or --duration passed).
+    #[arg(long)]
+    pub messages: Option<u64>,
+
+    /// chat, soak: size of each chat message, bytes.
+    #[arg(long, default_value_t = DEFAULT_MESSAGE_BYTES)]
+    pub message_bytes: usize,
+
+    /// chat, soak: seconds over which users send their first message (default: the
+    /// stub's stream time, or 1 s, plus the think time).
+    #[arg(long)]
+    pub ramp: Option<f64>,
+
+    /// chat, soak: the LLM stub's first-token delay, ms (mock-llm --first-token-ms):
+    /// overhead = first-chunk latency minus this.
+    #[arg(long)]
+    pub llm_first_token_ms: Option<u64>,
+
+    /// chat, soak: the stub's time from first to last token, ms ((reply tokens - 1) /
+    /// tokens per second): complete overhead = complete latency minus first token
+    /// minus this.
+    #[arg(long)]
+    pub llm_stream_ms: Option<u64>,
+
+    /// chat, soak: mock-llm's address (loopback): the two timings above are read from
+    /// its GET /stub/config.
+    #[arg(long)]
+    pub llm_stub: Option<String>,
+
+    /// soak: chat users beside the subscribers (default 10; 0 = no chat).
+    #[arg(long)]
+    pub chat_users: Option<u64>,
+
+    /// soak: subscribers closed and replaced (a new connection and subscription) per
+    /// second during the window (default 10).
+    #[arg(long)]
+    pub churn_rate: Option<f64>,
+
+    /// soak (and chat): a chat worker's admin /metrics URL (loopback); repeatable.
+    /// Its RSS is sampled every second and its growth reported.
+    #[arg(long)]
+    pub worker_metrics: Vec<String>,
+
+    /// soak: thresholds that make the exit code 1, comma-separated or repeated, e.g.
+    /// `success<99.9,abnormal>0,growth>64`. Metrics: success (%), abnormal (1006
+    /// closes), closes, failures, gaps, duplicates, chat-errors, chat-error-pct,
+    /// overhead-p99 (ms), delivery-p99 (ms), growth (gateway MiB/h), worker-growth
+    /// (MiB/h). Default: success<99.9,abnormal>0,gaps>0,duplicates>0,chat-errors>0.
+    #[arg(long)]
+    pub fail_on: Vec<String>,
+
+    /// soak: seconds at the start of the window left out of the memory trend (the
+    /// allocator's warm-up). Default: a fifth of --duration, at most 300.
+    #[arg(long)]
+    pub warmup: Option<u64>,
 
     /// Internal: this process is worker `i` of a multi-process run.
     #[arg(long, hide = true)]
@@ -269,5 +360,28 @@ mod tests {
         assert_eq!(cli.subscribers, 10_000);
         assert_eq!(cli.channels, DEFAULT_CHANNELS);
         assert!(Cli::try_parse_from(["loadtest"]).is_err());
+        let cli = Cli::try_parse_from([
+            "loadtest",
+            "--scenario",
+            "soak",
+            "--fail-on",
+            "success<99.9,abnormal>0",
+            "--fail-on",
+            "growth>64",
+            "--worker-metrics",
+            "http://127.0.0.1:9091/metrics",
+            "--duration",
+            "3600",
+            "--churn-rate",
+            "2.5",
+        ])
+        .unwrap();
+        assert_eq!(cli.scenario, ScenarioName::Soak);
+        assert_eq!(cli.fail_on.len(), 2);
+        assert_eq!(cli.worker_metrics.len(), 1);
+        assert_eq!((cli.duration, cli.churn_rate), (Some(3600), Some(2.5)));
+        let cli = Cli::try_parse_from(["loadtest", "--scenario", "chat", "--users", "7"]).unwrap();
+        assert_eq!((cli.scenario, cli.users), (ScenarioName::Chat, Some(7)));
+        assert_eq!(cli.message_bytes, DEFAULT_MESSAGE_BYTES);
     }
 }

@@ -55,6 +55,8 @@ pub enum Stage {
     Authenticated,
     Subscribe,
     Holding,
+    /// A chat user's connection, between messages or during a stream.
+    Chatting,
 }
 
 impl fmt::Display for Stage {
@@ -65,6 +67,7 @@ impl fmt::Display for Stage {
             Stage::Authenticated => "waiting for authenticated",
             Stage::Subscribe => "waiting for subscribed",
             Stage::Holding => "holding",
+            Stage::Chatting => "chatting",
         })
     }
 }
@@ -550,33 +553,56 @@ pub async fn subscribe(ws: &mut Ws, channel: &str, deadline: Instant) -> Result<
 /// is cancelled, then closes with 1000. Returns the failure if the server ended the
 /// connection first.
 pub async fn hold(mut ws: Ws, stop: &CancellationToken) -> Result<(), Failure> {
+    read_until(&mut ws, stop).await?;
+    close(ws).await;
+    Ok(())
+}
+
+/// Reads and drops whatever arrives (answering pings) until `stop` is cancelled; the
+/// failure if the server ended the connection first.
+pub async fn read_until(ws: &mut Ws, stop: &CancellationToken) -> Result<(), Failure> {
     let mut error_code: Option<String> = None;
     loop {
         tokio::select! {
             biased;
-            () = stop.cancelled() => break,
-            msg = ws.next() => match msg {
-                Some(Ok(Message::Text(text))) => {
-                    if let Ok(frame) = serde_json::from_str::<Incoming>(text.as_str())
-                        && frame.kind == "error"
-                    {
-                        error_code = frame.code;
-                    }
+            () = stop.cancelled() => return Ok(()),
+            msg = ws.next() => {
+                if let Some(failure) = ended(msg, Stage::Holding, &mut error_code) {
+                    return Err(failure);
                 }
-                Some(Ok(Message::Close(frame))) => {
-                    return Err(Failure::Closed {
-                        code: frame.map_or(1005, |f| u16::from(f.code)),
-                        error: error_code,
-                    });
-                }
-                Some(Ok(_)) => {}
-                Some(Err(e)) => return Err(Failure::from_ws(e, Stage::Holding, error_code)),
-                None => return Err(Failure::Dropped { stage: Stage::Holding, error: error_code }),
-            },
+            }
         }
     }
-    close(ws).await;
-    Ok(())
+}
+
+/// What one read says about the connection: `Some(failure)` when it ended (close
+/// frame, error, end of stream); otherwise `None`, remembering the `code` of an
+/// `error` frame so that a close that follows names it.
+pub fn ended(
+    msg: Option<Result<Message, WsError>>,
+    stage: Stage,
+    error_code: &mut Option<String>,
+) -> Option<Failure> {
+    match msg {
+        Some(Ok(Message::Text(text))) => {
+            if let Ok(frame) = serde_json::from_str::<Incoming>(text.as_str())
+                && frame.kind == "error"
+            {
+                *error_code = frame.code;
+            }
+            None
+        }
+        Some(Ok(Message::Close(frame))) => Some(Failure::Closed {
+            code: frame.map_or(1005, |f| u16::from(f.code)),
+            error: error_code.take(),
+        }),
+        Some(Ok(_)) => None,
+        Some(Err(e)) => Some(Failure::from_ws(e, stage, error_code.take())),
+        None => Some(Failure::Dropped {
+            stage,
+            error: error_code.take(),
+        }),
+    }
 }
 
 /// Sends a normal close and waits (bounded) for the server's close or EOF.

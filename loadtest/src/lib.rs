@@ -1,9 +1,10 @@
 //! Switchboard's load generator: scenarios that drive a gateway over loopback and
 //! report what it did (connect rate, handshake latency, failures by cause, memory per
-//! connection), spread over several processes when one process's open-file limit is
-//! not enough.
+//! connection, delivery latency, chat-path overhead, memory growth), spread over
+//! several processes when one process's open-file limit is not enough.
 #![forbid(unsafe_code)]
 
+pub mod chat;
 pub mod cli;
 pub mod client;
 pub mod payload;
@@ -16,6 +17,7 @@ pub mod source;
 pub mod spawn;
 pub mod stats;
 pub mod target;
+pub mod threshold;
 pub mod tokens;
 
 use std::ffi::OsString;
@@ -24,8 +26,8 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 
 use cli::{Cli, ScenarioName};
-use scenario::broadcast;
 use scenario::connect::{self, Outputs, Plan};
+use scenario::population;
 use spawn::{WorkerLink, WorkerMsg};
 
 /// Runs what the command line asks for. `Ok(true)`: the run met its goal.
@@ -33,7 +35,7 @@ pub async fn run(cli: Cli, args: Vec<OsString>) -> Result<bool> {
     let fd_limit = spawn::raise_fd_limit();
     match spawn::worker_role(cli.worker_index, cli.worker_count)? {
         Some((index, count)) => run_worker(&cli, fd_limit, index, count).await,
-        None => run_parent(&cli, fd_limit, args).await,
+        None => run_parent(cli, fd_limit, args).await,
     }
 }
 
@@ -45,73 +47,93 @@ fn worker_args(mut args: Vec<OsString>, epoch_ms: u64) -> Vec<OsString> {
     args
 }
 
-async fn run_parent(cli: &Cli, fd_limit: u64, args: Vec<OsString>) -> Result<bool> {
+async fn run_parent(mut cli: Cli, fd_limit: u64, mut args: Vec<OsString>) -> Result<bool> {
     let outputs = Outputs {
         json: cli.json.clone(),
         html: cli.html.clone(),
     };
-    match cli.scenario {
-        ScenarioName::Connect => {
-            if cli.pid.len() > 1 {
-                bail!(
-                    "connect takes one --pid (the gateway whose memory per connection it reports)"
-                );
-            }
-            let plan = Arc::new(Plan::from_cli(cli, fd_limit)?);
-            let probe = probe::Probe::new(cli.pid.first().copied(), cli.metrics_url.as_deref())?;
-            let worker_args = worker_args(args, plan.epoch_ms);
-            connect::run(plan, probe, outputs, worker_args).await
+    if cli.scenario == ScenarioName::Connect {
+        if cli.pid.len() > 1 {
+            bail!("connect takes one --pid (the gateway whose memory per connection it reports)");
         }
-        ScenarioName::Broadcast => {
-            let plan = Arc::new(broadcast::Plan::from_cli(cli, fd_limit)?);
-            // The first --pid is the gateway whose memory is sampled; every one gets its
-            // CPU reported.
-            let probe = probe::Probe::new(cli.pid.first().copied(), cli.metrics_url.as_deref())?;
-            for &pid in &cli.pid {
-                if probe::cpu_seconds(Some(pid)).is_none() {
-                    bail!("--pid {pid}: no such process");
-                }
-            }
-            let worker_args = worker_args(args, plan.epoch_ms);
-            broadcast::run(plan, probe, cli.pid.clone(), outputs, worker_args).await
+        let plan = Arc::new(Plan::from_cli(&cli, fd_limit)?);
+        let probe = probe::Probe::new(cli.pid.first().copied(), cli.metrics_url.as_deref())?;
+        let worker_args = worker_args(args, plan.epoch_ms);
+        return connect::run(plan, probe, outputs, worker_args).await;
+    }
+    if let Some(url) = cli.llm_stub.clone() {
+        // Read once here; workers get the figures as flags, so that all agree.
+        let timing = chat::LlmTiming::from_stub(&url).await?;
+        let first = *cli.llm_first_token_ms.get_or_insert(timing.first_token_ms);
+        let stream = *cli.llm_stream_ms.get_or_insert(timing.stream_ms);
+        eprintln!("LLM stub at {url}: first token after {first} ms, then {stream} ms of tokens");
+        for (flag, value) in [("--llm-first-token-ms", first), ("--llm-stream-ms", stream)] {
+            args.push(flag.into());
+            args.push(value.to_string().into());
         }
     }
+    let plan = Arc::new(population::Plan::from_cli(&cli, fd_limit)?);
+    // The first --pid is the gateway whose memory is sampled; every one gets its CPU
+    // reported.
+    let gateway = probe::Probe::new(cli.pid.first().copied(), cli.metrics_url.as_deref())?;
+    for &pid in &cli.pid {
+        if probe::cpu_seconds(Some(pid)).is_none() {
+            bail!("--pid {pid}: no such process");
+        }
+    }
+    let mut workers = Vec::new();
+    for url in &cli.worker_metrics {
+        if let Some(p) = probe::Probe::new(None, Some(url))? {
+            workers.push((url.clone(), p));
+        }
+    }
+    let watch = population::Watch {
+        gateway,
+        pids: cli.pid.clone(),
+        workers,
+    };
+    let worker_args = worker_args(args, plan.epoch_ms);
+    population::run(plan, watch, outputs, worker_args).await
 }
 
 async fn run_worker(cli: &Cli, fd_limit: u64, index: u32, count: u32) -> Result<bool> {
     // Ctrl-C in a terminal reaches the whole process group; the parent decides what
     // happens (it tells us to abort), so the signal itself is ignored here.
     tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
-    match cli.scenario {
-        ScenarioName::Connect => {
-            let mut link: WorkerLink<connect::Progress, connect::Tallies> = WorkerLink::stdio();
-            let plan = match Plan::from_cli(cli, fd_limit) {
-                Ok(plan) => Arc::new(plan),
-                Err(e) => {
-                    link.send(WorkerMsg::Fatal {
-                        error: format!("{e:#}"),
-                    })
-                    .await?;
-                    return Ok(false);
-                }
-            };
-            connect::run_worker(plan, index, count, link).await?;
-            Ok(true)
-        }
-        ScenarioName::Broadcast => {
-            let mut link: WorkerLink<broadcast::Progress, broadcast::Tallies> = WorkerLink::stdio();
-            let plan = match broadcast::Plan::from_cli(cli, fd_limit) {
-                Ok(plan) => Arc::new(plan),
-                Err(e) => {
-                    link.send(WorkerMsg::Fatal {
-                        error: format!("{e:#}"),
-                    })
-                    .await?;
-                    return Ok(false);
-                }
-            };
-            broadcast::run_worker(plan, index, count, false, link).await?;
-            Ok(true)
+    if cli.scenario == ScenarioName::Connect {
+        let link: WorkerLink<connect::Progress, connect::Tallies> = WorkerLink::stdio();
+        let Some((plan, link)) = plan_or_fatal(Plan::from_cli(cli, fd_limit), link).await? else {
+            return Ok(false);
+        };
+        connect::run_worker(plan, index, count, link).await?;
+    } else {
+        let link: WorkerLink<population::Progress, population::Tallies> = WorkerLink::stdio();
+        let plan = population::Plan::from_cli(cli, fd_limit);
+        let Some((plan, link)) = plan_or_fatal(plan, link).await? else {
+            return Ok(false);
+        };
+        population::run_worker(plan, index, count, false, link).await?;
+    }
+    Ok(true)
+}
+
+/// A worker's plan, or (when its flags do not make one) the error told to the parent.
+async fn plan_or_fatal<T, P, R>(
+    plan: Result<T>,
+    mut link: WorkerLink<P, R>,
+) -> Result<Option<(Arc<T>, WorkerLink<P, R>)>>
+where
+    P: serde::Serialize,
+    R: serde::Serialize,
+{
+    match plan {
+        Ok(plan) => Ok(Some((Arc::new(plan), link))),
+        Err(e) => {
+            link.send(WorkerMsg::Fatal {
+                error: format!("{e:#}"),
+            })
+            .await?;
+            Ok(None)
         }
     }
 }

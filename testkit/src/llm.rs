@@ -178,6 +178,10 @@ struct State {
     completed: AtomicUsize,
     active: AtomicUsize,
     changed: Notify,
+    /// Served at `GET /stub/config` (the `mock-llm` binary describes its settings).
+    info: Mutex<Option<Value>>,
+    /// Every request ever received (the recorded list is bounded).
+    total: AtomicUsize,
 }
 
 /// The running stub; stops when dropped.
@@ -247,6 +251,13 @@ impl LlmStub {
     /// probability `p_i` (the rest get the default).
     pub fn set_mix(&self, mix: Vec<(f64, Script)>) {
         *lock(&self.state.mix) = mix;
+    }
+
+    /// A JSON document served at `GET /stub/config` (not recorded as a request), so
+    /// that a load generator can read the stub's delays instead of being told; the
+    /// stub adds its counters (`requests`, `completed`, `disconnects`, `active`).
+    pub fn set_info(&self, info: Value) {
+        *lock(&self.state.info) = Some(info);
     }
 
     /// A script for the next request (queued in order).
@@ -334,6 +345,20 @@ async fn handle(
     req: Request<Incoming>,
 ) -> Result<Response<ChannelBody>, Infallible> {
     let path = req.uri().path().to_owned();
+    if req.method() == hyper::Method::GET && path == "/stub/config" {
+        let info = lock(&state.info).clone();
+        return Ok(match info {
+            Some(mut info) => {
+                let count = |a: &AtomicUsize| json!(a.load(Ordering::SeqCst));
+                info["requests"] = count(&state.total);
+                info["completed"] = count(&state.completed);
+                info["disconnects"] = count(&state.disconnects);
+                info["active"] = count(&state.active);
+                fixed(200, None, &info.to_string())
+            }
+            None => fixed(404, None, r#"{"error":{"message":"no stub config"}}"#),
+        });
+    }
     let authorization = req
         .headers()
         .get("authorization")
@@ -346,6 +371,7 @@ async fn handle(
         .map(|b| b.to_bytes())
         .unwrap_or_default();
     let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    state.total.fetch_add(1, Ordering::SeqCst);
     let mut requests = lock(&state.requests);
     if requests.len() >= MAX_RECORDED {
         // A long-running stub (the binary) must not grow without bound.

@@ -1,7 +1,9 @@
 //! `mock-llm`: a STUB OpenAI-compatible streaming server (and Ollama `/api/chat`) for
 //! local runs, tests and benchmarks. It is not a model: it streams a canned reply
 //! with a configurable first-token delay and token rate, and injects errors on
-//! request (429 with Retry-After, 500, a cut stream, a hang).
+//! request (429 with Retry-After, 500, a cut stream, a hang). `GET /stub/config`
+//! describes its settings, so that `loadtest --llm-stub` can subtract the stub's own
+//! time from what a chat client sees.
 
 use std::time::Duration;
 
@@ -99,6 +101,21 @@ async fn main() -> anyhow::Result<()> {
         .usage(true);
     let half = a.reply_tokens / 2;
     let stub = LlmStub::start_on(listener);
+    // The first token comes `first_token_ms` after the request, the last one
+    // `reply_tokens - 1` token delays later.
+    let stream_ms = (a.reply_tokens.saturating_sub(1) as f64 * 1000.0 / a.tokens_per_sec).round();
+    stub.set_info(serde_json::json!({
+        "stub": "mock-llm",
+        "first_token_ms": a.first_token_ms,
+        "stream_ms": stream_ms as u64,
+        "tokens_per_sec": a.tokens_per_sec,
+        "reply_tokens": a.reply_tokens,
+        "p_429": a.p_429,
+        "retry_after": a.retry_after,
+        "p_500": a.p_500,
+        "p_truncate": a.p_truncate,
+        "p_hang": a.p_hang,
+    }));
     stub.set_default(Script::Reply(reply.clone()));
     stub.set_mix(vec![
         (a.p_429, Script::rate_limited(&a.retry_after)),

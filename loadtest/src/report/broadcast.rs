@@ -4,17 +4,15 @@
 
 use serde::Serialize;
 
-use super::svg::{Chart, Series, XTicks};
 use super::{
-    Finding, Latency, ReasonCount, STYLE, bytes, escape, kv, latency_of, millis, percentile_chart,
-    reason_table, reasons, thousands,
+    Finding, Head, Latency, ReasonCount, bytes, finding_of, kv, latency_of, latency_text,
+    level_chart, millis, p50_p99_chart, percentile_chart, rate_chart, reason_table, reasons,
+    rss_chart, thousands,
 };
 use crate::cli::PublishVia;
-use crate::client::Limit;
 use crate::payload;
 use crate::probe::{CpuSeconds, GatewaySample};
-use crate::publish::PublishTallies;
-use crate::scenario::broadcast::{Plan, Tallies};
+use crate::scenario::population::{Plan, RunResult, Tallies};
 use crate::stats::Histogram;
 use crate::stats::series::SLOT_MS;
 
@@ -24,29 +22,8 @@ const MIN_RATE_SPAN_MS: u64 = 1;
 /// not the schedule, set the pace.
 const SLOW_PUBLISHER: f64 = 0.9;
 
-/// What the parent knows at the end of a run.
-pub struct RunFacts<'a> {
-    pub plan: &'a Plan,
-    pub tallies: &'a Tallies,
-    pub published: PublishTallies,
-    pub interrupted: bool,
-    pub errors: Vec<String>,
-    /// Run-epoch milliseconds when publishing started and when the publisher was done
-    /// (every publication answered or timed out).
-    pub publish_started_ms: Option<u64>,
-    pub publish_ended_ms: Option<u64>,
-    /// How long the drain lasted, and whether every subscriber caught up in it.
-    pub drain_s: Option<f64>,
-    pub drained_fully: bool,
-    /// Gateway readings before the run, once everyone subscribed, after the drain and
-    /// after closing; `None` without `--pid`/`--metrics-url`.
-    pub gateway: Option<[Option<GatewaySample>; 4]>,
-    pub gateway_series: Vec<GatewaySample>,
-    pub cpu: Option<CpuUse>,
-    pub finished_ms: u64,
-}
-
-/// CPU used from the start of publishing to the end of the drain.
+/// CPU used from the start of the window (publishing, chatting) to the end of the
+/// drain.
 #[derive(Debug, Clone, Serialize)]
 pub struct CpuUse {
     pub window_s: f64,
@@ -97,18 +74,11 @@ pub struct ProcessCpu {
 
 #[derive(Debug, Serialize)]
 pub struct BroadcastReport {
-    pub scenario: &'static str,
-    pub version: &'static str,
-    pub started_at_unix_ms: u64,
-    pub duration_s: f64,
-    /// Every subscriber subscribed and stayed, every publication acknowledged, every
-    /// acknowledged publication delivered once to every subscriber of its channel
-    /// (failures within --allow-failures), nothing interrupted.
-    pub goal_met: bool,
-    pub verdict: String,
-    pub stopped_by: Vec<Finding>,
-    pub interrupted: bool,
-    pub worker_errors: Vec<String>,
+    /// Goal: every subscriber subscribed and stayed, every publication acknowledged,
+    /// every acknowledged publication delivered once to every subscriber of its
+    /// channel (failures within --allow-failures), nothing interrupted.
+    #[serde(flatten)]
+    pub head: Head,
     pub config: Config,
     pub subscribers: Subscribers,
     pub publications: Publications,
@@ -126,16 +96,24 @@ pub struct BroadcastReport {
 
 #[derive(Debug, Serialize)]
 pub struct Config {
-    pub urls: Vec<String>,
     pub api_urls: Vec<String>,
     pub publish_via: &'static str,
     pub subscribers: u64,
     pub channels: u64,
     pub namespace: String,
     pub rate_per_s: f64,
-    pub duration_s: u64,
     pub payload_bytes: usize,
     pub publishers: u32,
+    #[serde(flatten)]
+    pub layout: Layout,
+}
+
+/// How a population run was laid out (every population scenario's config has it).
+#[derive(Debug, Serialize)]
+pub struct Layout {
+    pub urls: Vec<String>,
+    /// The window, seconds.
+    pub duration_s: u64,
     pub concurrency: u64,
     pub timeout_s: u64,
     pub drain_s: u64,
@@ -144,6 +122,79 @@ pub struct Config {
     pub tokens: String,
     pub fd_limit: u64,
     pub allow_failures_pct: f64,
+}
+
+impl Layout {
+    pub fn of(plan: &Plan) -> Layout {
+        Layout {
+            urls: plan.urls.clone(),
+            duration_s: plan.duration.as_secs(),
+            concurrency: plan.concurrency,
+            timeout_s: plan.timeout.as_secs(),
+            drain_s: plan.drain.as_secs(),
+            processes: plan.processes,
+            sources: plan.sources.describe(),
+            tokens: plan.tokens_described.clone(),
+            fd_limit: plan.fd_limit,
+            allow_failures_pct: plan.allow_failures_pct,
+        }
+    }
+
+    /// `2 processes (open-file limit 20000), concurrency 100`.
+    pub fn processes_text(&self) -> String {
+        format!(
+            "{} process{} (open-file limit {}), concurrency {}",
+            self.processes,
+            if self.processes == 1 { "" } else { "es" },
+            self.fd_limit,
+            self.concurrency
+        )
+    }
+
+    /// `over 3 gateway URLs`.
+    pub fn urls_text(&self) -> String {
+        format!(
+            "over {} gateway URL{}",
+            self.urls.len(),
+            if self.urls.len() == 1 { "" } else { "s" }
+        )
+    }
+}
+
+/// The head of a population scenario's report.
+pub fn head(
+    plan: &Plan,
+    run: &RunResult,
+    goal_met: bool,
+    verdict: String,
+    stopped_by: Vec<Finding>,
+) -> Head {
+    let scenario = match plan.scenario {
+        crate::cli::ScenarioName::Broadcast => "broadcast",
+        crate::cli::ScenarioName::Chat => "chat",
+        crate::cli::ScenarioName::Soak => "soak",
+        crate::cli::ScenarioName::Connect => "connect",
+    };
+    Head::new(
+        scenario,
+        plan.epoch_ms,
+        run.finished_ms,
+        goal_met,
+        verdict,
+        stopped_by,
+        run.interrupted,
+        &run.errors,
+    )
+}
+
+/// The `CPU` and `Gateway RSS` rows, when they were measured.
+pub fn render_machine(out: &mut String, cpu: &Option<CpuUse>, gateway: &Option<GatewayMemory>) {
+    if let Some(cpu) = cpu {
+        kv(out, "CPU", &cpu_text(cpu));
+    }
+    if let Some(g) = gateway {
+        kv(out, "Gateway RSS", &gateway_text(g));
+    }
 }
 
 #[derive(Debug, Serialize)]
@@ -285,117 +336,222 @@ fn finding(limit: &'static str, count: u64, explanation: &'static str) -> Findin
     }
 }
 
-impl BroadcastReport {
-    pub fn build(f: RunFacts<'_>) -> BroadcastReport {
-        let plan = f.plan;
-        let t = f.tallies;
-        let p = &f.published;
+/// The limits failed setups and unexpected closes point to, most frequent first.
+pub fn connection_findings(t: &Tallies) -> Vec<Finding> {
+    let mut limits = t.failure_limits.clone();
+    limits.merge(&t.close_limits);
+    limits
+        .by_count()
+        .into_iter()
+        .map(|(label, count)| finding_of(label, count))
+        .collect()
+}
 
+/// What went wrong with publishing and delivery.
+pub fn delivery_findings(plan: &Plan, run: &RunResult) -> Vec<Finding> {
+    let p = &run.published;
+    let gaps = run.tallies.gaps;
+    let mut found = Vec::new();
+    if p.failed > 0 {
+        found.push(finding(
+            "publish_failed",
+            p.failed,
+            match plan.via {
+                PublishVia::Api => {
+                    "publications failed (see Publications): 401 is a wrong --api-key, \
+                     503 a gateway that lost Redis or NATS, timeouts a saturated gateway"
+                }
+                PublishVia::Client => {
+                    "publications failed (see Publications): RATE_LIMITED is the gateway's \
+                     per-connection limit (run it with SB_MESSAGE_RATE and \
+                     SB_MESSAGE_BURST raised, or give more --publishers), FORBIDDEN a \
+                     namespace missing from SB_PUBLIC_NAMESPACES"
+                }
+            },
+        ));
+    }
+    if gaps.missing > 0 {
+        found.push(finding(
+            if run.drained_fully { "gaps" } else { "behind" },
+            gaps.missing,
+            if run.drained_fully {
+                "acknowledged publications never reached some subscribers (see Offsets)"
+            } else {
+                "subscribers had not received everything when --drain ran out: the \
+                 gateway (or the generator) fell behind the publication rate; lower \
+                 --rate or raise --drain to see whether it catches up"
+            },
+        ));
+    }
+    if gaps.duplicates > 0 {
+        found.push(finding(
+            "duplicates",
+            gaps.duplicates,
+            "some offsets reached a subscriber more than once (see Offsets)",
+        ));
+    }
+    found
+}
+
+/// The publisher's side.
+pub fn publications(plan: &Plan, run: &RunResult) -> Publications {
+    let p = &run.published;
+    let publish_span_ms = match (p.first_sent_ms, p.last_sent_ms) {
+        (Some(a), Some(b)) => b.saturating_sub(a).max(MIN_RATE_SPAN_MS),
+        _ => 0,
+    };
+    // Sends are due at 0, 1/R, ..., so n sends span (n-1)/R seconds.
+    let achieved_per_s = if p.sent > 1 {
+        (p.sent - 1) as f64 * 1000.0 / publish_span_ms as f64
+    } else {
+        0.0
+    };
+    let channels = plan
+        .channel_names()
+        .into_iter()
+        .enumerate()
+        .map(|(k, name)| ChannelOffsets {
+            channel: name,
+            subscribers: plan.subscribers_on(k as u64),
+            acked: p.channel_acked.get(k).copied().unwrap_or(0),
+            first_offset: p.channel_first.get(k).copied().flatten(),
+            last_offset: p.channel_last.get(k).copied().flatten(),
+        })
+        .collect();
+    Publications {
+        scheduled: p.scheduled,
+        sent: p.sent,
+        acked: p.acked,
+        failed: p.failed,
+        failures: reasons(&p.failures),
+        target_per_s: plan.rate,
+        achieved_per_s,
+        window_s: publish_span_ms as f64 / 1000.0,
+        ack_latency_ms: latency_of(&p.ack_latency_us),
+        max_lag_ms: p.max_lag_ms,
+        late: p.late,
+        connection_ends: reasons(&p.connection_ends),
+        channels,
+    }
+}
+
+/// The subscribers' side of delivery.
+pub fn deliveries(plan: &Plan, run: &RunResult) -> Deliveries {
+    let t = &run.tallies;
+    // From the start of publishing to the last delivery, but at least the publishing
+    // time: publication n-1 is due 1/R before the end, so a gateway that keeps up
+    // delivers everything slightly before `duration` has passed.
+    let delivery_span_ms = match (run.window_started_ms, t.last_delivery_ms) {
+        (Some(a), Some(b)) => b
+            .saturating_sub(a)
+            .max(u64::try_from(plan.duration.as_millis()).unwrap_or(u64::MAX)),
+        _ => 0,
+    };
+    let counts = t.latency_us.counts();
+    let steady_per_s = match (run.window_started_ms, run.window_ended_ms) {
+        (Some(a), Some(b)) => {
+            let from = a.div_ceil(SLOT_MS) as usize;
+            let to = (b / SLOT_MS) as usize;
+            (to >= from + 2).then(|| counts.rate(from, to))
+        }
+        _ => None,
+    };
+    let per_subscriber = (t.per_subscriber.count() > 0 && delivery_span_ms > 0).then(|| {
+        let per_s = |v: u64| v as f64 * 1000.0 / delivery_span_ms as f64;
+        PerSubscriber {
+            count: t.per_subscriber.count(),
+            mean_per_s: t.per_subscriber.mean().unwrap_or(0.0) * 1000.0 / delivery_span_ms as f64,
+            min_per_s: per_s(t.per_subscriber.min().unwrap_or(0)),
+            p50_per_s: per_s(t.per_subscriber.quantile(0.5).unwrap_or(0)),
+            max_per_s: per_s(t.per_subscriber.max().unwrap_or(0)),
+        }
+    });
+    let gaps = t.gaps;
+    Deliveries {
+        total: gaps.received,
+        expected: (gaps.received - gaps.duplicates) + gaps.missing,
+        target_per_s: plan.target_deliveries_per_s(),
+        achieved_per_s: rate(gaps.received, delivery_span_ms),
+        span_s: delivery_span_ms as f64 / 1000.0,
+        steady_per_s,
+        peak_1s_per_s: counts.peak_rate(1),
+        per_subscriber,
+        drain_s: run.drain_s,
+        drained: run.drained_fully,
+        untimed: t.untimed,
+        stray_frames: t.stray_frames,
+    }
+}
+
+/// Gaps and duplicates over every subscriber's stream.
+pub fn offsets(t: &Tallies) -> Offsets {
+    let gaps = t.gaps;
+    Offsets {
+        streams: gaps.streams,
+        received: gaps.received,
+        duplicates: gaps.duplicates,
+        missing: gaps.missing,
+        gap_count: gaps.gap_count,
+        streams_with_problems: gaps.streams_with_problems,
+        examples: t.problems.clone(),
+    }
+}
+
+/// The four gateway readings, when the gateway was watched.
+pub fn gateway_memory(run: &RunResult) -> Option<GatewayMemory> {
+    run.gateway
+        .map(|[before, subscribed, drained, after]| GatewayMemory {
+            before,
+            subscribed,
+            drained,
+            after,
+        })
+}
+
+/// The per-second series of the run.
+pub fn timeline(run: &RunResult) -> Timeline {
+    let t = &run.tallies;
+    let p = &run.published;
+    let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
+    Timeline {
+        slot_ms: SLOT_MS,
+        publish_start_s: run.window_started_ms.map(|v| v as f64 / 1000.0),
+        publish_end_s: run.window_ended_ms.map(|v| v as f64 / 1000.0),
+        published: p.sent_series.counts().to_vec(),
+        acked: p.acked_series.counts().to_vec(),
+        deliveries: t.latency_us.counts().counts().to_vec(),
+        latency_p50_ms: t.latency_us.quantiles(0.5).into_iter().map(ms).collect(),
+        latency_p99_ms: t.latency_us.quantiles(0.99).into_iter().map(ms).collect(),
+        open: t.open.levels(),
+        closes: t.close_series.counts().to_vec(),
+        gateway: run.gateway_series.clone(),
+    }
+}
+
+impl BroadcastReport {
+    pub fn build(plan: &Plan, run: &RunResult) -> BroadcastReport {
+        let t = &run.tallies;
+        let p = &run.published;
         let latency_total = t.latency_us.total();
-        let publish_span_ms = match (p.first_sent_ms, p.last_sent_ms) {
-            (Some(a), Some(b)) => b.saturating_sub(a).max(MIN_RATE_SPAN_MS),
-            _ => 0,
-        };
-        // Sends are due at 0, 1/R, ..., so n sends span (n-1)/R seconds.
-        let achieved_publish = if p.sent > 1 {
-            (p.sent - 1) as f64 * 1000.0 / publish_span_ms as f64
-        } else {
-            0.0
-        };
-        // From the start of publishing to the last delivery, but at least the
-        // publishing time: publication n-1 is due 1/R before the end, so a gateway that
-        // keeps up delivers everything slightly before `duration` has passed.
-        let delivery_span_ms = match (f.publish_started_ms, t.last_delivery_ms) {
-            (Some(a), Some(b)) => b
-                .saturating_sub(a)
-                .max(u64::try_from(plan.duration.as_millis()).unwrap_or(u64::MAX)),
-            _ => 0,
-        };
-        let counts = t.latency_us.counts();
-        let steady_per_s = match (f.publish_started_ms, f.publish_ended_ms) {
-            (Some(a), Some(b)) => {
-                let from = a.div_ceil(SLOT_MS) as usize;
-                let to = (b / SLOT_MS) as usize;
-                (to >= from + 2).then(|| counts.rate(from, to))
-            }
-            _ => None,
-        };
-        let per_subscriber = (t.per_subscriber.count() > 0 && delivery_span_ms > 0).then(|| {
-            let per_s = |v: u64| v as f64 * 1000.0 / delivery_span_ms as f64;
-            PerSubscriber {
-                count: t.per_subscriber.count(),
-                mean_per_s: t.per_subscriber.mean().unwrap_or(0.0) * 1000.0
-                    / delivery_span_ms as f64,
-                min_per_s: per_s(t.per_subscriber.min().unwrap_or(0)),
-                p50_per_s: per_s(t.per_subscriber.quantile(0.5).unwrap_or(0)),
-                max_per_s: per_s(t.per_subscriber.max().unwrap_or(0)),
-            }
-        });
         let gaps = t.gaps;
-        let expected = (gaps.received - gaps.duplicates) + gaps.missing;
+        let publications = publications(plan, run);
 
         // What went wrong, most frequent first.
-        let mut limits = t.failure_limits.clone();
-        limits.merge(&t.close_limits);
-        let mut stopped_by: Vec<Finding> = limits
-            .by_count()
-            .into_iter()
-            .map(|(label, count)| {
-                let limit = Limit::from_label(label).unwrap_or(Limit::Other);
-                finding(limit.label(), count, limit.explain())
-            })
-            .collect();
-        if p.failed > 0 {
-            stopped_by.push(finding(
-                "publish_failed",
-                p.failed,
-                match plan.via {
-                    PublishVia::Api => {
-                        "publications failed (see Publications): 401 is a wrong --api-key, \
-                         503 a gateway that lost Redis or NATS, timeouts a saturated gateway"
-                    }
-                    PublishVia::Client => {
-                        "publications failed (see Publications): RATE_LIMITED is the gateway's \
-                         per-connection limit (run it with SB_MESSAGE_RATE and \
-                         SB_MESSAGE_BURST raised, or give more --publishers), FORBIDDEN a \
-                         namespace missing from SB_PUBLIC_NAMESPACES"
-                    }
-                },
-            ));
-        }
-        if gaps.missing > 0 {
-            stopped_by.push(finding(
-                if f.drained_fully { "gaps" } else { "behind" },
-                gaps.missing,
-                if f.drained_fully {
-                    "acknowledged publications never reached some subscribers (see Offsets)"
-                } else {
-                    "subscribers had not received everything when --drain ran out: the \
-                     gateway (or the generator) fell behind the publication rate; lower \
-                     --rate or raise --drain to see whether it catches up"
-                },
-            ));
-        }
-        if gaps.duplicates > 0 {
-            stopped_by.push(finding(
-                "duplicates",
-                gaps.duplicates,
-                "some offsets reached a subscriber more than once (see Offsets)",
-            ));
-        }
+        let mut stopped_by = connection_findings(t);
+        stopped_by.extend(delivery_findings(plan, run));
         stopped_by.sort_by_key(|f| std::cmp::Reverse(f.count));
 
         let lost_subscribers = plan.subscribers.saturating_sub(t.subscribed) + t.closed;
         let allowed_subscribers = plan.allow_failures_pct / 100.0 * plan.subscribers as f64;
         let allowed_publications = plan.allow_failures_pct / 100.0 * p.scheduled as f64;
-        let goal_met = !f.interrupted
-            && f.errors.is_empty()
+        let goal_met = !run.interrupted
+            && run.errors.is_empty()
             && lost_subscribers as f64 <= allowed_subscribers
             && p.failed as f64 <= allowed_publications
             && p.acked > 0
             && gaps.missing == 0
             && gaps.duplicates == 0;
-        let verdict = if f.interrupted {
+        let verdict = if run.interrupted {
             format!(
                 "interrupted: {} deliveries of {} publications",
                 thousands(gaps.received),
@@ -418,11 +574,11 @@ impl BroadcastReport {
                 } else {
                     String::new()
                 },
-                if achieved_publish < SLOW_PUBLISHER * plan.rate {
+                if publications.achieved_per_s < SLOW_PUBLISHER * plan.rate {
                     format!(
-                        "; but the publisher reached only {achieved_publish:.1}/s of {}/s (the \
+                        "; but the publisher reached only {:.1}/s of {}/s (the \
                          gateway acknowledged too slowly for --publishers {})",
-                        plan.rate, plan.publishers
+                        publications.achieved_per_s, plan.rate, plan.publishers
                     )
                 } else {
                     String::new()
@@ -430,7 +586,7 @@ impl BroadcastReport {
             )
         } else {
             let mut why = Vec::new();
-            if !f.errors.is_empty() {
+            if !run.errors.is_empty() {
                 why.push("worker or publisher errors".to_owned());
             }
             if t.subscribed < plan.subscribers {
@@ -453,7 +609,7 @@ impl BroadcastReport {
                 why.push(format!(
                     "{} deliveries missing{}",
                     thousands(gaps.missing),
-                    if f.drained_fully {
+                    if run.drained_fully {
                         ""
                     } else {
                         " (not caught up within --drain)"
@@ -466,35 +622,9 @@ impl BroadcastReport {
             format!("goal missed: {}", why.join(", "))
         };
 
-        let channel_names = plan.channel_names();
-        let channels = channel_names
-            .iter()
-            .enumerate()
-            .map(|(k, name)| ChannelOffsets {
-                channel: name.clone(),
-                subscribers: plan.subscribers_on(k as u64),
-                acked: p.channel_acked.get(k).copied().unwrap_or(0),
-                first_offset: p.channel_first.get(k).copied().flatten(),
-                last_offset: p.channel_last.get(k).copied().flatten(),
-            })
-            .collect();
-
-        let mut gateway_series = f.gateway_series;
-        gateway_series.sort_by_key(|s| s.at_ms);
-        let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
-
         BroadcastReport {
-            scenario: "broadcast",
-            version: env!("CARGO_PKG_VERSION"),
-            started_at_unix_ms: plan.epoch_ms,
-            duration_s: f.finished_ms as f64 / 1000.0,
-            goal_met,
-            verdict,
-            stopped_by,
-            interrupted: f.interrupted,
-            worker_errors: f.errors,
+            head: head(plan, run, goal_met, verdict, stopped_by),
             config: Config {
-                urls: plan.urls.clone(),
                 api_urls: plan.api_urls.iter().map(|u| u.to_string()).collect(),
                 publish_via: match plan.via {
                     PublishVia::Api => "api",
@@ -504,17 +634,9 @@ impl BroadcastReport {
                 channels: plan.channels,
                 namespace: plan.namespace.clone(),
                 rate_per_s: plan.rate,
-                duration_s: plan.duration.as_secs(),
                 payload_bytes: payload::data_len(plan.payload_bytes),
                 publishers: plan.publishers,
-                concurrency: plan.concurrency,
-                timeout_s: plan.timeout.as_secs(),
-                drain_s: plan.drain.as_secs(),
-                processes: plan.processes,
-                sources: plan.sources.describe(),
-                tokens: plan.tokens_described.clone(),
-                fd_limit: plan.fd_limit,
-                allow_failures_pct: plan.allow_failures_pct,
+                layout: Layout::of(plan),
             },
             subscribers: Subscribers {
                 target: plan.subscribers,
@@ -530,95 +652,38 @@ impl BroadcastReport {
                 open_at_end: t.open_at_finish,
                 peak_open: t.open.peak(),
             },
-            publications: Publications {
-                scheduled: p.scheduled,
-                sent: p.sent,
-                acked: p.acked,
-                failed: p.failed,
-                failures: reasons(&p.failures),
-                target_per_s: plan.rate,
-                achieved_per_s: achieved_publish,
-                window_s: publish_span_ms as f64 / 1000.0,
-                ack_latency_ms: latency_of(&p.ack_latency_us),
-                max_lag_ms: p.max_lag_ms,
-                late: p.late,
-                connection_ends: reasons(&p.connection_ends),
-                channels,
-            },
-            deliveries: Deliveries {
-                total: gaps.received,
-                expected,
-                target_per_s: plan.target_deliveries_per_s(),
-                achieved_per_s: rate(gaps.received, delivery_span_ms),
-                span_s: delivery_span_ms as f64 / 1000.0,
-                steady_per_s,
-                peak_1s_per_s: counts.peak_rate(1),
-                per_subscriber,
-                drain_s: f.drain_s,
-                drained: f.drained_fully,
-                untimed: t.untimed,
-                stray_frames: t.stray_frames,
-            },
+            publications,
+            deliveries: deliveries(plan, run),
             latency_ms: latency_of(&latency_total),
             latency_histogram_us: latency_total,
-            offsets: Offsets {
-                streams: gaps.streams,
-                received: gaps.received,
-                duplicates: gaps.duplicates,
-                missing: gaps.missing,
-                gap_count: gaps.gap_count,
-                streams_with_problems: gaps.streams_with_problems,
-                examples: t.problems.clone(),
-            },
-            cpu: f.cpu,
-            gateway: f
-                .gateway
-                .map(|[before, subscribed, drained, after]| GatewayMemory {
-                    before,
-                    subscribed,
-                    drained,
-                    after,
-                }),
-            timeline: Timeline {
-                slot_ms: SLOT_MS,
-                publish_start_s: f.publish_started_ms.map(|v| v as f64 / 1000.0),
-                publish_end_s: f.publish_ended_ms.map(|v| v as f64 / 1000.0),
-                published: p.sent_series.counts().to_vec(),
-                acked: p.acked_series.counts().to_vec(),
-                deliveries: counts.counts().to_vec(),
-                latency_p50_ms: t.latency_us.quantiles(0.5).into_iter().map(ms).collect(),
-                latency_p99_ms: t.latency_us.quantiles(0.99).into_iter().map(ms).collect(),
-                open: t.open.levels(),
-                closes: t.close_series.counts().to_vec(),
-                gateway: gateway_series,
-            },
+            offsets: offsets(t),
+            cpu: run.cpu.clone(),
+            gateway: gateway_memory(run),
+            timeline: timeline(run),
         }
     }
 
     /// The human summary.
     pub fn render_text(&self) -> String {
         let mut out = String::new();
-        kv(&mut out, "Result", &self.verdict);
-        kv(&mut out, "Stopped by", &self.stopped_by_text());
+        self.head.render(
+            &mut out,
+            "nothing: no subscriber failed or closed, no publication failed or lost",
+        );
         let c = &self.config;
         kv(
             &mut out,
             "Setup",
             &format!(
-                "{} subscribers on {} channel{} ({}:0..) over {} gateway URL{}; {} process{} \
-                 (open-file limit {}), concurrency {}\n\
+                "{} subscribers on {} channel{} ({}:0..) {}; {}\n\
                  publish via {} ({} connection{}), {}/s for {} s, data {} B; drain up to {} s\n\
                  sources {}; tokens {}",
                 thousands(c.subscribers),
                 c.channels,
                 if c.channels == 1 { "" } else { "s" },
                 c.namespace,
-                c.urls.len(),
-                if c.urls.len() == 1 { "" } else { "s" },
-                c.processes,
-                if c.processes == 1 { "" } else { "es" },
-                c.fd_limit,
-                c.concurrency,
+                c.layout.urls_text(),
+                c.layout.processes_text(),
                 match c.publish_via {
                     "api" => "POST /v1/publish",
                     _ => "client publish frames",
@@ -626,16 +691,14 @@ impl BroadcastReport {
                 c.publishers,
                 if c.publishers == 1 { "" } else { "s" },
                 c.rate_per_s,
-                c.duration_s,
+                c.layout.duration_s,
                 c.payload_bytes,
-                c.drain_s,
-                c.sources,
-                c.tokens
+                c.layout.drain_s,
+                c.layout.sources,
+                c.layout.tokens
             ),
         );
-        for e in &self.worker_errors {
-            kv(&mut out, "Error", e);
-        }
+        self.head.render_errors(&mut out);
         let s = &self.subscribers;
         kv(
             &mut out,
@@ -674,331 +737,203 @@ impl BroadcastReport {
         if !s.closes.is_empty() {
             kv(&mut out, "Closes", &reason_table(&s.closes));
         }
-        let p = &self.publications;
-        kv(
+        render_delivery(
             &mut out,
-            "Publications",
-            &format!(
-                "scheduled {}  sent {}  acked {}  failed {}\n\
-                 {:.1}/s achieved over {:.1} s (target {}/s); send -> ack {}{}",
-                thousands(p.scheduled),
-                thousands(p.sent),
-                thousands(p.acked),
-                thousands(p.failed),
-                p.achieved_per_s,
-                p.window_s,
-                p.target_per_s,
-                match &p.ack_latency_ms {
-                    Some(l) => format!("p50 {} p99 {} ms", millis(l.p50), millis(l.p99)),
-                    None => "-".to_owned(),
-                },
-                if p.late > 0 {
-                    format!(
-                        "\n{} sent over 100 ms late (all publisher connections busy; most {} ms)",
-                        thousands(p.late),
-                        thousands(p.max_lag_ms)
-                    )
-                } else {
-                    String::new()
-                }
-            ),
+            &self.publications,
+            &self.deliveries,
+            &self.latency_ms,
+            &self.offsets,
         );
-        if !p.failures.is_empty() {
-            kv(&mut out, "Pub failures", &reason_table(&p.failures));
-        }
-        if !p.connection_ends.is_empty() {
-            kv(&mut out, "Pub closes", &reason_table(&p.connection_ends));
-        }
-        let d = &self.deliveries;
-        let mut deliveries = format!(
-            "{} received of {} expected; {}/s over {:.2} s (target {}/s)",
-            thousands(d.total),
-            thousands(d.expected),
-            thousands(d.achieved_per_s.round() as u64),
-            d.span_s,
-            thousands(d.target_per_s.round() as u64),
-        );
-        if let Some(steady) = d.steady_per_s {
-            deliveries.push_str(&format!(
-                "\nwhile publishing {}/s; busiest second {}/s",
-                thousands(steady.round() as u64),
-                thousands(d.peak_1s_per_s.round() as u64)
-            ));
-        }
-        if let Some(ps) = &d.per_subscriber {
-            deliveries.push_str(&format!(
-                "\nper subscriber {:.1}/s (min {:.1}, median {:.1}, max {:.1}; {} subscribers)",
-                ps.mean_per_s,
-                ps.min_per_s,
-                ps.p50_per_s,
-                ps.max_per_s,
-                thousands(ps.count)
-            ));
-        }
-        if let Some(drain) = d.drain_s {
-            deliveries.push_str(&format!(
-                "\n{} {:.2} s after the last publication",
-                if d.drained {
-                    "everyone had everything"
-                } else {
-                    "drain limit reached, not caught up,"
-                },
-                drain
-            ));
-        }
-        if d.untimed > 0 || d.stray_frames > 0 {
-            deliveries.push_str(&format!(
-                "\n{} without timestamp (foreign publications), {} stray frames",
-                thousands(d.untimed),
-                thousands(d.stray_frames)
-            ));
-        }
-        kv(&mut out, "Deliveries", &deliveries);
-        match &self.latency_ms {
-            Some(l) => kv(
-                &mut out,
-                "Latency (ms)",
-                &format!(
-                    "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}\n\
-                     min {}  mean {}  n {}   (publish timestamp -> subscriber receive)",
-                    millis(l.p50),
-                    millis(l.p90),
-                    millis(l.p99),
-                    millis(l.p999),
-                    millis(l.max),
-                    millis(l.min),
-                    millis(l.mean),
-                    thousands(l.count)
-                ),
-            ),
-            None => kv(&mut out, "Latency (ms)", "nothing delivered"),
-        }
-        let o = &self.offsets;
-        let mut offsets = format!(
-            "{} streams: {} missing in {} gaps, {} duplicates; {} streams with problems",
-            thousands(o.streams),
-            thousands(o.missing),
-            thousands(o.gap_count),
-            thousands(o.duplicates),
-            thousands(o.streams_with_problems)
-        );
-        for e in &o.examples {
-            offsets.push('\n');
-            offsets.push_str(e);
-        }
-        kv(&mut out, "Offsets", &offsets);
-        if let Some(cpu) = &self.cpu {
-            kv(&mut out, "CPU", &cpu_text(cpu));
-        }
-        if let Some(g) = &self.gateway {
-            let rss = |s: &Option<GatewaySample>| {
-                s.and_then(|s| s.rss_bytes)
-                    .map_or("?".to_owned(), |b| bytes(b as f64))
-            };
-            kv(
-                &mut out,
-                "Gateway RSS",
-                &format!(
-                    "before {}, subscribed {}, drained {}, after close {}",
-                    rss(&g.before),
-                    rss(&g.subscribed),
-                    rss(&g.drained),
-                    rss(&g.after)
-                ),
-            );
-        }
+        render_machine(&mut out, &self.cpu, &self.gateway);
         out
-    }
-
-    fn stopped_by_text(&self) -> String {
-        if self.stopped_by.is_empty() {
-            return if self.interrupted {
-                "Ctrl-C".to_owned()
-            } else {
-                "nothing: no subscriber failed or closed, no publication failed or lost".to_owned()
-            };
-        }
-        self.stopped_by
-            .iter()
-            .map(|f| format!("{} x{}: {}", f.limit, thousands(f.count), f.explanation))
-            .collect::<Vec<_>>()
-            .join("\n")
     }
 
     /// The self-contained HTML page.
     pub fn render_html(&self) -> String {
-        let mut body = String::new();
-        body.push_str(&format!(
-            "<h1>loadtest broadcast: {}</h1><p class=\"verdict {}\">{}</p>",
-            escape(&self.config.urls.join(", ")),
-            if self.goal_met { "ok" } else { "bad" },
-            escape(&self.verdict)
-        ));
-        body.push_str("<pre>");
-        body.push_str(&escape(&self.render_text()));
-        body.push_str("</pre>");
-        body.push_str(&percentile_chart(
-            &self.latency_histogram_us,
-            "Delivery latency by percentile (publish timestamp -> subscriber receive)",
-        ));
-        body.push_str(&self.delivery_chart());
-        body.push_str(&self.latency_over_time_chart());
-        body.push_str(&self.publication_chart());
-        body.push_str(&self.open_chart());
-        if let Some(chart) = self.gateway_chart() {
-            body.push_str(&chart);
-        }
-        format!(
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-             <title>loadtest broadcast report</title><style>{STYLE}</style></head>\
-             <body>{body}<p class=\"foot\">switchboard-loadtest {} · started at unix ms {} · \
-             raw data: run with --json</p></body></html>\n",
-            escape(self.version),
-            self.started_at_unix_ms
-        )
-    }
-
-    fn slot_s(&self) -> f64 {
-        self.timeline.slot_ms as f64 / 1000.0
-    }
-
-    /// Counts per slot as a per-second step line.
-    fn steps(&self, counts: &[u64]) -> Vec<(f64, f64)> {
-        let slot_s = self.slot_s();
-        counts
-            .iter()
-            .enumerate()
-            .flat_map(|(i, &c)| {
-                let r = c as f64 / slot_s;
-                [(i as f64 * slot_s, r), ((i + 1) as f64 * slot_s, r)]
-            })
-            .collect()
-    }
-
-    fn delivery_chart(&self) -> String {
-        Chart {
-            title: "Deliveries per second (all subscribers)",
-            x_label: "seconds since start",
-            y_label: "deliveries/s",
-            x_ticks: XTicks::Auto,
-            series: vec![Series {
-                name: "deliveries/s",
-                color: "#1f77b4",
-                points: self.steps(&self.timeline.deliveries),
-            }],
-        }
-        .render()
-    }
-
-    fn latency_over_time_chart(&self) -> String {
-        let slot_s = self.slot_s();
-        let points = |v: &[Option<f64>]| -> Vec<(f64, f64)> {
-            v.iter()
-                .enumerate()
-                .filter_map(|(i, ms)| ms.map(|ms| ((i as f64 + 0.5) * slot_s, ms)))
-                .collect()
-        };
-        Chart {
-            title: "Delivery latency per second",
-            x_label: "seconds since start",
-            y_label: "ms",
-            x_ticks: XTicks::Auto,
-            series: vec![
-                Series {
-                    name: "p50",
-                    color: "#2ca02c",
-                    points: points(&self.timeline.latency_p50_ms),
-                },
-                Series {
-                    name: "p99",
-                    color: "#d62728",
-                    points: points(&self.timeline.latency_p99_ms),
-                },
-            ],
-        }
-        .render()
-    }
-
-    fn publication_chart(&self) -> String {
-        let mut series = vec![
-            Series {
-                name: "sent/s",
-                color: "#1f77b4",
-                points: self.steps(&self.timeline.published),
-            },
-            Series {
-                name: "acked/s",
-                color: "#ff7f0e",
-                points: self.steps(&self.timeline.acked),
-            },
+        let tl = &self.timeline;
+        let mut charts = vec![
+            percentile_chart(
+                &self.latency_histogram_us,
+                "Delivery latency by percentile (publish timestamp -> subscriber receive)",
+            ),
+            delivery_chart(tl),
+            latency_over_time_chart(tl),
+            publication_chart(tl),
+            open_chart("Open subscribers (per-second samples)", "subscribers", tl),
         ];
-        if self.timeline.closes.iter().any(|&c| c > 0) {
-            series.push(Series {
-                name: "closes/s",
-                color: "#d62728",
-                points: self.steps(&self.timeline.closes),
-            });
-        }
-        Chart {
-            title: "Publications per second (and subscriber closes)",
-            x_label: "seconds since start",
-            y_label: "per second",
-            x_ticks: XTicks::Auto,
-            series,
-        }
-        .render()
-    }
-
-    fn open_chart(&self) -> String {
-        let slot_s = self.slot_s();
-        Chart {
-            title: "Open subscribers (per-second samples)",
-            x_label: "seconds since start",
-            y_label: "subscribers",
-            x_ticks: XTicks::Auto,
-            series: vec![Series {
-                name: "open",
-                color: "#2ca02c",
-                points: self
-                    .timeline
-                    .open
-                    .iter()
-                    .enumerate()
-                    .map(|(i, &v)| (i as f64 * slot_s, v as f64))
-                    .collect(),
-            }],
-        }
-        .render()
-    }
-
-    fn gateway_chart(&self) -> Option<String> {
-        let points: Vec<(f64, f64)> = self
-            .timeline
-            .gateway
-            .iter()
-            .filter_map(|s| {
-                s.rss_bytes
-                    .map(|r| (s.at_ms as f64 / 1000.0, r as f64 / (1024.0 * 1024.0)))
-            })
-            .collect();
-        if points.is_empty() {
-            return None;
-        }
-        Some(
-            Chart {
-                title: "Gateway resident memory",
-                x_label: "seconds since start",
-                y_label: "MiB",
-                x_ticks: XTicks::Auto,
-                series: vec![Series {
-                    name: "RSS",
-                    color: "#9467bd",
-                    points,
-                }],
-            }
-            .render(),
+        charts.extend(rss_chart(
+            "Gateway resident memory",
+            &[("RSS", &tl.gateway)],
+        ));
+        self.head.page(
+            &self.config.layout.urls.join(", "),
+            &self.render_text(),
+            &charts,
         )
     }
+}
+
+/// The `Publications`, `Deliveries`, `Latency` and `Offsets` rows of a summary.
+pub fn render_delivery(
+    out: &mut String,
+    p: &Publications,
+    d: &Deliveries,
+    latency: &Option<Latency>,
+    o: &Offsets,
+) {
+    kv(
+        out,
+        "Publications",
+        &format!(
+            "scheduled {}  sent {}  acked {}  failed {}\n\
+             {:.1}/s achieved over {:.1} s (target {}/s); send -> ack {}{}",
+            thousands(p.scheduled),
+            thousands(p.sent),
+            thousands(p.acked),
+            thousands(p.failed),
+            p.achieved_per_s,
+            p.window_s,
+            p.target_per_s,
+            match &p.ack_latency_ms {
+                Some(l) => format!("p50 {} p99 {} ms", millis(l.p50), millis(l.p99)),
+                None => "-".to_owned(),
+            },
+            if p.late > 0 {
+                format!(
+                    "\n{} sent over 100 ms late (all publisher connections busy; most {} ms)",
+                    thousands(p.late),
+                    thousands(p.max_lag_ms)
+                )
+            } else {
+                String::new()
+            }
+        ),
+    );
+    if !p.failures.is_empty() {
+        kv(out, "Pub failures", &reason_table(&p.failures));
+    }
+    if !p.connection_ends.is_empty() {
+        kv(out, "Pub closes", &reason_table(&p.connection_ends));
+    }
+    let mut deliveries = format!(
+        "{} received of {} expected; {}/s over {:.2} s (target {}/s)",
+        thousands(d.total),
+        thousands(d.expected),
+        thousands(d.achieved_per_s.round() as u64),
+        d.span_s,
+        thousands(d.target_per_s.round() as u64),
+    );
+    if let Some(steady) = d.steady_per_s {
+        deliveries.push_str(&format!(
+            "\nwhile publishing {}/s; busiest second {}/s",
+            thousands(steady.round() as u64),
+            thousands(d.peak_1s_per_s.round() as u64)
+        ));
+    }
+    if let Some(ps) = &d.per_subscriber {
+        deliveries.push_str(&format!(
+            "\nper subscriber {:.1}/s (min {:.1}, median {:.1}, max {:.1}; {} subscribers)",
+            ps.mean_per_s,
+            ps.min_per_s,
+            ps.p50_per_s,
+            ps.max_per_s,
+            thousands(ps.count)
+        ));
+    }
+    if let Some(drain) = d.drain_s {
+        deliveries.push_str(&format!(
+            "\n{} {:.2} s after the last publication",
+            if d.drained {
+                "everyone had everything"
+            } else {
+                "drain limit reached, not caught up,"
+            },
+            drain
+        ));
+    }
+    if d.untimed > 0 || d.stray_frames > 0 {
+        deliveries.push_str(&format!(
+            "\n{} without timestamp (foreign publications), {} stray frames",
+            thousands(d.untimed),
+            thousands(d.stray_frames)
+        ));
+    }
+    kv(out, "Deliveries", &deliveries);
+    match latency {
+        Some(l) => kv(
+            out,
+            "Latency (ms)",
+            &latency_text(l, "publish timestamp -> subscriber receive"),
+        ),
+        None => kv(out, "Latency (ms)", "nothing delivered"),
+    }
+    let mut offsets = format!(
+        "{} streams: {} missing in {} gaps, {} duplicates; {} streams with problems",
+        thousands(o.streams),
+        thousands(o.missing),
+        thousands(o.gap_count),
+        thousands(o.duplicates),
+        thousands(o.streams_with_problems)
+    );
+    for e in &o.examples {
+        offsets.push('\n');
+        offsets.push_str(e);
+    }
+    kv(out, "Offsets", &offsets);
+}
+
+/// `before 9.8 MiB, subscribed 211 MiB, drained 348 MiB, after close 12 MiB`.
+pub fn gateway_text(g: &GatewayMemory) -> String {
+    let rss = |s: &Option<GatewaySample>| {
+        s.and_then(|s| s.rss_bytes)
+            .map_or("?".to_owned(), |b| bytes(b as f64))
+    };
+    format!(
+        "before {}, set up {}, drained {}, after close {}",
+        rss(&g.before),
+        rss(&g.subscribed),
+        rss(&g.drained),
+        rss(&g.after)
+    )
+}
+
+/// Delivery latency p50 and p99, second by second.
+pub fn latency_over_time_chart(tl: &Timeline) -> String {
+    p50_p99_chart(
+        "Delivery latency per second",
+        &tl.latency_p50_ms,
+        &tl.latency_p99_ms,
+        tl.slot_ms,
+    )
+}
+
+/// Publications sent and acknowledged per second, and subscriber closes.
+pub fn publication_chart(tl: &Timeline) -> String {
+    rate_chart(
+        "Publications per second (and subscriber closes)",
+        "per second",
+        tl.slot_ms,
+        &[
+            ("sent/s", "#1f77b4", &tl.published, false),
+            ("acked/s", "#ff7f0e", &tl.acked, false),
+            ("closes/s", "#d62728", &tl.closes, true),
+        ],
+    )
+}
+
+/// Open connections, second by second.
+pub fn open_chart(title: &str, y_label: &str, tl: &Timeline) -> String {
+    level_chart(title, y_label, "open", &tl.open, tl.slot_ms)
+}
+
+/// Deliveries per second over all subscribers.
+pub fn delivery_chart(tl: &Timeline) -> String {
+    rate_chart(
+        "Deliveries per second (all subscribers)",
+        "deliveries/s",
+        tl.slot_ms,
+        &[("deliveries/s", "#1f77b4", &tl.deliveries, false)],
+    )
 }
 
 /// `1.52 cores (30.4 s: user 12.1, system 18.3)`.
@@ -1011,7 +946,7 @@ fn cores_text(cores: f64, c: &CpuSeconds) -> String {
     )
 }
 
-fn cpu_text(cpu: &CpuUse) -> String {
+pub fn cpu_text(cpu: &CpuUse) -> String {
     let mut parts: Vec<String> = cpu
         .processes
         .iter()
@@ -1036,7 +971,7 @@ fn cpu_text(cpu: &CpuUse) -> String {
             cores_text(cores, c),
             match (cpu.loadtest_parent, cpu.loadtest_workers) {
                 (Some(p), Some(w)) => format!(
-                    "; parent (publisher) {:.1} s, workers (subscribers) {:.1} s",
+                    "; parent {:.1} s, worker processes {:.1} s",
                     p.total(),
                     w.total()
                 ),
@@ -1045,7 +980,7 @@ fn cpu_text(cpu: &CpuUse) -> String {
         ));
     }
     format!(
-        "over {:.1} s from the first publication to the end of the drain:\n{}",
+        "over {:.1} s from the start of the window to the end of the drain:\n{}",
         cpu.window_s,
         parts.join("\n")
     )
@@ -1054,22 +989,14 @@ fn cpu_text(cpu: &CpuUse) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cli::Cli;
     use crate::client::Failure;
+    use crate::publish::PublishTallies;
+    use crate::scenario::population::test_plan;
     use crate::stats::OffsetTracker;
-    use clap::Parser;
 
+    /// The plan the tests' tallies were made for.
     fn plan(extra: &[&str]) -> Plan {
-        let mut args = vec![
-            "loadtest",
-            "--scenario",
-            "broadcast",
-            "--secret",
-            "0123456789abcdef0123456789abcdef",
-            "--api-url",
-            "http://127.0.0.1:8080",
-            "--api-key",
-            "0123456789abcdef",
+        let base = [
             "--subscribers",
             "100",
             "--channels",
@@ -1079,8 +1006,7 @@ mod tests {
             "--duration",
             "5",
         ];
-        args.extend_from_slice(extra);
-        Plan::from_cli(&Cli::try_parse_from(args).unwrap(), 20_000).unwrap()
+        test_plan("broadcast", &base, extra)
     }
 
     /// 100 subscribers that each received offsets 1..=25 of their channel, 1 ms to
@@ -1127,15 +1053,14 @@ mod tests {
         (t, p)
     }
 
-    fn facts<'a>(plan: &'a Plan, t: &'a Tallies, p: PublishTallies) -> RunFacts<'a> {
-        RunFacts {
-            plan,
-            tallies: t,
+    fn facts(t: &Tallies, p: PublishTallies) -> RunResult {
+        RunResult {
+            tallies: t.clone(),
             published: p,
             interrupted: false,
             errors: vec![],
-            publish_started_ms: Some(1_000),
-            publish_ended_ms: Some(6_000),
+            window_started_ms: Some(1_000),
+            window_ended_ms: Some(6_000),
             drain_s: Some(0.05),
             drained_fully: true,
             gateway: Some([
@@ -1149,6 +1074,7 @@ mod tests {
                 None,
             ]),
             gateway_series: vec![],
+            worker_series: vec![],
             cpu: Some(CpuUse::new(
                 5.0,
                 vec![ProcessCpu {
@@ -1174,9 +1100,9 @@ mod tests {
     fn a_clean_run_meets_its_goal() {
         let p = plan(&[]);
         let (t, pubs) = clean();
-        let r = BroadcastReport::build(facts(&p, &t, pubs));
-        assert!(r.goal_met, "{}", r.verdict);
-        assert!(r.stopped_by.is_empty());
+        let r = BroadcastReport::build(&p, &facts(&t, pubs));
+        assert!(r.head.goal_met, "{}", r.head.verdict);
+        assert!(r.head.stopped_by.is_empty());
         assert_eq!(r.deliveries.total, 2_500);
         assert_eq!(r.deliveries.expected, 2_500);
         // 2,500 deliveries from t = 1 s to the last at 6 s.
@@ -1227,9 +1153,9 @@ mod tests {
         t.closed = 1;
         t.closes.add(&f.to_string(), 1);
         t.close_limits.add(f.limit().label(), 1);
-        let r = BroadcastReport::build(facts(&p, &t, pubs.clone()));
-        assert!(!r.goal_met);
-        let limits: Vec<&str> = r.stopped_by.iter().map(|f| f.limit).collect();
+        let r = BroadcastReport::build(&p, &facts(&t, pubs.clone()));
+        assert!(!r.head.goal_met);
+        let limits: Vec<&str> = r.head.stopped_by.iter().map(|f| f.limit).collect();
         assert_eq!(limits, vec!["gaps", "slow_consumer", "duplicates"]);
         assert_eq!((r.offsets.missing, r.offsets.duplicates), (2, 1));
         let text = r.render_text();
@@ -1244,32 +1170,34 @@ mod tests {
             assert!(text.contains(part), "{part:?} missing:\n{text}");
         }
         // A drain that ran out names the backlog, not lost messages.
-        let mut f = facts(&p, &t, pubs.clone());
+        let mut f = facts(&t, pubs.clone());
         f.drained_fully = false;
-        let r = BroadcastReport::build(f);
-        assert!(r.stopped_by.iter().any(|f| f.limit == "behind"));
+        let r = BroadcastReport::build(&p, &f);
+        assert!(r.head.stopped_by.iter().any(|f| f.limit == "behind"));
         assert!(
-            r.verdict.contains("not caught up within --drain"),
+            r.head.verdict.contains("not caught up within --drain"),
             "{}",
-            r.verdict
+            r.head.verdict
         );
         // A publisher that could not keep the schedule is named in the verdict.
         let (t3, mut slow) = clean();
         slow.first_sent_ms = Some(1_000);
         slow.last_sent_ms = Some(11_000);
-        let r = BroadcastReport::build(facts(&p, &t3, slow));
-        assert!(r.goal_met);
+        let r = BroadcastReport::build(&p, &facts(&t3, slow));
+        assert!(r.head.goal_met);
         assert!(
-            r.verdict.contains("publisher reached only 4.9/s of 10/s"),
+            r.head
+                .verdict
+                .contains("publisher reached only 4.9/s of 10/s"),
             "{}",
-            r.verdict
+            r.head.verdict
         );
         // Closes are tolerated with --allow-failures, gaps never.
         let p = plan(&["--allow-failures", "5"]);
         let (mut t2, pubs2) = clean();
         t2.closed = 1;
-        assert!(BroadcastReport::build(facts(&p, &t2, pubs2)).goal_met);
-        assert!(!BroadcastReport::build(facts(&p, &t, pubs)).goal_met);
+        assert!(BroadcastReport::build(&p, &facts(&t2, pubs2)).head.goal_met);
+        assert!(!BroadcastReport::build(&p, &facts(&t, pubs)).head.goal_met);
     }
 
     #[test]
@@ -1278,20 +1206,20 @@ mod tests {
         let (t, mut pubs) = clean();
         pubs.failed = 3;
         pubs.failures.add("http 503 UNAVAILABLE", 3);
-        let r = BroadcastReport::build(facts(&p, &t, pubs.clone()));
-        assert!(!r.goal_met);
-        assert_eq!(r.stopped_by[0].limit, "publish_failed");
+        let r = BroadcastReport::build(&p, &facts(&t, pubs.clone()));
+        assert!(!r.head.goal_met);
+        assert_eq!(r.head.stopped_by[0].limit, "publish_failed");
         assert!(r.render_text().contains("http 503 UNAVAILABLE"));
         assert_eq!(r.publications.failures[0].count, 3);
         let (t, pubs) = clean();
-        let mut f = facts(&p, &t, pubs);
+        let mut f = facts(&t, pubs);
         f.errors.push("worker 1 ended without results".into());
-        assert!(!BroadcastReport::build(f).goal_met);
+        assert!(!BroadcastReport::build(&p, &f).head.goal_met);
         let (t, pubs) = clean();
-        let mut f = facts(&p, &t, pubs);
+        let mut f = facts(&t, pubs);
         f.interrupted = true;
-        let r = BroadcastReport::build(f);
-        assert!(!r.goal_met && r.verdict.starts_with("interrupted"));
+        let r = BroadcastReport::build(&p, &f);
+        assert!(!r.head.goal_met && r.head.verdict.starts_with("interrupted"));
     }
 
     #[test]
@@ -1317,7 +1245,7 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("parent (publisher) 2.0 s, workers (subscribers) 8.0 s"),
+            text.contains("parent 2.0 s, worker processes 8.0 s"),
             "{text}"
         );
     }
@@ -1326,7 +1254,7 @@ mod tests {
     fn json_and_html_render() {
         let p = plan(&[]);
         let (t, pubs) = clean();
-        let r = BroadcastReport::build(facts(&p, &t, pubs));
+        let r = BroadcastReport::build(&p, &facts(&t, pubs));
         let json = serde_json::to_value(&r).unwrap();
         assert_eq!(json["scenario"], "broadcast");
         assert_eq!(json["deliveries"]["total"], 2_500);
@@ -1346,12 +1274,12 @@ mod tests {
     fn empty_run_renders() {
         let p = plan(&[]);
         let t = Tallies::default();
-        let mut f = facts(&p, &t, PublishTallies::default());
+        let mut f = facts(&t, PublishTallies::default());
         f.gateway = None;
         f.cpu = None;
-        f.publish_started_ms = None;
-        let r = BroadcastReport::build(f);
-        assert!(!r.goal_met);
+        f.window_started_ms = None;
+        let r = BroadcastReport::build(&p, &f);
+        assert!(!r.head.goal_met);
         assert!(r.latency_ms.is_none());
         assert!(r.render_text().contains("nothing delivered"));
         assert!(r.render_html().contains("</html>"));

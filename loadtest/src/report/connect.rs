@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use super::svg::{Chart, Series, XTicks};
 pub use super::{Finding, Latency, ReasonCount};
 use super::{
-    STYLE, bytes, escape, kv, latency_of, millis, percentile_chart, reason_table, reasons,
-    thousands,
+    Head, bytes, kv, latency_of, latency_text, level_chart, percentile_chart, rate_chart,
+    reason_table, reasons, rss_chart, thousands,
 };
 use crate::client::Limit;
 use crate::probe::GatewaySample;
@@ -49,17 +48,10 @@ pub struct RunFacts<'a> {
 
 #[derive(Debug, Serialize)]
 pub struct ConnectReport {
-    pub scenario: &'static str,
-    pub version: &'static str,
-    pub started_at_unix_ms: u64,
-    pub duration_s: f64,
-    /// All connections opened and held (within --allow-failures), nothing interrupted.
-    pub goal_met: bool,
-    pub verdict: String,
-    /// The limits the failures point to, most frequent first.
-    pub stopped_by: Vec<Finding>,
-    pub interrupted: bool,
-    pub worker_errors: Vec<String>,
+    /// Goal: all connections opened and held (within --allow-failures), nothing
+    /// interrupted; `stopped_by`: the limits the failures point to, most frequent first.
+    #[serde(flatten)]
+    pub head: Head,
     pub config: Config,
     pub connections: Connections,
     pub connect_rate: ConnectRate,
@@ -262,15 +254,16 @@ impl ConnectReport {
         gateway_series.sort_by_key(|s| s.at_ms);
 
         ConnectReport {
-            scenario: "connect",
-            version: env!("CARGO_PKG_VERSION"),
-            started_at_unix_ms: plan.epoch_ms,
-            duration_s: f.finished_ms as f64 / 1000.0,
-            goal_met,
-            verdict,
-            stopped_by,
-            interrupted: f.interrupted,
-            worker_errors: f.errors,
+            head: Head::new(
+                "connect",
+                plan.epoch_ms,
+                f.finished_ms,
+                goal_met,
+                verdict,
+                stopped_by,
+                f.interrupted,
+                &f.errors,
+            ),
             config: Config {
                 url: plan.url.clone(),
                 connections: plan.total,
@@ -324,11 +317,9 @@ impl ConnectReport {
         let mut out = String::new();
         out.push('\n');
         out.push_str(&format!("== loadtest connect: {} ==\n", self.config.url));
-        kv(&mut out, "Result", &self.verdict);
-        kv(&mut out, "Stopped by", &self.stopped_by_text());
-        for e in &self.worker_errors {
-            kv(&mut out, "Error", e);
-        }
+        self.head
+            .render(&mut out, "nothing: no connection failed or dropped");
+        self.head.render_errors(&mut out);
         let c = &self.config;
         kv(
             &mut out,
@@ -392,18 +383,7 @@ impl ConnectReport {
             Some(l) => kv(
                 &mut out,
                 "Latency (ms)",
-                &format!(
-                    "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}\n\
-                     min {}  mean {}  n {}   (TCP connect start -> authenticated)",
-                    millis(l.p50),
-                    millis(l.p90),
-                    millis(l.p99),
-                    millis(l.p999),
-                    millis(l.max),
-                    millis(l.min),
-                    millis(l.mean),
-                    thousands(l.count)
-                ),
+                &latency_text(l, "TCP connect start -> authenticated"),
             ),
             None => kv(&mut out, "Latency (ms)", "no connection succeeded"),
         }
@@ -447,47 +427,15 @@ impl ConnectReport {
         out
     }
 
-    fn stopped_by_text(&self) -> String {
-        if self.stopped_by.is_empty() {
-            return if self.interrupted {
-                "Ctrl-C".to_owned()
-            } else {
-                "nothing: no connection failed or dropped".to_owned()
-            };
-        }
-        self.stopped_by
-            .iter()
-            .map(|f| format!("{} x{}: {}", f.limit, thousands(f.count), f.explanation))
-            .collect::<Vec<_>>()
-            .join("\n")
-    }
-
     /// The self-contained HTML page.
     pub fn render_html(&self) -> String {
-        let mut body = String::new();
-        body.push_str(&format!(
-            "<h1>loadtest connect: {}</h1><p class=\"verdict {}\">{}</p>",
-            escape(&self.config.url),
-            if self.goal_met { "ok" } else { "bad" },
-            escape(&self.verdict)
+        let mut charts = vec![self.latency_chart(), self.open_chart(), self.rate_chart()];
+        charts.extend(rss_chart(
+            "Gateway resident memory",
+            &[("RSS", &self.timeline.gateway)],
         ));
-        body.push_str("<pre>");
-        body.push_str(&escape(&self.render_text()));
-        body.push_str("</pre>");
-        body.push_str(&self.latency_chart());
-        body.push_str(&self.open_chart());
-        body.push_str(&self.rate_chart());
-        if let Some(chart) = self.gateway_chart() {
-            body.push_str(&chart);
-        }
-        format!(
-            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-             <title>loadtest connect report</title><style>{STYLE}</style></head>\
-             <body>{body}<p class=\"foot\">switchboard-loadtest {} · started at unix ms {} · \
-             raw data: run with --json</p></body></html>\n",
-            escape(self.version),
-            self.started_at_unix_ms
-        )
+        self.head
+            .page(&self.config.url, &self.render_text(), &charts)
     }
 
     fn latency_chart(&self) -> String {
@@ -498,96 +446,26 @@ impl ConnectReport {
     }
 
     fn open_chart(&self) -> String {
-        // A slot's level is the level at its start.
-        let slot_s = self.timeline.slot_ms as f64 / 1000.0;
-        let points = self
-            .timeline
-            .open
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| (i as f64 * slot_s, v as f64))
-            .collect();
-        Chart {
-            title: "Open connections (per-second samples)",
-            x_label: "seconds since start",
-            y_label: "connections",
-            x_ticks: XTicks::Auto,
-            series: vec![Series {
-                name: "open",
-                color: "#2ca02c",
-                points,
-            }],
-        }
-        .render()
+        level_chart(
+            "Open connections (per-second samples)",
+            "connections",
+            "open",
+            &self.timeline.open,
+            self.timeline.slot_ms,
+        )
     }
 
     fn rate_chart(&self) -> String {
-        let slot_s = self.timeline.slot_ms as f64 / 1000.0;
-        // Counts per slot, drawn as steps: flat across each slot.
-        let per_s = |v: &[u64]| -> Vec<(f64, f64)> {
-            v.iter()
-                .enumerate()
-                .flat_map(|(i, &c)| {
-                    let rate = c as f64 / slot_s;
-                    [(i as f64 * slot_s, rate), ((i + 1) as f64 * slot_s, rate)]
-                })
-                .collect()
-        };
-        let mut series = vec![Series {
-            name: "connects/s",
-            color: "#1f77b4",
-            points: per_s(&self.timeline.connects),
-        }];
-        if self.timeline.failures.iter().any(|&c| c > 0) {
-            series.push(Series {
-                name: "failures/s",
-                color: "#d62728",
-                points: per_s(&self.timeline.failures),
-            });
-        }
-        if self.timeline.drops.iter().any(|&c| c > 0) {
-            series.push(Series {
-                name: "drops/s",
-                color: "#ff7f0e",
-                points: per_s(&self.timeline.drops),
-            });
-        }
-        Chart {
-            title: "Connect rate",
-            x_label: "seconds since start",
-            y_label: "per second",
-            x_ticks: XTicks::Auto,
-            series,
-        }
-        .render()
-    }
-
-    fn gateway_chart(&self) -> Option<String> {
-        let points: Vec<(f64, f64)> = self
-            .timeline
-            .gateway
-            .iter()
-            .filter_map(|s| {
-                s.rss_bytes
-                    .map(|r| (s.at_ms as f64 / 1000.0, r as f64 / (1024.0 * 1024.0)))
-            })
-            .collect();
-        if points.is_empty() {
-            return None;
-        }
-        Some(
-            Chart {
-                title: "Gateway resident memory",
-                x_label: "seconds since start",
-                y_label: "MiB",
-                x_ticks: XTicks::Auto,
-                series: vec![Series {
-                    name: "RSS",
-                    color: "#9467bd",
-                    points,
-                }],
-            }
-            .render(),
+        let tl = &self.timeline;
+        rate_chart(
+            "Connect rate",
+            "per second",
+            tl.slot_ms,
+            &[
+                ("connects/s", "#1f77b4", &tl.connects, false),
+                ("failures/s", "#d62728", &tl.failures, true),
+                ("drops/s", "#ff7f0e", &tl.drops, true),
+            ],
         )
     }
 }
@@ -717,8 +595,8 @@ mod tests {
         let p = plan(&[]);
         let t = tallies(100, 0);
         let r = ConnectReport::build(facts(&p, &t));
-        assert!(r.goal_met, "{}", r.verdict);
-        assert!(r.stopped_by.is_empty());
+        assert!(r.head.goal_met, "{}", r.head.verdict);
+        assert!(r.head.stopped_by.is_empty());
         assert_eq!(r.connect_rate.achieved_per_s, 200.0);
         let g = r.gateway.as_ref().unwrap();
         assert_eq!(g.rss_per_connection_bytes, Some(4096.0));
@@ -739,8 +617,8 @@ mod tests {
         let p = plan(&[]);
         let t = tallies(90, 10);
         let r = ConnectReport::build(facts(&p, &t));
-        assert!(!r.goal_met);
-        assert_eq!(r.stopped_by[0].limit, "per_user_limit");
+        assert!(!r.head.goal_met);
+        assert_eq!(r.head.stopped_by[0].limit, "per_user_limit");
         assert_eq!(
             r.connections.failures[0].reason,
             "close 4509 CONNECTION_LIMIT"
@@ -754,7 +632,7 @@ mod tests {
         assert!(text.contains("12 SYNs dropped"), "{text}");
         // Tolerated with --allow-failures 10.
         let p = plan(&["--allow-failures", "10"]);
-        assert!(ConnectReport::build(facts(&p, &t)).goal_met);
+        assert!(ConnectReport::build(facts(&p, &t)).head.goal_met);
     }
 
     #[test]
@@ -763,10 +641,10 @@ mod tests {
         let t = tallies(100, 0);
         let mut f = facts(&p, &t);
         f.interrupted = true;
-        assert!(!ConnectReport::build(f).goal_met);
+        assert!(!ConnectReport::build(f).head.goal_met);
         let mut f = facts(&p, &t);
         f.errors.push("worker 1 ended without results".into());
-        assert!(!ConnectReport::build(f).goal_met);
+        assert!(!ConnectReport::build(f).head.goal_met);
     }
 
     #[test]
@@ -801,7 +679,7 @@ mod tests {
         f.gateway = None;
         f.held_for = None;
         let r = ConnectReport::build(f);
-        assert!(!r.goal_met);
+        assert!(!r.head.goal_met);
         assert!(r.latency_ms.is_none());
         assert!(r.render_text().contains("no connection succeeded"));
         assert!(r.render_html().contains("</html>"));

@@ -1,12 +1,19 @@
 //! Presenting results: number formatting and the key/value tables of the human summary,
-//! inline-SVG charts for the HTML report, and one submodule per scenario's report.
+//! inline-SVG charts for the HTML report, writing the outputs, and one submodule per
+//! scenario's report.
 
 pub mod broadcast;
+pub mod chat;
 pub mod connect;
+pub mod soak;
 pub mod svg;
 
+use anyhow::Context;
 use serde::Serialize;
 
+use crate::client::Limit;
+use crate::probe::GatewaySample;
+use crate::scenario::connect::Outputs;
 use crate::stats::{Histogram, Tally};
 use svg::{Chart, Series, XTicks};
 
@@ -86,6 +93,78 @@ pub fn escape(s: &str) -> String {
     out
 }
 
+/// What every report starts with: the scenario, when it ran, and its verdict.
+#[derive(Debug, Serialize)]
+pub struct Head {
+    pub scenario: &'static str,
+    pub version: &'static str,
+    pub started_at_unix_ms: u64,
+    pub duration_s: f64,
+    /// Whether the run met its goal (the scenario's report says what that is).
+    pub goal_met: bool,
+    pub verdict: String,
+    pub stopped_by: Vec<Finding>,
+    pub interrupted: bool,
+    pub worker_errors: Vec<String>,
+}
+
+impl Head {
+    /// The head of a run started at `epoch_ms` that ended `finished_ms` later.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        scenario: &'static str,
+        epoch_ms: u64,
+        finished_ms: u64,
+        goal_met: bool,
+        verdict: String,
+        stopped_by: Vec<Finding>,
+        interrupted: bool,
+        errors: &[String],
+    ) -> Head {
+        Head {
+            scenario,
+            version: env!("CARGO_PKG_VERSION"),
+            started_at_unix_ms: epoch_ms,
+            duration_s: finished_ms as f64 / 1000.0,
+            goal_met,
+            verdict,
+            stopped_by,
+            interrupted,
+            worker_errors: errors.to_vec(),
+        }
+    }
+
+    /// The `Result` and `Stopped by` rows; `nothing` when no limit was hit.
+    pub fn render(&self, out: &mut String, nothing: &str) {
+        kv(out, "Result", &self.verdict);
+        kv(
+            out,
+            "Stopped by",
+            &findings_text(&self.stopped_by, self.interrupted, nothing),
+        );
+    }
+
+    /// One `Error` row per worker error.
+    pub fn render_errors(&self, out: &mut String) {
+        for e in &self.worker_errors {
+            kv(out, "Error", e);
+        }
+    }
+
+    /// The HTML page of the report with this head.
+    pub fn page(&self, target: &str, text: &str, charts: &[String]) -> String {
+        page(
+            self.scenario,
+            target,
+            self.goal_met,
+            &self.verdict,
+            text,
+            charts,
+            self.started_at_unix_ms,
+        )
+    }
+}
+
 /// A limit that stopped a run, how often, and what to change.
 #[derive(Debug, Serialize)]
 pub struct Finding {
@@ -95,7 +174,7 @@ pub struct Finding {
 }
 
 /// Occurrences of one failure reason.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ReasonCount {
     pub reason: String,
     pub count: u64,
@@ -113,7 +192,7 @@ pub fn reasons(t: &Tally) -> Vec<ReasonCount> {
 }
 
 /// Latency percentiles, milliseconds.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Latency {
     pub count: u64,
     pub min: f64,
@@ -140,6 +219,239 @@ pub fn latency_of(h: &Histogram) -> Option<Latency> {
     })
 }
 
+/// `p50 1.2  p90 3.4  p99 5.6  p99.9 7.8  max 9.0` (ms), then `min, mean, n` and a
+/// note on what was measured.
+pub fn latency_text(l: &Latency, what: &str) -> String {
+    format!(
+        "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}\n\
+         min {}  mean {}  n {}   ({what})",
+        millis(l.p50),
+        millis(l.p90),
+        millis(l.p99),
+        millis(l.p999),
+        millis(l.max),
+        millis(l.min),
+        millis(l.mean),
+        thousands(l.count)
+    )
+}
+
+/// A limit that failures or closes point to, with how often and what to change.
+pub fn finding_of(label: &str, count: u64) -> Finding {
+    let limit = Limit::from_label(label).unwrap_or(Limit::Other);
+    Finding {
+        limit: limit.label(),
+        count,
+        explanation: limit.explain(),
+    }
+}
+
+/// Findings as summary lines; `nothing` when there are none.
+pub fn findings_text(findings: &[Finding], interrupted: bool, nothing: &str) -> String {
+    if findings.is_empty() {
+        return if interrupted {
+            "Ctrl-C".to_owned()
+        } else {
+            nothing.to_owned()
+        };
+    }
+    findings
+        .iter()
+        .map(|f| format!("{} x{}: {}", f.limit, thousands(f.count), f.explanation))
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Counts per slot as a per-second step line.
+pub fn step_points(counts: &[u64], slot_ms: u64) -> Vec<(f64, f64)> {
+    let slot_s = slot_ms as f64 / 1000.0;
+    counts
+        .iter()
+        .enumerate()
+        .flat_map(|(i, &c)| {
+            let r = c as f64 / slot_s;
+            [(i as f64 * slot_s, r), ((i + 1) as f64 * slot_s, r)]
+        })
+        .collect()
+}
+
+/// Levels per slot (the level at each slot's start) as points.
+pub fn level_points(levels: &[u64], slot_ms: u64) -> Vec<(f64, f64)> {
+    let slot_s = slot_ms as f64 / 1000.0;
+    levels
+        .iter()
+        .enumerate()
+        .map(|(i, &v)| (i as f64 * slot_s, v as f64))
+        .collect()
+}
+
+/// One line of a [`rate_chart`]: name, colour, counts per slot, and whether it is
+/// left out when every count is zero.
+pub type RateLine<'a> = (&'a str, &'a str, &'a [u64], bool);
+
+/// Counts per slot as per-second steps, one line each.
+pub fn rate_chart(title: &str, y_label: &str, slot_ms: u64, lines: &[RateLine<'_>]) -> String {
+    Chart {
+        title,
+        x_label: "seconds since start",
+        y_label,
+        x_ticks: XTicks::Auto,
+        series: lines
+            .iter()
+            .filter(|(_, _, counts, optional)| !optional || counts.iter().any(|&c| c > 0))
+            .map(|&(name, color, counts, _)| Series {
+                name,
+                color,
+                points: step_points(counts, slot_ms),
+            })
+            .collect(),
+    }
+    .render()
+}
+
+/// A level sampled each slot (open connections, streams in flight), as one line.
+pub fn level_chart(title: &str, y_label: &str, name: &str, levels: &[u64], slot_ms: u64) -> String {
+    Chart {
+        title,
+        x_label: "seconds since start",
+        y_label,
+        x_ticks: XTicks::Auto,
+        series: vec![Series {
+            name,
+            color: "#2ca02c",
+            points: level_points(levels, slot_ms),
+        }],
+    }
+    .render()
+}
+
+/// Per-slot values (`None` for a slot without data) as points at slot centres.
+pub fn slot_points(values: &[Option<f64>], slot_ms: u64) -> Vec<(f64, f64)> {
+    let slot_s = slot_ms as f64 / 1000.0;
+    values
+        .iter()
+        .enumerate()
+        .filter_map(|(i, v)| v.map(|v| ((i as f64 + 0.5) * slot_s, v)))
+        .collect()
+}
+
+/// A chart of p50 and p99 per second.
+pub fn p50_p99_chart(
+    title: &str,
+    p50: &[Option<f64>],
+    p99: &[Option<f64>],
+    slot_ms: u64,
+) -> String {
+    Chart {
+        title,
+        x_label: "seconds since start",
+        y_label: "ms",
+        x_ticks: XTicks::Auto,
+        series: vec![
+            Series {
+                name: "p50",
+                color: "#2ca02c",
+                points: slot_points(p50, slot_ms),
+            },
+            Series {
+                name: "p99",
+                color: "#d62728",
+                points: slot_points(p99, slot_ms),
+            },
+        ],
+    }
+    .render()
+}
+
+/// Colours of the lines of a chart, in order.
+const PALETTE: [&str; 6] = [
+    "#9467bd", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#8c564b",
+];
+
+/// Resident memory over time of one or more processes, MiB; `None` when nothing was
+/// read.
+pub fn rss_chart(title: &str, processes: &[(&str, &[GatewaySample])]) -> Option<String> {
+    let series: Vec<Series<'_>> = processes
+        .iter()
+        .enumerate()
+        .map(|(i, (name, samples))| Series {
+            name,
+            color: PALETTE[i % PALETTE.len()],
+            points: samples
+                .iter()
+                .filter_map(|s| {
+                    s.rss_bytes
+                        .map(|r| (s.at_ms as f64 / 1000.0, r as f64 / (1024.0 * 1024.0)))
+                })
+                .collect(),
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    if series.is_empty() {
+        return None;
+    }
+    Some(
+        Chart {
+            title,
+            x_label: "seconds since start",
+            y_label: "MiB",
+            x_ticks: XTicks::Auto,
+            series,
+        }
+        .render(),
+    )
+}
+
+/// The self-contained HTML page of a report: heading, verdict, the text summary, the
+/// charts.
+pub fn page(
+    scenario: &str,
+    target: &str,
+    goal_met: bool,
+    verdict: &str,
+    text: &str,
+    charts: &[String],
+    started_at_unix_ms: u64,
+) -> String {
+    let mut body = format!(
+        "<h1>loadtest {scenario}: {}</h1><p class=\"verdict {}\">{}</p><pre>{}</pre>",
+        escape(target),
+        if goal_met { "ok" } else { "bad" },
+        escape(verdict),
+        escape(text)
+    );
+    for c in charts {
+        body.push_str(c);
+    }
+    format!(
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <title>loadtest {scenario} report</title><style>{STYLE}</style></head>\
+         <body>{body}<p class=\"foot\">switchboard-loadtest {} · started at unix ms \
+         {started_at_unix_ms} · raw data: run with --json</p></body></html>\n",
+        escape(env!("CARGO_PKG_VERSION")),
+    )
+}
+
+/// Prints the summary on stdout and writes the JSON and HTML outputs asked for.
+pub fn emit<R: Serialize>(
+    report: &R,
+    text: &str,
+    html: impl FnOnce() -> String,
+    outputs: &Outputs,
+) -> anyhow::Result<()> {
+    print!("{text}");
+    if let Some(path) = &outputs.json {
+        let json = serde_json::to_vec_pretty(report).context("encoding the JSON report")?;
+        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(path) = &outputs.html {
+        std::fs::write(path, html()).with_context(|| format!("writing {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 /// Reasons as a right-aligned count column.
 pub fn reason_table(rows: &[ReasonCount]) -> String {
     rows.iter()
@@ -150,23 +462,41 @@ pub fn reason_table(rows: &[ReasonCount]) -> String {
 
 /// Latency by percentile on a "nines" axis (0 % .. 99.99 %), milliseconds.
 pub fn percentile_chart(h: &Histogram, title: &str) -> String {
-    let nines = if h.count() > 1 {
-        (h.count() as f64).log10().clamp(1.0, CURVE_MAX_NINES)
+    percentile_curves(title, &[("latency", h, 0.0)])
+}
+
+/// Several latency curves by percentile on one "nines" axis, milliseconds; each
+/// `(name, histogram of microseconds, milliseconds subtracted)`, clamped at zero.
+pub fn percentile_curves(title: &str, curves: &[(&str, &Histogram, f64)]) -> String {
+    let most = curves.iter().map(|(_, h, _)| h.count()).max().unwrap_or(0);
+    let nines = if most > 1 {
+        (most as f64).log10().clamp(1.0, CURVE_MAX_NINES)
     } else {
         1.0
     };
-    let mut points = Vec::new();
-    let mut x = 0.0;
-    while x <= nines + 1e-9 {
-        let q = 1.0 - 10f64.powf(-x);
-        if let Some(v) = h.quantile(q) {
-            points.push((x, v as f64 / 1000.0));
-        }
-        x += CURVE_STEP;
-    }
-    if let Some(max) = h.max() {
-        points.push((nines, max as f64 / 1000.0));
-    }
+    let series = curves
+        .iter()
+        .enumerate()
+        .map(|(i, (name, h, minus_ms))| {
+            let ms = |us: u64| (us as f64 / 1000.0 - minus_ms).max(0.0);
+            let mut points = Vec::new();
+            let mut x = 0.0;
+            while x <= nines + 1e-9 {
+                if let Some(v) = h.quantile(1.0 - 10f64.powf(-x)) {
+                    points.push((x, ms(v)));
+                }
+                x += CURVE_STEP;
+            }
+            if let Some(max) = h.max() {
+                points.push((nines, ms(max)));
+            }
+            Series {
+                name,
+                color: PALETTE[(i + 1) % PALETTE.len()],
+                points,
+            }
+        })
+        .collect();
     let ticks = (0..=nines.floor() as u32)
         .map(|k| {
             let label = match k {
@@ -184,11 +514,7 @@ pub fn percentile_chart(h: &Histogram, title: &str) -> String {
         x_label: "percentile",
         y_label: "ms",
         x_ticks: XTicks::Fixed(ticks),
-        series: vec![Series {
-            name: "latency",
-            color: "#1f77b4",
-            points,
-        }],
+        series,
     }
     .render()
 }

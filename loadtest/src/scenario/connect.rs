@@ -15,22 +15,25 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
-use tokio::time::{Instant, MissedTickBehavior};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cli::Cli;
 use crate::client::{self, Failure};
 use crate::probe::{self, GatewaySample, Probe};
-use crate::progress::{ProgressLine, Snapshot, TICK};
+use crate::progress::{ProgressLine, Snapshot};
 use crate::report::connect::{ConnectReport, RunFacts};
-use crate::scenario::{Clock, bump, dispatch, drop_one, min_some, unix_ms};
-use crate::source::{self, SourcePlan};
+use crate::scenario::{
+    self, Clock, Spread, bump, check_common, credentials, dispatch, drop_one, layout_warnings,
+    min_some, progress_ticker, slot_ticker, unix_ms,
+};
+use crate::source::SourcePlan;
 use crate::spawn::{self, Control, Event, WorkerLink, WorkerMsg, Workers};
 use crate::stats::series::SLOT_MS;
 use crate::stats::{EventSeries, GaugeSeries, Histogram, Tally};
 use crate::target::Target;
-use crate::tokens::{Minter, TokenSource};
+use crate::tokens::TokenSource;
 
 /// Capacity of the queue from connection tasks to their worker's bookkeeping: a burst
 /// of completions is absorbed, and a full queue makes connection tasks wait.
@@ -40,13 +43,6 @@ const OUTCOME_QUEUE: usize = 4096;
 const MAX_RATE: f64 = 10_000_000.0;
 /// Longest hold accepted (one day): bounded so that `--hold` cannot overflow a deadline.
 const MAX_HOLD_SECS: u64 = 86_400;
-/// Longest handshake deadline accepted (ten minutes).
-const MAX_TIMEOUT_SECS: u64 = 600;
-/// Delay of the progress line after the workers' reports: time for their lines to
-/// cross the pipes.
-const PROGRESS_LAG_MS: u64 = 50;
-/// Exit status after a second Ctrl-C: the shell convention for death by SIGINT.
-const EXIT_INTERRUPTED: i32 = 130;
 
 /// Everything a run needs, identical in the parent and every worker (all derive it
 /// from the same command line).
@@ -88,54 +84,24 @@ impl Plan {
         if !rate.is_finite() || !(0.0..=MAX_RATE).contains(&rate) {
             bail!("--rate must be between 0 (unlimited) and {MAX_RATE}");
         }
-        if cli.concurrency == 0 {
-            bail!("--concurrency must be at least 1");
-        }
         if cli.hold > MAX_HOLD_SECS {
             bail!("--hold must be at most {MAX_HOLD_SECS} s");
         }
-        if cli.timeout == 0 || cli.timeout > MAX_TIMEOUT_SECS {
-            bail!("--timeout must be between 1 and {MAX_TIMEOUT_SECS} s");
-        }
-        if !cli.allow_failures.is_finite() || !(0.0..=100.0).contains(&cli.allow_failures) {
-            bail!("--allow-failures is a percentage, 0 to 100");
-        }
+        check_common(cli)?;
         let epoch_ms = cli.epoch_ms.unwrap_or_else(unix_ms);
-        let (tokens, tokens_described) = match (&cli.token_file, &cli.secret) {
-            (Some(path), _) => {
-                let source = TokenSource::from_file(path)?;
-                let n = match &source {
-                    TokenSource::File(lines) => lines.len(),
-                    TokenSource::Mint(_) => 0,
-                };
-                (source, format!("{n} from {}", path.display()))
-            }
-            (None, Some(secret)) => {
-                let users = cli.users.unwrap_or(cli.connections);
-                let minter = Minter::new(secret, users, cli.ttl, epoch_ms)?;
-                (
-                    TokenSource::Mint(Arc::new(minter)),
-                    format!("minted HS256, {users} users, ttl {} s", cli.ttl),
-                )
-            }
-            (None, None) => bail!(
-                "no credentials: give --secret (or SB_JWT_SECRET) to mint tokens, or --token-file"
-            ),
-        };
-        let ports = source::ephemeral_ports();
-        let sources = SourcePlan::new(
-            cli.source_ips.as_deref(),
+        let users = cli.users.unwrap_or(cli.connections);
+        let (tokens, tokens_described) = credentials(cli, users, epoch_ms)?;
+        let Spread {
+            sources,
+            ports,
+            processes,
+        } = Spread::plan(
+            cli,
+            cli.connections,
             cli.connections,
             target.addr.ip(),
-            ports,
+            fd_limit,
         )?;
-        let processes = spawn::process_count(cli.connections, cli.processes, fd_limit);
-        if u64::from(processes) > cli.connections {
-            bail!(
-                "--processes {processes} is more than --connections {}",
-                cli.connections
-            );
-        }
         Ok(Plan {
             url,
             target,
@@ -157,26 +123,14 @@ impl Plan {
 
     /// Problems visible before the run starts.
     pub fn warnings(&self) -> Vec<String> {
-        let mut w = Vec::new();
-        let per_process = self.total.div_ceil(u64::from(self.processes));
-        let capacity = spawn::connections_per_process(self.fd_limit);
-        if per_process > capacity {
-            w.push(format!(
-                "each of {} processes opens up to {per_process} connections but can hold about \
-                 {capacity} (open-file limit {}): expect EMFILE; use more --processes",
-                self.processes, self.fd_limit
-            ));
-        }
-        let port_capacity = self.sources.port_capacity(self.ports);
-        if self.total > port_capacity {
-            w.push(format!(
-                "{} connections need more than the {port_capacity} ephemeral ports of {}: \
-                 expect EADDRNOTAVAIL; give more --source-ips",
-                self.total,
-                self.sources.describe()
-            ));
-        }
-        w
+        layout_warnings(
+            self.total,
+            self.total,
+            self.processes,
+            self.fd_limit,
+            &self.sources,
+            self.ports,
+        )
     }
 
     /// Worker `index`'s connection indices, rate and concurrency.
@@ -404,13 +358,7 @@ pub async fn run_worker(
     tallies.open.sample(shared.clock.now_ms(), 0);
     // Tick on the run's slot boundaries, so that each open-connections sample is the
     // level at the start of its slot in every worker alike.
-    let now_ms = shared.clock.now_ms();
-    let next_boundary_ms = (now_ms / SLOT_MS + 1) * SLOT_MS;
-    let mut ticker = tokio::time::interval_at(
-        Instant::now() + Duration::from_millis(next_boundary_ms - now_ms),
-        TICK,
-    );
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ticker = slot_ticker(&shared.clock, 0);
     let mut dispatched: Option<u64> = None;
     let mut handshakes_done = 0u64;
     let mut ready_sent = false;
@@ -613,15 +561,7 @@ pub async fn run(
     let mut interrupted = false;
     let mut last_ok = 0u64;
     let mut last_tick = Instant::now();
-    // Workers report on the run's slot boundaries; print just after, so that the line
-    // shows their fresh counters (and the first line comes after a second of work).
-    let now_ms = clock.now_ms();
-    let first_ms = (now_ms / SLOT_MS + 1) * SLOT_MS + PROGRESS_LAG_MS;
-    let mut ticker = tokio::time::interval_at(
-        Instant::now() + Duration::from_millis(first_ms - now_ms),
-        TICK,
-    );
-    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    let mut ticker = progress_ticker(&clock);
     let ctrl_c = tokio::signal::ctrl_c();
     tokio::pin!(ctrl_c);
 
@@ -695,16 +635,7 @@ pub async fn run(
             }
             res = &mut ctrl_c, if !interrupted => {
                 interrupted = true;
-                if res.is_ok() {
-                    line.note("interrupted: closing connections (Ctrl-C again to quit at once)");
-                    // Our handler replaced the default action; restore "quit" for the
-                    // second Ctrl-C. Worker processes see their stdin close and abort.
-                    tokio::spawn(async {
-                        if tokio::signal::ctrl_c().await.is_ok() {
-                            std::process::exit(EXIT_INTERRUPTED);
-                        }
-                    });
-                }
+                scenario::interrupted(&mut line, res);
                 phase = Phase::Closing;
                 workers.broadcast(Control::Abort).await;
             }
@@ -752,7 +683,7 @@ pub async fn run(
             .with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
-    Ok(report.goal_met)
+    Ok(report.head.goal_met)
 }
 
 #[cfg(test)]

@@ -1,20 +1,38 @@
-//! The scenarios, one module each, and the run clock they share: every worker counts
-//! time from the same epoch (passed to worker processes with `--epoch-ms`), so their
-//! per-second series line up when the parent merges them.
+//! The scenarios and the run clock they share: `connect` on its own, `broadcast`,
+//! `chat` and `soak` on the population engine. Every worker counts time from the same
+//! epoch (passed to worker processes with `--epoch-ms`), so their per-second series
+//! line up when the parent merges them.
 
-pub mod broadcast;
 pub mod connect;
+pub mod population;
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use anyhow::{Result, bail};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
-use tokio::time::Instant;
+use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+
+use crate::cli::Cli;
+use crate::progress::{ProgressLine, TICK};
+use crate::source::{self, SourcePlan};
+use crate::spawn;
+use crate::stats::series::SLOT_MS;
+use crate::tokens::{Minter, TokenSource};
+
+/// Longest handshake deadline accepted (ten minutes).
+const MAX_TIMEOUT_SECS: u64 = 600;
+/// Delay of the parent's progress line after the workers' reports: time for their
+/// lines to cross the pipes.
+const PROGRESS_LAG_MS: u64 = 50;
+/// Exit status after a second Ctrl-C: the shell convention for death by SIGINT.
+const EXIT_INTERRUPTED: i32 = 130;
 
 /// Milliseconds since the unix epoch, now.
 pub fn unix_ms() -> u64 {
@@ -101,6 +119,140 @@ where
     }
     tracker.close();
     started
+}
+
+/// Checks the flags every scenario shares: concurrency, timeout, tolerance.
+pub(crate) fn check_common(cli: &Cli) -> Result<()> {
+    if cli.concurrency == 0 {
+        bail!("--concurrency must be at least 1");
+    }
+    if cli.timeout == 0 || cli.timeout > MAX_TIMEOUT_SECS {
+        bail!("--timeout must be between 1 and {MAX_TIMEOUT_SECS} s");
+    }
+    if !cli.allow_failures.is_finite() || !(0.0..=100.0).contains(&cli.allow_failures) {
+        bail!("--allow-failures is a percentage, 0 to 100");
+    }
+    Ok(())
+}
+
+/// The clients' tokens: `--token-file`, or minted for `users` users; and how they
+/// are made, for the report.
+pub(crate) fn credentials(cli: &Cli, users: u64, epoch_ms: u64) -> Result<(TokenSource, String)> {
+    match (&cli.token_file, &cli.secret) {
+        (Some(path), _) => {
+            let source = TokenSource::from_file(path)?;
+            let n = match &source {
+                TokenSource::File(lines) => lines.len(),
+                TokenSource::Mint(_) => 0,
+            };
+            Ok((source, format!("{n} from {}", path.display())))
+        }
+        (None, Some(secret)) => {
+            let minter = Minter::new(secret, users, cli.ttl, epoch_ms)?;
+            Ok((
+                TokenSource::Mint(Arc::new(minter)),
+                format!("minted HS256, {users} users, ttl {} s", cli.ttl),
+            ))
+        }
+        (None, None) => bail!(
+            "no credentials: give --secret (or SB_JWT_SECRET) to mint tokens, or --token-file"
+        ),
+    }
+}
+
+/// Where `connections` connections come from and how many processes hold them.
+pub(crate) struct Spread {
+    pub sources: SourcePlan,
+    /// Ephemeral ports per source address.
+    pub ports: u64,
+    pub processes: u32,
+}
+
+impl Spread {
+    /// Plans `connections` connections, at most `per_target` of them to one target
+    /// address (`target`), under the open-file limit `fd_limit`.
+    pub fn plan(
+        cli: &Cli,
+        connections: u64,
+        per_target: u64,
+        target: IpAddr,
+        fd_limit: u64,
+    ) -> Result<Spread> {
+        let ports = source::ephemeral_ports();
+        let sources = SourcePlan::new(cli.source_ips.as_deref(), per_target, target, ports)?;
+        let processes = spawn::process_count(connections, cli.processes, fd_limit);
+        if u64::from(processes) > connections {
+            bail!("--processes {processes} is more than the {connections} connections");
+        }
+        Ok(Spread {
+            sources,
+            ports,
+            processes,
+        })
+    }
+}
+
+/// What cannot work in a layout, said before the run: more connections per process
+/// than its open-file limit holds, or per target than the source addresses' ports.
+pub(crate) fn layout_warnings(
+    connections: u64,
+    per_target: u64,
+    processes: u32,
+    fd_limit: u64,
+    sources: &SourcePlan,
+    ports: u64,
+) -> Vec<String> {
+    let mut w = Vec::new();
+    let per_process = connections.div_ceil(u64::from(processes.max(1)));
+    let capacity = spawn::connections_per_process(fd_limit);
+    if per_process > capacity {
+        w.push(format!(
+            "each of {processes} processes opens up to {per_process} connections but can hold \
+             about {capacity} (open-file limit {fd_limit}): expect EMFILE; use more --processes"
+        ));
+    }
+    let port_capacity = sources.port_capacity(ports);
+    if per_target > port_capacity {
+        w.push(format!(
+            "{per_target} connections per target need more than the {port_capacity} \
+             ephemeral ports of {}: expect EADDRNOTAVAIL; give more --source-ips",
+            sources.describe()
+        ));
+    }
+    w
+}
+
+/// A one-second ticker whose ticks fall `lag_ms` after the run's slot boundaries:
+/// workers sample on the boundaries (every worker's sample is the level at the start
+/// of its slot), the parent prints just after, when their reports are in.
+pub(crate) fn slot_ticker(clock: &Clock, lag_ms: u64) -> Interval {
+    let now_ms = clock.now_ms();
+    let first_ms = (now_ms / SLOT_MS + 1) * SLOT_MS + lag_ms;
+    let mut ticker = tokio::time::interval_at(
+        Instant::now() + Duration::from_millis(first_ms - now_ms),
+        TICK,
+    );
+    ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+    ticker
+}
+
+/// The parent's progress ticker.
+pub(crate) fn progress_ticker(clock: &Clock) -> Interval {
+    slot_ticker(clock, PROGRESS_LAG_MS)
+}
+
+/// After a first Ctrl-C (the run closes its connections and reports), a second one
+/// quits at once; worker processes see their stdin close and abort.
+pub(crate) fn interrupted(line: &mut ProgressLine, signal: std::io::Result<()>) {
+    if signal.is_ok() {
+        line.note("interrupted: closing connections (Ctrl-C again to quit at once)");
+        // Our handler replaced the default action; restore "quit" for the second one.
+        tokio::spawn(async {
+            if tokio::signal::ctrl_c().await.is_ok() {
+                std::process::exit(EXIT_INTERRUPTED);
+            }
+        });
+    }
 }
 
 /// The smaller of two optional values, or whichever is set.
