@@ -19,6 +19,9 @@ use crate::server::{Body, json_response};
 
 /// Largest API request body: commands are tiny; anything bigger is a mistake.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
+/// A body trickled slower than this holds a socket for nothing: 64 KiB arrive in
+/// milliseconds from any real client.
+pub const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Publishing the kick must not hang the HTTP request when NATS is away.
 const PUBLISH_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
@@ -118,9 +121,10 @@ fn authorize<B>(node: &Node, req: &Request<B>) -> Result<(), ApiError> {
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
-    Ok(Limited::new(req.into_body(), MAX_BODY_BYTES)
-        .collect()
+    let collect = Limited::new(req.into_body(), MAX_BODY_BYTES).collect();
+    Ok(tokio::time::timeout(BODY_TIMEOUT, collect)
         .await
+        .map_err(|_| ApiError::BodyTimeout(BODY_TIMEOUT))?
         .map_err(|e| ApiError::BadRequest(format!("cannot read body: {e}")))?
         .to_bytes())
 }

@@ -158,6 +158,8 @@ pub enum ApiError {
     ForbiddenOrigin,
     #[error("node is draining")]
     Draining,
+    #[error("the request body did not arrive within {0:?}")]
+    BodyTimeout(Duration),
 }
 
 impl ApiError {
@@ -172,6 +174,7 @@ impl ApiError {
             ApiError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
             ApiError::TooManyRequests(_) => (S::TOO_MANY_REQUESTS, "RATE_LIMITED"),
             ApiError::ForbiddenOrigin => (S::FORBIDDEN, "FORBIDDEN"),
+            ApiError::BodyTimeout(_) => (S::REQUEST_TIMEOUT, "TIMEOUT"),
             ApiError::Draining => (S::SERVICE_UNAVAILABLE, "DRAINING"),
         }
     }

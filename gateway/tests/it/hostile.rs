@@ -771,3 +771,30 @@ async fn slowloris(addr: SocketAddr) {
         t.await.unwrap();
     }
 }
+
+/// An API body trickled slower than the body timeout is answered 408 with a JSON
+/// error instead of holding the socket.
+#[tokio::test]
+async fn a_trickled_api_body_times_out() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, |_| {}).await;
+    let mut s = TcpStream::connect(gw.addr).await.unwrap();
+    let head = format!(
+        "POST /v1/publish HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {API_KEY}\r\n\
+Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{{\"channel\""
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    let started = Instant::now();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(
+        gateway::api::BODY_TIMEOUT + Duration::from_secs(5),
+        s.read_to_end(&mut buf),
+    )
+    .await
+    .expect("the gateway answers before the test gives up");
+    read.unwrap();
+    let text = String::from_utf8_lossy(&buf);
+    assert!(text.starts_with("HTTP/1.1 408"), "{text}");
+    assert!(text.contains("\"TIMEOUT\""), "{text}");
+    assert!(started.elapsed() >= gateway::api::BODY_TIMEOUT - Duration::from_millis(500));
+}
