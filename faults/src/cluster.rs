@@ -1,0 +1,601 @@
+//! The whole cluster on loopback, as separate processes on free ports: NATS with
+//! JetStream, Redis without persistence, three gateways behind HAProxy, two workers,
+//! the STUB `mock-llm` (behind the LLM tap) and the STUB `mock-backend`. Each piece
+//! can be crashed, stopped and started again on its own ports (and, for NATS, its
+//! own JetStream store); readiness comes from each node's admin `/readyz` and from
+//! HAProxy's own view of its servers.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use crate::process::{Proc, Spec};
+use crate::tap::LlmTap;
+
+/// Gateways behind the load balancer (the issue's cluster shape).
+pub const GATEWAYS: usize = 3;
+/// Workers consuming chat requests.
+pub const WORKERS: usize = 2;
+/// The public channel namespace the load uses (any authenticated user may publish).
+pub const ROOM_NAMESPACE: &str = "room";
+/// A component not ready after this long at start is a broken setup, not a finding.
+pub const START_LIMIT: Duration = Duration::from_secs(30);
+/// One admin or API HTTP call over loopback.
+pub const HTTP_TIMEOUT: Duration = Duration::from_secs(3);
+/// HAProxy health-check period: failure detection is `FALL` of these.
+pub const CHECK_INTER_MS: u64 = 500;
+/// Failed checks before HAProxy takes a gateway out (and passing ones to put it back).
+pub const FALL: u32 = 2;
+pub const RISE: u32 = 2;
+
+/// Where the binaries are.
+#[derive(Debug, Clone)]
+pub struct Bins {
+    pub dir: PathBuf,
+}
+
+impl Bins {
+    pub fn get(&self, name: &str) -> Result<PathBuf> {
+        let p = self.dir.join(name);
+        if !p.is_file() {
+            bail!(
+                "{} not found: build it first (scripts/faults runs `cargo build --release -p switchboard-gateway -p switchboard-worker -p switchboard-loadtest`)",
+                p.display()
+            );
+        }
+        Ok(p)
+    }
+}
+
+/// Finds a system binary (nats-server in /usr/sbin on Debian, haproxy too).
+pub fn system_binary(name: &str) -> Result<PathBuf> {
+    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
+        "/usr/sbin",
+        "/usr/bin",
+        "/usr/local/bin",
+        "/usr/local/sbin",
+    ]) {
+        let p = Path::new(dir).join(name);
+        if p.is_file() {
+            return Ok(p);
+        }
+    }
+    bail!("{name} not found: install it (`apt-get install {name}`; scripts/faults does this)")
+}
+
+/// Settings that differ between sizes (see `plan.rs` for the values and reasons).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Settings {
+    pub drain_secs: u64,
+    pub ack_wait_secs: u64,
+    pub breaker_cooldown_ms: u64,
+    pub llm_first_token_ms: u64,
+    pub llm_tokens_per_sec: f64,
+    pub llm_reply_tokens: usize,
+}
+
+/// A gateway or worker process with its ports.
+pub struct Node {
+    pub id: String,
+    pub proc: Proc,
+    /// Public port (gateways only).
+    pub port: u16,
+    pub admin: u16,
+}
+
+pub struct Cluster {
+    pub secret: String,
+    pub api_key: String,
+    pub settings: Settings,
+    pub nats: Proc,
+    pub nats_port: u16,
+    nats_monitor: u16,
+    pub redis: Proc,
+    pub redis_port: u16,
+    pub gateways: Vec<Node>,
+    pub workers: Vec<Node>,
+    pub llm: Proc,
+    llm_normal_args: Vec<String>,
+    pub tap: LlmTap,
+    pub backend: Proc,
+    pub backend_port: u16,
+    pub haproxy: Option<Proc>,
+    pub lb_port: u16,
+    stats_port: u16,
+    http: reqwest::Client,
+    _store: tempfile::TempDir,
+}
+
+fn port() -> u16 {
+    testkit::free_port()
+}
+
+fn secret_hex(bytes: usize) -> String {
+    (0..bytes)
+        .map(|_| format!("{:02x}", rand::random::<u8>()))
+        .collect()
+}
+
+impl Cluster {
+    /// Starts everything and waits until every piece is ready and HAProxy sees all
+    /// three gateways up.
+    pub async fn start(bins: &Bins, log_dir: &Path, settings: Settings) -> Result<Cluster> {
+        std::fs::create_dir_all(log_dir)?;
+        let store = tempfile::tempdir().context("JetStream store directory")?;
+        let http = reqwest::Client::builder()
+            .timeout(HTTP_TIMEOUT)
+            .no_proxy()
+            .build()?;
+        let secret = secret_hex(32);
+        let api_key = secret_hex(16);
+
+        let (nats_port, nats_monitor) = (port(), port());
+        let js_dir = store.path().join("js");
+        let nats = Proc::start(
+            Spec::new("nats", system_binary("nats-server")?)
+                .arg("-a")
+                .arg("127.0.0.1")
+                .arg("-p")
+                .arg(nats_port.to_string())
+                .arg("-m")
+                .arg(nats_monitor.to_string())
+                .arg("-js")
+                .arg("-sd")
+                .arg(js_dir.display().to_string()),
+            log_dir,
+        )?;
+        let redis_port = port();
+        let redis = Proc::start(
+            Spec::new("redis", system_binary("redis-server")?)
+                .arg("--port")
+                .arg(redis_port.to_string())
+                .arg("--bind")
+                .arg("127.0.0.1")
+                .arg("--save")
+                .arg("")
+                .arg("--appendonly")
+                .arg("no")
+                .arg("--dir")
+                .arg(store.path().display().to_string()),
+            log_dir,
+        )?;
+
+        let (llm_port, tap_port, backend_port) = (port(), port(), port());
+        let llm_normal_args = vec![
+            "--listen".to_owned(),
+            format!("127.0.0.1:{llm_port}"),
+            "--first-token-ms".to_owned(),
+            settings.llm_first_token_ms.to_string(),
+            "--tokens-per-sec".to_owned(),
+            settings.llm_tokens_per_sec.to_string(),
+            "--reply-tokens".to_owned(),
+            settings.llm_reply_tokens.to_string(),
+        ];
+        let mut llm_spec = Spec::new("mock-llm", bins.get("mock-llm")?);
+        llm_spec.args = llm_normal_args.clone();
+        let llm = Proc::start(llm_spec, log_dir)?;
+        let tap = LlmTap::start(tap_port, llm_port).await?;
+        let backend = Proc::start(
+            Spec::new("mock-backend", bins.get("mock-backend")?)
+                .arg("--listen")
+                .arg(format!("127.0.0.1:{backend_port}")),
+            log_dir,
+        )?;
+
+        let mut c = Cluster {
+            secret,
+            api_key,
+            settings,
+            nats,
+            nats_port,
+            nats_monitor,
+            redis,
+            redis_port,
+            gateways: Vec::new(),
+            workers: Vec::new(),
+            llm,
+            llm_normal_args,
+            tap,
+            backend,
+            backend_port,
+            haproxy: None,
+            lb_port: port(),
+            stats_port: port(),
+            http,
+            _store: store,
+        };
+        c.wait_nats().await?;
+        c.wait_redis().await?;
+        wait_port(llm_port).await?;
+        wait_port(backend_port).await?;
+
+        for i in 0..GATEWAYS {
+            let (p, a) = (port(), port());
+            let id = format!("gw{}", i + 1);
+            let spec = Spec::new(&id, bins.get("gateway")?)
+                .env("SB_NODE_ID", &id)
+                .env("SB_LISTEN", format!("127.0.0.1:{p}"))
+                .env("SB_ADMIN_LISTEN", format!("127.0.0.1:{a}"))
+                .env("SB_NATS_URL", c.nats_url())
+                .env("SB_REDIS_URL", c.redis_url())
+                .env("SB_JWT_SECRET", &c.secret)
+                .env("SB_API_KEY", &c.api_key)
+                .env("SB_TRUSTED_PROXIES", "127.0.0.1/32")
+                .env("SB_PUBLIC_NAMESPACES", ROOM_NAMESPACE)
+                .env("SB_DRAIN_SECS", c.settings.drain_secs.to_string())
+                .env("SB_LOG_FORMAT", "text")
+                .env("SB_LOG", "info");
+            c.gateways.push(Node {
+                id,
+                proc: Proc::start(spec, log_dir)?,
+                port: p,
+                admin: a,
+            });
+        }
+        for i in 0..WORKERS {
+            let a = port();
+            let id = format!("worker{}", i + 1);
+            let spec = Spec::new(&id, bins.get("worker")?)
+                .env("SB_NODE_ID", &id)
+                .env("SB_ADMIN_LISTEN", format!("127.0.0.1:{a}"))
+                .env("SB_NATS_URL", c.nats_url())
+                .env("SB_REDIS_URL", c.redis_url())
+                .env("SB_LLM_BASE_URL", format!("http://127.0.0.1:{tap_port}/v1"))
+                .env("SB_BACKEND_URL", format!("http://127.0.0.1:{backend_port}"))
+                .env("SB_ACK_WAIT_SECS", c.settings.ack_wait_secs.to_string())
+                .env(
+                    "SB_BREAKER_COOLDOWN_MS",
+                    c.settings.breaker_cooldown_ms.to_string(),
+                )
+                .env("SB_LOG_FORMAT", "text")
+                // The retry decisions (and their delays) are logged at debug.
+                .env("SB_LOG", "info,worker::llm=debug");
+            c.workers.push(Node {
+                id,
+                proc: Proc::start(spec, log_dir)?,
+                port: 0,
+                admin: a,
+            });
+        }
+        for i in 0..GATEWAYS {
+            c.wait_ready(c.gateways[i].admin, true, START_LIMIT).await?;
+        }
+        for i in 0..WORKERS {
+            c.wait_ready(c.workers[i].admin, true, START_LIMIT).await?;
+        }
+
+        let cfg = c.haproxy_config();
+        let cfg_path = log_dir.join("haproxy.cfg");
+        std::fs::write(&cfg_path, cfg)?;
+        c.haproxy = Some(Proc::start(
+            Spec::new("haproxy", system_binary("haproxy")?)
+                .arg("-db")
+                .arg("-f")
+                .arg(cfg_path.display().to_string()),
+            log_dir,
+        )?);
+        wait_port(c.lb_port).await?;
+        for i in 0..GATEWAYS {
+            c.wait_lb_up(i, START_LIMIT).await?;
+        }
+        Ok(c)
+    }
+
+    fn haproxy_config(&self) -> String {
+        let mut servers = String::new();
+        for g in &self.gateways {
+            servers.push_str(&format!(
+                "    server {} 127.0.0.1:{} check port {} inter {CHECK_INTER_MS}ms fall {FALL} rise {RISE}\n",
+                g.id, g.port, g.admin
+            ));
+        }
+        format!(
+            "# Written by the fault-injection suite (faults/src/cluster.rs).
+global
+    maxconn 9000
+    # Socket buffers toward gateways and clients bounded (the kernel would grow them
+    # to megabytes on loopback): a client that stops reading backs up to the
+    # gateway's own bounded queue within a few hundred KiB, as behind a real LB.
+    tune.rcvbuf.server 262144
+    tune.sndbuf.client 262144
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 75s
+    timeout server 75s
+    # WebSockets live long: the tunnel timeout applies after the upgrade.
+    timeout tunnel 1h
+    option forwardfor
+    # A connect refused by a dead or draining gateway is retried on another one
+    # instead of answering the client 503.
+    retries 3
+    option redispatch 1
+frontend switchboard
+    bind 127.0.0.1:{lb}
+    default_backend gateways
+backend gateways
+    balance leastconn
+    option httpchk GET /readyz
+    http-check expect status 200
+{servers}listen stats
+    bind 127.0.0.1:{stats}
+    stats enable
+    stats uri /stats
+",
+            lb = self.lb_port,
+            stats = self.stats_port,
+        )
+    }
+
+    pub fn nats_url(&self) -> String {
+        format!("nats://127.0.0.1:{}", self.nats_port)
+    }
+
+    pub fn redis_url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.redis_port)
+    }
+
+    /// The load balancer (HAProxy) address clients connect to.
+    pub fn lb_addr(&self) -> SocketAddr {
+        ([127, 0, 0, 1], self.lb_port).into()
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.lb_port)
+    }
+
+    pub fn api_url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.lb_port)
+    }
+
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    /// `GET /readyz` on an admin port: the status, or 0 when nothing answered.
+    pub async fn readyz(&self, admin: u16) -> u16 {
+        readyz(&self.http, admin).await
+    }
+
+    /// `/readyz` body of an admin port (workers report their breaker there).
+    pub async fn readyz_json(&self, admin: u16) -> Option<Value> {
+        let r = self
+            .http
+            .get(format!("http://127.0.0.1:{admin}/readyz"))
+            .send()
+            .await
+            .ok()?;
+        r.json().await.ok()
+    }
+
+    pub async fn wait_ready(&self, admin: u16, want: bool, limit: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let code = if want { 200 } else { 503 };
+        loop {
+            if self.readyz(admin).await == code {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > limit {
+                bail!("readyz on admin port {admin} never became {code} within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Sum of a Prometheus counter or gauge over all its series on an admin port.
+    pub async fn metric_sum(&self, admin: u16, name: &str) -> Option<f64> {
+        let text = self
+            .http
+            .get(format!("http://127.0.0.1:{admin}/metrics"))
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
+        Some(metric_sum(&text, name))
+    }
+
+    /// HAProxy's status of each gateway (`UP`, `DOWN`, `UP 1/2`, ...).
+    pub async fn lb_status(&self) -> Vec<(String, String)> {
+        let Ok(r) = self
+            .http
+            .get(format!("http://127.0.0.1:{}/stats;csv", self.stats_port))
+            .send()
+            .await
+        else {
+            return Vec::new();
+        };
+        let text = r.text().await.unwrap_or_default();
+        // Columns: pxname, svname, ... field 17 is `status`.
+        text.lines()
+            .filter(|l| l.starts_with("gateways,"))
+            .filter_map(|l| {
+                let f: Vec<&str> = l.split(',').collect();
+                (f.len() > 17 && f[1] != "BACKEND").then(|| (f[1].to_owned(), f[17].to_owned()))
+            })
+            .collect()
+    }
+
+    /// Waits until HAProxy routes to gateway `i` again.
+    pub async fn wait_lb_up(&self, i: usize, limit: Duration) -> Result<Duration> {
+        let start = Instant::now();
+        let id = self.gateways[i].id.clone();
+        loop {
+            if self
+                .lb_status()
+                .await
+                .iter()
+                .any(|(n, s)| *n == id && s == "UP")
+            {
+                return Ok(start.elapsed());
+            }
+            if start.elapsed() > limit {
+                bail!("HAProxy never saw {id} UP within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Starts gateway `i` again (same ports) and waits until HAProxy routes to it.
+    pub async fn restart_gateway(&mut self, i: usize) -> Result<()> {
+        self.gateways[i].proc.restart()?;
+        let admin = self.gateways[i].admin;
+        self.wait_ready(admin, true, START_LIMIT).await?;
+        self.wait_lb_up(i, START_LIMIT).await?;
+        Ok(())
+    }
+
+    pub async fn restart_worker(&mut self, i: usize) -> Result<()> {
+        self.workers[i].proc.restart()?;
+        let admin = self.workers[i].admin;
+        self.wait_ready(admin, true, START_LIMIT).await?;
+        Ok(())
+    }
+
+    async fn wait_nats(&self) -> Result<()> {
+        let start = Instant::now();
+        let url = format!(
+            "http://127.0.0.1:{}/healthz?js-enabled-only=true",
+            self.nats_monitor
+        );
+        loop {
+            if let Ok(r) = self.http.get(&url).send().await
+                && r.status().is_success()
+            {
+                return Ok(());
+            }
+            if start.elapsed() > START_LIMIT {
+                bail!("nats-server not ready (see its log)");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn wait_redis(&self) -> Result<()> {
+        let start = Instant::now();
+        while !redis_ping(self.redis_port).await {
+            if start.elapsed() > START_LIMIT {
+                bail!("redis-server not ready (see its log)");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Ok(())
+    }
+
+    /// Starts NATS again with the same port and JetStream store.
+    pub async fn start_nats_again(&mut self) -> Result<()> {
+        self.nats.restart()?;
+        self.wait_nats().await
+    }
+
+    /// Starts Redis again (empty: no persistence, as run here).
+    pub async fn start_redis_again(&mut self) -> Result<()> {
+        self.redis.restart()?;
+        self.wait_redis().await
+    }
+
+    /// Restarts mock-llm on its port with extra flags (`--p-429 1 ...`), or with
+    /// none for normal service again.
+    pub async fn restart_llm(&mut self, extra: &[&str]) -> Result<()> {
+        if self.llm.alive() {
+            self.llm.term(Duration::from_secs(5)).await?;
+        }
+        let mut args = self.llm_normal_args.clone();
+        args.extend(extra.iter().map(|s| s.to_string()));
+        self.llm.restart_with(args)?;
+        wait_port(self.tap.upstream_port()).await
+    }
+
+    pub async fn start_backend_again(&mut self) -> Result<()> {
+        self.backend.restart()?;
+        wait_port(self.backend_port).await
+    }
+
+    /// Stops everything (SIGTERM, then SIGKILL); HAProxy first so clients stop.
+    pub async fn stop(&mut self) {
+        let grace = Duration::from_secs(2);
+        if let Some(h) = self.haproxy.as_mut() {
+            let _ = h.term(grace).await;
+        }
+        for g in &mut self.gateways {
+            let _ = g.proc.kill9().await;
+        }
+        for w in &mut self.workers {
+            let _ = w.proc.kill9().await;
+        }
+        let _ = self.llm.term(grace).await;
+        let _ = self.backend.term(grace).await;
+        let _ = self.nats.term(grace).await;
+        let _ = self.redis.term(grace).await;
+    }
+}
+
+pub async fn readyz(http: &reqwest::Client, admin: u16) -> u16 {
+    http.get(format!("http://127.0.0.1:{admin}/readyz"))
+        .send()
+        .await
+        .map(|r| r.status().as_u16())
+        .unwrap_or(0)
+}
+
+/// Sums every series of `name` in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+async fn redis_ping(port: u16) -> bool {
+    let attempt = async {
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        s.write_all(b"PING\r\n").await.ok()?;
+        let mut buf = [0u8; 16];
+        let n = s.read(&mut buf).await.ok()?;
+        Some(buf[..n].starts_with(b"+PONG"))
+    };
+    matches!(
+        tokio::time::timeout(Duration::from_millis(500), attempt).await,
+        Ok(Some(true))
+    )
+}
+
+/// Waits until something accepts on 127.0.0.1:`port`.
+pub async fn wait_port(port: u16) -> Result<()> {
+    let start = Instant::now();
+    loop {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .is_ok()
+        {
+            return Ok(());
+        }
+        if start.elapsed() > START_LIMIT {
+            bail!("nothing listening on port {port}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metric_sum_adds_every_series_and_only_that_name() {
+        let text = "# HELP x\nfoo_total{a=\"1\"} 2\nfoo_total{a=\"2\"} 3.5\nfoo_total_other 9\nfoo_total 1\n";
+        assert_eq!(metric_sum(text, "foo_total"), 6.5);
+        assert_eq!(metric_sum(text, "bar"), 0.0);
+    }
+}
