@@ -272,6 +272,7 @@ async fn finish(
         .store
         .append_history(
             &req.session_id,
+            &req.user_id,
             &req.request_id,
             &turn,
             worker.config.history_window,

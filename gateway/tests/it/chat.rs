@@ -123,6 +123,7 @@ async fn history_reads_the_session_oldest_first() {
         store
             .append_history(
                 &sid,
+                "carol",
                 "r1",
                 &[m("user", "q1", "r1"), m("assistant", "a1", "r1")],
                 100
@@ -134,6 +135,7 @@ async fn history_reads_the_session_oldest_first() {
         !store
             .append_history(
                 &sid,
+                "carol",
                 "r1",
                 &[m("user", "q1", "r1"), m("assistant", "a1", "r1")],
                 100
@@ -145,6 +147,7 @@ async fn history_reads_the_session_oldest_first() {
         store
             .append_history(
                 &sid,
+                "carol",
                 "r2",
                 &[m("user", "q2", "r2"), m("assistant", "a2", "r2")],
                 100
@@ -286,4 +289,46 @@ async fn cancel_reaches_every_worker_and_jetstream_down_is_unavailable() {
     // Still connected.
     send_json(&mut ws, json!({"type": "ping"})).await;
     assert_eq!(next_json(&mut ws).await["type"], "pong");
+}
+
+/// A reply recorded after Redis lost the session's owner record (it restarted empty
+/// while the request was in flight) claims the session for the request's user again,
+/// so the owner can read its history and nobody else can.
+#[tokio::test]
+async fn recording_a_reply_reclaims_a_lost_session_for_its_user() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, |_| {}).await;
+    let store = SessionStore::new(&deps.redis.url(), Keys::new("sb")).unwrap();
+    let msg = HistoryMessage {
+        role: "assistant".into(),
+        content: "kept".into(),
+        ts: 1,
+        request_id: Some("r-lost".into()),
+    };
+    assert!(
+        store
+            .append_history("sess-lost", "dave", "r-lost", &[msg], 100)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        store.session_owner("sess-lost").await.unwrap().as_deref(),
+        Some("dave")
+    );
+    let (mut dave, _) = authed(&gw, "dave").await;
+    send_json(
+        &mut dave,
+        json!({"type": "history", "session_id": "sess-lost", "id": 1}),
+    )
+    .await;
+    let h = next_json(&mut dave).await;
+    assert_eq!(h["type"], "history", "{h}");
+    assert_eq!(h["messages"][0]["content"], "kept");
+    let (mut eve, _) = authed(&gw, "eve").await;
+    send_json(
+        &mut eve,
+        json!({"type": "history", "session_id": "sess-lost", "id": 2}),
+    )
+    .await;
+    assert_eq!(next_json(&mut eve).await["code"], "FORBIDDEN");
 }

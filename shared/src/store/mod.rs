@@ -141,7 +141,9 @@ return 2
 "#;
 
 /// Appends a request's messages to a session's history unless an entry of that
-/// request is already there, so a redelivered request is recorded exactly once.
+/// request is already there, so a redelivered request is recorded exactly once. A
+/// session whose owner record is gone (Redis restarted empty while the request was
+/// in flight) is claimed again for the request's user, so the owner can read it.
 /// ARGV: request_id, window, ttl_ms, messages... Returns 1 appended, 0 already there.
 const APPEND_SCRIPT: &str = r#"
 local items = redis.call('LRANGE', KEYS[1], 0, -1)
@@ -149,7 +151,10 @@ for _, item in ipairs(items) do
   local ok, m = pcall(cjson.decode, item)
   if ok and type(m) == 'table' and m['request_id'] == ARGV[1] then return 0 end
 end
-for i = 4, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
+if redis.call('HEXISTS', KEYS[2], 'owner') == 0 then
+  redis.call('HSET', KEYS[2], 'owner', ARGV[4], 'created_at', ARGV[5])
+end
+for i = 6, #ARGV do redis.call('RPUSH', KEYS[1], ARGV[i]) end
 redis.call('LTRIM', KEYS[1], -tonumber(ARGV[2]), -1)
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 redis.call('PEXPIRE', KEYS[2], ARGV[3])
@@ -537,6 +542,7 @@ impl SessionStore {
     pub async fn append_history(
         &self,
         session_id: &str,
+        owner: &str,
         request_id: &str,
         messages: &[HistoryMessage],
         window: usize,
@@ -550,7 +556,9 @@ impl SessionStore {
                 .key(self.keys.chat_meta(session_id))
                 .arg(request_id)
                 .arg(window.max(1))
-                .arg(CHAT_TTL.as_millis() as u64);
+                .arg(CHAT_TTL.as_millis() as u64)
+                .arg(owner)
+                .arg(now_ms());
             for m in messages {
                 let json = serde_json::to_string(m).map_err(|source| StoreError::Corrupt {
                     key: key.clone(),

@@ -139,7 +139,7 @@ async fn system_prompt_and_history_within_the_token_budget() {
             })
             .collect();
         env.store
-            .append_history(&req.session_id, &rid, &msgs, 100)
+            .append_history(&req.session_id, &req.user_id, &rid, &msgs, 100)
             .await
             .unwrap();
     }
@@ -220,7 +220,13 @@ async fn a_request_already_in_history_only_republishes_complete() {
         },
     ];
     env.store
-        .append_history(&req.session_id, &req.request_id, &recorded, 100)
+        .append_history(
+            &req.session_id,
+            &req.user_id,
+            &req.request_id,
+            &recorded,
+            100,
+        )
         .await
         .unwrap();
     // Play a worker that completed it but died before its ack: deliver once, nak.
