@@ -16,6 +16,7 @@ export declare const DEFAULTS: Readonly<{
   maxOrphans: number;
   chatRecheckMs: number;
   chatIdleTimeoutMs: number;
+  chatSilenceMs: number;
   maxTokenFailures: number;
   maxFrameBytes: number;
   gapHistoryLimit: number;
@@ -118,6 +119,8 @@ export interface ChannelMessage {
 export interface SubscribedInfo {
   channel: string;
   offset: number;
+  /** Which count of the channel's offsets `offset` belongs to; pass it back with `since`. */
+  epoch: string | null;
   recovered: boolean;
   /** True for a resubscribe after a reconnect. */
   resumed: boolean;
@@ -136,7 +139,10 @@ export interface ChannelEvent { channel: string; user: string; offset?: number }
 export interface SubscriptionHandlers {
   onMessage?: (m: ChannelMessage) => void;
   onSubscribed?: (info: SubscribedInfo) => void;
-  /** A resume (or `since`) could not be replayed (`recovered: false`): reload by other means. */
+  /**
+   * A resume (or `since`) could not be replayed, or the channel's offsets started over
+   * while subscribed (the server lost its history): reload by other means.
+   */
   onReset?: (info: ResetInfo) => void;
   onJoin?: (e: ChannelEvent) => void;
   onLeave?: (e: ChannelEvent) => void;
@@ -209,7 +215,7 @@ export interface Client {
   off(event: string, fn: (arg: never) => void): void;
   ready(opts?: { timeoutMs?: number }): Promise<SessionInfo>;
   reconnect(): void;
-  subscribe(channel: string, handlers?: SubscriptionHandlers, opts?: { since?: number; backlog?: number }): Subscription;
+  subscribe(channel: string, handlers?: SubscriptionHandlers, opts?: { since?: number; epoch?: string; backlog?: number }): Subscription;
   publish(channel: string, data: unknown, opts?: { timeoutMs?: number }): Promise<{ offset: number }>;
   presence(channel: string): Promise<PresenceUser[]>;
   typing(channel: string): boolean;

@@ -43,6 +43,9 @@ export const DEFAULTS = Object.freeze({
   // A chat stream that hears nothing for this long fails with TIMEOUT: longer than the
   // worker's own LLM first-token timeout (60 s) plus its retries and a redelivery.
   chatIdleTimeoutMs: 180_000,
+  // A chat stream silent this long on a live link is checked against `history`
+  // (PROTOCOL.md: live chat events can be lost while the message bus restarts).
+  chatSilenceMs: 10_000,
   // Expired tokens handed back this many times in a row (4001 before authentication)
   // stop the client: the token source is broken and retrying cannot help.
   maxTokenFailures: 3,
@@ -501,6 +504,9 @@ class Connection {
         return this.onChannelEvent(f);
       case 'unsubscribed':
         return this.onServerUnsubscribed(f);
+      case 'subscribed':
+        // Without `id`: the channel's offsets started over (its position was lost).
+        return this.onServerRestart(f);
       case 'token_expiring':
         this.broadcast('token_expiring', { expiresAt: f.expires_at });
         return this.refresh();
@@ -682,16 +688,16 @@ class Connection {
 
   // --- channels ---
 
-  addSubscription(sub, since, backlog) {
+  addSubscription(sub, since, backlog, epoch) {
     let ch = this.channels.get(sub.channel);
     if (!ch) {
-      ch = { name: sub.channel, subs: new Set(), lastOffset: null, active: false, since: since ?? null, backlog: backlog ?? 0, held: null };
+      ch = { name: sub.channel, subs: new Set(), lastOffset: null, epoch: epoch ?? null, active: false, since: since ?? null, backlog: backlog ?? 0, held: null };
       this.channels.set(sub.channel, ch);
       ch.subs.add(sub);
       if (this.state === 'authenticated') this.subscribeChannel(ch);
     } else {
       ch.subs.add(sub);
-      if (ch.active) sub.onSubscribed({ channel: ch.name, offset: ch.lastOffset, recovered: true, resumed: false, shared: true });
+      if (ch.active) sub.onSubscribed({ channel: ch.name, offset: ch.lastOffset, epoch: ch.epoch, recovered: true, resumed: false, shared: true });
     }
   }
 
@@ -708,6 +714,8 @@ class Connection {
     if (!resumed && since !== null) ch.lastOffset = since;
     const frame = { type: 'subscribe', channel: ch.name };
     if (since !== null) frame.since = since;
+    // The count `since` belongs to: offsets of an earlier one are never "recovered".
+    if (since !== null && ch.epoch !== null) frame.epoch = ch.epoch;
     try {
       await this.request(frame, undefined, (reply) => this.onSubscribed(ch, reply, resumed, since));
     } catch (e) {
@@ -735,7 +743,8 @@ class Connection {
     const previous = ch.lastOffset;
     // Unrecovered: the server's offset is the truth now, even if lower (history lost).
     ch.lastOffset = recovered && previous !== null ? Math.max(previous, reply.offset) : reply.offset;
-    const info = { channel: ch.name, offset: reply.offset, recovered, resumed, readOffset: reply.read_offset };
+    ch.epoch = reply.epoch ?? null;
+    const info = { channel: ch.name, offset: reply.offset, epoch: ch.epoch, recovered, resumed, readOffset: reply.read_offset };
     for (const sub of [...ch.subs]) {
       sub.onSubscribed(info);
       if (since !== null && !recovered) sub.emit('reset', { ...info, lastOffset: previous });
@@ -756,6 +765,7 @@ class Connection {
     try {
       await this.request({ type: 'subscribe', channel: ch.name, since }, undefined, (r) => {
         recovered = Boolean(r.recovered);
+        ch.epoch = r.epoch ?? null;
         this.releaseHeld(ch, offset, recovered, r.read_offset);
       });
     } catch {
@@ -781,7 +791,7 @@ class Connection {
     }
     ch.lastOffset = Math.max(ch.lastOffset, offset);
     if (this.channels.get(ch.name) !== ch) return;
-    const info = { channel: ch.name, offset: ch.lastOffset, recovered: true, resumed: false, readOffset, backlog };
+    const info = { channel: ch.name, offset: ch.lastOffset, epoch: ch.epoch, recovered: true, resumed: false, readOffset, backlog };
     for (const sub of [...ch.subs]) sub.onSubscribed(info);
   }
 
@@ -814,6 +824,27 @@ class Connection {
     const ch = this.channels.get(f.channel);
     if (ch) for (const sub of [...ch.subs]) sub.emit(f.type, ev);
     this.broadcast(f.type, ev);
+  }
+
+  /**
+   * The server's `subscribed` without `id`: Redis lost the channel's position and its
+   * offsets count again from `f.offset` in a new epoch. What came before is not
+   * recoverable: the app hears `reset` and reloads; messages go on from the new count.
+   */
+  onServerRestart(f) {
+    const ch = this.channels.get(f.channel);
+    if (!ch) return;
+    const previous = ch.lastOffset;
+    ch.lastOffset = f.offset;
+    ch.epoch = f.epoch ?? null;
+    // A backlog replay in progress belongs to the old count.
+    if (ch.held) ch.held = new Map();
+    const info = { channel: ch.name, offset: f.offset, epoch: ch.epoch, recovered: false, resumed: false };
+    for (const sub of [...ch.subs]) {
+      sub.offset = f.offset;
+      sub.recovered = false;
+      sub.emit('reset', { ...info, lastOffset: previous });
+    }
   }
 
   onServerUnsubscribed(f) {
@@ -992,6 +1023,7 @@ class ChatStream {
     this.rechecking = false;
     this.recheckTimers = new Set();
     this.idleTimer = null;
+    this.silenceTimer = null;
     this.waiters = new Set();
     const done = deferred();
     const accepted = deferred();
@@ -1013,6 +1045,11 @@ class ChatStream {
     this.idleTimer = this.conn.setTimer(() => {
       this.fail(new SwitchboardError('TIMEOUT', `no reply to chat request ${this.requestId} for ${this.conn.cfg.chatIdleTimeoutMs} ms`));
     }, this.conn.cfg.chatIdleTimeoutMs);
+    if (this.silenceTimer !== null) this.conn.clearTimer(this.silenceTimer);
+    this.silenceTimer = this.conn.setTimer(() => {
+      this.silenceTimer = null;
+      if (!this.finished && this.conn.state === 'authenticated') this.conn.recheckChat(this);
+    }, this.conn.cfg.chatSilenceMs);
   }
 
   onFrame(f) {
@@ -1065,6 +1102,7 @@ class ChatStream {
   end() {
     this.finished = true;
     if (this.idleTimer !== null) this.conn.clearTimer(this.idleTimer);
+    if (this.silenceTimer !== null) this.conn.clearTimer(this.silenceTimer);
     for (const t of this.recheckTimers) this.conn.clearTimer(t);
     this.recheckTimers.clear();
     if (this.requestId !== null && this.conn.chats.get(this.requestId) === this) this.conn.chats.delete(this.requestId);
@@ -1175,16 +1213,17 @@ class Client {
     conn.openNow('connect');
   }
 
-  subscribe(channel, handlers = {}, { since, backlog } = {}) {
+  subscribe(channel, handlers = {}, { since, epoch, backlog } = {}) {
     this.assertOpen();
     checkChannel(channel);
     if (handlers === null || typeof handlers !== 'object') throw badRequest('subscribe handlers must be an object');
     if (since !== undefined && !(Number.isInteger(since) && since >= 0)) throw badRequest('`since` must be a non-negative integer offset');
     if (backlog !== undefined && !(Number.isInteger(backlog) && backlog >= 0)) throw badRequest('`backlog` must be a non-negative integer');
     if (since !== undefined && backlog) throw badRequest('pass `since` or `backlog`, not both');
+    if (epoch !== undefined && (typeof epoch !== 'string' || since === undefined)) throw badRequest('`epoch` must be the string from `subscribed`, given with `since`');
     const sub = new Subscription(this, channel, handlers);
     this.subs.add(sub);
-    this.conn.addSubscription(sub, since, backlog);
+    this.conn.addSubscription(sub, since, backlog, epoch);
     return sub;
   }
 

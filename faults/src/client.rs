@@ -219,6 +219,11 @@ pub struct State {
     pub reconnect_frames: u64,
     /// Highest channel offset delivered in order.
     pub last_offset: Option<u64>,
+    /// The epoch `last_offset` counts in (from `subscribed`).
+    pub epoch: Option<String>,
+    /// Unsolicited `subscribed {recovered: false}`: the channel's offsets started over
+    /// while this client stayed subscribed (its position was lost with Redis).
+    pub restarts: u64,
     pub received: u64,
     pub gaps: u64,
     pub dups: u64,
@@ -664,11 +669,17 @@ impl<'a> Session<'a> {
     /// for every chat whose reply is not known yet.
     async fn after_auth(&mut self) -> bool {
         if let Some(ch) = self.user.profile.channel.clone() {
-            let since = self.user.state().last_offset;
+            let (since, epoch) = {
+                let st = self.user.state();
+                (st.last_offset, st.epoch.clone())
+            };
             let id = self.id("s");
             let mut f = json!({"type": "subscribe", "channel": ch, "id": id});
             if let Some(s) = since {
                 f["since"] = json!(s);
+                if let Some(e) = epoch {
+                    f["epoch"] = json!(e);
+                }
             }
             self.pending.insert(id, Pending::Subscribe { since });
             if !self.send(&f).await {
@@ -736,6 +747,7 @@ impl<'a> Session<'a> {
         let kind = v["type"].as_str().unwrap_or_default().to_owned();
         match kind.as_str() {
             "message" => self.on_message(&v),
+            "subscribed" if v.get("id").is_none() => self.on_restart(&v),
             "chat.chunk" | "chat.complete" | "chat.error" => self.on_chat(&kind, &v, now),
             "reconnect" => {
                 self.reconnect_jitter = v["retry_after_ms"].as_u64();
@@ -812,10 +824,23 @@ impl<'a> Session<'a> {
         }
     }
 
+    /// The server's word that the channel's count started over: later offsets are
+    /// of the new epoch, counted from the one it names.
+    fn on_restart(&mut self, v: &Value) {
+        if v["channel"].as_str() != self.user.profile.channel.as_deref() {
+            return;
+        }
+        let mut st = self.user.state();
+        st.restarts += 1;
+        st.last_offset = Some(v["offset"].as_u64().unwrap_or(0));
+        st.epoch = v["epoch"].as_str().map(str::to_owned);
+    }
+
     fn on_subscribed(&mut self, v: &Value, since: Option<u64>, now: Instant) {
         let offset = v["offset"].as_u64().unwrap_or(0);
         let recovered = v["recovered"].as_bool().unwrap_or(false);
         let mut st = self.user.state();
+        st.epoch = v["epoch"].as_str().map(str::to_owned);
         st.subscribes.push(SubRec {
             at: now,
             since,

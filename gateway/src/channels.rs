@@ -10,10 +10,12 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 use shared::protocol::{Channel, FrameId, PresenceUser, ServerFrame, UserContext};
-use shared::store::{ChannelSettings, StoreError, now_ms};
+use shared::store::{ChannelSettings, Position, StoreError, now_ms};
 
 use crate::error::SessionError;
-use crate::hub::{HEADER_CHANNEL, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS};
+use crate::hub::{
+    HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
+};
 use crate::node::Node;
 
 /// The namespace whose channels belong to one user each.
@@ -106,6 +108,9 @@ fn store_down(op: &'static str, e: StoreError) -> SessionError {
 
 struct Sub {
     channel: Channel,
+    /// The epoch `last` counts in (see `shared::store::Position`); 0 until the first
+    /// publication for a hidden subscription to a channel that had no position.
+    epoch: u64,
     /// Highest offset delivered to this connection.
     last: u64,
     /// Publications that arrived ahead of a missing offset, held for the reorder
@@ -116,13 +121,24 @@ struct Sub {
 }
 
 impl Sub {
-    fn new(channel: Channel, last: u64) -> Sub {
+    fn new(channel: Channel, at: Position) -> Sub {
         Sub {
             channel,
-            last,
+            epoch: at.epoch,
+            last: at.offset,
             ahead: BTreeMap::new(),
             gap_since: None,
         }
+    }
+
+    /// Starts over in a later epoch: the channel's position was lost (Redis restarted
+    /// empty) and its offsets count from 1 again. What was held belongs to the old
+    /// count and can never be completed.
+    fn restart(&mut self, epoch: u64) {
+        self.epoch = epoch;
+        self.last = 0;
+        self.ahead.clear();
+        self.gap_since = None;
     }
 
     /// Moves held publications that are now next in line to `out`.
@@ -157,10 +173,6 @@ struct SubList(Vec<(Arc<str>, Sub)>);
 impl SubList {
     fn position(&self, key: &str) -> Option<usize> {
         self.0.iter().position(|(k, _)| &**k == key)
-    }
-
-    fn get(&self, key: &str) -> Option<&Sub> {
-        self.position(key).map(|i| &self.0[i].1)
     }
 
     fn get_mut(&mut self, key: &str) -> Option<&mut Sub> {
@@ -239,14 +251,33 @@ pub async fn subscribe(
     subs: &mut Subscriptions,
     channel: &str,
     since: Option<u64>,
+    epoch: Option<&str>,
     id: Option<FrameId>,
     announce: bool,
 ) -> Result<Vec<Bytes>, SessionError> {
     let ch = parse(channel)?;
     check(node, perms, &ch, Access::Subscribe)?;
+    // An epoch that is not a number is nobody's: `since` cannot be recovered in it.
+    let epoch = epoch.map(|e| e.parse::<u64>().unwrap_or(0));
     let key: Arc<str> = ch.to_string().into();
-    if let Some(sub) = subs.subs.get(&key) {
-        return resubscribe(node, &perms.user_id, &ch, sub.last, since, id, announce).await;
+    if let Some(sub) = subs.subs.get_mut(&key) {
+        if sub.epoch == 0 && announce {
+            // A hidden subscription taken before the channel had a position: the
+            // client is about to hold an offset, so it gets an epoch with it.
+            let at = node
+                .store
+                .channel_position(&ch, &settings(node))
+                .await
+                .map_err(|e| store_down("channel_position", e))?;
+            if sub.last == 0 {
+                sub.epoch = at.epoch;
+            }
+        }
+        let at = Position {
+            epoch: sub.epoch,
+            offset: sub.last,
+        };
+        return resubscribe(node, &perms.user_id, &ch, at, since, epoch, id, announce).await;
     }
     let max = node.config.channels.max_subscriptions;
     if subs.len() >= max {
@@ -271,11 +302,11 @@ pub async fn subscribe(
     }
 
     let mut out = Vec::new();
-    let (last, recovered) = match since {
+    let (at, recovered) = match since {
         Some(since) => {
             let h = node
                 .store
-                .channel_since(&ch, since)
+                .channel_since(&ch, since, epoch, &settings(node))
                 .await
                 .map_err(|e| fail(store_down("channel_since", e)))?;
             let result = if h.complete { "hit" } else { "miss" };
@@ -283,13 +314,24 @@ pub async fn subscribe(
             if h.complete {
                 out.extend(h.frames.into_iter().map(|(_, f)| Bytes::from(f)));
             }
-            (h.top, h.complete)
+            let at = Position {
+                epoch: h.epoch,
+                offset: h.top,
+            };
+            (at, h.complete)
         }
+        None if !announce => (
+            node.store
+                .peek_channel_position(&ch)
+                .await
+                .map_err(|e| fail(store_down("channel_position", e)))?,
+            false,
+        ),
         None => (
             node.store
-                .channel_top(&ch)
+                .channel_position(&ch, &settings(node))
                 .await
-                .map_err(|e| fail(store_down("channel_top", e)))?,
+                .map_err(|e| fail(store_down("channel_position", e)))?,
             false,
         ),
     };
@@ -298,14 +340,15 @@ pub async fn subscribe(
         .read_offset(&perms.user_id, &key)
         .await
         .map_err(|e| fail(store_down("read_offset", e)))?;
-    subs.subs.insert(key.clone(), Sub::new(ch.clone(), last));
+    subs.subs.insert(key.clone(), Sub::new(ch.clone(), at));
     metrics::gauge!(shared::metrics::SUBSCRIPTIONS).increment(1.0);
     join_presence(node, perms, conn_id, &ch).await;
     if announce {
         out.push(
             ServerFrame::Subscribed {
                 channel: key.to_string(),
-                offset: last,
+                offset: at.offset,
+                epoch: at.epoch.to_string(),
                 recovered,
                 read_offset,
                 id,
@@ -318,26 +361,30 @@ pub async fn subscribe(
 
 /// `subscribe` to a channel the connection already has (its own `user:` channel,
 /// or a client that lost track): answers `subscribed` again and, with `since`,
-/// replays what this connection was already given after `since`.
+/// replays what this connection was already given after `since` (in its epoch).
+#[allow(clippy::too_many_arguments)]
 async fn resubscribe(
     node: &Node,
     user_id: &str,
     ch: &Channel,
-    last: u64,
+    at: Position,
     since: Option<u64>,
+    epoch: Option<u64>,
     id: Option<FrameId>,
     announce: bool,
 ) -> Result<Vec<Bytes>, SessionError> {
     let mut out = Vec::new();
     let mut recovered = false;
-    if let Some(since) = since.filter(|s| *s <= last) {
+    let last = at.offset;
+    if let Some(since) = since.filter(|s| *s <= last && epoch.is_none_or(|e| e == at.epoch)) {
         let h = node
             .store
-            .channel_since(ch, since)
+            .channel_since(ch, since, Some(at.epoch), &settings(node))
             .await
             .map_err(|e| store_down("channel_since", e))?;
         let frames: Vec<_> = h.frames.into_iter().filter(|(o, _)| *o <= last).collect();
-        recovered = frames.len() as u64 == last - since
+        recovered = h.epoch == at.epoch
+            && frames.len() as u64 == last - since
             && frames.first().is_none_or(|(o, _)| *o == since + 1);
         if recovered {
             out.extend(frames.into_iter().map(|(_, f)| Bytes::from(f)));
@@ -353,6 +400,7 @@ async fn resubscribe(
             ServerFrame::Subscribed {
                 channel: ch.to_string(),
                 offset: last,
+                epoch: at.epoch.to_string(),
                 recovered,
                 read_offset,
                 id,
@@ -416,22 +464,48 @@ pub async fn revoke_lost(
 }
 
 /// Decides what of a live publication this connection writes, in offset order:
-/// nothing for a duplicate or an unsubscribed channel; a publication that comes
-/// ahead of a missing offset is held until the gap fills (or is repaired from
-/// history once [`REORDER_WINDOW`] passes, see [`repair_gaps`]).
+/// nothing for a duplicate, a straggler of an earlier epoch or an unsubscribed
+/// channel; a publication that comes ahead of a missing offset is held until the gap
+/// fills (or is repaired from history once [`REORDER_WINDOW`] passes, see
+/// [`repair_gaps`]). The first publication of a later epoch restarts the count and is
+/// preceded by `subscribed {recovered: false}` without `id`: what the old count still
+/// had for this connection is lost, the client must know (PROTOCOL.md "Offsets").
+/// `epoch` 0 (a publisher that sends none) counts as the subscription's own.
 pub fn on_publication(
     subs: &mut Subscriptions,
     channel: &str,
-    offset: u64,
+    at: Position,
     frame: Bytes,
 ) -> Vec<Bytes> {
     let Some(sub) = subs.subs.get_mut(channel) else {
         return Vec::new();
     };
-    if offset <= sub.last {
-        return Vec::new();
-    }
     let mut out = Vec::new();
+    if at.epoch != 0 && sub.epoch == 0 && sub.last == 0 {
+        // Subscribed before the channel had a position: this is its first count.
+        sub.epoch = at.epoch;
+    } else if at.epoch != 0 && at.epoch != sub.epoch {
+        if at.epoch < sub.epoch {
+            return out;
+        }
+        sub.restart(at.epoch);
+        metrics::counter!(shared::metrics::EPOCH_RESTARTS).increment(1);
+        out.push(
+            ServerFrame::Subscribed {
+                channel: channel.to_owned(),
+                offset: 0,
+                epoch: at.epoch.to_string(),
+                recovered: false,
+                read_offset: None,
+                id: None,
+            }
+            .to_bytes(),
+        );
+    }
+    let offset = at.offset;
+    if offset <= sub.last {
+        return out;
+    }
     if offset == sub.last + 1 {
         sub.last = offset;
         out.push(frame);
@@ -478,12 +552,17 @@ pub async fn repair_gaps(
         metrics::counter!(shared::metrics::GAP_REPAIRS).increment(1);
         let missing = node
             .store
-            .channel_range(&sub.channel, sub.last, upto)
+            .channel_range(&sub.channel, sub.epoch, sub.last, upto)
             .await
             .map_err(|e| {
                 tracing::warn!(error = %e, channel = %sub.channel, "cannot repair a gap in channel delivery");
                 SessionError::DeliveryGap
             })?;
+        // Another epoch by now: the offsets held are of a count nobody can complete.
+        let Some(missing) = missing else {
+            tracing::warn!(channel = %sub.channel, last = sub.last, "channel position restarted during a gap");
+            return Err(SessionError::DeliveryGap);
+        };
         for (o, f) in missing {
             sub.ahead.entry(o).or_insert_with(|| Bytes::from(f));
         }
@@ -535,7 +614,7 @@ pub async fn publish(
         serde_json::to_string(data).unwrap_or_else(|_| "null".into()),
         serde_json::to_string(from).unwrap_or_default(),
     );
-    let offset = node
+    let Position { epoch, offset } = node
         .store
         .publish_channel(ch, &head, &tail, &settings(node))
         .await?;
@@ -543,6 +622,7 @@ pub async fn publish(
     let frame = format!("{head}{offset}{tail}");
     let mut headers = async_nats::HeaderMap::new();
     headers.insert(HEADER_OFFSET, offset.to_string().as_str());
+    headers.insert(HEADER_EPOCH, epoch.to_string().as_str());
     headers.insert(HEADER_TS, now_ms().to_string().as_str());
     let subject = subject(node, ch, &mut headers);
     let sent = tokio::time::timeout(
@@ -748,11 +828,24 @@ pub async fn read(
 mod tests {
     use super::*;
 
+    const EPOCH: u64 = 1_764_000_000_000_000;
+
     fn subs(last: u64) -> Subscriptions {
         let ch = Channel::parse("news:x").unwrap();
         let mut s = Subscriptions::default();
-        s.subs.insert("news:x".into(), Sub::new(ch, last));
+        let at = Position {
+            epoch: EPOCH,
+            offset: last,
+        };
+        s.subs.insert("news:x".into(), Sub::new(ch, at));
         s
+    }
+
+    fn at(offset: u64) -> Position {
+        Position {
+            epoch: EPOCH,
+            offset,
+        }
     }
 
     fn f(o: u64) -> Bytes {
@@ -768,11 +861,14 @@ mod tests {
     #[test]
     fn in_order_and_duplicates() {
         let mut s = subs(3);
-        assert_eq!(delivered(on_publication(&mut s, "news:x", 4, f(4))), ["4"]);
-        assert!(on_publication(&mut s, "news:x", 4, f(4)).is_empty());
-        assert!(on_publication(&mut s, "news:x", 2, f(2)).is_empty());
+        assert_eq!(
+            delivered(on_publication(&mut s, "news:x", at(4), f(4))),
+            ["4"]
+        );
+        assert!(on_publication(&mut s, "news:x", at(4), f(4)).is_empty());
+        assert!(on_publication(&mut s, "news:x", at(2), f(2)).is_empty());
         assert!(
-            on_publication(&mut s, "news:y", 5, f(5)).is_empty(),
+            on_publication(&mut s, "news:y", at(5), f(5)).is_empty(),
             "not subscribed"
         );
         assert!(next_repair(&s).is_none());
@@ -781,14 +877,85 @@ mod tests {
     #[test]
     fn reordered_publications_are_held_then_released_in_order() {
         let mut s = subs(0);
-        assert!(on_publication(&mut s, "news:x", 3, f(3)).is_empty());
-        assert!(on_publication(&mut s, "news:x", 2, f(2)).is_empty());
+        assert!(on_publication(&mut s, "news:x", at(3), f(3)).is_empty());
+        assert!(on_publication(&mut s, "news:x", at(2), f(2)).is_empty());
         assert!(next_repair(&s).is_some(), "a gap is open");
         assert_eq!(
-            delivered(on_publication(&mut s, "news:x", 1, f(1))),
+            delivered(on_publication(&mut s, "news:x", at(1), f(1))),
             ["1", "2", "3"]
         );
         assert!(next_repair(&s).is_none(), "the gap closed without history");
-        assert_eq!(delivered(on_publication(&mut s, "news:x", 4, f(4))), ["4"]);
+        assert_eq!(
+            delivered(on_publication(&mut s, "news:x", at(4), f(4))),
+            ["4"]
+        );
+    }
+
+    #[test]
+    fn a_later_epoch_restarts_the_count_and_says_so() {
+        let mut s = subs(0);
+        for o in 1..=3 {
+            on_publication(&mut s, "news:x", at(o), f(o));
+        }
+        // Redis came back empty: the next publication is offset 1 of a later epoch.
+        let later = Position {
+            epoch: EPOCH + 5_000_000,
+            offset: 1,
+        };
+        let out = delivered(on_publication(&mut s, "news:x", later, f(1)));
+        assert_eq!(out.len(), 2, "{out:?}");
+        let announced: Value = serde_json::from_str(&out[0]).unwrap();
+        assert_eq!(announced["type"], "subscribed");
+        assert_eq!(announced["channel"], "news:x");
+        assert_eq!(announced["offset"], 0);
+        assert_eq!(announced["recovered"], false);
+        assert_eq!(announced["epoch"], (EPOCH + 5_000_000).to_string());
+        assert!(announced.get("id").is_none());
+        assert_eq!(out[1], "1");
+        let next = Position { offset: 2, ..later };
+        assert_eq!(
+            delivered(on_publication(&mut s, "news:x", next, f(2))),
+            ["2"]
+        );
+        // A straggler of the old count is neither delivered nor a reason to go back.
+        assert!(on_publication(&mut s, "news:x", at(4), f(4)).is_empty());
+        let next = Position { offset: 3, ..later };
+        assert_eq!(
+            delivered(on_publication(&mut s, "news:x", next, f(3))),
+            ["3"]
+        );
+    }
+
+    #[test]
+    fn a_subscription_without_an_epoch_takes_the_first_one_silently() {
+        let ch = Channel::parse("user:u").unwrap();
+        let mut s = Subscriptions::default();
+        let none = Position {
+            epoch: 0,
+            offset: 0,
+        };
+        s.subs.insert("user:u".into(), Sub::new(ch, none));
+        assert_eq!(
+            delivered(on_publication(&mut s, "user:u", at(1), f(1))),
+            ["1"]
+        );
+        assert_eq!(
+            delivered(on_publication(&mut s, "user:u", at(2), f(2))),
+            ["2"]
+        );
+    }
+
+    #[test]
+    fn a_publication_without_an_epoch_counts_in_the_subscriptions_own() {
+        let mut s = subs(2);
+        let unknown = Position {
+            epoch: 0,
+            offset: 3,
+        };
+        assert_eq!(
+            delivered(on_publication(&mut s, "news:x", unknown, f(3))),
+            ["3"]
+        );
+        assert!(on_publication(&mut s, "news:x", at(3), f(3)).is_empty());
     }
 }

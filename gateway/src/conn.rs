@@ -324,15 +324,11 @@ impl Session {
     async fn deliver(&mut self, item: Outbound) {
         match item {
             Outbound::Frame(b) => self.writer.queue_text(&b),
-            Outbound::Publication {
-                channel,
-                offset,
-                frame,
-            } => {
+            Outbound::Publication { channel, at, frame } => {
                 let Some(a) = self.auth.as_mut() else {
                     return;
                 };
-                let frames = channels::on_publication(&mut a.subs, &channel, offset, frame);
+                let frames = channels::on_publication(&mut a.subs, &channel, at, frame);
                 self.write_all(&frames)
             }
             Outbound::Event {
@@ -450,7 +446,11 @@ impl Session {
                 let r = chat::history(&self.node, &user, &session_id, limit, id.clone()).await;
                 self.reply(r).await
             }
-            ClientFrame::Subscribe { channel, since } => {
+            ClientFrame::Subscribe {
+                channel,
+                since,
+                epoch,
+            } => {
                 let node = self.node.clone();
                 let conn_id = self.conn_id.clone();
                 let r = match self.auth.as_mut() {
@@ -462,6 +462,7 @@ impl Session {
                             &mut a.subs,
                             &channel,
                             since,
+                            epoch.as_deref(),
                             id.clone(),
                             true,
                         )
@@ -648,6 +649,7 @@ impl Session {
                 &a.perms,
                 &mut a.subs,
                 &own,
+                None,
                 None,
                 None,
                 false,

@@ -11,6 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use futures_util::StreamExt;
 use shared::protocol::{Channel, CloseCode, DisconnectCommand, ErrorBody, ErrorCode, ServerFrame};
+use shared::store::Position;
 use shared::subjects::Subjects;
 use tokio_util::sync::CancellationToken;
 
@@ -23,6 +24,8 @@ use tokio_util::task::TaskTracker;
 pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// NATS header carrying a publication's channel offset.
 pub const HEADER_OFFSET: &str = "Sb-Offset";
+/// NATS header carrying the epoch a publication's offset counts in.
+pub const HEADER_EPOCH: &str = "Sb-Epoch";
 /// NATS header carrying the publish time (unix ms), for the fan-out latency metric.
 pub const HEADER_TS: &str = "Sb-Ts";
 /// NATS header naming the user an ephemeral event comes from (typing, read...).
@@ -97,7 +100,7 @@ pub enum Outbound {
     /// offset before writing it.
     Publication {
         channel: Arc<str>,
-        offset: u64,
+        at: Position,
         frame: Bytes,
     },
     /// An ephemeral channel event (join, leave, typing, read); never stored.
@@ -463,7 +466,10 @@ impl Hub {
                 }
                 Outbound::Publication {
                     channel: channel.clone(),
-                    offset,
+                    at: Position {
+                        epoch: h.epoch.unwrap_or(0),
+                        offset,
+                    },
                     frame: msg.payload,
                 }
             }

@@ -54,6 +54,7 @@ pub enum Topic {
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Headers {
     pub offset: Option<u64>,
+    pub epoch: Option<u64>,
     pub ts: Option<u64>,
     pub from: Option<Arc<str>>,
     pub skip_sender: bool,
@@ -601,7 +602,9 @@ fn num(s: &str, line: &str) -> Result<u64, MuxError> {
 
 /// Reads the gateway's headers from a `NATS/1.0` header block; others are ignored.
 pub fn parse_headers(block: &[u8]) -> Headers {
-    use crate::hub::{HEADER_CHANNEL, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS};
+    use crate::hub::{
+        HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
+    };
     let mut h = Headers::default();
     let text = String::from_utf8_lossy(block);
     for line in text.split("\r\n").skip(1) {
@@ -611,6 +614,8 @@ pub fn parse_headers(block: &[u8]) -> Headers {
         let (name, value) = (name.trim(), value.trim());
         if name.eq_ignore_ascii_case(HEADER_OFFSET) {
             h.offset = value.parse().ok();
+        } else if name.eq_ignore_ascii_case(HEADER_EPOCH) {
+            h.epoch = value.parse().ok();
         } else if name.eq_ignore_ascii_case(HEADER_TS) {
             h.ts = value.parse().ok();
         } else if name.eq_ignore_ascii_case(HEADER_FROM) {
@@ -626,13 +631,16 @@ pub fn parse_headers(block: &[u8]) -> Headers {
 
 /// The same headers from an async-nats message (the per-subscription fallback).
 pub fn headers_of(msg: &async_nats::Message) -> Headers {
-    use crate::hub::{HEADER_CHANNEL, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS};
+    use crate::hub::{
+        HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
+    };
     let Some(map) = msg.headers.as_ref() else {
         return Headers::default();
     };
     let get = |n: &str| map.get(n).map(|v| v.as_str().to_owned());
     Headers {
         offset: get(HEADER_OFFSET).and_then(|v| v.parse().ok()),
+        epoch: get(HEADER_EPOCH).and_then(|v| v.parse().ok()),
         ts: get(HEADER_TS).and_then(|v| v.parse().ok()),
         from: get(HEADER_FROM).map(Into::into),
         skip_sender: get(HEADER_SKIP_SENDER).is_some(),

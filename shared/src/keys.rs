@@ -51,9 +51,10 @@ impl Keys {
         format!("{}:revoked:{jti}", self.prefix)
     }
 
-    /// `sb:ch:<ns>:<name>:offset`: the channel's last offset (counter).
-    pub fn channel_offset(&self, namespace: &str, name: &str) -> String {
-        format!("{}:ch:{namespace}:{name}:offset", self.prefix)
+    /// `sb:ch:<ns>:<name>:position`: hash of the channel's last `offset` (counter) and
+    /// its `epoch` (when the counter started), kept in one key so they are lost together.
+    pub fn channel_position(&self, namespace: &str, name: &str) -> String {
+        format!("{}:ch:{namespace}:{name}:position", self.prefix)
     }
 
     /// `sb:ch:<ns>:<name>:history`: sorted set of ready `message` frames by offset.
@@ -110,7 +111,7 @@ mod tests {
         assert_eq!(k.revoked("j"), "sb:revoked:j");
         assert_eq!(k.node("n"), "sb:node:n");
         assert_eq!(k.nodes(), "sb:nodes");
-        assert_eq!(k.channel_offset("team", "a"), "sb:ch:team:a:offset");
+        assert_eq!(k.channel_position("team", "a"), "sb:ch:team:a:position");
         assert_eq!(k.channel_history("team", "a"), "sb:ch:team:a:history");
         assert_eq!(k.channel_presence("team", "a"), "sb:ch:team:a:presence");
         assert_eq!(

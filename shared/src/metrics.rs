@@ -37,6 +37,9 @@ pub const DELIVERIES: &str = "switchboard_deliveries_total";
 pub const RECOVERIES: &str = "switchboard_recoveries_total";
 /// Counter: gaps in live channel delivery repaired from history.
 pub const GAP_REPAIRS: &str = "switchboard_gap_repairs_total";
+/// Counter: subscriptions that started over because their channel's offsets did (its
+/// position was lost with Redis and a new epoch began).
+pub const EPOCH_RESTARTS: &str = "switchboard_epoch_restarts_total";
 /// Histogram: publish (stored in Redis) to arrival at a subscribing node, seconds.
 pub const FANOUT_SECONDS: &str = "switchboard_fanout_seconds";
 /// Gauge: 1 while the node is draining.
@@ -73,6 +76,9 @@ pub const WORKER_LLM_RETRIES: &str = "switchboard_worker_llm_retries_total";
 pub const WORKER_REDELIVERIES: &str = "switchboard_worker_redeliveries_total";
 /// Counter: `chat.chunk` frames published.
 pub const WORKER_CHUNKS: &str = "switchboard_worker_chunks_total";
+/// Counter by `result` (sent, failed, expired, dropped): a reply's last frame sent again
+/// after the NATS link dropped while the reply was in flight.
+pub const WORKER_ECHOES: &str = "switchboard_worker_echoes_total";
 /// Counter by `endpoint` (teams, tasks) and `result` (ok, status, timeout, error, invalid).
 pub const WORKER_BACKEND_CALLS: &str = "switchboard_worker_backend_calls_total";
 /// Gauge: team backend circuit breaker, 0 closed, 1 open, 2 half-open.

@@ -293,6 +293,9 @@ pub enum ClientFrame {
         channel: String,
         #[serde(default)]
         since: Option<u64>,
+        /// The epoch `since` counts in, from the `subscribed` that started the count.
+        #[serde(default)]
+        epoch: Option<String>,
     },
     #[serde(rename = "unsubscribe")]
     Unsubscribe { channel: String },
@@ -532,6 +535,8 @@ pub enum ServerFrame {
     Subscribed {
         channel: String,
         offset: u64,
+        /// Which count of the channel's offsets `offset` belongs to (opaque).
+        epoch: String,
         recovered: bool,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         read_offset: Option<u64>,

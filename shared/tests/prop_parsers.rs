@@ -135,13 +135,28 @@ fn valid_frame() -> impl Strategy<Value = (Value, ClientFrame)> {
             ClientFrame::Refresh { token }
         )),
         Just((json!({"type": "ping"}), ClientFrame::Ping {})),
-        (ch, proptest::option::of(any::<u64>())).prop_map(|(channel, since)| {
-            let mut v = json!({"type": "subscribe", "channel": channel});
-            if let Some(n) = since {
-                v["since"] = json!(n);
-            }
-            (v, ClientFrame::Subscribe { channel, since })
-        }),
+        (
+            ch,
+            proptest::option::of(any::<u64>()),
+            proptest::option::of(s())
+        )
+            .prop_map(|(channel, since, epoch)| {
+                let mut v = json!({"type": "subscribe", "channel": channel});
+                if let Some(n) = since {
+                    v["since"] = json!(n);
+                }
+                if let Some(e) = &epoch {
+                    v["epoch"] = json!(e);
+                }
+                (
+                    v,
+                    ClientFrame::Subscribe {
+                        channel,
+                        since,
+                        epoch,
+                    },
+                )
+            }),
         ch.prop_map(|channel| (
             json!({"type": "unsubscribe", "channel": channel}),
             ClientFrame::Unsubscribe { channel }
@@ -246,7 +261,7 @@ proptest! {
             .as_object()
             .unwrap()
             .keys()
-            .filter(|k| !matches!(k.as_str(), "type" | "id" | "since" | "session_id" | "files" | "limit" | "data"))
+            .filter(|k| !matches!(k.as_str(), "type" | "id" | "since" | "epoch" | "session_id" | "files" | "limit" | "data"))
             .cloned()
             .collect();
         prop_assume!(!required.is_empty());

@@ -255,22 +255,36 @@ test('token_expiring refreshes; a failed refresh keeps the connection and retrie
   c.close();
 });
 
-test('after a reconnect channels resubscribe with since; replays are de-duplicated; unrecovered is reported', async () => {
+/** The server closes `ws` with `code`; the client's next socket, authenticated. */
+async function reconnectAfter(ws, code) {
+  ws.serverClose(code);
+  await clock.advance(1_000);
+  const next = FakeSocket.last;
+  next.authenticate();
+  await flush();
+  return next;
+}
+
+/** A client subscribed to `team:demo` at `offset` of epoch `e1`, recording messages and resets. */
+async function subscribedAt(offset) {
   const { c } = await connected();
   const got = [];
   const resets = [];
   const sub = c.subscribe('team:demo', { onMessage: (m) => got.push(m.offset), onReset: (r) => resets.push(r) });
+  const ws = FakeSocket.last;
+  ws.push({ type: 'subscribed', id: ws.lastSent('subscribe').id, channel: 'team:demo', offset, epoch: 'e1', recovered: false });
+  return { c, sub, got, resets };
+}
+
+test('after a reconnect channels resubscribe with since; replays are de-duplicated; unrecovered is reported', async () => {
+  const { c, sub, got, resets } = await subscribedAt(2);
   let ws = FakeSocket.last;
-  ws.push({ type: 'subscribed', id: ws.lastSent('subscribe').id, channel: 'team:demo', offset: 2, recovered: false });
-  assert.deepEqual(await sub.ready, { channel: 'team:demo', offset: 2, recovered: false, resumed: false, readOffset: undefined });
+  assert.deepEqual(await sub.ready, { channel: 'team:demo', offset: 2, epoch: 'e1', recovered: false, resumed: false, readOffset: undefined });
   ws.push({ type: 'message', channel: 'team:demo', offset: 3, data: {}, from: 'bob' });
-  ws.serverClose(1006);
-  await clock.advance(1_000);
-  ws = FakeSocket.last;
-  ws.authenticate();
-  await flush();
+  ws = await reconnectAfter(ws, 1006);
   const resub = ws.lastSent('subscribe');
   assert.equal(resub.since, 3);
+  assert.equal(resub.epoch, 'e1', 'the resume names the count its offset belongs to');
   // Replayed messages (one already seen), then `subscribed`, then a duplicate live one.
   for (const o of [3, 4, 5]) ws.push({ type: 'message', channel: 'team:demo', offset: o, data: {}, from: 'bob' });
   ws.push({ type: 'subscribed', id: resub.id, channel: 'team:demo', offset: 5, recovered: true });
@@ -279,17 +293,39 @@ test('after a reconnect channels resubscribe with since; replays are de-duplicat
   assert.deepEqual(got, [3, 4, 5, 6]);
   assert.equal(resets.length, 0);
   // History lost on the server: nothing replayed, the app is told to reload.
-  ws.serverClose(1001);
-  await clock.advance(1_000);
-  ws = FakeSocket.last;
-  ws.authenticate();
-  await flush();
+  ws = await reconnectAfter(ws, 1001);
   ws.push({ type: 'subscribed', id: ws.lastSent('subscribe').id, channel: 'team:demo', offset: 1, recovered: false });
   ws.push({ type: 'message', channel: 'team:demo', offset: 2, data: {}, from: 'bob' });
   assert.equal(resets.length, 1);
   assert.equal(resets[0].recovered, false);
   assert.equal(resets[0].lastOffset, 6);
   assert.deepEqual(got, [3, 4, 5, 6, 2], 'after an unrecovered resume the server offset is the truth');
+  c.close();
+});
+
+test('a subscribed without id restarts the count: reset, then the new offsets are delivered', async () => {
+  const { c, sub, got, resets } = await subscribedAt(7);
+  let ws = FakeSocket.last;
+  await sub.ready;
+  ws.push({ type: 'message', channel: 'team:demo', offset: 8, data: {}, from: 'bob' });
+  // The server's store restarted empty: offsets start over in epoch e2.
+  ws.push({ type: 'subscribed', channel: 'team:demo', offset: 0, epoch: 'e2', recovered: false });
+  ws.push({ type: 'message', channel: 'team:demo', offset: 1, data: {}, from: 'bob' });
+  ws.push({ type: 'message', channel: 'team:demo', offset: 2, data: {}, from: 'bob' });
+  assert.deepEqual(got, [8, 1, 2], 'the new count is not taken for replays');
+  assert.equal(resets.length, 1);
+  assert.deepEqual(
+    [resets[0].recovered, resets[0].offset, resets[0].epoch, resets[0].lastOffset],
+    [false, 0, 'e2', 8],
+  );
+  assert.equal(sub.offset, 0);
+  // A resume after that names the new count.
+  ws = await reconnectAfter(ws, 1006);
+  const resub = ws.lastSent('subscribe');
+  assert.deepEqual([resub.since, resub.epoch], [2, 'e2']);
+  // An unsolicited `subscribed` for a channel this client does not hold is ignored.
+  ws.push({ type: 'subscribed', channel: 'team:other', offset: 0, epoch: 'e3', recovered: false });
+  assert.equal(resets.length, 1);
   c.close();
 });
 
@@ -353,11 +389,7 @@ test('after a reconnect mid-stream the gap is filled from history', async () => 
   const rid = stream.requestId;
   const all = collect(stream);
   ws.push({ type: 'chat.chunk', session_id: 's1', request_id: rid, seq: 0, content: 'one ' });
-  ws.serverClose(1006);
-  await clock.advance(1_000);
-  ws = FakeSocket.last;
-  ws.authenticate();
-  await flush();
+  ws = await reconnectAfter(ws, 1006);
   const h = ws.lastSent('history');
   assert.equal(h.session_id, 's1');
   ws.push({
@@ -379,11 +411,7 @@ test('a stream still running after the reconnect is completed by the live chat.c
   const stream = await chatAck(c, ws);
   const rid = stream.requestId;
   ws.push({ type: 'chat.chunk', session_id: 's1', request_id: rid, seq: 0, content: 'a' });
-  ws.serverClose(1006);
-  await clock.advance(1_000);
-  ws = FakeSocket.last;
-  ws.authenticate();
-  await flush();
+  ws = await reconnectAfter(ws, 1006);
   ws.push({ type: 'history', id: ws.lastSent('history').id, session_id: 's1', messages: [] });
   ws.push({ type: 'chat.chunk', session_id: 's1', request_id: rid, seq: 4, content: 'e' });
   await clock.advance(DEFAULTS.chatRecheckMs);
@@ -392,6 +420,29 @@ test('a stream still running after the reconnect is completed by the live chat.c
   assert.deepEqual((await collect(stream)).map((x) => x.content), ['a', 'bcde']);
   await clock.advance(DEFAULTS.chatRecheckMs * 3);
   assert.equal(ws.sentOf('history').length, 2, 'no more checks after the end');
+  c.close();
+});
+
+test('a stream silent on a live link is completed from history', async () => {
+  const { c } = await connected();
+  const ws = FakeSocket.last;
+  const stream = await chatAck(c, ws);
+  const rid = stream.requestId;
+  ws.push({ type: 'chat.chunk', session_id: 's1', request_id: rid, seq: 0, content: 'a' });
+  await clock.advance(DEFAULTS.chatSilenceMs - 100);
+  assert.equal(ws.sentOf('history').length, 0, 'not before the silence is long enough');
+  ws.push({ type: 'chat.chunk', session_id: 's1', request_id: rid, seq: 1, content: 'b' });
+  await clock.advance(DEFAULTS.chatSilenceMs - 100);
+  assert.equal(ws.sentOf('history').length, 0, 'each event restarts the wait');
+  await clock.advance(200);
+  const h = ws.lastSent('history');
+  assert.equal(h.session_id, 's1');
+  ws.push({ type: 'history', id: h.id, session_id: 's1', messages: [
+    { role: 'user', content: 'hi', request_id: rid },
+    { role: 'assistant', content: 'abc', request_id: rid },
+  ] });
+  assert.deepEqual((await collect(stream)).map((x) => x.content), ['a', 'b', 'c']);
+  assert.equal(stream.source, 'history');
   c.close();
 });
 

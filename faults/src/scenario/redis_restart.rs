@@ -221,6 +221,22 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
         ch.undelivered,
     );
     r.check_zero("publications delivered twice", ch.dups);
+    // Every subscriber that stayed connected was in a channel whose offsets started
+    // over; each must have been told so once (not silently given offsets it had).
+    let told: Vec<u64> = fleet
+        .users
+        .iter()
+        .filter(|u| u.profile.channel.is_some() && u.state().ended.is_empty())
+        .map(|u| u.state().restarts)
+        .collect();
+    let untold = told.iter().filter(|&&n| n != 1).count();
+    r.measure("epoch_restarts_seen", told.iter().sum::<u64>());
+    r.check(
+        "subscribers told once that their channel's offsets started over",
+        "unsolicited `subscribed` recovered: false, exactly once each".to_string(),
+        format!("{} of {} told once", told.len() - untold, told.len()),
+        untold == 0 && !told.is_empty(),
+    );
 
     let conn = fleet.connection_tally(t_stop);
     r.measure("connections", &conn);

@@ -25,7 +25,8 @@ async fn subscribe(ws: &mut Ws, channel: &str, since: Option<u64>) -> Value {
     next_matching(ws, |f| f["type"] == "subscribed" || f["type"] == "error").await
 }
 
-async fn http_publish(gw: &Gw, channel: &str, data: Value) -> u64 {
+/// `POST /v1/publish`: the status and the JSON body.
+async fn try_publish(gw: &Gw, channel: &str, data: &Value) -> (u16, Value) {
     let r = api()
         .post(gw.http("/v1/publish"))
         .bearer_auth(API_KEY)
@@ -33,8 +34,13 @@ async fn http_publish(gw: &Gw, channel: &str, data: Value) -> u64 {
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 200);
-    r.json::<Value>().await.unwrap()["offset"].as_u64().unwrap()
+    (r.status().as_u16(), r.json::<Value>().await.unwrap())
+}
+
+async fn http_publish(gw: &Gw, channel: &str, data: Value) -> u64 {
+    let (status, body) = try_publish(gw, channel, &data).await;
+    assert_eq!(status, 200, "{body}");
+    body["offset"].as_u64().unwrap()
 }
 
 #[tokio::test]
@@ -670,7 +676,8 @@ async fn a_publication_lost_in_transit_is_repaired_from_history() {
         store
             .publish_channel(&ch, head, tail, &settings)
             .await
-            .unwrap(),
+            .unwrap()
+            .offset,
         1
     );
     assert_eq!(http_publish(&gw, "news:lossy", json!("after")).await, 2);
@@ -688,5 +695,125 @@ async fn a_publication_lost_in_transit_is_repaired_from_history() {
         gw.metrics()
             .await
             .contains("switchboard_gap_repairs_total 1")
+    );
+}
+
+/// A new connection of `user` that subscribes with `since` and `epoch`; its first `n`
+/// frames.
+async fn resume(
+    gw: &Gw,
+    user: &str,
+    channel: &str,
+    since: u64,
+    epoch: &str,
+    n: usize,
+) -> Vec<Value> {
+    let (mut ws, _) = authed(gw, user).await;
+    let f =
+        json!({"type": "subscribe", "channel": channel, "since": since, "epoch": epoch, "id": "s"});
+    send_json(&mut ws, f).await;
+    let mut frames = Vec::new();
+    for _ in 0..n {
+        frames.push(next_json(&mut ws).await);
+    }
+    frames
+}
+
+/// `(type, offset, recovered)` of a frame.
+fn summary(f: &Value) -> (String, Option<u64>, Option<bool>) {
+    (
+        f["type"].as_str().unwrap_or_default().to_owned(),
+        f["offset"].as_u64(),
+        f["recovered"].as_bool(),
+    )
+}
+
+/// `POST /v1/publish` until the session store answers again (after a restart).
+async fn publish_when_up(gw: &Gw, channel: &str, data: Value) -> u64 {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        match try_publish(gw, channel, &data).await {
+            (200, body) => return body["offset"].as_u64().unwrap(),
+            (503, _) => {}
+            (status, body) => panic!("{status}: {body}"),
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the store never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn offsets_lost_with_redis_start_a_new_epoch_that_subscribers_are_told_of() {
+    let mut deps = Deps::start();
+    let gw = gateway(&deps, public).await;
+    let (mut ws, _) = authed(&gw, "eve").await;
+    let first = subscribe(&mut ws, "news:epoch", None).await;
+    let old_epoch = first["epoch"]
+        .as_str()
+        .expect("subscribed has an epoch")
+        .to_owned();
+    for i in 1..=3 {
+        assert_eq!(http_publish(&gw, "news:epoch", json!(i)).await, i);
+        next_matching(&mut ws, |f| f["type"] == "message" && f["offset"] == i).await;
+    }
+    // Redis runs without persistence: it comes back empty and offsets count from 1.
+    deps.redis.stop();
+    deps.redis.start_again().unwrap();
+    assert_eq!(publish_when_up(&gw, "news:epoch", json!("after")).await, 1);
+
+    // The subscriber that stayed connected is told its position is gone, then gets
+    // the new count from its start, instead of dropping offsets 1..=3 as repeats.
+    let reset = next_matching(&mut ws, |f| f["type"] != "join").await;
+    assert_eq!(
+        (
+            reset["type"].as_str(),
+            reset["channel"].as_str(),
+            reset["offset"].as_u64(),
+            reset["recovered"].as_bool()
+        ),
+        (Some("subscribed"), Some("news:epoch"), Some(0), Some(false)),
+        "{reset}"
+    );
+    assert!(reset.get("id").is_none(), "unsolicited: {reset}");
+    let new_epoch = reset["epoch"].as_str().unwrap().to_owned();
+    assert!(
+        new_epoch.parse::<u64>().unwrap() > old_epoch.parse::<u64>().unwrap(),
+        "epochs grow: {old_epoch} then {new_epoch}"
+    );
+    let m = next_json(&mut ws).await;
+    assert_eq!(
+        (m["offset"].as_u64(), m["data"].as_str()),
+        (Some(1), Some("after"))
+    );
+    for i in 2..=5 {
+        assert_eq!(http_publish(&gw, "news:epoch", json!(i)).await, i);
+    }
+
+    // A client coming back with a position of the old count is not "recovered", even
+    // though the new count has passed its offset...
+    let frames = resume(&gw, "eli", "news:epoch", 3, &old_epoch, 1).await;
+    assert_eq!(
+        summary(&frames[0]),
+        ("subscribed".into(), Some(5), Some(false)),
+        "nothing replayed: {frames:?}"
+    );
+    assert_eq!(frames[0]["epoch"], new_epoch.as_str());
+    // ...and one with a position of the new count is.
+    let frames = resume(&gw, "fay", "news:epoch", 3, &new_epoch, 3).await;
+    assert_eq!(
+        frames.iter().map(summary).collect::<Vec<_>>(),
+        [
+            ("message".into(), Some(4), None),
+            ("message".into(), Some(5), None),
+            ("subscribed".into(), Some(5), Some(true)),
+        ]
+    );
+    assert!(
+        gw.metrics()
+            .await
+            .contains("switchboard_epoch_restarts_total 1")
     );
 }

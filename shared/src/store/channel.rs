@@ -23,9 +23,19 @@ pub struct ChannelSettings {
     pub offset_ttl: Duration,
 }
 
+/// Where a channel's offsets stand: the epoch of its current count and its last
+/// offset (0 before the first publication of the epoch).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Position {
+    pub epoch: u64,
+    pub offset: u64,
+}
+
 /// What a subscriber with `since` can be given.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ChannelHistory {
+    /// The channel's epoch when history was read.
+    pub epoch: u64,
     /// The channel's last offset when history was read.
     pub top: u64,
     /// Ready frames after `since`, by offset.
@@ -41,25 +51,77 @@ pub struct PresenceEntry {
     pub connections: u64,
 }
 
+/// The channel's epoch, created with its position from the Redis clock (unix
+/// microseconds): a position lost with Redis (restart without persistence, eviction,
+/// expiry) starts again at offset 1 under a later epoch than any issued before, so a
+/// gateway or client holding an old offset can tell the two counts apart.
+macro_rules! epoch_lua {
+    () => {
+        r#"
+local function epoch(key)
+  local e = redis.call('HGET', key, 'epoch')
+  if not e then
+    local t = redis.call('TIME')
+    e = t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('HSET', key, 'epoch', e)
+  end
+  return e
+end
+"#
+    };
+}
+
 /// Assigns the next offset, stores the frame (`head .. offset .. tail`) in the
-/// bounded history, and returns the offset: one atomic step, so offsets are gapless
-/// and history order is offset order.
-const PUBLISH_SCRIPT: &str = r#"
-local offset = redis.call('INCR', KEYS[1])
+/// bounded history, and returns the offset and epoch: one atomic step, so offsets are
+/// gapless and history order is offset order. The first offset of an epoch drops
+/// whatever history an earlier epoch left.
+const PUBLISH_SCRIPT: &str = concat!(
+    epoch_lua!(),
+    r#"
+local e = epoch(KEYS[1])
+local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
 redis.call('PEXPIRE', KEYS[1], ARGV[5])
+if offset == 1 then redis.call('DEL', KEYS[2]) end
 local frame = ARGV[1] .. offset .. ARGV[2]
 redis.call('ZADD', KEYS[2], offset, frame)
 local size = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(size + 1))
 redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return offset
-"#;
+return {offset, e}
+"#
+);
 
-/// Reads the top offset and the frames after `since` in one step.
-const SINCE_SCRIPT: &str = r#"
-local top = tonumber(redis.call('GET', KEYS[1]) or '0')
-local frames = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[1], '+inf', 'WITHSCORES')
-return {top, frames}
+/// The channel's position (created when missing) as `e` and `top`; `ARGV[1]` is the
+/// offset TTL: a subscriber holds the position, so it lives another TTL.
+macro_rules! position_lua {
+    () => {
+        r#"
+local e = epoch(KEYS[1])
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+local top = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+"#
+    };
+}
+
+/// Reads (creating when missing) the channel's position.
+const POSITION_SCRIPT: &str = concat!(epoch_lua!(), position_lua!(), "return {top, e}");
+
+/// The position (as [`POSITION_SCRIPT`]) and the frames after `since` (`ARGV[2]`), in
+/// one step.
+const SINCE_SCRIPT: &str = concat!(
+    epoch_lua!(),
+    position_lua!(),
+    r#"
+local frames = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '+inf', 'WITHSCORES')
+return {top, e, frames}
+"#
+);
+
+/// Frames strictly between two offsets of one epoch; nil when the channel is in
+/// another epoch by now (its history is not the one the offsets belong to).
+const RANGE_SCRIPT: &str = r#"
+if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return false end
+return redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '(' .. ARGV[3], 'WITHSCORES')
 "#;
 
 /// Keeps the highest read offset.
@@ -75,19 +137,20 @@ return cur
 pub const READ_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
 
 impl SessionStore {
-    /// Stores a publication and returns its offset. The frame is
-    /// `head + offset + tail` (the caller builds both halves of the JSON).
+    /// Stores a publication and returns its offset with the channel's epoch. The
+    /// frame is `head + offset + tail` (the caller builds both halves of the JSON).
     pub async fn publish_channel(
         &self,
         ch: &Channel,
         head: &str,
         tail: &str,
         settings: &ChannelSettings,
-    ) -> Result<u64, StoreError> {
+    ) -> Result<Position, StoreError> {
+        let key = self.keys.channel_position(&ch.namespace, &ch.name);
         bounded(async {
             let mut c = self.conn().await?;
-            let offset: u64 = Script::new(PUBLISH_SCRIPT)
-                .key(self.keys.channel_offset(&ch.namespace, &ch.name))
+            let (offset, epoch): (u64, String) = Script::new(PUBLISH_SCRIPT)
+                .key(&key)
                 .key(self.keys.channel_history(&ch.namespace, &ch.name))
                 .arg(head)
                 .arg(tail)
@@ -96,46 +159,85 @@ impl SessionStore {
                 .arg(settings.offset_ttl.as_millis() as u64)
                 .invoke_async(&mut c)
                 .await?;
-            Ok(offset)
+            Ok(Position {
+                epoch: parse_epoch(&key, &epoch)?,
+                offset,
+            })
         })
         .await
     }
 
-    /// The channel's current top offset (0 for a channel never published to).
-    pub async fn channel_top(&self, ch: &Channel) -> Result<u64, StoreError> {
+    /// The channel's position, started (epoch, offset 0) for a channel that has none,
+    /// so every subscriber holds an epoch.
+    pub async fn channel_position(
+        &self,
+        ch: &Channel,
+        settings: &ChannelSettings,
+    ) -> Result<Position, StoreError> {
+        let key = self.keys.channel_position(&ch.namespace, &ch.name);
         bounded(async {
             let mut c = self.conn().await?;
-            let v: Option<u64> = c
-                .get(self.keys.channel_offset(&ch.namespace, &ch.name))
+            let (offset, epoch): (u64, String) = Script::new(POSITION_SCRIPT)
+                .key(&key)
+                .arg(settings.offset_ttl.as_millis() as u64)
+                .invoke_async(&mut c)
                 .await?;
-            Ok(v.unwrap_or(0))
+            Ok(Position {
+                epoch: parse_epoch(&key, &epoch)?,
+                offset,
+            })
         })
         .await
     }
 
-    /// Frames after `since`, and whether they reach back to it without a gap.
+    /// The channel's position as it is, without starting one: epoch 0 and offset 0 for
+    /// a channel that has none. For subscriptions the client never hears of (a
+    /// connection's own `user:` channel), so idle users cost Redis no key.
+    pub async fn peek_channel_position(&self, ch: &Channel) -> Result<Position, StoreError> {
+        let key = self.keys.channel_position(&ch.namespace, &ch.name);
+        bounded(async {
+            let mut c = self.conn().await?;
+            let (offset, epoch): (Option<u64>, Option<String>) = redis::cmd("HMGET")
+                .arg(&key)
+                .arg("offset")
+                .arg("epoch")
+                .query_async(&mut c)
+                .await?;
+            Ok(Position {
+                epoch: match epoch {
+                    Some(e) => parse_epoch(&key, &e)?,
+                    None => 0,
+                },
+                offset: offset.unwrap_or(0),
+            })
+        })
+        .await
+    }
+
+    /// Frames after `since`, and whether they reach back to it without a gap. `since`
+    /// counts in `epoch` when the caller knows which; another epoch is never complete.
     pub async fn channel_since(
         &self,
         ch: &Channel,
         since: u64,
+        epoch: Option<u64>,
+        settings: &ChannelSettings,
     ) -> Result<ChannelHistory, StoreError> {
+        let key = self.keys.channel_position(&ch.namespace, &ch.name);
         bounded(async {
             let mut c = self.conn().await?;
-            let (top, raw): (u64, Vec<String>) = Script::new(SINCE_SCRIPT)
-                .key(self.keys.channel_offset(&ch.namespace, &ch.name))
+            let (top, current, raw): (u64, String, Vec<String>) = Script::new(SINCE_SCRIPT)
+                .key(&key)
                 .key(self.keys.channel_history(&ch.namespace, &ch.name))
+                .arg(settings.offset_ttl.as_millis() as u64)
                 .arg(since)
                 .invoke_async(&mut c)
                 .await?;
-            let mut frames = Vec::with_capacity(raw.len() / 2);
-            for pair in raw.chunks(2) {
-                if let [frame, score] = pair {
-                    let offset = score.parse::<f64>().unwrap_or(0.0) as u64;
-                    frames.push((offset, frame.clone()));
-                }
-            }
-            let complete = if since > top {
-                // The client saw offsets this channel no longer has (history lost).
+            let current = parse_epoch(&key, &current)?;
+            let frames = scored(raw);
+            let complete = if epoch.is_some_and(|e| e != current) || since > top {
+                // The offsets the client saw belong to a count this channel no longer
+                // has (its position was lost and started again).
                 false
             } else if since == top {
                 true
@@ -145,6 +247,7 @@ impl SessionStore {
                     && frames.len() as u64 == top - since
             };
             Ok(ChannelHistory {
+                epoch: current,
                 top,
                 frames,
                 complete,
@@ -153,23 +256,26 @@ impl SessionStore {
         .await
     }
 
-    /// Frames with `from < offset < to`, for repairing a gap seen in live delivery.
+    /// Frames with `from < offset < to` of `epoch`, for repairing a gap seen in live
+    /// delivery; `None` when the channel has moved to another epoch.
     pub async fn channel_range(
         &self,
         ch: &Channel,
+        epoch: u64,
         from: u64,
         to: u64,
-    ) -> Result<Vec<(u64, String)>, StoreError> {
+    ) -> Result<Option<Vec<(u64, String)>>, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
-            let raw: Vec<(String, f64)> = c
-                .zrangebyscore_withscores(
-                    self.keys.channel_history(&ch.namespace, &ch.name),
-                    format!("({from}"),
-                    format!("({to}"),
-                )
+            let raw: Option<Vec<String>> = Script::new(RANGE_SCRIPT)
+                .key(self.keys.channel_position(&ch.namespace, &ch.name))
+                .key(self.keys.channel_history(&ch.namespace, &ch.name))
+                .arg(epoch.to_string())
+                .arg(from)
+                .arg(to)
+                .invoke_async(&mut c)
                 .await?;
-            Ok(raw.into_iter().map(|(f, s)| (s as u64, f)).collect())
+            Ok(raw.map(scored))
         })
         .await
     }
@@ -370,4 +476,22 @@ impl SessionStore {
         })
         .await
     }
+}
+
+/// `[frame, score, frame, score, ...]` (a `WITHSCORES` reply) as `(offset, frame)`.
+fn scored(raw: Vec<String>) -> Vec<(u64, String)> {
+    let mut frames = Vec::with_capacity(raw.len() / 2);
+    let mut it = raw.into_iter();
+    while let (Some(frame), Some(score)) = (it.next(), it.next()) {
+        let offset = score.parse::<f64>().unwrap_or(0.0) as u64;
+        frames.push((offset, frame));
+    }
+    frames
+}
+
+fn parse_epoch(key: &str, value: &str) -> Result<u64, StoreError> {
+    value.parse().map_err(|_| StoreError::CorruptValue {
+        key: key.to_owned(),
+        value: value.to_owned(),
+    })
 }

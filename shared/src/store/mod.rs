@@ -16,7 +16,7 @@ use tokio::sync::OnceCell;
 
 mod channel;
 
-pub use channel::{ChannelHistory, ChannelSettings, PresenceEntry};
+pub use channel::{ChannelHistory, ChannelSettings, Position, PresenceEntry};
 
 use crate::keys::Keys;
 use crate::protocol::{HistoryMessage, UserContext};
@@ -59,6 +59,8 @@ pub enum StoreError {
         key: String,
         source: serde_json::Error,
     },
+    #[error("corrupt value in {key}: {value:?}")]
+    CorruptValue { key: String, value: String },
 }
 
 /// A live connection as recorded in Redis.
