@@ -13,6 +13,7 @@ pub mod consume;
 pub mod context;
 pub mod error;
 pub mod history;
+pub mod link;
 pub mod llm;
 pub mod reply;
 pub mod request;
@@ -82,6 +83,8 @@ pub struct Worker {
     pub redis_up: AtomicBool,
     /// SIGTERM received: no new work.
     pub shutting_down: AtomicBool,
+    /// Connection losses, and echoes of replies that ended across one.
+    pub link: link::Link,
 }
 
 impl Worker {
@@ -111,6 +114,7 @@ impl shared::admin::Health for Worker {
             "redis": self.redis_up.load(Ordering::Acquire),
             "consumer": self.consumer_up.load(Ordering::Acquire),
             "in_flight": self.cancels.len(),
+            "echoes_pending": self.link.pending(),
             "breaker": self.breaker.state().as_str(),
             "node": self.config.node_id,
         })
@@ -130,8 +134,14 @@ pub async fn run(
     let store = SessionStore::new(&config.redis_url, Keys::new(&config.prefix))?;
     let llm = LlmClient::new(&config.llm)?;
     let backend = BackendClient::new(&config.backend).map_err(StartError::Backend)?;
+    let link = link::Link::default();
+    let on_event = link.clone();
     let nats = async_nats::ConnectOptions::new()
         .name(format!("worker-{}", config.node_id))
+        .event_callback(move |event| {
+            on_event.on_event(&event);
+            async {}
+        })
         .retry_on_initial_connect()
         .max_reconnects(None)
         .connection_timeout(NATS_CONNECT_TIMEOUT)
@@ -163,6 +173,7 @@ pub async fn run(
         consumer_up: AtomicBool::new(false),
         redis_up: AtomicBool::new(false),
         shutting_down: AtomicBool::new(false),
+        link,
     });
 
     // Owned here, so aborting `run` aborts all of it.
@@ -189,6 +200,7 @@ pub async fn run(
     tokio::join!(consume::run(worker.clone(), shutdown.clone()), on_shutdown);
 
     stop.cancel();
+    worker.link.stop();
     let _ = tokio::time::timeout(SHUTDOWN_CLEANUP_TIMEOUT, async {
         let _ = worker.nats.flush().await;
         while background.join_next().await.is_some() {}

@@ -7,6 +7,8 @@
 //! A redelivered request streams again from `seq` 0: clients drop chunks whose
 //! `request_id` + `seq` they already have, and take `chat.complete`'s content as the
 //! final text (a regenerated reply may differ from the chunks of the lost attempt).
+//! The last frame is sent again when the NATS link dropped during the reply (see
+//! `link`).
 
 use std::time::Duration;
 
@@ -14,6 +16,7 @@ use shared::protocol::{ErrorCode, ServerFrame, Usage};
 use tokio::time::Instant;
 
 use crate::PUBLISH_TIMEOUT;
+use crate::link::Link;
 
 /// Collects streamed text into chunks, at most one chunk per `interval` unless
 /// `max_chars` characters are waiting. Leading edge: text arriving after a quiet
@@ -84,6 +87,9 @@ pub enum PublishError {
 /// Publishes one request's frames to its user.
 pub struct Reply {
     nats: async_nats::Client,
+    link: Link,
+    /// The link's loss count when the reply started.
+    losses_at_start: u64,
     subject: String,
     session_id: String,
     request_id: String,
@@ -95,12 +101,15 @@ pub struct Reply {
 impl Reply {
     pub fn new(
         nats: async_nats::Client,
+        link: Link,
         subject: String,
         session_id: &str,
         request_id: &str,
     ) -> Reply {
         Reply {
             nats,
+            losses_at_start: link.losses(),
+            link,
             subject,
             session_id: session_id.to_owned(),
             request_id: request_id.to_owned(),
@@ -115,9 +124,13 @@ impl Reply {
     }
 
     async fn publish(&self, frame: &ServerFrame) -> Result<(), PublishError> {
+        self.publish_bytes(frame.to_bytes()).await
+    }
+
+    async fn publish_bytes(&self, frame: bytes::Bytes) -> Result<(), PublishError> {
         match tokio::time::timeout(
             PUBLISH_TIMEOUT,
-            self.nats.publish(self.subject.clone(), frame.to_bytes()),
+            self.nats.publish(self.subject.clone(), frame),
         )
         .await
         {
@@ -125,6 +138,17 @@ impl Reply {
             Ok(Err(e)) => Err(PublishError::Nats(e.to_string())),
             Err(_) => Err(PublishError::Timeout(PUBLISH_TIMEOUT)),
         }
+    }
+
+    /// `chat.complete` or `chat.error`, echoed later when the link dropped meanwhile.
+    async fn publish_last(&self, frame: &ServerFrame) -> Result<(), PublishError> {
+        let bytes = frame.to_bytes();
+        self.publish_bytes(bytes.clone()).await?;
+        if self.link.needs_echo(&self.nats, self.losses_at_start) {
+            self.link
+                .echo(self.nats.clone(), self.subject.clone(), bytes);
+        }
+        Ok(())
     }
 
     /// A `chat.chunk`. A lost chunk is not fatal (`chat.complete` carries the whole
@@ -151,7 +175,7 @@ impl Reply {
         content: String,
         usage: Option<Usage>,
     ) -> Result<(), PublishError> {
-        self.publish(&ServerFrame::ChatComplete {
+        self.publish_last(&ServerFrame::ChatComplete {
             session_id: self.session_id.clone(),
             request_id: self.request_id.clone(),
             content,
@@ -166,7 +190,7 @@ impl Reply {
         message: String,
         retryable: bool,
     ) -> Result<(), PublishError> {
-        self.publish(&ServerFrame::ChatError {
+        self.publish_last(&ServerFrame::ChatError {
             session_id: self.session_id.clone(),
             request_id: self.request_id.clone(),
             code,

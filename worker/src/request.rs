@@ -102,6 +102,7 @@ pub async fn handle(worker: &Worker, job: &Job, abandon: &CancellationToken) -> 
     let req = &job.request;
     let mut reply = Reply::new(
         worker.nats.clone(),
+        worker.link.clone(),
         worker.subjects.user(&req.user_id),
         &req.session_id,
         &req.request_id,

@@ -264,6 +264,49 @@ async fn the_worker_recovers_from_a_nats_restart() {
 }
 
 #[tokio::test]
+async fn a_reply_that_ended_while_nats_was_down_is_echoed_to_late_subscribers() {
+    let mut env = Env::start().await;
+    // About 2 s of streaming: it ends while NATS is down.
+    let reply = Reply::numbered(40).token_delay(Duration::from_millis(50));
+    env.llm.set_default(Script::Reply(reply.clone()));
+    let w = env.worker(|_| {}).await;
+    let req = request(&unique("u"), "talk through the outage");
+    let mut frames = env.frames(&req.user_id).await;
+    env.publish(&req).await;
+    let first = frames.next().await;
+    assert_eq!(first["type"], "chat.chunk", "{first}");
+    drop(frames);
+    env.nats.stop();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    env.nats.start_again().expect("nats start");
+    w.wait_ready(true).await;
+    // A gateway re-subscribes up to its reconnect backoff after the worker is back,
+    // when the worker has already flushed the `chat.complete` it buffered: that copy
+    // reached nobody. The echo comes after the subscription exists.
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let nc = async_nats::connect(env.nats.url()).await.unwrap();
+    let mut late = nc.subscribe(env.subjects.user(&req.user_id)).await.unwrap();
+    nc.flush().await.unwrap();
+    let msg = tokio::time::timeout(Duration::from_secs(10), late.next())
+        .await
+        .expect("chat.complete sent again after the link came back")
+        .unwrap();
+    let echoed: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
+    assert_eq!(
+        (echoed["type"].as_str(), echoed["request_id"].as_str()),
+        (Some("chat.complete"), Some(req.request_id.as_str())),
+        "{echoed}"
+    );
+    assert_eq!(echoed["content"], reply.text());
+    assert_eq!(env.history(&req.session_id).await.len(), 2, "recorded once");
+    let m = w.metrics().await;
+    assert!(
+        m.contains(r#"switchboard_worker_echoes_total{result="sent"} 1"#),
+        "{m}"
+    );
+}
+
+#[tokio::test]
 async fn progress_acks_keep_a_long_reply_from_being_redelivered() {
     let env = Env::start().await;
     // About 2.5 s of streaming against a 1 s ack wait.
