@@ -250,8 +250,12 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
         login_back.map_or(-1, |d| d.as_millis() as i64)
     ));
     r.headline(format!(
-        "{} clients closed; {starved} subscribers starved after recovery",
-        conn.server_close_count()
+        "{} clients closed; {} of {} subscribers told of the new epoch once, {starved} starved after recovery, lost {}, dup {}",
+        conn.server_close_count(),
+        told.len() - untold,
+        told.len(),
+        ch.undelivered,
+        ch.dups
     ));
     fleet.stop().await;
     Ok(())
