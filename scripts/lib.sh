@@ -56,7 +56,8 @@ wait_port() {
 # wait_http URL [SECONDS] — until URL answers 200.
 wait_http() {
     local url=$1 deadline=$((SECONDS + ${2:-15}))
-    until [ "$(curl -s -o /dev/null -w '%{http_code}' "$url" 2>/dev/null)" = 200 ]; do
+    # --max-time: a process that accepts but never answers must not stall the wait.
+    until [ "$(curl -s --max-time 2 -o /dev/null -w '%{http_code}' "$url" 2>/dev/null)" = 200 ]; do
         [ $SECONDS -lt $deadline ] || { echo "$url never answered 200" >&2; return 1; }
         sleep 0.1
     done

@@ -1,6 +1,8 @@
 //! `faults`: the fault-injection driver. Parses the command line, sets up logging
 //! and runs the suite; exits 1 when a scenario failed.
 
+use std::io::IsTerminal;
+
 use clap::Parser;
 
 #[tokio::main]
@@ -11,6 +13,8 @@ async fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
         )
         .with_writer(std::io::stderr)
+        // Colours only on a terminal: a redirected log stays plain text.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let cli = faults::cli::Cli::parse();
     let pass = faults::run(cli).await?;

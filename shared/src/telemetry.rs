@@ -1,6 +1,7 @@
 //! Logs and metrics setup: the process-wide Prometheus recorder (installed once, with
 //! the upkeep the exporter needs) and the tracing subscriber (JSON in production).
 
+use std::io::IsTerminal;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -87,6 +88,9 @@ pub fn init_tracing(format: LogFormat) {
             .flatten_event(true)
             .with_current_span(true)
             .try_init(),
-        LogFormat::Text => builder.try_init(),
+        // Colours only on a terminal: logs written to files stay plain text.
+        LogFormat::Text => builder
+            .with_ansi(std::io::stdout().is_terminal())
+            .try_init(),
     };
 }
