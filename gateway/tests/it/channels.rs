@@ -817,3 +817,54 @@ async fn offsets_lost_with_redis_start_a_new_epoch_that_subscribers_are_told_of(
             .contains("switchboard_epoch_restarts_total 1")
     );
 }
+
+#[tokio::test]
+async fn gap_repair_reads_history_only_in_the_subscriptions_epoch() {
+    let deps = Deps::start();
+    let store =
+        shared::store::SessionStore::new(&deps.redis.url(), shared::keys::Keys::new("sb")).unwrap();
+    let settings = shared::store::ChannelSettings {
+        history_size: 100,
+        history_ttl: Duration::from_secs(60),
+        offset_ttl: Duration::from_secs(600),
+    };
+    let ch = shared::protocol::Channel::parse("news:range").unwrap();
+    let (head, tail) = (r#"{"offset":"#, "}");
+    let mut at = None;
+    for _ in 0..3 {
+        at = Some(
+            store
+                .publish_channel(&ch, head, tail, &settings)
+                .await
+                .unwrap(),
+        );
+    }
+    let at = at.unwrap();
+    assert_eq!(at.offset, 3);
+    let peeked = store.peek_channel_position(&ch).await.unwrap();
+    assert_eq!(peeked, at, "peeking sees the same position");
+    let offsets = |r: Option<Vec<(u64, String)>>| {
+        r.map(|v| v.into_iter().map(|(o, _)| o).collect::<Vec<_>>())
+    };
+    assert_eq!(
+        offsets(store.channel_range(&ch, at.epoch, 0, 3).await.unwrap()),
+        Some(vec![1, 2])
+    );
+    assert_eq!(
+        offsets(store.channel_range(&ch, at.epoch + 1, 0, 3).await.unwrap()),
+        None,
+        "another epoch's offsets are not these"
+    );
+    assert_eq!(
+        offsets(store.channel_range(&ch, 0, 0, 3).await.unwrap()),
+        Some(vec![1, 2]),
+        "an unknown epoch reads what there is"
+    );
+    // A channel nobody published to has no position until someone subscribes.
+    let quiet = shared::protocol::Channel::parse("news:quiet").unwrap();
+    let none = store.peek_channel_position(&quiet).await.unwrap();
+    assert_eq!((none.epoch, none.offset), (0, 0));
+    let made = store.channel_position(&quiet, &settings).await.unwrap();
+    assert!(made.epoch > 0 && made.offset == 0, "{made:?}");
+    assert_eq!(store.peek_channel_position(&quiet).await.unwrap(), made);
+}

@@ -118,9 +118,10 @@ return {top, e, frames}
 );
 
 /// Frames strictly between two offsets of one epoch; nil when the channel is in
-/// another epoch by now (its history is not the one the offsets belong to).
+/// another epoch by now (its history is not the one the offsets belong to). An empty
+/// epoch is not checked (a subscription that has seen no epoch yet).
 const RANGE_SCRIPT: &str = r#"
-if redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return false end
+if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return false end
 return redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '(' .. ARGV[3], 'WITHSCORES')
 "#;
 
@@ -257,7 +258,8 @@ impl SessionStore {
     }
 
     /// Frames with `from < offset < to` of `epoch`, for repairing a gap seen in live
-    /// delivery; `None` when the channel has moved to another epoch.
+    /// delivery; `None` when the channel has moved to another epoch. Epoch 0 (not
+    /// known) reads whatever the channel has.
     pub async fn channel_range(
         &self,
         ch: &Channel,
@@ -270,7 +272,11 @@ impl SessionStore {
             let raw: Option<Vec<String>> = Script::new(RANGE_SCRIPT)
                 .key(self.keys.channel_position(&ch.namespace, &ch.name))
                 .key(self.keys.channel_history(&ch.namespace, &ch.name))
-                .arg(epoch.to_string())
+                .arg(if epoch == 0 {
+                    String::new()
+                } else {
+                    epoch.to_string()
+                })
                 .arg(from)
                 .arg(to)
                 .invoke_async(&mut c)
