@@ -25,6 +25,18 @@ async fn subscribe(ws: &mut Ws, channel: &str, since: Option<u64>) -> Value {
     next_matching(ws, |f| f["type"] == "subscribed" || f["type"] == "error").await
 }
 
+/// The session store the gateways use, for writing behind their backs.
+fn direct_store(deps: &Deps) -> (shared::store::SessionStore, shared::store::ChannelSettings) {
+    let store =
+        shared::store::SessionStore::new(&deps.redis.url(), shared::keys::Keys::new("sb")).unwrap();
+    let settings = shared::store::ChannelSettings {
+        history_size: 100,
+        history_ttl: Duration::from_secs(60),
+        offset_ttl: Duration::from_secs(600),
+    };
+    (store, settings)
+}
+
 /// `POST /v1/publish`: the status and the JSON body.
 async fn try_publish(gw: &Gw, channel: &str, data: &Value) -> (u16, Value) {
     let r = api()
@@ -662,13 +674,7 @@ async fn a_publication_lost_in_transit_is_repaired_from_history() {
     let (mut ws, _) = authed(&gw, "ivy").await;
     subscribe(&mut ws, "news:lossy", None).await;
     // Offset 1 reaches Redis history but never NATS, as if lost between nodes.
-    let store =
-        shared::store::SessionStore::new(&deps.redis.url(), shared::keys::Keys::new("sb")).unwrap();
-    let settings = shared::store::ChannelSettings {
-        history_size: 100,
-        history_ttl: Duration::from_secs(60),
-        offset_ttl: Duration::from_secs(600),
-    };
+    let (store, settings) = direct_store(&deps);
     let ch = shared::protocol::Channel::parse("news:lossy").unwrap();
     let head = r#"{"type":"message","channel":"news:lossy","offset":"#;
     let tail = r#","data":"lost","from":"server"}"#;
@@ -821,13 +827,7 @@ async fn offsets_lost_with_redis_start_a_new_epoch_that_subscribers_are_told_of(
 #[tokio::test]
 async fn gap_repair_reads_history_only_in_the_subscriptions_epoch() {
     let deps = Deps::start();
-    let store =
-        shared::store::SessionStore::new(&deps.redis.url(), shared::keys::Keys::new("sb")).unwrap();
-    let settings = shared::store::ChannelSettings {
-        history_size: 100,
-        history_ttl: Duration::from_secs(60),
-        offset_ttl: Duration::from_secs(600),
-    };
+    let (store, settings) = direct_store(&deps);
     let ch = shared::protocol::Channel::parse("news:range").unwrap();
     let (head, tail) = (r#"{"offset":"#, "}");
     let mut at = None;
