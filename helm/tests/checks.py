@@ -86,6 +86,8 @@ EXPECTED_LINT = "chart directory is missing these dependencies: nats,redis"
 EVENT_ONLY = {
     "switchboard_slow_consumer_closes_total": "a client that stops reading while its outbound queue fills (needs megabytes of socket buffers filled first)",
     "switchboard_gap_repairs_total": "a channel message lost between two gateway nodes",
+    "switchboard_epoch_restarts_total": "Redis losing channel positions while subscribers stay connected",
+    "switchboard_worker_echoes_total": "a worker's NATS link dropping while a reply is in flight",
 }
 SECRET = "helm-tests-secret-0123456789abcdef-0123"
 
