@@ -4,45 +4,27 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use gateway::{Listeners, RawConfig};
+use shared::config::ConfigError;
+use shared::service::Start;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-/// sysexits EX_USAGE: configuration errors are not worth a restart loop.
-const EXIT_CONFIG: u8 = 64;
 /// Listen backlog: a reconnect wave after a drain arrives thousands at a time; the
 /// default 128 drops SYNs and costs clients a one-second retransmit.
 const LISTEN_BACKLOG: u32 = 4096;
 
 fn main() -> ExitCode {
     raise_open_file_limit();
-    let raw = match RawConfig::load(std::env::args_os()) {
-        Ok(r) => r,
-        Err(e) => return config_error(&e),
-    };
-    let config = match raw.validate() {
-        Ok(c) => c,
-        Err(e) => return config_error(&e),
-    };
-    if raw.check_config {
-        println!("config ok: {}", config.summary());
-        return ExitCode::SUCCESS;
-    }
-    shared::telemetry::init_tracing(config.log_format);
-    let rt = match tokio::runtime::Runtime::new() {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("cannot start the runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match rt.block_on(serve(config)) {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!(error = format!("{e:#}"), "gateway failed");
-            eprintln!("gateway: {e:#}");
-            ExitCode::FAILURE
-        }
-    }
+    shared::service::main("gateway", start(), serve)
+}
+
+fn start() -> Result<Start<gateway::Config>, ConfigError> {
+    let raw = RawConfig::load(std::env::args_os())?;
+    let config = raw.validate()?;
+    let log_format = config.log_format;
+    Ok(Start::new(raw.check_config, config, log_format, |c| {
+        c.summary().to_string()
+    }))
 }
 
 /// Every connection is a file descriptor: lift the soft limit to the hard one (some
@@ -57,23 +39,11 @@ fn raise_open_file_limit() {
     }
 }
 
-fn config_error(e: &shared::config::ConfigError) -> ExitCode {
-    // clap prints its own help/version text through this path too.
-    eprintln!("gateway: {e}");
-    ExitCode::from(EXIT_CONFIG)
-}
-
-async fn serve(config: gateway::Config) -> anyhow::Result<()> {
+async fn serve(config: gateway::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let public = listen(config.listen)
         .with_context(|| format!("SB_LISTEN: cannot bind {}", config.listen))?;
     let admin = listen(config.admin_listen)
         .with_context(|| format!("SB_ADMIN_LISTEN: cannot bind {}", config.admin_listen))?;
-    let shutdown = CancellationToken::new();
-    let signal = shutdown.clone();
-    tokio::spawn(async move {
-        wait_for_signal().await;
-        signal.cancel();
-    });
     gateway::run(Listeners { public, admin }, config, shutdown).await?;
     Ok(())
 }
@@ -87,16 +57,4 @@ fn listen(addr: std::net::SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(LISTEN_BACKLOG)
-}
-
-async fn wait_for_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => return std::future::pending().await,
-    };
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = tokio::signal::ctrl_c() => {}
-    }
 }

@@ -1,5 +1,6 @@
 //! Switchboard's shared vocabulary: wire protocol types, JWT validation, config
-//! loading, NATS subject and Redis key names, the Redis session store and metric names.
+//! loading, NATS subject and Redis key names, the Redis session store, metric names
+//! and what every binary does around its library.
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -9,6 +10,7 @@ pub mod config;
 pub mod keys;
 pub mod metrics;
 pub mod protocol;
+pub mod service;
 pub mod store;
 pub mod subjects;
 pub mod telemetry;
