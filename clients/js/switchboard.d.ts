@@ -17,6 +17,7 @@ export declare const DEFAULTS: Readonly<{
   chatRecheckMs: number;
   chatIdleTimeoutMs: number;
   chatSilenceMs: number;
+  maxFinishedChats: number;
   maxTokenFailures: number;
   maxFrameBytes: number;
   gapHistoryLimit: number;

@@ -37,6 +37,10 @@ export const DEFAULTS = Object.freeze({
   // belongs to another tab): kept this long and this many.
   orphanTtlMs: 10_000,
   maxOrphans: 64,
+  // Request ids of chat streams that ended, remembered (at most this many) so a late
+  // repeat of their frames (a redelivery, or a worker re-sending chat.complete after a
+  // message-bus outage) is dropped instead of surfacing as another tab's chat.
+  maxFinishedChats: 256,
   // After a reconnect, a chat stream whose end was not seen is checked against
   // `history` this often until it finishes.
   chatRecheckMs: 3_000,
@@ -256,6 +260,7 @@ class Connection {
     this.channels = new Map();
     this.chats = new Map();
     this.orphans = new Map();
+    this.finishedChats = new Set();
     this.info = null;
     this.lastError = null;
     this.drainAfterMs = null;
@@ -887,6 +892,7 @@ class Connection {
       stream.onFrame(f);
       return;
     }
+    if (this.finishedChats.has(f.request_id)) return;
     // The reply may overtake its ack, or belong to another tab of the same user.
     this.broadcast('chat', { ...f });
     const now = this.now();
@@ -900,6 +906,14 @@ class Connection {
       this.orphans.set(f.request_id, o);
     }
     o.frames.push(f);
+  }
+
+  rememberFinished(requestId) {
+    const done = this.finishedChats;
+    done.delete(requestId);
+    done.add(requestId);
+    // A Set iterates in insertion order: the first entry is the oldest.
+    if (done.size > this.cfg.maxFinishedChats) done.delete(done.values().next().value);
   }
 
   async recheckChat(stream) {
@@ -1105,7 +1119,10 @@ class ChatStream {
     if (this.silenceTimer !== null) this.conn.clearTimer(this.silenceTimer);
     for (const t of this.recheckTimers) this.conn.clearTimer(t);
     this.recheckTimers.clear();
-    if (this.requestId !== null && this.conn.chats.get(this.requestId) === this) this.conn.chats.delete(this.requestId);
+    if (this.requestId !== null && this.conn.chats.get(this.requestId) === this) {
+      this.conn.chats.delete(this.requestId);
+      this.conn.rememberFinished(this.requestId);
+    }
     this.handle.streams.delete(this);
     this.wake();
   }

@@ -446,6 +446,22 @@ test('a stream silent on a live link is completed from history', async () => {
   c.close();
 });
 
+test('a repeated chat.complete after the stream ended is dropped, not reported as another tab', async () => {
+  const { c } = await connected();
+  const ws = FakeSocket.last;
+  const others = [];
+  c.on('chat', (f) => others.push(f));
+  const stream = await chatAck(c, ws);
+  const rid = stream.requestId;
+  ws.push({ type: 'chat.complete', session_id: 's1', request_id: rid, content: 'done' });
+  assert.equal(await stream.done, 'done');
+  // The worker sends it again after a message-bus outage.
+  ws.push({ type: 'chat.complete', session_id: 's1', request_id: rid, content: 'done' });
+  ws.push({ type: 'chat.chunk', session_id: 's1', request_id: 'from-another-tab', seq: 0, content: 'x' });
+  assert.deepEqual(others.map((f) => f.request_id), ['from-another-tab']);
+  c.close();
+});
+
 test('a regenerated reply that differs is signalled with reset', async () => {
   const { c } = await connected();
   const ws = FakeSocket.last;
