@@ -469,7 +469,7 @@ pub async fn revoke_lost(
 /// fills (or is repaired from history once [`REORDER_WINDOW`] passes, see
 /// [`repair_gaps`]). The first publication of a later epoch restarts the count and is
 /// preceded by `subscribed {recovered: false}` without `id`: what the old count still
-/// had for this connection is lost, the client must know (PROTOCOL.md "Offsets").
+/// had for this connection is lost, the client must know (PROTOCOL.md "Epochs").
 /// `epoch` 0 (a publisher that sends none) counts as the subscription's own.
 pub fn on_publication(
     subs: &mut Subscriptions,
