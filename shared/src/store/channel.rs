@@ -160,10 +160,7 @@ impl SessionStore {
                 .arg(settings.offset_ttl.as_millis() as u64)
                 .invoke_async(&mut c)
                 .await?;
-            Ok(Position {
-                epoch: parse_epoch(&key, &epoch)?,
-                offset,
-            })
+            position(&key, offset, &epoch)
         })
         .await
     }
@@ -183,10 +180,7 @@ impl SessionStore {
                 .arg(settings.offset_ttl.as_millis() as u64)
                 .invoke_async(&mut c)
                 .await?;
-            Ok(Position {
-                epoch: parse_epoch(&key, &epoch)?,
-                offset,
-            })
+            position(&key, offset, &epoch)
         })
         .await
     }
@@ -493,6 +487,14 @@ fn scored(raw: Vec<String>) -> Vec<(u64, String)> {
         frames.push((offset, frame));
     }
     frames
+}
+
+/// A script's `{offset, epoch}` reply as a [`Position`].
+fn position(key: &str, offset: u64, epoch: &str) -> Result<Position, StoreError> {
+    Ok(Position {
+        epoch: parse_epoch(key, epoch)?,
+        offset,
+    })
 }
 
 fn parse_epoch(key: &str, value: &str) -> Result<u64, StoreError> {
