@@ -21,6 +21,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "SB_NODE_ID",
     "SB_NATS_URL",
     "SB_REDIS_URL",
+    "SB_REDIS_CLUSTER",
     "SB_PREFIX",
     "SB_LOG_FORMAT",
     "SB_LOG",
@@ -244,6 +245,8 @@ pub struct Cluster {
     pub prefix: String,
     pub nats_url: String,
     pub redis_url: String,
+    /// `SB_REDIS_CLUSTER`: `redis_url` lists seed nodes of a Redis Cluster.
+    pub redis_cluster: bool,
 }
 
 /// Default NATS and Redis (a local install) and prefix.
@@ -258,6 +261,7 @@ impl Cluster {
         prefix: Option<&str>,
         nats_url: Option<&str>,
         redis_url: Option<&str>,
+        redis_cluster: Option<bool>,
     ) -> Result<Cluster, ConfigError> {
         let node_id = node_id.map(str::to_owned).unwrap_or_else(default_node_id);
         validate_token("SB_NODE_ID", &node_id)?;
@@ -268,17 +272,41 @@ impl Cluster {
             validate_url("SB_NATS_URL", url.trim(), &["nats", "tls", "ws", "wss"])?;
         }
         let redis_url = redis_url.unwrap_or(DEFAULT_REDIS_URL).to_owned();
-        validate_url(
-            "SB_REDIS_URL",
-            &redis_url,
-            &["redis", "rediss", "redis+unix", "unix"],
-        )?;
+        let redis_cluster = redis_cluster.unwrap_or(false);
+        let seeds = parse_list(&redis_url);
+        if seeds.is_empty() {
+            return Err(ConfigError::invalid("SB_REDIS_URL", "must not be empty"));
+        }
+        if seeds.len() > 1 && !redis_cluster {
+            return Err(ConfigError::invalid(
+                "SB_REDIS_URL",
+                "a list of servers needs SB_REDIS_CLUSTER=true (a single Redis takes one URL)",
+            ));
+        }
+        let schemes: &[&str] = if redis_cluster {
+            &["redis", "rediss"]
+        } else {
+            &["redis", "rediss", "redis+unix", "unix"]
+        };
+        for seed in &seeds {
+            validate_url("SB_REDIS_URL", seed, schemes)?;
+        }
         Ok(Cluster {
             node_id,
             prefix,
             nats_url,
             redis_url,
+            redis_cluster,
         })
+    }
+}
+
+/// Where the session store lives: validated `SB_REDIS_URL` and `SB_REDIS_CLUSTER`.
+pub fn redis_target(redis_url: &str, cluster: bool) -> crate::store::Target {
+    if cluster {
+        crate::store::Target::Cluster(parse_list(redis_url))
+    } else {
+        crate::store::Target::Single(redis_url.trim().to_owned())
     }
 }
 

@@ -1,6 +1,34 @@
-//! Redis key names (DESIGN.md "Redis keys"). Every key is built here from one
-//! configurable prefix; the seeds' bug of two services spelling a key differently
-//! cannot happen when nobody spells keys by hand.
+//! Redis key names. Every key is built here from one configurable prefix, so two
+//! services can never spell a key differently, and every key carries a Redis Cluster
+//! hash tag (`{...}`) so that each script and pipeline touches exactly one slot.
+//!
+//! ## Layout
+//!
+//! | key | type | TTL | holds | tag (one slot per) |
+//! |---|---|---|---|---|
+//! | `sb:{u:<uid>}:conns` | sorted set | 90 s, refreshed | live connections of the user, member `conn_id\|node\|connected_at\|ip`, score = expiry (ms): the cluster-wide per-user limit and `GET /v1/users/<id>/connections` | user |
+//! | `sb:{u:<uid>}:ctx` | string (JSON) | 1 h | teams and tasks last fetched, served only `degraded` when the backend or every worker is down | user |
+//! | `sb:{u:<uid>}:read` | hash | 30 days | channel -> last read offset | user |
+//! | `sb:{u:<uid>}:rl:chat` | counter | window | chat requests in the current window | user |
+//! | `sb:{c:<sid>}:meta` | hash | 24 h sliding | chat session owner, created_at | chat session |
+//! | `sb:{c:<sid>}:history` | list (JSON) | 24 h sliding | the session's last N messages | chat session |
+//! | `sb:{ch:<ns>:<name>}:log` | stream | offset TTL, refreshed | the channel's publications; entry id `<epoch>-<offset>`, so the stream is position, epoch and bounded history in one key | channel |
+//! | `sb:{ch:<ns>:<name>}:presence` | sorted set | presence TTL | users present, score = latest expiry (ms) | channel |
+//! | `sb:{ch:<ns>:<name>}:presence:<uid>` | sorted set | presence TTL | the user's connections in the channel by expiry | channel |
+//! | `sb:{rev:<n>}:revoked` | sorted set | members expire by score | revoked token ids (`jti`) by `exp`, spread over [`REVOCATION_SHARDS`] keys | shard |
+//! | `sb:{n:<node>}` | hash | heartbeat TTL | a gateway's heartbeat: connections, started_at, version | node |
+//! | `sb:{n:<node>}:channels` | hash | heartbeat TTL | channel -> the node's local subscriber count | node |
+//! | `sb:nodes` | sorted set | members expire by score | gateway node ids by heartbeat expiry | (index) |
+//!
+//! No key is touched by every operation: connection open and close touch only the
+//! user's slot, a publication only the channel's. `sb:nodes` is written once per
+//! heartbeat per gateway (a few writes per second for a hundred gateways), never per
+//! connection or message; revocations are spread over sixteen keys and read by each
+//! gateway in the background, never per connection.
+
+/// Revocations are spread over this many keys (slots), so the list never hangs off
+/// one hot slot, while a gateway still reads all of it in a handful of commands.
+pub const REVOCATION_SHARDS: u32 = 16;
 
 /// Key builder for one deployment prefix (default `sb`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,77 +44,73 @@ impl Keys {
         }
     }
 
-    /// `sb:conn:<conn_id>`: hash {user, node, connected_at}, 90 s TTL refreshed.
-    pub fn conn(&self, conn_id: &str) -> String {
-        format!("{}:conn:{conn_id}", self.prefix)
-    }
-
-    /// `sb:user:<uid>:conns`: sorted set of live connection ids scored by expiry (ms).
+    /// `sb:{u:<uid>}:conns`: the user's live connections, scored by expiry (ms).
     pub fn user_conns(&self, user_id: &str) -> String {
-        format!("{}:user:{user_id}:conns", self.prefix)
+        format!("{}:{{u:{user_id}}}:conns", self.prefix)
     }
 
-    /// `sb:user:<uid>:ctx`: cached teams and tasks (JSON), 60 s.
+    /// `sb:{u:<uid>}:ctx`: teams and tasks last fetched (JSON).
     pub fn user_ctx(&self, user_id: &str) -> String {
-        format!("{}:user:{user_id}:ctx", self.prefix)
+        format!("{}:{{u:{user_id}}}:ctx", self.prefix)
     }
 
-    /// `sb:chat:<sid>:meta`: hash {owner, created_at}, 24 h sliding.
+    /// `sb:{c:<sid>}:meta`: hash {owner, created_at}, 24 h sliding.
     pub fn chat_meta(&self, session_id: &str) -> String {
-        format!("{}:chat:{session_id}:meta", self.prefix)
+        format!("{}:{{c:{session_id}}}:meta", self.prefix)
     }
 
-    /// `sb:chat:<sid>:history`: list of JSON messages, 24 h sliding.
+    /// `sb:{c:<sid>}:history`: list of JSON messages, 24 h sliding.
     pub fn chat_history(&self, session_id: &str) -> String {
-        format!("{}:chat:{session_id}:history", self.prefix)
+        format!("{}:{{c:{session_id}}}:history", self.prefix)
     }
 
-    /// `sb:rl:chat:<uid>`: chat requests per user per window.
+    /// `sb:{u:<uid>}:rl:chat`: chat requests per user per window.
     pub fn rate_chat(&self, user_id: &str) -> String {
-        format!("{}:rl:chat:{user_id}", self.prefix)
+        format!("{}:{{u:{user_id}}}:rl:chat", self.prefix)
     }
 
-    /// `sb:revoked:<jti>`: present while a revoked token would still be valid.
+    /// `sb:{rev:<n>}:revoked`: the revocation shard a token id belongs to.
     pub fn revoked(&self, jti: &str) -> String {
-        format!("{}:revoked:{jti}", self.prefix)
+        self.revoked_shard(revocation_shard(jti))
     }
 
-    /// `sb:ch:<ns>:<name>:position`: hash of the channel's last `offset` (counter) and
-    /// its `epoch` (when the counter started), kept in one key so they are lost together.
-    pub fn channel_position(&self, namespace: &str, name: &str) -> String {
-        format!("{}:ch:{namespace}:{name}:position", self.prefix)
+    /// `sb:{rev:<n>}:revoked` for shard `n` (< [`REVOCATION_SHARDS`]).
+    pub fn revoked_shard(&self, shard: u32) -> String {
+        format!("{}:{{rev:{shard}}}:revoked", self.prefix)
     }
 
-    /// `sb:ch:<ns>:<name>:history`: sorted set of ready `message` frames by offset.
-    pub fn channel_history(&self, namespace: &str, name: &str) -> String {
-        format!("{}:ch:{namespace}:{name}:history", self.prefix)
+    /// `sb:{ch:<ns>:<name>}:log`: the channel's stream (position, epoch, history).
+    pub fn channel_log(&self, namespace: &str, name: &str) -> String {
+        format!("{}:{{ch:{namespace}:{name}}}:log", self.prefix)
     }
 
-    /// `sb:ch:<ns>:<name>:presence`: sorted set of user ids by their latest
-    /// connection's expiry (ms).
+    /// `sb:{ch:<ns>:<name>}:presence`: users by their latest connection's expiry (ms).
     pub fn channel_presence(&self, namespace: &str, name: &str) -> String {
-        format!("{}:ch:{namespace}:{name}:presence", self.prefix)
+        format!("{}:{{ch:{namespace}:{name}}}:presence", self.prefix)
     }
 
-    /// `sb:ch:<ns>:<name>:presence:<uid>`: sorted set of the user's connection ids in
-    /// the channel by expiry (ms), so one user's count never reads the whole channel.
+    /// `sb:{ch:<ns>:<name>}:presence:<uid>`: the user's connections in the channel
+    /// by expiry (ms), so one user's count never reads the whole channel.
     pub fn channel_presence_user(&self, namespace: &str, name: &str, user_id: &str) -> String {
-        format!("{}:ch:{namespace}:{name}:presence:{user_id}", self.prefix)
+        format!(
+            "{}:{{ch:{namespace}:{name}}}:presence:{user_id}",
+            self.prefix
+        )
     }
 
-    /// `sb:user:<uid>:read`: hash channel -> last read offset.
+    /// `sb:{u:<uid>}:read`: hash channel -> last read offset.
     pub fn user_reads(&self, user_id: &str) -> String {
-        format!("{}:user:{user_id}:read", self.prefix)
+        format!("{}:{{u:{user_id}}}:read", self.prefix)
     }
 
-    /// `sb:node:<node_id>:channels`: hash channel -> local subscriber count.
+    /// `sb:{n:<node>}:channels`: hash channel -> local subscriber count.
     pub fn node_channels(&self, node_id: &str) -> String {
-        format!("{}:node:{node_id}:channels", self.prefix)
+        format!("{}:{{n:{node_id}}}:channels", self.prefix)
     }
 
-    /// `sb:node:<node_id>`: hash {connections, started_at, version}, heartbeat TTL.
+    /// `sb:{n:<node>}`: hash {connections, started_at, version}, heartbeat TTL.
     pub fn node(&self, node_id: &str) -> String {
-        format!("{}:node:{node_id}", self.prefix)
+        format!("{}:{{n:{node_id}}}", self.prefix)
     }
 
     /// `sb:nodes`: sorted set of gateway node ids scored by heartbeat expiry (ms).
@@ -95,30 +119,71 @@ impl Keys {
     }
 }
 
+/// Which revocation shard holds a token id: FNV-1a, stable across processes and
+/// versions (std's hasher is randomly seeded).
+pub fn revocation_shard(jti: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in jti.bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    h % REVOCATION_SHARDS
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn keys_match_the_design_table() {
+    fn keys_match_the_layout_table() {
         let k = Keys::new("sb");
-        assert_eq!(k.conn("c1"), "sb:conn:c1");
-        assert_eq!(k.user_conns("u1"), "sb:user:u1:conns");
-        assert_eq!(k.user_ctx("u1"), "sb:user:u1:ctx");
-        assert_eq!(k.chat_meta("s"), "sb:chat:s:meta");
-        assert_eq!(k.chat_history("s"), "sb:chat:s:history");
-        assert_eq!(k.rate_chat("u1"), "sb:rl:chat:u1");
-        assert_eq!(k.revoked("j"), "sb:revoked:j");
-        assert_eq!(k.node("n"), "sb:node:n");
+        assert_eq!(k.user_conns("u1"), "sb:{u:u1}:conns");
+        assert_eq!(k.user_ctx("u1"), "sb:{u:u1}:ctx");
+        assert_eq!(k.chat_meta("s"), "sb:{c:s}:meta");
+        assert_eq!(k.chat_history("s"), "sb:{c:s}:history");
+        assert_eq!(k.rate_chat("u1"), "sb:{u:u1}:rl:chat");
+        assert_eq!(k.revoked_shard(3), "sb:{rev:3}:revoked");
+        assert_eq!(k.node("n"), "sb:{n:n}");
         assert_eq!(k.nodes(), "sb:nodes");
-        assert_eq!(k.channel_position("team", "a"), "sb:ch:team:a:position");
-        assert_eq!(k.channel_history("team", "a"), "sb:ch:team:a:history");
-        assert_eq!(k.channel_presence("team", "a"), "sb:ch:team:a:presence");
+        assert_eq!(k.channel_log("team", "a"), "sb:{ch:team:a}:log");
+        assert_eq!(k.channel_presence("team", "a"), "sb:{ch:team:a}:presence");
         assert_eq!(
             k.channel_presence_user("team", "a", "u"),
-            "sb:ch:team:a:presence:u"
+            "sb:{ch:team:a}:presence:u"
         );
-        assert_eq!(k.user_reads("u"), "sb:user:u:read");
-        assert_eq!(k.node_channels("n"), "sb:node:n:channels");
+        assert_eq!(k.user_reads("u"), "sb:{u:u}:read");
+        assert_eq!(k.node_channels("n"), "sb:{n:n}:channels");
+    }
+
+    /// Keys used together by one script or pipeline share their hash tag.
+    #[test]
+    fn keys_used_together_share_a_tag() {
+        fn tag(key: &str) -> &str {
+            let open = key.find('{').expect("tagged");
+            let close = key[open..].find('}').expect("closed") + open;
+            &key[open + 1..close]
+        }
+        let k = Keys::new("sb");
+        assert_eq!(tag(&k.chat_meta("s")), tag(&k.chat_history("s")));
+        assert_eq!(
+            tag(&k.channel_log("team", "a")),
+            tag(&k.channel_presence_user("team", "a", "u"))
+        );
+        assert_eq!(
+            tag(&k.channel_presence("team", "a")),
+            tag(&k.channel_log("team", "a"))
+        );
+        assert_eq!(tag(&k.user_conns("u")), tag(&k.user_reads("u")));
+        assert_eq!(tag(&k.node("n")), tag(&k.node_channels("n")));
+    }
+
+    #[test]
+    fn revocations_spread_over_every_shard() {
+        let mut seen = [0u32; REVOCATION_SHARDS as usize];
+        for i in 0..1600 {
+            seen[revocation_shard(&format!("jti-{i}")) as usize] += 1;
+        }
+        assert!(seen.iter().all(|n| *n > 50), "{seen:?}");
+        assert_eq!(revocation_shard("abc"), revocation_shard("abc"));
     }
 }

@@ -63,6 +63,11 @@ impl Subjects {
     pub fn ctl_disconnect(&self) -> String {
         format!("{}.ctl.disconnect", self.prefix)
     }
+
+    /// `sb.ctl.revoked`: core, to every gateway: a token id revoked just now.
+    pub fn revocations(&self) -> String {
+        format!("{}.ctl.revoked", self.prefix)
+    }
 }
 
 #[cfg(test)]

@@ -3,7 +3,8 @@
 //! local subscriber counts (for `GET /v1/channels`).
 
 use std::collections::{BTreeMap, HashMap};
-use std::time::Duration;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use redis::{AsyncCommands, Script};
 use serde::Serialize;
@@ -51,79 +52,111 @@ pub struct PresenceEntry {
     pub connections: u64,
 }
 
-/// The channel's epoch, created with its position from the Redis clock (unix
-/// microseconds): a position lost with Redis (restart without persistence, eviction,
-/// expiry) starts again at offset 1 under a later epoch than any issued before, so a
-/// gateway or client holding an old offset can tell the two counts apart.
-macro_rules! epoch_lua {
+// A channel is one Redis stream, `sb:{ch:<ns>:<name>}:log`. Entry ids are
+// `<epoch>-<offset>`: the stream's own id counter assigns gapless offsets within an
+// epoch, `MAXLEN` bounds the history, and the stream's last id is the position. A
+// stream lost with Redis (restart without persistence, failover before replication,
+// eviction, expiry) is created again under a later epoch taken from the Redis clock
+// (unix microseconds), so a gateway or client holding an old offset can tell the two
+// counts apart. Entry `<epoch>-0` marks a position started before any publication.
+// Fields: `h`/`t`, the frame's JSON before and after its offset; `ts`, publish time.
+
+/// The newest entry's id, or a new epoch's marker when the stream is missing.
+/// Expects `KEYS[1]`; leaves the id in `top`.
+macro_rules! top_lua {
     () => {
         r#"
-local function epoch(key)
-  local e = redis.call('HGET', key, 'epoch')
-  if not e then
-    local t = redis.call('TIME')
-    e = t[1] .. string.format('%06d', tonumber(t[2]))
-    redis.call('HSET', key, 'epoch', e)
-  end
-  return e
+local top
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 0 then
+  local t = redis.call('TIME')
+  local e = t[1] .. string.format('%06d', tonumber(t[2]))
+  top = redis.call('XADD', KEYS[1], e .. '-0', 'p', '1')
+else
+  top = last[1][1]
 end
 "#
     };
 }
 
-/// Assigns the next offset, stores the frame (`head .. offset .. tail`) in the
-/// bounded history, and returns the offset and epoch: one atomic step, so offsets are
-/// gapless and history order is offset order. The first offset of an epoch drops
-/// whatever history an earlier epoch left.
-const PUBLISH_SCRIPT: &str = concat!(
-    epoch_lua!(),
-    r#"
-local e = epoch(KEYS[1])
-local offset = redis.call('HINCRBY', KEYS[1], 'offset', 1)
-redis.call('PEXPIRE', KEYS[1], ARGV[5])
-if offset == 1 then redis.call('DEL', KEYS[2]) end
-local frame = ARGV[1] .. offset .. ARGV[2]
-redis.call('ZADD', KEYS[2], offset, frame)
-local size = tonumber(ARGV[3])
-redis.call('ZREMRANGEBYRANK', KEYS[2], 0, -(size + 1))
-redis.call('PEXPIRE', KEYS[2], ARGV[4])
-return {offset, e}
-"#
-);
-
-/// The channel's position (created when missing) as `e` and `top`; `ARGV[1]` is the
-/// offset TTL: a subscriber holds the position, so it lives another TTL.
-macro_rules! position_lua {
+/// Flattens entries into `{id, head, tail, ts, ...}`, skipping position markers.
+macro_rules! flat_lua {
     () => {
         r#"
-local e = epoch(KEYS[1])
-redis.call('PEXPIRE', KEYS[1], ARGV[1])
-local top = tonumber(redis.call('HGET', KEYS[1], 'offset') or '0')
+local function flat(entries, out)
+  for _, en in ipairs(entries) do
+    local f = en[2]
+    local h, t, ts = nil, '', '0'
+    for i = 1, #f, 2 do
+      if f[i] == 'h' then h = f[i + 1] elseif f[i] == 't' then t = f[i + 1] elseif f[i] == 'ts' then ts = f[i + 1] end
+    end
+    if h then
+      out[#out + 1] = en[1]; out[#out + 1] = h; out[#out + 1] = t; out[#out + 1] = ts
+    end
+  end
+  return out
+end
 "#
     };
 }
 
-/// Reads (creating when missing) the channel's position.
-const POSITION_SCRIPT: &str = concat!(epoch_lua!(), position_lua!(), "return {top, e}");
+/// A publication when this node does not know the channel's epoch (first use, or the
+/// stream was lost or started again): reads the epoch (starting one when missing)
+/// and appends. ARGV: head, tail, ts, size, ttl_ms. Returns the entry id.
+const PUBLISH_SLOW_SCRIPT: &str = r#"
+local id
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 0 then
+  local t = redis.call('TIME')
+  local e = t[1] .. string.format('%06d', tonumber(t[2]))
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[4], e .. '-1', 'h', ARGV[1], 't', ARGV[2], 'ts', ARGV[3])
+else
+  local e = string.match(last[1][1], '^(%d+)-')
+  id = redis.call('XADD', KEYS[1], 'MAXLEN', '=', ARGV[4], e .. '-*', 'h', ARGV[1], 't', ARGV[2], 'ts', ARGV[3])
+end
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
+return id
+"#;
 
-/// The position (as [`POSITION_SCRIPT`]) and the frames after `since` (`ARGV[2]`), in
-/// one step.
-const SINCE_SCRIPT: &str = concat!(
-    epoch_lua!(),
-    position_lua!(),
+/// The channel's position (started when missing); a subscriber holds it, so it lives
+/// another TTL. ARGV: ttl_ms.
+const POSITION_SCRIPT: &str = concat!(
+    top_lua!(),
     r#"
-local frames = redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '+inf', 'WITHSCORES')
-return {top, e, frames}
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return top
 "#
 );
 
-/// Frames strictly between two offsets of one epoch; nil when the channel is in
-/// another epoch by now (its history is not the one the offsets belong to). An empty
-/// epoch is not checked (a subscription that has seen no epoch yet).
-const RANGE_SCRIPT: &str = r#"
-if ARGV[1] ~= '' and redis.call('HGET', KEYS[1], 'epoch') ~= ARGV[1] then return false end
-return redis.call('ZRANGEBYSCORE', KEYS[2], '(' .. ARGV[2], '(' .. ARGV[3], 'WITHSCORES')
-"#;
+/// The position (as [`POSITION_SCRIPT`]) and the publications after `since`
+/// (`ARGV[2]`) of the current epoch, in one step.
+const SINCE_SCRIPT: &str = concat!(
+    top_lua!(),
+    flat_lua!(),
+    r#"
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+local e = string.match(top, '^(%d+)-')
+local out = {top}
+return flat(redis.call('XRANGE', KEYS[1], e .. '-' .. (tonumber(ARGV[2]) + 1), '+'), out)
+"#
+);
+
+/// Publications strictly between two offsets of one epoch (`ARGV[1]`; empty = the
+/// current one); `{}` with no top when the channel is in another epoch by now (its
+/// history is not the one the offsets belong to) or gone.
+const RANGE_SCRIPT: &str = concat!(
+    flat_lua!(),
+    r#"
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last == 0 then return {} end
+local e = string.match(last[1][1], '^(%d+)-')
+if ARGV[1] ~= '' and ARGV[1] ~= e then return {} end
+local lo, hi = tonumber(ARGV[2]) + 1, tonumber(ARGV[3]) - 1
+local out = {last[1][1]}
+if lo > hi then return out end
+return flat(redis.call('XRANGE', KEYS[1], e .. '-' .. lo, e .. '-' .. hi), out)
+"#
+);
 
 /// Keeps the highest read offset.
 const READ_SCRIPT: &str = r#"
@@ -136,10 +169,60 @@ return cur
 
 /// Read offsets are kept this long after the user's last read.
 pub const READ_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+/// Channels whose epoch one process remembers; past this the memory starts over
+/// (each forgotten channel costs one slow publication to learn its epoch again).
+pub const EPOCH_CACHE_MAX: usize = 65_536;
+/// A channel's stream TTL is extended by a publication at most this often per
+/// process: the TTL is days, so the extension costs one command per channel per
+/// hour instead of one per publication.
+pub const TTL_REFRESH_INTERVAL: Duration = Duration::from_secs(3600);
+
+/// What a process knows of the channels it published to.
+#[derive(Debug, Default)]
+pub(crate) struct EpochCache {
+    channels: Mutex<HashMap<String, Known>>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Known {
+    epoch: u64,
+    ttl_extended: Instant,
+}
+
+impl EpochCache {
+    fn get(&self, key: &str) -> Option<Known> {
+        self.lock().get(key).copied()
+    }
+
+    fn put(&self, key: &str, epoch: u64, ttl_extended: Instant) {
+        let mut m = self.lock();
+        if m.len() >= EPOCH_CACHE_MAX && !m.contains_key(key) {
+            m.clear();
+        }
+        m.insert(
+            key.to_owned(),
+            Known {
+                epoch,
+                ttl_extended,
+            },
+        );
+    }
+
+    fn forget(&self, key: &str) {
+        self.lock().remove(key);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Known>> {
+        // A panic while holding it cannot leave the map inconsistent.
+        self.channels.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
 
 impl SessionStore {
     /// Stores a publication and returns its offset with the channel's epoch. The
     /// frame is `head + offset + tail` (the caller builds both halves of the JSON).
+    /// Once this process knows the channel's epoch a publication is one `XADD`
+    /// (plus a `PEXPIRE` once per [`TTL_REFRESH_INTERVAL`]).
     pub async fn publish_channel(
         &self,
         ch: &Channel,
@@ -147,20 +230,71 @@ impl SessionStore {
         tail: &str,
         settings: &ChannelSettings,
     ) -> Result<Position, StoreError> {
-        let key = self.keys.channel_position(&ch.namespace, &ch.name);
+        let key = self.keys.channel_log(&ch.namespace, &ch.name);
+        let size = settings.history_size.max(1);
+        let ttl = settings.offset_ttl.as_millis() as u64;
+        let ts = now_ms();
         bounded(async {
             let mut c = self.conn().await?;
-            let (offset, epoch): (u64, String) = Script::new(PUBLISH_SCRIPT)
+            if let Some(known) = self.epochs.get(&key) {
+                let mut xadd = redis::cmd("XADD");
+                xadd.arg(&key)
+                    .arg("NOMKSTREAM")
+                    .arg("MAXLEN")
+                    .arg("=")
+                    .arg(size)
+                    .arg(format!("{}-*", known.epoch))
+                    .arg("h")
+                    .arg(head)
+                    .arg("t")
+                    .arg(tail)
+                    .arg("ts")
+                    .arg(ts);
+                let extend = known.ttl_extended.elapsed() >= TTL_REFRESH_INTERVAL;
+                let r: Result<Option<String>, redis::RedisError> = if extend {
+                    let mut p = redis::pipe();
+                    p.add_command(xadd).pexpire(&key, ttl as i64).ignore();
+                    p.query_async::<(Option<String>,)>(&mut c)
+                        .await
+                        .map(|(id,)| id)
+                } else {
+                    xadd.query_async(&mut c).await
+                };
+                match r {
+                    Ok(Some(id)) => {
+                        let at = parse_id(&key, &id)?;
+                        if at.epoch == known.epoch && at.offset > 0 {
+                            if extend {
+                                self.epochs.put(&key, at.epoch, Instant::now());
+                            }
+                            return Ok(at);
+                        }
+                        // Appended as the first entry of a count this node made up:
+                        // the stream was in an older epoch. Undo and ask Redis.
+                        let _: () = c.xdel(&key, &[id.as_str()]).await?;
+                    }
+                    // Missing stream (NOMKSTREAM), or it moved on to a later epoch
+                    // ("equal or smaller than the target stream top item").
+                    Ok(None) => {}
+                    Err(e)
+                        if e.kind()
+                            == redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError) => {}
+                    Err(e) => return Err(e.into()),
+                }
+                self.epochs.forget(&key);
+            }
+            let id: String = Script::new(PUBLISH_SLOW_SCRIPT)
                 .key(&key)
-                .key(self.keys.channel_history(&ch.namespace, &ch.name))
                 .arg(head)
                 .arg(tail)
-                .arg(settings.history_size.max(1))
-                .arg(settings.history_ttl.as_millis() as u64)
-                .arg(settings.offset_ttl.as_millis() as u64)
+                .arg(ts)
+                .arg(size)
+                .arg(ttl)
                 .invoke_async(&mut c)
                 .await?;
-            position(&key, offset, &epoch)
+            let at = parse_id(&key, &id)?;
+            self.epochs.put(&key, at.epoch, Instant::now());
+            Ok(at)
         })
         .await
     }
@@ -172,45 +306,22 @@ impl SessionStore {
         ch: &Channel,
         settings: &ChannelSettings,
     ) -> Result<Position, StoreError> {
-        let key = self.keys.channel_position(&ch.namespace, &ch.name);
+        let key = self.keys.channel_log(&ch.namespace, &ch.name);
         bounded(async {
             let mut c = self.conn().await?;
-            let (offset, epoch): (u64, String) = Script::new(POSITION_SCRIPT)
+            let id: String = Script::new(POSITION_SCRIPT)
                 .key(&key)
                 .arg(settings.offset_ttl.as_millis() as u64)
                 .invoke_async(&mut c)
                 .await?;
-            position(&key, offset, &epoch)
-        })
-        .await
-    }
-
-    /// The channel's position as it is, without starting one: epoch 0 and offset 0 for
-    /// a channel that has none. For subscriptions the client never hears of (a
-    /// connection's own `user:` channel), so idle users cost Redis no key.
-    pub async fn peek_channel_position(&self, ch: &Channel) -> Result<Position, StoreError> {
-        let key = self.keys.channel_position(&ch.namespace, &ch.name);
-        bounded(async {
-            let mut c = self.conn().await?;
-            let (offset, epoch): (Option<u64>, Option<String>) = redis::cmd("HMGET")
-                .arg(&key)
-                .arg("offset")
-                .arg("epoch")
-                .query_async(&mut c)
-                .await?;
-            Ok(Position {
-                epoch: match epoch {
-                    Some(e) => parse_epoch(&key, &e)?,
-                    None => 0,
-                },
-                offset: offset.unwrap_or(0),
-            })
+            parse_id(&key, &id)
         })
         .await
     }
 
     /// Frames after `since`, and whether they reach back to it without a gap. `since`
     /// counts in `epoch` when the caller knows which; another epoch is never complete.
+    /// History is dropped `history_ttl` after the channel's last publication.
     pub async fn channel_since(
         &self,
         ch: &Channel,
@@ -218,32 +329,41 @@ impl SessionStore {
         epoch: Option<u64>,
         settings: &ChannelSettings,
     ) -> Result<ChannelHistory, StoreError> {
-        let key = self.keys.channel_position(&ch.namespace, &ch.name);
+        let key = self.keys.channel_log(&ch.namespace, &ch.name);
         bounded(async {
             let mut c = self.conn().await?;
-            let (top, current, raw): (u64, String, Vec<String>) = Script::new(SINCE_SCRIPT)
+            let raw: Vec<String> = Script::new(SINCE_SCRIPT)
                 .key(&key)
-                .key(self.keys.channel_history(&ch.namespace, &ch.name))
                 .arg(settings.offset_ttl.as_millis() as u64)
                 .arg(since)
                 .invoke_async(&mut c)
                 .await?;
-            let current = parse_epoch(&key, &current)?;
-            let frames = scored(raw);
-            let complete = if epoch.is_some_and(|e| e != current) || since > top {
+            let (top, mut frames) = entries(&key, raw)?;
+            let top = top.ok_or_else(|| StoreError::CorruptValue {
+                key: key.clone(),
+                value: "no position".into(),
+            })?;
+            let stale_before = now_ms().saturating_sub(settings.history_ttl.as_millis() as u64);
+            if frames.last().is_some_and(|f| f.ts < stale_before) {
+                frames.clear();
+            }
+            let frames: Vec<(u64, String)> =
+                frames.into_iter().map(|f| (f.offset, f.frame)).collect();
+            let since_top = since == top.offset;
+            let complete = if epoch.is_some_and(|e| e != top.epoch) || since > top.offset {
                 // The offsets the client saw belong to a count this channel no longer
                 // has (its position was lost and started again).
                 false
-            } else if since == top {
+            } else if since_top {
                 true
             } else {
                 frames.first().map(|(o, _)| *o) == Some(since + 1)
-                    && frames.last().map(|(o, _)| *o) == Some(top)
-                    && frames.len() as u64 == top - since
+                    && frames.last().map(|(o, _)| *o) == Some(top.offset)
+                    && frames.len() as u64 == top.offset - since
             };
             Ok(ChannelHistory {
-                epoch: current,
-                top,
+                epoch: top.epoch,
+                top: top.offset,
                 frames,
                 complete,
             })
@@ -261,11 +381,11 @@ impl SessionStore {
         from: u64,
         to: u64,
     ) -> Result<Option<Vec<(u64, String)>>, StoreError> {
+        let key = self.keys.channel_log(&ch.namespace, &ch.name);
         bounded(async {
             let mut c = self.conn().await?;
-            let raw: Option<Vec<String>> = Script::new(RANGE_SCRIPT)
-                .key(self.keys.channel_position(&ch.namespace, &ch.name))
-                .key(self.keys.channel_history(&ch.namespace, &ch.name))
+            let raw: Vec<String> = Script::new(RANGE_SCRIPT)
+                .key(&key)
                 .arg(if epoch == 0 {
                     String::new()
                 } else {
@@ -275,7 +395,8 @@ impl SessionStore {
                 .arg(to)
                 .invoke_async(&mut c)
                 .await?;
-            Ok(raw.map(scored))
+            let (top, frames) = entries(&key, raw)?;
+            Ok(top.map(|_| frames.into_iter().map(|f| (f.offset, f.frame)).collect()))
         })
         .await
     }
@@ -296,32 +417,24 @@ impl SessionStore {
         if entries.is_empty() {
             return Ok(());
         }
-        bounded(async {
-            let mut c = self.conn().await?;
-            let expiry = now_ms() + ttl.as_millis() as u64;
-            let ttl_ms = ttl.as_millis() as i64;
-            for batch in entries.chunks(512) {
-                let mut p = redis::pipe();
-                for (ch, user, conn) in batch {
-                    let users = self.keys.channel_presence(&ch.namespace, &ch.name);
-                    let conns = self
-                        .keys
-                        .channel_presence_user(&ch.namespace, &ch.name, user);
-                    p.zadd(&conns, conn, expiry).ignore();
-                    p.pexpire(&conns, ttl_ms).ignore();
-                    // GT: a refresh of one connection never shortens the user's entry.
-                    p.cmd("ZADD")
-                        .arg(&users)
-                        .arg("GT")
-                        .arg(expiry)
-                        .arg(user)
-                        .ignore();
-                    p.pexpire(&users, ttl_ms).ignore();
-                }
-                let _: () = p.query_async(&mut c).await?;
-            }
-            Ok(())
-        })
+        let expiry = now_ms() + ttl.as_millis() as u64;
+        let ttl_ms = ttl.as_millis() as i64;
+        bounded(self.backend.batch(entries, |p, (ch, user, conn)| {
+            let users = self.keys.channel_presence(&ch.namespace, &ch.name);
+            let conns = self
+                .keys
+                .channel_presence_user(&ch.namespace, &ch.name, user);
+            p.zadd(&conns, conn, expiry).ignore();
+            p.pexpire(&conns, ttl_ms).ignore();
+            // GT: a refresh of one connection never shortens the user's entry.
+            p.cmd("ZADD")
+                .arg(&users)
+                .arg("GT")
+                .arg(expiry)
+                .arg(user)
+                .ignore();
+            p.pexpire(&users, ttl_ms).ignore();
+        }))
         .await
     }
 
@@ -460,12 +573,14 @@ impl SessionStore {
     pub async fn channels(&self) -> Result<BTreeMap<String, u64>, StoreError> {
         let nodes = self.nodes().await?;
         bounded(async {
-            let mut c = self.conn().await?;
-            let mut p = redis::pipe();
-            for n in &nodes {
-                p.hgetall(self.keys.node_channels(&n.node));
-            }
-            let all: Vec<HashMap<String, u64>> = p.query_async(&mut c).await?;
+            let all: Vec<HashMap<String, u64>> = self
+                .backend
+                .query_each(&nodes, |n| {
+                    let mut cmd = redis::cmd("HGETALL");
+                    cmd.arg(self.keys.node_channels(&n.node));
+                    cmd
+                })
+                .await?;
             let mut total = BTreeMap::new();
             for m in all {
                 for (ch, n) in m {
@@ -478,28 +593,44 @@ impl SessionStore {
     }
 }
 
-/// `[frame, score, frame, score, ...]` (a `WITHSCORES` reply) as `(offset, frame)`.
-fn scored(raw: Vec<String>) -> Vec<(u64, String)> {
-    let mut frames = Vec::with_capacity(raw.len() / 2);
+/// One stored publication.
+struct Entry {
+    offset: u64,
+    frame: String,
+    /// Publish time, unix ms.
+    ts: u64,
+}
+
+/// A script's `{top_id, id, head, tail, ts, ...}` reply: the position and entries.
+fn entries(key: &str, raw: Vec<String>) -> Result<(Option<Position>, Vec<Entry>), StoreError> {
     let mut it = raw.into_iter();
-    while let (Some(frame), Some(score)) = (it.next(), it.next()) {
-        let offset = score.parse::<f64>().unwrap_or(0.0) as u64;
-        frames.push((offset, frame));
+    let Some(top) = it.next() else {
+        return Ok((None, Vec::new()));
+    };
+    let top = parse_id(key, &top)?;
+    let mut out = Vec::new();
+    while let (Some(id), Some(head), Some(tail), Some(ts)) =
+        (it.next(), it.next(), it.next(), it.next())
+    {
+        let at = parse_id(key, &id)?;
+        out.push(Entry {
+            offset: at.offset,
+            frame: format!("{head}{}{tail}", at.offset),
+            ts: ts.parse().unwrap_or(0),
+        });
     }
-    frames
+    Ok((Some(top), out))
 }
 
-/// A script's `{offset, epoch}` reply as a [`Position`].
-fn position(key: &str, offset: u64, epoch: &str) -> Result<Position, StoreError> {
-    Ok(Position {
-        epoch: parse_epoch(key, epoch)?,
-        offset,
-    })
-}
-
-fn parse_epoch(key: &str, value: &str) -> Result<u64, StoreError> {
-    value.parse().map_err(|_| StoreError::CorruptValue {
+/// A stream entry id `<epoch>-<offset>` as a [`Position`].
+fn parse_id(key: &str, id: &str) -> Result<Position, StoreError> {
+    let bad = || StoreError::CorruptValue {
         key: key.to_owned(),
-        value: value.to_owned(),
+        value: id.to_owned(),
+    };
+    let (epoch, offset) = id.split_once('-').ok_or_else(bad)?;
+    Ok(Position {
+        epoch: epoch.parse().map_err(|_| bad())?,
+        offset: offset.parse().map_err(|_| bad())?,
     })
 }

@@ -7,45 +7,38 @@
 //! Every command is bounded by a response timeout: a dead Redis is an error, never a hang.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{AsyncCommands, Script};
 use serde::Serialize;
-use tokio::sync::OnceCell;
 
+mod backend;
 mod channel;
 
+pub use backend::{CONNECT_TIMEOUT, Conn, RECONNECT_MAX_DELAY, RESPONSE_TIMEOUT, Target};
 pub use channel::{ChannelHistory, ChannelSettings, Position, PresenceEntry};
 
-use crate::keys::Keys;
+use crate::keys::{Keys, REVOCATION_SHARDS};
 use crate::protocol::{HistoryMessage, UserContext};
 
-/// Connect timeout: a healthy Redis on the same network answers in milliseconds;
-/// two seconds keeps auth latency bounded when it is down.
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Command timeout: longer than any command we send takes on a healthy server (the
-/// crate's 500 ms default trips on a loaded Redis), short enough to fail fast.
-pub const RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
+use backend::Backend;
+
 /// Ceiling for one store operation including a (re)connect.
 pub const OPERATION_TIMEOUT: Duration = Duration::from_secs(3);
-/// Reconnect backoff ceiling after Redis went away.
-pub const RECONNECT_MAX_DELAY: Duration = Duration::from_secs(2);
 /// Lifetime of a connection record without refresh: a dead node's connections vanish
-/// within this time (DESIGN.md: 90 s).
+/// within this time (90 s).
 pub const CONN_TTL: Duration = Duration::from_secs(90);
 /// How often live connections are refreshed: three refreshes per TTL tolerate two
 /// missed rounds (a Redis blip) without losing records.
 pub const CONN_REFRESH_INTERVAL: Duration = Duration::from_secs(30);
-/// Cached user context lifetime (DESIGN.md: 60 s).
-pub const CONTEXT_TTL: Duration = Duration::from_secs(60);
-/// Chat sessions (meta and history) live this long after their last use (DESIGN.md).
+/// The last fetched user context is kept this long: it is only served `degraded`
+/// (backend or every worker down), where an hour-old team list beats none.
+pub const CONTEXT_TTL: Duration = Duration::from_secs(3600);
+/// Chat sessions (meta and history) live this long after their last use.
 pub const CHAT_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Messages kept per session (DESIGN.md: the message window, default 100).
+/// Messages kept per session (the message window, default 100).
 pub const DEFAULT_HISTORY_WINDOW: usize = 100;
-/// Connections refreshed per pipeline: large enough to amortise round trips, small
-/// enough not to stall the multiplexed connection for other commands.
-const REFRESH_BATCH: usize = 512;
 
 /// Errors talking to Redis. Callers answer `UNAVAILABLE`; nothing here is the client's fault.
 #[derive(Debug, thiserror::Error)]
@@ -75,6 +68,35 @@ pub struct ConnRecord {
     pub connected_at: u64,
 }
 
+impl ConnRecord {
+    /// The record as one member of the user's connection set,
+    /// `conn_id|node|connected_at|ip`: the set is the whole registry, so opening and
+    /// closing a connection touch one key. Connection ids and node ids never contain
+    /// `|` (they are validated tokens), and the address comes last.
+    pub fn member(&self) -> String {
+        format!(
+            "{}|{}|{}|{}",
+            self.conn_id, self.node, self.connected_at, self.ip
+        )
+    }
+
+    /// Parses [`ConnRecord::member`]; `None` for anything else.
+    pub fn from_member(user_id: &str, member: &str) -> Option<ConnRecord> {
+        let mut parts = member.splitn(4, '|');
+        let conn_id = parts.next()?;
+        let node = parts.next()?;
+        let connected_at = parts.next()?.parse().ok()?;
+        let ip = parts.next()?;
+        Some(ConnRecord {
+            conn_id: conn_id.to_owned(),
+            user_id: user_id.to_owned(),
+            node: node.to_owned(),
+            ip: ip.to_owned(),
+            connected_at,
+        })
+    }
+}
+
 /// A gateway node's heartbeat.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct NodeRecord {
@@ -98,32 +120,32 @@ pub enum Admission {
 /// Handle to the session keys; cheap to clone.
 #[derive(Clone)]
 pub struct SessionStore {
-    client: redis::Client,
-    conn: std::sync::Arc<OnceCell<ConnectionManager>>,
+    backend: Arc<Backend>,
     keys: Keys,
+    epochs: Arc<channel::EpochCache>,
 }
 
 impl std::fmt::Debug for SessionStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry a password: never print it.
         f.debug_struct("SessionStore")
+            .field("backend", &self.backend)
             .field("keys", &self.keys)
-            .finish_non_exhaustive()
+            .finish()
     }
 }
 
-/// Atomically drops expired members, checks the per-user limit and records the
-/// connection, so two nodes admitting the same user at once cannot both exceed it.
+/// Checks the per-user limit against the user's live connections and records the new
+/// one, atomically, so two nodes admitting the same user at once cannot both exceed
+/// it. Expired members (a dead node's) are not counted; the refresh sweeps them.
+/// KEYS: user_conns. ARGV: now_ms, expiry_ms, limit, member, ttl_ms.
 const REGISTER_SCRIPT: &str = r#"
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[1])
 local limit = tonumber(ARGV[3])
-if limit > 0 and redis.call('ZCARD', KEYS[1]) >= limit then
+if limit > 0 and redis.call('ZCOUNT', KEYS[1], ARGV[1], '+inf') >= limit then
   return 0
 end
 redis.call('ZADD', KEYS[1], ARGV[2], ARGV[4])
-redis.call('PEXPIRE', KEYS[1], ARGV[8])
-redis.call('HSET', KEYS[2], 'user', ARGV[5], 'node', ARGV[6], 'connected_at', ARGV[7], 'ip', ARGV[9])
-redis.call('PEXPIRE', KEYS[2], ARGV[8])
+redis.call('PEXPIRE', KEYS[1], ARGV[5])
 return 1
 "#;
 
@@ -210,12 +232,17 @@ pub(crate) async fn bounded<T>(
 }
 
 impl SessionStore {
-    /// Parses the URL; does not connect (the first command does).
+    /// One Redis server; parses the URL, does not connect (the first command does).
     pub fn new(url: &str, keys: Keys) -> Result<SessionStore, redis::RedisError> {
+        SessionStore::open(Target::Single(url.to_owned()), keys)
+    }
+
+    /// A single server or a Redis Cluster; does not connect.
+    pub fn open(target: Target, keys: Keys) -> Result<SessionStore, redis::RedisError> {
         Ok(SessionStore {
-            client: redis::Client::open(url)?,
-            conn: std::sync::Arc::new(OnceCell::new()),
+            backend: Backend::new(target)?,
             keys,
+            epochs: Arc::default(),
         })
     }
 
@@ -223,30 +250,14 @@ impl SessionStore {
         &self.keys
     }
 
-    /// The shared multiplexed connection, opened on first use. While Redis is down
-    /// each caller waits at most [`CONNECT_TIMEOUT`]; initialisation is serialised,
-    /// so an outage is not answered with a storm of connection attempts.
-    pub(crate) async fn conn(&self) -> Result<ConnectionManager, StoreError> {
-        let cm = self
-            .conn
-            .get_or_try_init(|| async {
-                let config = ConnectionManagerConfig::new()
-                    .set_connection_timeout(Some(CONNECT_TIMEOUT))
-                    .set_response_timeout(Some(RESPONSE_TIMEOUT))
-                    .set_max_delay(RECONNECT_MAX_DELAY)
-                    .set_number_of_retries(usize::MAX);
-                match tokio::time::timeout(
-                    CONNECT_TIMEOUT + RESPONSE_TIMEOUT,
-                    ConnectionManager::new_with_config(self.client.clone(), config),
-                )
-                .await
-                {
-                    Ok(r) => r.map_err(StoreError::from),
-                    Err(_) => Err(StoreError::Timeout(CONNECT_TIMEOUT)),
-                }
-            })
-            .await?;
-        Ok(cm.clone())
+    /// Whether the data lives in a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.backend.is_cluster()
+    }
+
+    /// The shared connection, opened on first use.
+    pub(crate) async fn conn(&self) -> Result<Conn, StoreError> {
+        self.backend.conn().await
     }
 
     /// Round trip to Redis, for readiness checks.
@@ -262,6 +273,7 @@ impl SessionStore {
     // === connections ===
 
     /// Records a new connection unless the user already holds `limit` (0 = no limit).
+    /// One script on the user's slot: the limit check, the record and its TTL.
     pub async fn register_conn(
         &self,
         rec: &ConnRecord,
@@ -273,16 +285,11 @@ impl SessionStore {
             let ttl = CONN_TTL.as_millis() as u64;
             let admitted: i64 = Script::new(REGISTER_SCRIPT)
                 .key(self.keys.user_conns(&rec.user_id))
-                .key(self.keys.conn(&rec.conn_id))
                 .arg(now)
                 .arg(now + ttl)
                 .arg(limit)
-                .arg(&rec.conn_id)
-                .arg(&rec.user_id)
-                .arg(&rec.node)
-                .arg(rec.connected_at)
+                .arg(rec.member())
                 .arg(ttl)
-                .arg(&rec.ip)
                 .invoke_async(&mut c)
                 .await?;
             Ok(if admitted == 1 {
@@ -294,44 +301,37 @@ impl SessionStore {
         .await
     }
 
-    /// Extends the life of live connections `(conn_id, user_id)`.
+    /// Extends the life of live connections, given as `(user_id, member)` with the
+    /// member from [`ConnRecord::member`], and drops the user's expired members (a
+    /// dead node's), so the hot path never has to.
     pub async fn refresh_conns(&self, conns: &[(String, String)]) -> Result<(), StoreError> {
-        bounded(async {
-            let mut c = self.conn().await?;
-            let ttl = CONN_TTL.as_millis() as i64;
-            for batch in conns.chunks(REFRESH_BATCH) {
-                let expiry = now_ms() as i64 + ttl;
-                let mut p = redis::pipe();
-                for (conn_id, user_id) in batch {
-                    let set = self.keys.user_conns(user_id);
-                    p.pexpire(self.keys.conn(conn_id), ttl).ignore();
-                    // XX: a connection removed meanwhile (kick, close) must not come back.
-                    p.cmd("ZADD")
-                        .arg(&set)
-                        .arg("XX")
-                        .arg(expiry)
-                        .arg(conn_id)
-                        .ignore();
-                    p.pexpire(&set, ttl).ignore();
-                }
-                let _: () = p.query_async(&mut c).await?;
-            }
-            Ok(())
-        })
+        let ttl = CONN_TTL.as_millis() as i64;
+        let now = now_ms() as i64;
+        let expiry = now + ttl;
+        bounded(self.backend.batch(conns, |p, (user_id, member)| {
+            let set = self.keys.user_conns(user_id);
+            // XX: a connection removed meanwhile (kick, close) must not come back.
+            p.cmd("ZADD")
+                .arg(&set)
+                .arg("XX")
+                .arg(expiry)
+                .arg(member)
+                .ignore();
+            p.cmd("ZREMRANGEBYSCORE")
+                .arg(&set)
+                .arg("-inf")
+                .arg(now)
+                .ignore();
+            p.pexpire(&set, ttl).ignore();
+        }))
         .await
     }
 
-    /// Forgets a closed connection.
-    pub async fn unregister_conn(&self, conn_id: &str, user_id: &str) -> Result<(), StoreError> {
+    /// Forgets a closed connection: one command.
+    pub async fn unregister_conn(&self, user_id: &str, member: &str) -> Result<(), StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
-            let _: () = redis::pipe()
-                .del(self.keys.conn(conn_id))
-                .ignore()
-                .zrem(self.keys.user_conns(user_id), conn_id)
-                .ignore()
-                .query_async(&mut c)
-                .await?;
+            let _: () = c.zrem(self.keys.user_conns(user_id), member).await?;
             Ok(())
         })
         .await
@@ -341,31 +341,12 @@ impl SessionStore {
     pub async fn user_connections(&self, user_id: &str) -> Result<Vec<ConnRecord>, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
-            let ids: Vec<String> = c
+            let members: Vec<String> = c
                 .zrangebyscore(self.keys.user_conns(user_id), now_ms(), "+inf")
                 .await?;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut p = redis::pipe();
-            for id in &ids {
-                p.hgetall(self.keys.conn(id));
-            }
-            let hashes: Vec<HashMap<String, String>> = p.query_async(&mut c).await?;
-            let mut out: Vec<ConnRecord> = ids
-                .into_iter()
-                .zip(hashes)
-                .filter(|(_, h)| !h.is_empty())
-                .map(|(conn_id, h)| ConnRecord {
-                    conn_id,
-                    user_id: h.get("user").cloned().unwrap_or_default(),
-                    node: h.get("node").cloned().unwrap_or_default(),
-                    ip: h.get("ip").cloned().unwrap_or_default(),
-                    connected_at: h
-                        .get("connected_at")
-                        .and_then(|v| v.parse().ok())
-                        .unwrap_or(0),
-                })
+            let mut out: Vec<ConnRecord> = members
+                .iter()
+                .filter_map(|m| ConnRecord::from_member(user_id, m))
                 .collect();
             out.sort_by_key(|r| r.connected_at);
             Ok(out)
@@ -381,6 +362,8 @@ impl SessionStore {
             let mut c = self.conn().await?;
             let key = self.keys.node(&rec.node);
             let ttl_ms = ttl.as_millis() as i64;
+            // The node's own slot and the index are apart on a cluster: two round
+            // trips, once per heartbeat.
             let _: () = redis::pipe()
                 .hset_multiple(
                     &key,
@@ -394,9 +377,10 @@ impl SessionStore {
                 .ignore()
                 .pexpire(&key, ttl_ms)
                 .ignore()
-                .zadd(self.keys.nodes(), &rec.node, now_ms() as i64 + ttl_ms)
-                .ignore()
                 .query_async(&mut c)
+                .await?;
+            let _: () = c
+                .zadd(self.keys.nodes(), &rec.node, now_ms() as i64 + ttl_ms)
                 .await?;
             Ok(())
         })
@@ -407,13 +391,8 @@ impl SessionStore {
     pub async fn remove_node(&self, node: &str) -> Result<(), StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
-            let _: () = redis::pipe()
-                .del(self.keys.node(node))
-                .ignore()
-                .zrem(self.keys.nodes(), node)
-                .ignore()
-                .query_async(&mut c)
-                .await?;
+            let _: () = c.del(self.keys.node(node)).await?;
+            let _: () = c.zrem(self.keys.nodes(), node).await?;
             Ok(())
         })
         .await
@@ -426,14 +405,14 @@ impl SessionStore {
             let now = now_ms();
             let _: () = c.zrembyscore(self.keys.nodes(), "-inf", now).await?;
             let ids: Vec<String> = c.zrangebyscore(self.keys.nodes(), now, "+inf").await?;
-            if ids.is_empty() {
-                return Ok(Vec::new());
-            }
-            let mut p = redis::pipe();
-            for id in &ids {
-                p.hgetall(self.keys.node(id));
-            }
-            let hashes: Vec<HashMap<String, String>> = p.query_async(&mut c).await?;
+            let hashes: Vec<HashMap<String, String>> = self
+                .backend
+                .query_each(&ids, |id| {
+                    let mut cmd = redis::cmd("HGETALL");
+                    cmd.arg(self.keys.node(id));
+                    cmd
+                })
+                .await?;
             let num = |h: &HashMap<String, String>, k: &str| -> u64 {
                 h.get(k).and_then(|v| v.parse().ok()).unwrap_or(0)
             };
@@ -456,23 +435,51 @@ impl SessionStore {
     }
 
     // === tokens ===
-
-    pub async fn is_revoked(&self, jti: &str) -> Result<bool, StoreError> {
-        bounded(async {
-            let mut c = self.conn().await?;
-            Ok(c.exists(self.keys.revoked(jti)).await?)
-        })
-        .await
-    }
+    //
+    // Revocations are read in the background by every gateway (see
+    // `gateway::revocations`), never per connection: a connect costs Redis nothing for
+    // them.
 
     /// Revokes a token id until `exp` (unix seconds), after which it is invalid anyway.
     pub async fn revoke(&self, jti: &str, exp: u64) -> Result<(), StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
+            let key = self.keys.revoked(jti);
             let now = now_ms() / 1000;
-            let ttl = exp.saturating_sub(now).max(1);
-            let _: () = c.set_ex(self.keys.revoked(jti), 1, ttl).await?;
+            let _: () = redis::pipe()
+                .zadd(&key, jti, exp.max(now + 1))
+                .ignore()
+                .zrembyscore(&key, "-inf", now)
+                .ignore()
+                .query_async(&mut c)
+                .await?;
             Ok(())
+        })
+        .await
+    }
+
+    /// Every token id revoked and not yet expired, with its `exp`: one command per
+    /// shard.
+    pub async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+        bounded(async {
+            let now = now_ms() / 1000;
+            let shards: Vec<u32> = (0..REVOCATION_SHARDS).collect();
+            let all: Vec<Vec<(String, f64)>> = self
+                .backend
+                .query_each(&shards, |n| {
+                    let mut cmd = redis::cmd("ZRANGEBYSCORE");
+                    cmd.arg(self.keys.revoked_shard(*n))
+                        .arg(now)
+                        .arg("+inf")
+                        .arg("WITHSCORES");
+                    cmd
+                })
+                .await?;
+            Ok(all
+                .into_iter()
+                .flatten()
+                .map(|(jti, exp): (String, f64)| (jti, exp as u64))
+                .collect())
         })
         .await
     }
