@@ -54,6 +54,7 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
     let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
         (Method::POST, ["disconnect"]) => disconnect(node, req).await,
+        (Method::POST, ["revoke"]) => revoke(node, req).await,
         (Method::POST, ["publish"]) => {
             let body = read_body(req).await?;
             let offset = publish_body(node, &body).await?;
@@ -85,7 +86,7 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
         }
         (Method::GET, ["nodes"]) => nodes(node).await,
         (Method::GET, ["users", user, "connections"]) => user_connections(node, user).await,
-        (_, ["disconnect"]) | (_, ["publish"]) => {
+        (_, ["disconnect"]) | (_, ["publish"]) | (_, ["revoke"]) => {
             Err(ApiError::MethodNotAllowed("use POST".into()))
         }
         (_, ["nodes"])
@@ -204,6 +205,38 @@ async fn disconnect(node: &Node, req: Request<Incoming>) -> Result<Response<Body
         }
     }
 }
+
+/// `POST /v1/revoke {"jti", "exp"}`: refuses the token id at connect and refresh on
+/// every gateway until `exp`. Stored first (nodes that miss the notice read it within
+/// `revocations::SYNC_INTERVAL`), then told to every gateway over NATS.
+async fn revoke(node: &Node, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let r: crate::revocations::Revocation = read_json(req).await?;
+    if r.jti.is_empty() || r.jti.len() > MAX_JTI_BYTES {
+        return Err(ApiError::BadRequest(format!(
+            "`jti` must be 1 to {MAX_JTI_BYTES} bytes"
+        )));
+    }
+    node.store.revoke(&r.jti, r.exp).await.map_err(|e| {
+        tracing::warn!(error = %e, "cannot store a revocation");
+        ApiError::Unavailable("session store")
+    })?;
+    node.revocations.add(r.clone());
+    let payload = serde_json::to_vec(&r).unwrap_or_default();
+    let told = tokio::time::timeout(
+        PUBLISH_TIMEOUT,
+        node.nats
+            .publish(node.subjects.revocations(), payload.into()),
+    )
+    .await;
+    if !matches!(told, Ok(Ok(()))) {
+        // Stored: the other gateways read it within their sync interval.
+        metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "revoke").increment(1);
+    }
+    Ok(json_response(StatusCode::OK, &json!({"ok": true})))
+}
+
+/// A token id longer than this is not one any issuer makes.
+const MAX_JTI_BYTES: usize = 256;
 
 async fn nodes(node: &Node) -> Result<Response<Body>, ApiError> {
     let nodes = node.store.nodes().await.map_err(|e| {

@@ -118,6 +118,10 @@ struct Sub {
     ahead: BTreeMap<u64, Bytes>,
     /// When the current gap was first seen.
     gap_since: Option<Instant>,
+    /// False for a hidden subscription that never read the channel's position (a
+    /// connection's own `user:` channel costs Redis nothing at connect): the first
+    /// publication it sees sets where it stands.
+    positioned: bool,
 }
 
 impl Sub {
@@ -128,6 +132,21 @@ impl Sub {
             last: at.offset,
             ahead: BTreeMap::new(),
             gap_since: None,
+            positioned: true,
+        }
+    }
+
+    /// A hidden subscription that has not read the channel's position.
+    fn unpositioned(channel: Channel) -> Sub {
+        Sub {
+            positioned: false,
+            ..Sub::new(
+                channel,
+                Position {
+                    epoch: 0,
+                    offset: 0,
+                },
+            )
         }
     }
 
@@ -261,15 +280,19 @@ pub async fn subscribe(
     let epoch = epoch.map(|e| e.parse::<u64>().unwrap_or(0));
     let key: Arc<str> = ch.to_string().into();
     if let Some(sub) = subs.subs.get_mut(&key) {
-        if sub.epoch == 0 && announce {
-            // A hidden subscription taken before the channel had a position: the
-            // client is about to hold an offset, so it gets an epoch with it.
+        if (sub.epoch == 0 || !sub.positioned) && announce {
+            // A hidden subscription that has no position yet: the client is about to
+            // hold an offset, so it gets an epoch with it.
             let at = node
                 .store
                 .channel_position(&ch, &settings(node))
                 .await
                 .map_err(|e| store_down("channel_position", e))?;
-            if sub.last == 0 {
+            if !sub.positioned {
+                sub.epoch = at.epoch;
+                sub.last = at.offset;
+                sub.positioned = true;
+            } else if sub.last == 0 {
                 sub.epoch = at.epoch;
             }
         }
@@ -320,13 +343,12 @@ pub async fn subscribe(
             };
             (at, h.complete)
         }
-        None if !announce => (
-            node.store
-                .peek_channel_position(&ch)
-                .await
-                .map_err(|e| fail(store_down("channel_position", e)))?,
-            false,
-        ),
+        None if !announce => {
+            // Hidden (the connection's own channel): no Redis at connect.
+            subs.subs.insert(key.clone(), Sub::unpositioned(ch.clone()));
+            metrics::gauge!(shared::metrics::SUBSCRIPTIONS).increment(1.0);
+            return Ok(out);
+        }
         None => (
             node.store
                 .channel_position(&ch, &settings(node))
@@ -481,7 +503,12 @@ pub fn on_publication(
         return Vec::new();
     };
     let mut out = Vec::new();
-    if at.epoch != 0 && sub.epoch == 0 && sub.last == 0 {
+    if !sub.positioned {
+        // The first publication a hidden subscription sees is where it starts.
+        sub.positioned = true;
+        sub.epoch = at.epoch;
+        sub.last = at.offset.saturating_sub(1);
+    } else if at.epoch != 0 && sub.epoch == 0 && sub.last == 0 {
         // Subscribed before the channel had a position: this is its first count.
         sub.epoch = at.epoch;
     } else if at.epoch != 0 && at.epoch != sub.epoch {
@@ -695,7 +722,17 @@ fn enabled(list: &[String], ns: &str) -> bool {
 
 // === presence, typing, read ===
 
+/// Whether a channel keeps presence: not a user's own channel, whose presence is the
+/// connection registry (`GET /v1/users/<id>/connections`), so a connection's hidden
+/// subscription to it costs Redis nothing.
+pub fn keeps_presence(ch: &Channel) -> bool {
+    ch.namespace != USER_NAMESPACE
+}
+
 async fn join_presence(node: &Node, perms: &Perms, conn_id: &str, ch: &Channel) {
+    if !keeps_presence(ch) {
+        return;
+    }
     let ttl = node.config.channels.presence_ttl;
     let before = node
         .store
@@ -718,6 +755,9 @@ async fn join_presence(node: &Node, perms: &Perms, conn_id: &str, ch: &Channel) 
 }
 
 async fn leave_presence(node: &Node, perms: &Perms, conn_id: &str, ch: &Channel) {
+    if !keeps_presence(ch) {
+        return;
+    }
     match node
         .store
         .presence_remove(ch, &perms.user_id, conn_id)

@@ -121,6 +121,8 @@ struct Authed {
     perms: Perms,
     subs: Subscriptions,
     _registration: Registration,
+    /// This connection's member of the user's Redis registry (`ConnRecord::member`).
+    registry: Arc<str>,
 }
 
 struct Session {
@@ -590,6 +592,7 @@ impl Session {
             }
         }
         // From here on the Redis record exists: `finish` removes it on every path.
+        let registry: Arc<str> = rec.member().into();
         let user: Arc<str> = claims.user_id.as_str().into();
         let registration = match node
             .hub
@@ -598,6 +601,7 @@ impl Session {
                 user_id: user,
                 outbox: self.outbox.clone(),
                 closer: self.closer.clone(),
+                registry: registry.clone(),
             })
             .await
         {
@@ -605,7 +609,7 @@ impl Session {
             Err(e) => {
                 metrics::counter!(m::NATS_ERRORS, "op" => "subscribe").increment(1);
                 tracing::warn!(error = %e, "cannot subscribe user subject");
-                self.unregister(&claims.user_id).await;
+                self.unregister(&claims.user_id, &registry).await;
                 return Err(SessionError::AuthUnavailable("message bus"));
             }
         };
@@ -638,6 +642,7 @@ impl Session {
             perms,
             subs: Subscriptions::default(),
             _registration: registration,
+            registry,
         });
         // Every connection is subscribed to its own `user:` channel.
         let own = format!("{}:{}", channels::USER_NAMESPACE, user_id_str);
@@ -716,15 +721,16 @@ impl Session {
         let Some(jti) = &claims.jti else {
             return Ok(());
         };
-        match self.node.store.is_revoked(jti).await {
+        match self.node.revocations.is_revoked(jti) {
             Ok(false) => Ok(()),
             Ok(true) => {
                 metrics::counter!(m::AUTH_FAILURES, "reason" => "revoked").increment(1);
                 Err(SessionError::Revoked)
             }
-            Err(e) => {
+            Err(crate::revocations::NotSynced) => {
+                // The list was never read (Redis down since start): nothing to vouch
+                // for the token with.
                 metrics::counter!(m::REDIS_ERRORS, "op" => "revoked").increment(1);
-                tracing::warn!(error = %e, "cannot check token revocation");
                 Err(SessionError::AuthUnavailable("session store"))
             }
         }
@@ -776,13 +782,8 @@ impl Session {
         }
     }
 
-    async fn unregister(&self, user_id: &str) {
-        if let Err(e) = self
-            .node
-            .store
-            .unregister_conn(&self.conn_id, user_id)
-            .await
-        {
+    async fn unregister(&self, user_id: &str, registry: &str) {
+        if let Err(e) = self.node.store.unregister_conn(user_id, registry).await {
             metrics::counter!(m::REDIS_ERRORS, "op" => "unregister").increment(1);
             // The record expires by itself within the connection TTL.
             tracing::debug!(error = %e, "cannot unregister connection");
@@ -812,8 +813,9 @@ impl Session {
             metrics::gauge!(m::CONNECTIONS).decrement(1.0);
             channels::leave_all(&self.node, &self.conn_id, &a.perms, &mut a.subs).await;
             let user = a.claims.user_id.clone();
+            let registry = a.registry.clone();
             drop(a);
-            self.unregister(&user).await;
+            self.unregister(&user, &registry).await;
         } else {
             metrics::gauge!(m::CONNECTIONS_PENDING).decrement(1.0);
         }

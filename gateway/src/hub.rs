@@ -121,6 +121,8 @@ pub struct Member {
     pub user_id: Arc<str>,
     pub outbox: Arc<Outbox<Outbound>>,
     pub closer: Arc<Closer>,
+    /// The connection's member of the user's Redis registry, for its refresh.
+    pub registry: Arc<str>,
 }
 
 struct ConnEntry {
@@ -531,12 +533,12 @@ impl Hub {
         n
     }
 
-    /// `(conn_id, user_id)` of every local connection, for the Redis refresh.
+    /// `(user_id, registry member)` of every local connection, for the Redis refresh.
     pub fn snapshot(&self) -> Vec<(String, String)> {
         let st = self.lock();
         st.conns
             .values()
-            .map(|e| (e.member.conn_id.to_string(), e.member.user_id.to_string()))
+            .map(|e| (e.member.user_id.to_string(), e.member.registry.to_string()))
             .collect()
     }
 

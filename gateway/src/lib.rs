@@ -17,6 +17,7 @@ pub mod mux;
 pub mod node;
 pub mod outbox;
 pub mod proxy;
+pub mod revocations;
 pub mod server;
 pub mod transport;
 
@@ -76,7 +77,10 @@ pub async fn run(
     shared::auth::install_crypto_provider();
     let metrics = shared::telemetry::metrics_handle();
     let validator = Validator::new(&config.jwt)?;
-    let store = SessionStore::new(&config.redis_url, Keys::new(&config.prefix))?;
+    let store = SessionStore::open(
+        shared::config::redis_target(&config.redis_url, config.redis_cluster),
+        Keys::new(&config.prefix),
+    )?;
     let nats = async_nats::ConnectOptions::new()
         .name(format!("gateway-{}", config.node_id))
         .retry_on_initial_connect()
@@ -101,6 +105,8 @@ pub async fn run(
     };
     let node = Node::new(config, validator, store, nats, wire, shutdown.clone());
     node.hub.start();
+    // Before the first connection: a token is checked against the list in memory.
+    node.sync_revocations().await;
     node.spawn_background();
     node.background.spawn(shared::telemetry::upkeep(
         metrics.clone(),

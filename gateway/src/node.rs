@@ -42,6 +42,8 @@ pub struct Node {
     pub subjects: Subjects,
     pub hub: Arc<Hub>,
     pub connect_limiter: ConnectLimiter,
+    /// Revoked token ids, kept in memory (see `revocations`).
+    pub revocations: crate::revocations::Revocations,
     /// Every upgraded socket (authenticated or not), so the drain can reach them all;
     /// hyper forgets sockets once they are upgraded.
     sockets: Mutex<HashMap<u64, Arc<Closer>>>,
@@ -101,6 +103,7 @@ impl Node {
             config,
             validator,
             store,
+            revocations: Default::default(),
             jetstream: async_nats::jetstream::new(nats.clone()),
             chat_stream_ok: AtomicBool::new(false),
             chat_stream_lock: tokio::sync::Mutex::new(()),
@@ -299,6 +302,63 @@ impl Node {
         let node = self.clone();
         self.background
             .spawn(async move { node.publish_rpc_loop().await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { node.revocation_sync_loop().await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { node.revocation_notice_loop().await });
+    }
+
+    /// Reads the whole revocation list every [`revocations::SYNC_INTERVAL`]: what a
+    /// node that missed a NATS notice learns late, it learns within that bound.
+    ///
+    /// [`revocations::SYNC_INTERVAL`]: crate::revocations::SYNC_INTERVAL
+    async fn revocation_sync_loop(&self) {
+        let mut tick = tokio::time::interval(crate::revocations::SYNC_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            self.sync_revocations().await;
+        }
+    }
+
+    /// Reads the revocation list once (bounded by the store's operation timeout).
+    pub async fn sync_revocations(&self) {
+        match self.store.revocations().await {
+            Ok(list) => self.revocations.replace(list),
+            Err(e) => {
+                metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "revocations")
+                    .increment(1);
+                tracing::debug!(error = %e, "revocation list not read");
+            }
+        }
+    }
+
+    /// Takes revocations told over NATS at once.
+    async fn revocation_notice_loop(&self) {
+        use futures_util::StreamExt;
+        let Some(mut sub) = self
+            .subscribe_until_stopped(self.subjects.revocations(), None)
+            .await
+        else {
+            return;
+        };
+        loop {
+            let msg = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                m = sub.next() => match m { Some(m) => m, None => break },
+            };
+            match serde_json::from_slice::<crate::revocations::Revocation>(&msg.payload) {
+                Ok(r) => self.revocations.add(r),
+                Err(e) => tracing::warn!(error = %e, "malformed revocation notice"),
+            }
+        }
     }
 
     async fn heartbeat_loop(&self) {
@@ -450,6 +510,7 @@ impl Node {
                 .filter_map(|(ch, user, conn)| {
                     shared::protocol::Channel::parse(&ch)
                         .ok()
+                        .filter(crate::channels::keeps_presence)
                         .map(|c| (c, user.to_string(), conn.to_string()))
                 })
                 .collect();

@@ -143,11 +143,16 @@ async fn hs256_matrix() {
     .await;
     refused(&gw, "not-a-jwt", 4503, "TOKEN_INVALID").await;
 
-    // Revoked jti (the revocation list lives in Redis).
+    // Revoked jti (POST /v1/revoke; the list lives in Redis, each gateway holds it).
     let revoked = good(json!({"jti": "revoked-1"}));
-    deps.redis
-        .command(&["SET", "sb:revoked:revoked-1", "1", "EX", "600"])
+    let r = api()
+        .post(gw.http("/v1/revoke"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"jti": "revoked-1", "exp": now + 600}))
+        .send()
+        .await
         .unwrap();
+    assert_eq!(r.status(), 200);
     refused(&gw, &sign(&revoked), 4503, "TOKEN_INVALID").await;
 
     // The same matrix applies to the in-band auth frame.

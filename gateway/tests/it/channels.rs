@@ -27,8 +27,7 @@ async fn subscribe(ws: &mut Ws, channel: &str, since: Option<u64>) -> Value {
 
 /// The session store the gateways use, for writing behind their backs.
 fn direct_store(deps: &Deps) -> (shared::store::SessionStore, shared::store::ChannelSettings) {
-    let store =
-        shared::store::SessionStore::new(&deps.redis.url(), shared::keys::Keys::new("sb")).unwrap();
+    let store = deps.store();
     let settings = shared::store::ChannelSettings {
         history_size: 100,
         history_ttl: Duration::from_secs(60),
@@ -766,8 +765,8 @@ async fn offsets_lost_with_redis_start_a_new_epoch_that_subscribers_are_told_of(
         next_matching(&mut ws, |f| f["type"] == "message" && f["offset"] == i).await;
     }
     // Redis runs without persistence: it comes back empty and offsets count from 1.
-    deps.redis.stop();
-    deps.redis.start_again().unwrap();
+    deps.redis.single().stop();
+    deps.redis.single().start_again().unwrap();
     assert_eq!(publish_when_up(&gw, "news:epoch", json!("after")).await, 1);
 
     // The subscriber that stayed connected is told its position is gone, then gets
@@ -841,8 +840,8 @@ async fn gap_repair_reads_history_only_in_the_subscriptions_epoch() {
     }
     let at = at.unwrap();
     assert_eq!(at.offset, 3);
-    let peeked = store.peek_channel_position(&ch).await.unwrap();
-    assert_eq!(peeked, at, "peeking sees the same position");
+    let read = store.channel_position(&ch, &settings).await.unwrap();
+    assert_eq!(read, at, "the position is the last publication");
     let offsets = |r: Option<Vec<(u64, String)>>| {
         r.map(|v| v.into_iter().map(|(o, _)| o).collect::<Vec<_>>())
     };
@@ -860,11 +859,22 @@ async fn gap_repair_reads_history_only_in_the_subscriptions_epoch() {
         Some(vec![1, 2]),
         "an unknown epoch reads what there is"
     );
-    // A channel nobody published to has no position until someone subscribes.
+    // A channel nobody published to gets a position (offset 0) when read, and its
+    // first publication is offset 1 of that epoch.
     let quiet = shared::protocol::Channel::parse("news:quiet").unwrap();
-    let none = store.peek_channel_position(&quiet).await.unwrap();
-    assert_eq!((none.epoch, none.offset), (0, 0));
     let made = store.channel_position(&quiet, &settings).await.unwrap();
     assert!(made.epoch > 0 && made.offset == 0, "{made:?}");
-    assert_eq!(store.peek_channel_position(&quiet).await.unwrap(), made);
+    assert_eq!(
+        store.channel_position(&quiet, &settings).await.unwrap(),
+        made
+    );
+    let first = store
+        .publish_channel(&quiet, head, tail, &settings)
+        .await
+        .unwrap();
+    assert_eq!((first.epoch, first.offset), (made.epoch, 1));
+    assert_eq!(
+        offsets(store.channel_range(&quiet, made.epoch, 0, 2).await.unwrap()),
+        Some(vec![1])
+    );
 }

@@ -7,9 +7,7 @@ use std::time::Duration;
 use async_nats::jetstream;
 use futures_util::StreamExt;
 use serde_json::{Value, json};
-use shared::keys::Keys;
 use shared::protocol::HistoryMessage;
-use shared::store::SessionStore;
 
 use crate::common::*;
 
@@ -112,7 +110,7 @@ async fn history_reads_the_session_oldest_first() {
         .unwrap()
         .to_owned();
 
-    let store = SessionStore::new(&deps.redis.url(), Keys::new("sb")).unwrap();
+    let store = deps.store();
     let m = |role: &str, content: &str, rid: &str| HistoryMessage {
         role: role.into(),
         content: content.into(),
@@ -298,7 +296,7 @@ async fn cancel_reaches_every_worker_and_jetstream_down_is_unavailable() {
 async fn recording_a_reply_reclaims_a_lost_session_for_its_user() {
     let deps = Deps::start();
     let gw = gateway(&deps, |_| {}).await;
-    let store = SessionStore::new(&deps.redis.url(), Keys::new("sb")).unwrap();
+    let store = deps.store();
     let msg = HistoryMessage {
         role: "assistant".into(),
         content: "kept".into(),

@@ -207,3 +207,72 @@ async fn user_subject_reaches_every_connection_of_the_user() {
     );
     let _ = tokens::now();
 }
+
+/// A revocation made through one gateway is refused on every other one at once (NATS
+/// notice), and one that only reached Redis (a node that missed the notice) within the
+/// sync interval; neither costs Redis a command per connect.
+#[tokio::test]
+async fn a_revocation_reaches_every_gateway() {
+    let deps = Deps::start();
+    let a = gateway(&deps, |_| {}).await;
+    let b = gateway(&deps, |_| {}).await;
+    let exp = tokens::now() + 600;
+    let claims = |jti: &str| json!({"sub": "rita", "exp": exp, "iat": tokens::now(), "jti": jti});
+    let sign = |jti: &str| tokens::hs256(tokens::TEST_SECRET, &claims(jti));
+    // Valid before.
+    let (mut ws, _) = connect(&b.url(), Hs::bearer(&sign("t-1"))).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "authenticated");
+    drop(ws);
+    let r = api()
+        .post(a.http("/v1/revoke"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"jti": "t-1", "exp": exp}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    loop {
+        let (mut ws, _) = connect(&b.url(), Hs::bearer(&sign("t-1"))).await.unwrap();
+        let f = next_json(&mut ws).await;
+        if f["type"] == "error" {
+            assert_eq!(f["code"], "TOKEN_INVALID");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not refused on the other node"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Written to Redis only (as a node that missed the notice sees it).
+    let key = shared::keys::Keys::new("sb").revoked("t-2");
+    deps.redis
+        .command(&["ZADD", &key, &exp.to_string(), "t-2"])
+        .unwrap();
+    let deadline = std::time::Instant::now()
+        + gateway::revocations::SYNC_INTERVAL
+        + std::time::Duration::from_secs(3);
+    loop {
+        let (mut ws, _) = connect(&a.url(), Hs::bearer(&sign("t-2"))).await.unwrap();
+        let f = next_json(&mut ws).await;
+        if f["type"] == "error" {
+            assert_eq!(f["code"], "TOKEN_INVALID");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the sync never read it"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    let bad = api()
+        .post(a.http("/v1/revoke"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"jti": "", "exp": exp}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+}

@@ -14,7 +14,7 @@ async fn redis_outage_flips_readyz_and_refuses_new_auth_cleanly() {
     let gw = gateway(&deps, |_| {}).await;
     let (mut held, _) = authed(&gw, "sam").await;
 
-    deps.redis.kill();
+    deps.redis.single().kill();
     gw.wait_ready(false).await;
     let (mut ws, _) = connect(&gw.url(), Hs::bearer(&tokens::token("tina", 600)))
         .await
@@ -25,7 +25,7 @@ async fn redis_outage_flips_readyz_and_refuses_new_auth_cleanly() {
     send_json(&mut held, json!({"type": "ping", "id": 1})).await;
     assert_eq!(next_json(&mut held).await["type"], "pong");
 
-    deps.redis.start_again().unwrap();
+    deps.redis.single().start_again().unwrap();
     gw.wait_ready(true).await;
     eventually("auth works again", || async {
         let (mut ws, _) = connect(&gw.url(), Hs::bearer(&tokens::token("tina", 600)))
@@ -117,7 +117,7 @@ async fn a_worker_answer_fills_the_context_and_a_cache_serves_degraded() {
     deps.redis
         .command(&[
             "SET",
-            "sb:user:xena:ctx",
+            "sb:{u:xena}:ctx",
             r#"{"teams":[{"id":"t9"}],"tasks":[]}"#,
             "EX",
             "60",

@@ -86,9 +86,15 @@ async fn proxy_protocol_header_from_a_trusted_balancer() {
     let a = next_json(&mut ws).await;
     assert_eq!(a["type"], "authenticated");
     // The API port expects PROXY headers too now, so read the record from Redis.
-    let key = format!("sb:conn:{}", a["conn_id"].as_str().unwrap());
-    let reply = deps.redis.command(&["HGET", &key, "ip"]).unwrap();
-    assert!(reply.contains("198.51.100.9"), "{reply}");
+    let conn_id = a["conn_id"].as_str().unwrap();
+    let reply = deps
+        .redis
+        .command(&["ZRANGE", "sb:{u:bea}:conns", "0", "-1"])
+        .unwrap();
+    assert!(
+        reply.contains(&format!("{conn_id}|")) && reply.contains("|198.51.100.9"),
+        "{reply}"
+    );
 
     // A trusted peer without a PROXY header is dropped before HTTP.
     let plain = connect(&gw.url(), Hs::bearer(&tokens::token("bea", 600))).await;
