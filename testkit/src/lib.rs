@@ -5,7 +5,10 @@
 
 pub mod backend;
 pub mod llm;
+pub mod redis_cluster;
 pub mod tokens;
+
+pub use redis_cluster::{RedisCluster, TestRedis};
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -26,7 +29,7 @@ pub fn free_port() -> u16 {
         .expect("no free port on 127.0.0.1")
 }
 
-fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
+pub(crate) fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
     for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
         "/usr/sbin",
         "/usr/bin",
@@ -196,18 +199,54 @@ pub struct Redis {
     child: Option<Child>,
     /// Once started, restarts keep the port (clients reconnect to it).
     started: bool,
+    /// More `redis-server` arguments (cluster mode).
+    extra: Vec<String>,
 }
 
 impl Redis {
     pub fn start() -> anyhow::Result<Redis> {
+        Redis::start_with(&[])
+    }
+
+    /// A server with more arguments, e.g. `["--cluster-enabled", "yes"]`.
+    pub fn start_with(extra: &[&str]) -> anyhow::Result<Redis> {
         let mut r = Redis {
             port: free_port(),
             dir: tempfile::tempdir()?,
             child: None,
             started: false,
+            extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         r.spawn()?;
         Ok(r)
+    }
+
+    /// Whether the process is running (not killed or stopped).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// `INFO commandstats` as command -> (calls, microseconds).
+    pub fn command_stats(&self) -> anyhow::Result<std::collections::BTreeMap<String, (u64, u64)>> {
+        let raw = self.command(&["INFO", "commandstats"])?;
+        let mut out = std::collections::BTreeMap::new();
+        for line in raw.lines() {
+            let Some(rest) = line.strip_prefix("cmdstat_") else {
+                continue;
+            };
+            let Some((name, fields)) = rest.split_once(':') else {
+                continue;
+            };
+            let field = |k: &str| -> u64 {
+                fields
+                    .split(',')
+                    .find_map(|f| f.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+                    .and_then(|v| v.trim().parse().ok())
+                    .unwrap_or(0)
+            };
+            out.insert(name.to_owned(), (field("calls"), field("usec")));
+        }
+        Ok(out)
     }
 
     pub fn url(&self) -> String {
@@ -221,6 +260,7 @@ impl Redis {
                 .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no", "--dir"])
                 .arg(self.dir.path())
+                .args(&self.extra)
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()
@@ -271,9 +311,20 @@ impl Redis {
             req.push_str(&format!("${}\r\n{a}\r\n", a.len()));
         }
         s.write_all(req.as_bytes())?;
+        // A reply larger than one read (INFO) arrives in pieces: read until the
+        // server has been quiet for a moment.
+        let mut out = Vec::new();
         let mut buf = [0u8; 65536];
         let n = s.read(&mut buf)?;
-        Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        out.extend_from_slice(&buf[..n]);
+        s.set_read_timeout(Some(Duration::from_millis(30)))?;
+        while let Ok(n) = s.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+        Ok(String::from_utf8_lossy(&out).into_owned())
     }
 }
 

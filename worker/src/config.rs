@@ -99,6 +99,9 @@ pub struct RawConfig {
     pub nats_url: Option<String>,
     #[arg(long, env = "SB_REDIS_URL")]
     pub redis_url: Option<String>,
+    /// `SB_REDIS_URL` lists seed nodes of a Redis Cluster.
+    #[arg(long, env = "SB_REDIS_CLUSTER")]
+    pub redis_cluster: Option<bool>,
     /// Prefix of NATS subjects and Redis keys.
     #[arg(long, env = "SB_PREFIX")]
     pub prefix: Option<String>,
@@ -265,6 +268,7 @@ pub struct Config {
     pub node_id: String,
     pub nats_url: String,
     pub redis_url: String,
+    pub redis_cluster: bool,
     pub prefix: String,
     pub log_format: LogFormat,
     pub llm: LlmSettings,
@@ -312,11 +316,13 @@ impl RawConfig {
             prefix,
             nats_url,
             redis_url,
+            redis_cluster,
         } = cfg::Cluster::validate(
             self.node_id.as_deref(),
             self.prefix.as_deref(),
             self.nats_url.as_deref(),
             self.redis_url.as_deref(),
+            self.redis_cluster,
         )?;
 
         let max_in_flight = self.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
@@ -359,6 +365,7 @@ impl RawConfig {
             node_id,
             nats_url,
             redis_url,
+            redis_cluster,
             prefix,
             log_format: self.log_format.unwrap_or(LogFormat::Json),
             llm: self.llm()?,
@@ -532,6 +539,7 @@ impl Config {
             "admin_listen": self.admin_listen.to_string(),
             "node_id": self.node_id,
             "prefix": self.prefix,
+            "redis_cluster": self.redis_cluster,
             "llm_base_url": self.llm.base_url,
             "llm_protocol": self.llm.protocol,
             "llm_model": self.llm.model,

@@ -1,10 +1,13 @@
 //! The user-context RPC (`sb.rpc.user_context`, queue group `workers`): a gateway
 //! authenticating a user asks for the user's teams and tasks. Fresh from the team
-//! backend when it answers (then cached in Redis for 60 s); otherwise the cached
-//! value, or empty lists, marked `degraded: true`. A circuit breaker keeps a dead
-//! backend from being called for every login.
+//! backend when it answers (then kept in Redis, written only when it changed);
+//! otherwise the kept value, or empty lists, marked `degraded: true`. A circuit
+//! breaker keeps a dead backend from being called for every login.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures_util::StreamExt;
 use shared::protocol::{UserContext, UserContextRequest, valid_name};
@@ -16,6 +19,49 @@ use tokio_util::sync::CancellationToken;
 
 use crate::Worker;
 use crate::backend::Endpoint;
+
+/// A context this worker already wrote is written again after this long even when
+/// unchanged, so the kept copy (TTL `shared::store::CONTEXT_TTL`) never lapses for a
+/// user who keeps connecting.
+pub const CONTEXT_REWRITE_AFTER: Duration = Duration::from_secs(1800);
+/// Users whose last written context one worker remembers; past this it starts over
+/// (each forgotten user costs one write).
+pub const CONTEXT_WRITTEN_MAX: usize = 100_000;
+
+/// What this worker last wrote of each user's context: a connect whose context did
+/// not change costs Redis nothing.
+#[derive(Debug, Default)]
+pub struct Written {
+    users: Mutex<HashMap<String, (u64, Instant)>>,
+}
+
+impl Written {
+    /// Whether `ctx` must be written for `user` (changed, new, or due again).
+    fn needs_write(&self, user: &str, ctx: &UserContext) -> bool {
+        let digest = digest(ctx);
+        let users = self.lock();
+        !matches!(users.get(user), Some((d, at)) if *d == digest && at.elapsed() < CONTEXT_REWRITE_AFTER)
+    }
+
+    fn wrote(&self, user: &str, ctx: &UserContext) {
+        let mut users = self.lock();
+        if users.len() >= CONTEXT_WRITTEN_MAX && !users.contains_key(user) {
+            users.clear();
+        }
+        users.insert(user.to_owned(), (digest(ctx), Instant::now()));
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Instant)>> {
+        // A panic while holding it cannot leave the map half-written.
+        self.users.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+fn digest(ctx: &UserContext) -> u64 {
+    let mut h = DefaultHasher::new();
+    serde_json::to_string(ctx).unwrap_or_default().hash(&mut h);
+    h.finish()
+}
 
 /// Pause before re-subscribing after the subscription failed.
 pub const RESUBSCRIBE_DELAY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -129,10 +175,15 @@ pub async fn answer(worker: &Worker, req: &UserContextRequest) -> UserContext {
                     tasks,
                     degraded: false,
                 };
-                if let Err(e) = worker.store.cache_context(&req.user_id, &ctx).await {
-                    metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "cache_context")
-                        .increment(1);
-                    tracing::debug!(error = %e, "cannot cache user context");
+                if worker.context_written.needs_write(&req.user_id, &ctx) {
+                    match worker.store.cache_context(&req.user_id, &ctx).await {
+                        Ok(()) => worker.context_written.wrote(&req.user_id, &ctx),
+                        Err(e) => {
+                            metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "cache_context")
+                                .increment(1);
+                            tracing::debug!(error = %e, "cannot cache user context");
+                        }
+                    }
                 }
                 metrics::counter!(shared::metrics::WORKER_CONTEXT_REPLIES, "result" => "fresh")
                     .increment(1);

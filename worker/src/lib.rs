@@ -85,6 +85,8 @@ pub struct Worker {
     pub shutting_down: AtomicBool,
     /// Connection losses, and echoes of replies that ended across one.
     pub link: link::Link,
+    /// What this worker last wrote of each user's context (see `context::Written`).
+    pub context_written: context::Written,
 }
 
 impl Worker {
@@ -131,7 +133,10 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let metrics = shared::telemetry::metrics_handle();
-    let store = SessionStore::new(&config.redis_url, Keys::new(&config.prefix))?;
+    let store = SessionStore::open(
+        shared::config::redis_target(&config.redis_url, config.redis_cluster),
+        Keys::new(&config.prefix),
+    )?;
     let llm = LlmClient::new(&config.llm)?;
     let backend = BackendClient::new(&config.backend).map_err(StartError::Backend)?;
     let link = link::Link::default();
@@ -174,6 +179,7 @@ pub async fn run(
         redis_up: AtomicBool::new(false),
         shutting_down: AtomicBool::new(false),
         link,
+        context_written: context::Written::default(),
     });
 
     // Owned here, so aborting `run` aborts all of it.

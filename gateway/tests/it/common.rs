@@ -7,7 +7,7 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use gateway::{Listeners, RawConfig};
 use serde_json::Value;
-use testkit::{Nats, Redis, tokens};
+use testkit::{Nats, TestRedis, tokens};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::http::HeaderValue;
@@ -23,15 +23,25 @@ pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
 
 pub struct Deps {
     pub nats: Nats,
-    pub redis: Redis,
+    /// One server, or a Redis Cluster under `SB_TEST_REDIS=cluster`.
+    pub redis: TestRedis,
 }
 
 impl Deps {
     pub fn start() -> Deps {
         Deps {
             nats: Nats::start().expect("nats-server"),
-            redis: Redis::start().expect("redis-server"),
+            redis: TestRedis::start().expect("redis-server"),
         }
+    }
+
+    /// A store on the same Redis as the gateways (single server or cluster).
+    pub fn store(&self) -> shared::store::SessionStore {
+        shared::store::SessionStore::open(
+            shared::config::redis_target(&self.redis.url(), self.redis.is_cluster()),
+            shared::keys::Keys::new("sb"),
+        )
+        .expect("store")
     }
 }
 
@@ -48,6 +58,7 @@ pub fn base_config(deps: &Deps) -> RawConfig {
         jwt_secret: Some(tokens::TEST_SECRET.into()),
         nats_url: Some(deps.nats.url()),
         redis_url: Some(deps.redis.url()),
+        redis_cluster: Some(deps.redis.is_cluster()),
         api_key: Some(API_KEY.into()),
         node_id: Some(format!("gw-{}", testkit::free_port())),
         drain_secs: Some(1),

@@ -16,7 +16,7 @@ use shared::store::{SessionStore, now_ms};
 use shared::subjects::Subjects;
 use testkit::backend::BackendStub;
 use testkit::llm::LlmStub;
-use testkit::{Nats, Redis};
+use testkit::{Nats, TestRedis};
 use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -43,7 +43,8 @@ pub fn unique(prefix: &str) -> String {
 /// Everything a worker talks to, per test.
 pub struct Env {
     pub nats: Nats,
-    pub redis: Redis,
+    /// One server, or a Redis Cluster under `SB_TEST_REDIS=cluster`.
+    pub redis: TestRedis,
     pub llm: LlmStub,
     pub backend: BackendStub,
     pub nc: async_nats::Client,
@@ -54,13 +55,17 @@ pub struct Env {
 impl Env {
     pub async fn start() -> Env {
         let nats = Nats::start().expect("nats-server");
-        let redis = Redis::start().expect("redis-server");
+        let redis = TestRedis::start().expect("redis-server");
         let nc = async_nats::ConnectOptions::new()
             .retry_on_initial_connect()
             .connect(nats.url())
             .await
             .expect("nats connect");
-        let store = SessionStore::new(&redis.url(), Keys::new("sb")).expect("store");
+        let store = SessionStore::open(
+            shared::config::redis_target(&redis.url(), redis.is_cluster()),
+            Keys::new("sb"),
+        )
+        .expect("store");
         Env {
             nats,
             redis,
@@ -78,6 +83,7 @@ impl Env {
             node_id: Some(unique("w")),
             nats_url: Some(self.nats.url()),
             redis_url: Some(self.redis.url()),
+            redis_cluster: Some(self.redis.is_cluster()),
             llm_base_url: Some(self.llm.base_url()),
             llm_connect_timeout_ms: Some(1000),
             llm_first_token_timeout_ms: Some(3000),
