@@ -6,6 +6,7 @@ mod common;
 mod auth_matrix;
 mod autobahn;
 mod bench;
+mod budget;
 mod channels;
 mod chat;
 mod cluster;

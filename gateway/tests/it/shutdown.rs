@@ -20,6 +20,7 @@ async fn sigterm_drains_every_client_and_exits_zero() {
         .env("SB_NODE_ID", "drain-test")
         .env("SB_NATS_URL", deps.nats.url())
         .env("SB_REDIS_URL", deps.redis.url())
+        .env("SB_REDIS_CLUSTER", deps.redis.is_cluster().to_string())
         .env("SB_JWT_SECRET", tokens::TEST_SECRET)
         .env("SB_DRAIN_SECS", "2")
         .env("SB_LOG_FORMAT", "text")
