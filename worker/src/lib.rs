@@ -15,6 +15,7 @@ pub mod error;
 pub mod history;
 pub mod link;
 pub mod llm;
+pub mod pdf;
 pub mod reply;
 pub mod request;
 
@@ -85,6 +86,8 @@ pub struct Worker {
     pub shutting_down: AtomicBool,
     /// Connection losses, and echoes of replies that ended across one.
     pub link: link::Link,
+    /// PDF text extraction, in bounded child processes.
+    pub pdf: pdf::PdfReader,
 }
 
 impl Worker {
@@ -157,7 +160,9 @@ pub async fn run(
     }
     metrics::gauge!(shared::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
+    let pdf = pdf::PdfReader::new(config.pdf_extractor.clone());
     let worker = Arc::new(Worker {
+        pdf,
         subjects: Subjects::new(&config.prefix),
         breaker: Breaker::new(
             config.backend.breaker_failures,
