@@ -1,10 +1,10 @@
 //! Chat attachments (`files` on a chat request: name, type, base64 data), checked
 //! again here because the worker does not trust the gateway: limits on count and
 //! total decoded size; text types are inlined into the prompt under their file name;
-//! PDFs have their text extracted (lopdf, with bounded decompression, off the async
-//! threads, under a deadline); anything else is refused naming the file.
-
-use std::time::Duration;
+//! PDFs have their text extracted in a bounded child process ([`crate::pdf`]);
+//! anything else is refused naming the file. The text of all files together is cut
+//! at `FileLimits::max_text_chars`, and the prompt says where: a small PDF can hold
+//! megabytes of text, and the LLM request must stay a sane size.
 
 use base64::Engine;
 use base64::engine::general_purpose::{GeneralPurpose, GeneralPurposeConfig};
@@ -12,12 +12,12 @@ use base64::engine::{DecodePaddingMode, general_purpose};
 use shared::protocol::FileAttachment;
 
 use crate::config::FileLimits;
+use crate::pdf::{PdfError, PdfReader};
 
-/// PDF parsing is CPU work on untrusted input: give up after this long.
-pub const PDF_TIMEOUT: Duration = Duration::from_secs(10);
-/// A page's content may inflate to this much while extracting text (a 1 MiB PDF has
-/// no legitimate page content near it; a decompression bomb does).
-pub const PDF_MAX_DECOMPRESSED: usize = 32 * 1024 * 1024;
+/// Put in the prompt where attachment text was cut, so the LLM (and the user
+/// reading its answer) knows it saw only part of the file.
+pub const TRUNCATED_NOTE: &str =
+    "[... the rest of this file was cut: too much attached text for one message]";
 /// File names are shown to the LLM and in errors: this many characters at most.
 pub const MAX_NAME_CHARS: usize = 200;
 
@@ -40,8 +40,15 @@ pub enum AttachmentError {
     Unsupported { name: String, content_type: String },
     #[error("file {name:?}: not valid UTF-8 text")]
     NotText { name: String },
-    #[error("file {name:?}: cannot read the PDF ({reason})")]
-    Pdf { name: String, reason: String },
+    #[error("file {name:?}: {reason}")]
+    Pdf { name: String, reason: PdfError },
+}
+
+impl AttachmentError {
+    /// Worker-side trouble (busy, extractor missing): the same request may work later.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, AttachmentError::Pdf { reason, .. } if reason.is_retryable())
+    }
 }
 
 /// An attachment turned into text for the prompt.
@@ -50,6 +57,8 @@ pub struct Extracted {
     pub name: String,
     pub content_type: String,
     pub text: String,
+    /// The text was cut at the per-request cap.
+    pub truncated: bool,
 }
 
 /// What a content type is to us.
@@ -123,10 +132,12 @@ pub fn display_name(name: &str) -> String {
     }
 }
 
-/// Checks limits, decodes and extracts every file, in order.
+/// Checks limits, decodes and extracts every file, in order; the text of all of
+/// them together is at most `limits.max_text_chars` characters.
 pub async fn prepare(
     files: &[FileAttachment],
     limits: FileLimits,
+    pdf: &PdfReader,
 ) -> Result<Vec<Extracted>, AttachmentError> {
     if files.len() > limits.max_files {
         return Err(AttachmentError::TooMany {
@@ -163,20 +174,47 @@ pub async fn prepare(
         decoded.push((name, f.content_type.clone(), kind, bytes));
     }
     let mut out = Vec::with_capacity(decoded.len());
+    let mut chars_left = limits.max_text_chars;
     for (name, content_type, kind, bytes) in decoded {
-        let text = match kind {
-            Kind::Text => String::from_utf8(bytes)
-                .map_err(|_| AttachmentError::NotText { name: name.clone() })?,
-            Kind::Pdf => pdf_text(&name, bytes, limits.max_total_bytes).await?,
+        let (text, truncated) = match kind {
+            Kind::Text => {
+                let text = String::from_utf8(bytes)
+                    .map_err(|_| AttachmentError::NotText { name: name.clone() })?;
+                cut(text, chars_left)
+            }
+            // Checked even with no room left: a broken file is still refused by name.
+            Kind::Pdf if chars_left == 0 && bytes.starts_with(b"%PDF-") => (String::new(), true),
+            Kind::Pdf => {
+                let e = pdf.extract(&bytes, chars_left).await.map_err(|reason| {
+                    AttachmentError::Pdf {
+                        name: name.clone(),
+                        reason,
+                    }
+                })?;
+                (e.text, e.truncated)
+            }
             Kind::Unsupported => unreachable!("refused above"),
         };
+        chars_left -= text.chars().count().min(chars_left);
         out.push(Extracted {
             name,
             content_type,
             text,
+            truncated,
         });
     }
     Ok(out)
+}
+
+/// `text` cut to `max_chars` characters, and whether it was.
+fn cut(mut text: String, max_chars: usize) -> (String, bool) {
+    match text.char_indices().nth(max_chars) {
+        Some((at, _)) => {
+            text.truncate(at);
+            (text, true)
+        }
+        None => (text, false),
+    }
 }
 
 fn decode(data: &str) -> Option<Vec<u8>> {
@@ -195,51 +233,6 @@ fn decode(data: &str) -> Option<Vec<u8>> {
     }
 }
 
-/// The text of a PDF, at most `max_chars` characters of it.
-async fn pdf_text(name: &str, bytes: Vec<u8>, max_chars: usize) -> Result<String, AttachmentError> {
-    let fail = |reason: String| AttachmentError::Pdf {
-        name: name.to_owned(),
-        reason,
-    };
-    if !bytes.starts_with(b"%PDF-") {
-        return Err(fail("not a PDF file".into()));
-    }
-    let job = tokio::task::spawn_blocking(move || extract_pdf_text(&bytes));
-    let text = match tokio::time::timeout(PDF_TIMEOUT, job).await {
-        Err(_) => return Err(fail("took too long".into())),
-        Ok(Err(_)) => return Err(fail("the reader crashed".into())),
-        Ok(Ok(r)) => r.map_err(fail)?,
-    };
-    let text = text.trim();
-    if text.is_empty() {
-        return Err(fail("no text in it (a scan?)".into()));
-    }
-    Ok(text.chars().take(max_chars).collect())
-}
-
-/// Synchronous extraction (run on the blocking pool).
-pub fn extract_pdf_text(bytes: &[u8]) -> Result<String, String> {
-    let options = lopdf::LoadOptions::with_max_decompressed_size(PDF_MAX_DECOMPRESSED);
-    let doc = lopdf::Document::load_mem_with_options(bytes, options).map_err(|e| {
-        let s = e.to_string();
-        s.chars().take(120).collect::<String>()
-    })?;
-    let pages: Vec<u32> = doc.get_pages().keys().copied().collect();
-    if pages.is_empty() {
-        return Err("no pages".into());
-    }
-    let mut text = String::new();
-    // A page that cannot be read is skipped; the others still count.
-    for t in doc
-        .extract_text_chunks_with_limit(&pages, PDF_MAX_DECOMPRESSED)
-        .into_iter()
-        .flatten()
-    {
-        text.push_str(&t);
-    }
-    Ok(text)
-}
-
 /// The user message with the files' text appended, each under its name.
 pub fn inline(message: &str, files: &[Extracted]) -> String {
     if files.is_empty() {
@@ -253,7 +246,11 @@ pub fn inline(message: &str, files: &[Extracted]) -> String {
         out.push_str(&f.content_type);
         out.push_str(") ---\n");
         out.push_str(&f.text);
-        if !f.text.ends_with('\n') {
+        if !f.text.is_empty() && !f.text.ends_with('\n') {
+            out.push('\n');
+        }
+        if f.truncated {
+            out.push_str(TRUNCATED_NOTE);
             out.push('\n');
         }
         out.push_str("--- end of ");
@@ -270,7 +267,13 @@ mod tests {
     const LIMITS: FileLimits = FileLimits {
         max_files: 2,
         max_total_bytes: 100,
+        max_text_chars: 1000,
     };
+
+    /// No extractor program: these tests never get as far as a real PDF.
+    fn reader() -> PdfReader {
+        PdfReader::new(None)
+    }
 
     fn file(name: &str, ct: &str, bytes: &[u8]) -> FileAttachment {
         FileAttachment {
@@ -293,9 +296,13 @@ mod tests {
 
     #[tokio::test]
     async fn text_is_decoded_and_inlined() {
-        let files = prepare(&[file("notes.txt", "text/plain", b"hello\n")], LIMITS)
-            .await
-            .unwrap();
+        let files = prepare(
+            &[file("notes.txt", "text/plain", b"hello\n")],
+            LIMITS,
+            &reader(),
+        )
+        .await
+        .unwrap();
         let m = inline("question", &files);
         assert!(
             m.starts_with("question\n\n--- attached file: notes.txt (text/plain) ---\nhello\n")
@@ -312,13 +319,18 @@ mod tests {
                 file("c", "text/plain", b"c"),
             ],
             LIMITS,
+            &reader(),
         )
         .await
         .unwrap_err();
         assert_eq!(e, AttachmentError::TooMany { count: 3, max: 2 });
-        let e = prepare(&[file("big", "text/plain", &[b'x'; 101])], LIMITS)
-            .await
-            .unwrap_err();
+        let e = prepare(
+            &[file("big", "text/plain", &[b'x'; 101])],
+            LIMITS,
+            &reader(),
+        )
+        .await
+        .unwrap_err();
         assert_eq!(e, AttachmentError::TooLarge { max: 100 });
         let e = prepare(
             &[
@@ -326,29 +338,71 @@ mod tests {
                 file("b", "text/plain", &[b'x'; 60]),
             ],
             LIMITS,
+            &reader(),
         )
         .await
         .unwrap_err();
         assert_eq!(e, AttachmentError::TooLarge { max: 100 });
-        let e = prepare(&[file("cat.png", "image/png", b"\x89PNG")], LIMITS)
-            .await
-            .unwrap_err();
+        let e = prepare(
+            &[file("cat.png", "image/png", b"\x89PNG")],
+            LIMITS,
+            &reader(),
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("cat.png"), "{e}");
-        let e = prepare(&[file("bin.txt", "text/plain", &[0xff, 0xfe])], LIMITS)
-            .await
-            .unwrap_err();
+        let e = prepare(
+            &[file("bin.txt", "text/plain", &[0xff, 0xfe])],
+            LIMITS,
+            &reader(),
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("bin.txt"), "{e}");
         let bad = FileAttachment {
             name: "x.txt".into(),
             content_type: "text/plain".into(),
             data: "!!!".into(),
         };
-        let e = prepare(&[bad], LIMITS).await.unwrap_err();
+        let e = prepare(&[bad], LIMITS, &reader()).await.unwrap_err();
         assert!(matches!(e, AttachmentError::BadEncoding { .. }));
-        let e = prepare(&[file("fake.pdf", "application/pdf", b"hello")], LIMITS)
-            .await
-            .unwrap_err();
+        let e = prepare(
+            &[file("fake.pdf", "application/pdf", b"hello")],
+            LIMITS,
+            &reader(),
+        )
+        .await
+        .unwrap_err();
         assert!(e.to_string().contains("fake.pdf"), "{e}");
+    }
+
+    #[tokio::test]
+    async fn attachment_text_is_capped_per_request() {
+        let limits = FileLimits {
+            max_files: 3,
+            max_total_bytes: 10_000,
+            max_text_chars: 50,
+        };
+        let files = prepare(
+            &[
+                file("a.txt", "text/plain", "é".repeat(30).as_bytes()),
+                file("b.txt", "text/plain", &[b'b'; 40]),
+                file("c.txt", "text/plain", b"never seen"),
+            ],
+            limits,
+            &reader(),
+        )
+        .await
+        .unwrap();
+        let sizes: Vec<(usize, bool)> = files
+            .iter()
+            .map(|f| (f.text.chars().count(), f.truncated))
+            .collect();
+        assert_eq!(sizes, [(30, false), (20, true), (0, true)]);
+        let m = inline("q", &files);
+        assert_eq!(m.matches(TRUNCATED_NOTE).count(), 2, "{m}");
+        assert!(!m.contains("never seen"));
+        assert!(m.chars().count() < 50 + 400, "{m}");
     }
 
     #[test]

@@ -59,6 +59,10 @@ pub const DEFAULT_CHUNK_CHARS: usize = 64;
 pub const DEFAULT_MAX_FILES: usize = 5;
 /// Issue 4: 1 MiB of decoded attachments per request.
 pub const DEFAULT_MAX_FILES_BYTES: usize = 1024 * 1024;
+/// Characters of attachment text per request, all files together: about 16,000
+/// tokens (chars / 4), half the default token budget, so one message cannot crowd
+/// out the conversation or blow up the LLM request (a 1.6 KB PDF held 1 MB of text).
+pub const DEFAULT_MAX_FILES_TEXT_CHARS: usize = 64_000;
 /// One JetStream replica: a single NATS server; production clusters set 3.
 pub const DEFAULT_JETSTREAM_REPLICAS: usize = 1;
 /// Largest accepted `SB_MAX_IN_FLIGHT`: one pull batch and one semaphore.
@@ -259,6 +263,8 @@ impl std::fmt::Debug for BackendSettings {
 pub struct FileLimits {
     pub max_files: usize,
     pub max_total_bytes: usize,
+    /// Characters of text from all files together that reach the prompt.
+    pub max_text_chars: usize,
 }
 
 /// Validated worker configuration.
@@ -283,6 +289,11 @@ pub struct Config {
     pub chunk_chars: usize,
     pub files: FileLimits,
     pub jetstream_replicas: usize,
+    /// The program run (with `pdf::EXTRACTOR_ARG`) to read PDFs: this binary,
+    /// found at validation. Not a setting (an operator has no reason to run another
+    /// program on hostile files); in-process tests point it at the built worker.
+    /// `None`: the binary could not be found, and PDFs are refused as unavailable.
+    pub pdf_extractor: Option<PathBuf>,
 }
 
 impl cfg::Settings for RawConfig {
@@ -384,8 +395,10 @@ impl RawConfig {
             files: FileLimits {
                 max_files: self.max_files.unwrap_or(DEFAULT_MAX_FILES),
                 max_total_bytes: self.max_files_bytes.unwrap_or(DEFAULT_MAX_FILES_BYTES),
+                max_text_chars: DEFAULT_MAX_FILES_TEXT_CHARS,
             },
             jetstream_replicas,
+            pdf_extractor: std::env::current_exe().ok(),
         })
     }
 
@@ -556,6 +569,7 @@ impl Config {
             "shutdown_grace_secs": self.shutdown_grace.as_secs(),
             "max_files": self.files.max_files,
             "max_files_bytes": self.files.max_total_bytes,
+            "max_files_text_chars": self.files.max_text_chars,
             "jetstream_replicas": self.jetstream_replicas,
         })
     }

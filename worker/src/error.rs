@@ -76,6 +76,9 @@ impl UserError {
 
     /// Attachments that cannot be used: names the file.
     pub fn from_attachment(e: &AttachmentError) -> UserError {
+        if e.is_retryable() {
+            return UserError::new(ErrorCode::Unavailable, e.to_string(), true);
+        }
         UserError::new(ErrorCode::BadRequest, e.to_string(), false)
     }
 

@@ -15,6 +15,7 @@ pub mod error;
 pub mod history;
 pub mod link;
 pub mod llm;
+pub mod pdf;
 pub mod reply;
 pub mod request;
 
@@ -87,6 +88,8 @@ pub struct Worker {
     pub link: link::Link,
     /// What this worker last wrote of each user's context (see `context::Written`).
     pub context_written: context::Written,
+    /// PDF text extraction, in bounded child processes.
+    pub pdf: pdf::PdfReader,
 }
 
 impl Worker {
@@ -162,7 +165,9 @@ pub async fn run(
     }
     metrics::gauge!(shared::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
+    let pdf = pdf::PdfReader::new(config.pdf_extractor.clone());
     let worker = Arc::new(Worker {
+        pdf,
         subjects: Subjects::new(&config.prefix),
         breaker: Breaker::new(
             config.backend.breaker_failures,

@@ -1,5 +1,6 @@
 //! The worker binary: parse config, set up telemetry, bind the admin port, run until
-//! SIGTERM/SIGINT.
+//! SIGTERM/SIGINT. Started with `worker::pdf::EXTRACTOR_ARG` it is instead a PDF
+//! extractor child of a worker (see `worker::pdf`).
 
 use std::process::ExitCode;
 
@@ -11,6 +12,10 @@ use tokio_util::sync::CancellationToken;
 use worker::RawConfig;
 
 fn main() -> ExitCode {
+    // Before config: the extractor runs with an empty environment and no flags.
+    if worker::pdf::is_extractor_call() {
+        return worker::pdf::extractor_main();
+    }
     shared::service::main("worker", start(), serve)
 }
 

@@ -116,7 +116,7 @@ pub async fn handle(worker: &Worker, job: &Job, abandon: &CancellationToken) -> 
     let registration = worker.cancels.register(&req.request_id, &req.user_id);
     let cancel = registration.token.clone();
 
-    let files = match attachments::prepare(&req.files, worker.config.files).await {
+    let files = match attachments::prepare(&req.files, worker.config.files, &worker.pdf).await {
         Ok(f) => f,
         Err(e) => {
             let e = UserError::from_attachment(&e);

@@ -9,7 +9,7 @@ use shared::protocol::FileAttachment;
 use crate::common::*;
 
 /// A one-page PDF whose text is `text`, made with lopdf.
-fn pdf_with_text(text: &str) -> Vec<u8> {
+pub(crate) fn pdf_with_text(text: &str) -> Vec<u8> {
     let mut doc = Document::with_version("1.5");
     let pages_id = doc.new_object_id();
     let font_id = doc.add_object(dictionary! {
@@ -145,4 +145,42 @@ async fn unsupported_or_oversized_attachments_are_refused_naming_the_file() {
     assert_eq!(env.llm.request_count(), 0);
     assert!(env.history(&req.session_id).await.is_empty());
     env.wait_queue_empty().await;
+}
+
+#[tokio::test]
+async fn attachment_text_is_capped_per_request_and_the_prompt_says_so() {
+    let env = Env::start().await;
+    let _w = env.worker(|_| {}).await;
+    let cap = worker::config::DEFAULT_MAX_FILES_TEXT_CHARS;
+    let mut req = request(&unique("u"), "read these");
+    req.files = vec![
+        file("long.txt", "text/plain", "a".repeat(cap - 10).as_bytes()),
+        file("more.txt", "text/plain", "b".repeat(cap).as_bytes()),
+        file(
+            "report.pdf",
+            "application/pdf",
+            &pdf_with_text("never reaches the prompt"),
+        ),
+    ];
+    let mut frames = env.frames(&req.user_id).await;
+    env.publish(&req).await;
+    let seen = frames.until_end().await;
+    assert_eq!(seen.kind(), "chat.complete", "{:?}", seen.last);
+
+    let msgs = env.llm.requests()[0].messages();
+    let prompt = msgs.last().unwrap()["content"].as_str().unwrap().to_owned();
+    assert!(prompt.chars().count() < cap + 1000, "{}", prompt.len());
+    assert_eq!(
+        prompt.matches(&"b".repeat(10)).count(),
+        1,
+        "10 b's: one run"
+    );
+    assert!(!prompt.contains(&"b".repeat(11)));
+    assert_eq!(
+        prompt.matches(worker::attachments::TRUNCATED_NOTE).count(),
+        2,
+        "{}",
+        &prompt[prompt.len() - 600..]
+    );
+    assert!(!prompt.contains("never reaches the prompt"));
 }

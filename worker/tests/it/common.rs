@@ -212,7 +212,9 @@ pub struct Worker {
 }
 
 pub async fn start_worker(raw: RawConfig) -> Worker {
-    let config = raw.validate().expect("valid config");
+    let mut config = raw.validate().expect("valid config");
+    // In process, this test binary is the current exe: PDFs go to the real worker.
+    config.pdf_extractor = Some(env!("CARGO_BIN_EXE_worker").into());
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin_addr = admin.local_addr().unwrap();
     let shutdown = CancellationToken::new();

@@ -10,4 +10,5 @@ mod chat;
 mod config;
 mod context;
 mod failures;
+mod pdf_bombs;
 mod shutdown;
