@@ -16,4 +16,5 @@ mod faults;
 mod hostile;
 mod limits;
 mod proxy;
+mod redis_failover;
 mod shutdown;
