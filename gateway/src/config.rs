@@ -215,7 +215,10 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub node_id: String,
+    /// `SB_NATS_URL` as given, for the summary.
     pub nats_url: String,
+    /// Every server of `SB_NATS_URL`, parsed once (`shared::config::parse_nats_servers`).
+    pub nats_servers: Vec<async_nats::ServerAddr>,
     pub redis_url: String,
     pub prefix: String,
     pub log_format: LogFormat,
@@ -304,6 +307,7 @@ impl RawConfig {
             node_id,
             prefix,
             nats_url,
+            nats_servers,
             redis_url,
         } = cfg::Cluster::validate(
             self.node_id.as_deref(),
@@ -400,6 +404,7 @@ impl RawConfig {
             admin_listen,
             node_id,
             nats_url,
+            nats_servers,
             redis_url,
             prefix,
             log_format: self.log_format.unwrap_or(LogFormat::Json),

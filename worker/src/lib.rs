@@ -148,7 +148,7 @@ pub async fn run(
         .ping_interval(NATS_PING_INTERVAL)
         .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
         .client_capacity(NATS_CLIENT_CAPACITY)
-        .connect(config.nats_url.as_str())
+        .connect(config.nats_servers.clone())
         .await?;
     let js = async_nats::jetstream::new(nats.clone());
     tracing::info!(config = %config.summary(), "worker starting");
