@@ -5,7 +5,10 @@
 
 pub mod backend;
 pub mod llm;
+pub mod nats_cluster;
 pub mod tokens;
+
+pub use nats_cluster::NatsCluster;
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
