@@ -226,13 +226,13 @@ impl NatsCluster {
         bail!("no JetStream meta leader after {CLUSTER_READY_TIMEOUT:?}")
     }
 
-    /// The node a client whose connection name starts with `name` is connected to
+    /// The node the client whose connection is named exactly `name` is connected to
     /// (from each node's `/connz`).
     pub fn node_of_client(&self, name: &str) -> Option<usize> {
         self.nodes_of_client(name).into_iter().next()
     }
 
-    /// Every node holding a connection whose name starts with `name`.
+    /// Every node holding a connection named exactly `name`.
     pub fn nodes_of_client(&self, name: &str) -> Vec<usize> {
         (0..self.nodes.len())
             .filter(|i| self.is_running(*i))
@@ -245,7 +245,7 @@ impl NatsCluster {
                 };
                 v["connections"].as_array().is_some_and(|cs| {
                     cs.iter()
-                        .any(|c| c["name"].as_str().is_some_and(|n| n.starts_with(name)))
+                        .any(|c| c["name"].as_str() == Some(name))
                 })
             })
             .collect()
