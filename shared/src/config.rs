@@ -469,8 +469,17 @@ mod tests {
         let hosts: Vec<_> = s.iter().map(|a| (a.host(), a.port())).collect();
         assert_eq!(hosts, vec![("a", 4222), ("b", 4223), ("c", 4222)]);
         assert_eq!((s[1].username(), s[1].password()), (Some("u"), Some("p")));
-        assert_eq!(parse_nats_servers("nats://[::1]:4222").unwrap()[0].host(), "::1");
-        for bad in ["", " , ", "nats://a:4222,nats://b:x", "http://a:4222", "nats://a:4222,b:1"] {
+        assert_eq!(
+            parse_nats_servers("nats://[::1]:4222").unwrap()[0].host(),
+            "::1"
+        );
+        for bad in [
+            "",
+            " , ",
+            "nats://a:4222,nats://b:x",
+            "http://a:4222",
+            "nats://a:4222,b:1",
+        ] {
             let e = parse_nats_servers(bad).unwrap_err();
             assert!(e.to_string().starts_with("SB_NATS_URL: "), "{bad:?}: {e}");
         }

@@ -164,7 +164,9 @@ impl NatsCluster {
         let Some(child) = self.nodes[i].child.as_mut() else {
             bail!("node {i} is not running");
         };
-        match wait_until(child, || http_get_ok(monitor, "/healthz?js-enabled-only=true")) {
+        match wait_until(child, || {
+            http_get_ok(monitor, "/healthz?js-enabled-only=true")
+        }) {
             Ok(()) => Ok(()),
             Err(NotReady::Exited) => {
                 self.nodes[i].child = None;
@@ -199,7 +201,10 @@ impl NatsCluster {
             leader = Some(l);
         }
         let leader = leader?;
-        let li = running.iter().copied().find(|i| self.nodes[*i].name == leader)?;
+        let li = running
+            .iter()
+            .copied()
+            .find(|i| self.nodes[*i].name == leader)?;
         let jsz = self.jsz(li)?;
         let replicas = jsz["meta_cluster"]["replicas"]
             .as_array()
@@ -243,10 +248,9 @@ impl NatsCluster {
                 let Ok(v) = serde_json::from_str::<Value>(&body) else {
                     return false;
                 };
-                v["connections"].as_array().is_some_and(|cs| {
-                    cs.iter()
-                        .any(|c| c["name"].as_str() == Some(name))
-                })
+                v["connections"]
+                    .as_array()
+                    .is_some_and(|cs| cs.iter().any(|c| c["name"].as_str() == Some(name)))
             })
             .collect()
     }
