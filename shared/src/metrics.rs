@@ -85,8 +85,14 @@ pub const WORKER_BACKEND_CALLS: &str = "switchboard_worker_backend_calls_total";
 pub const WORKER_BREAKER_STATE: &str = "switchboard_worker_breaker_state";
 /// Counter by `result` (fresh, cached, empty): user-context RPC replies.
 pub const WORKER_CONTEXT_REPLIES: &str = "switchboard_worker_user_context_replies_total";
-/// Counter by `op`: JetStream consumer failures (setup, pull, ack).
+/// Counter by `op`: JetStream consumer failures (setup, pull, ack, info).
 pub const WORKER_CONSUMER_ERRORS: &str = "switchboard_worker_consumer_errors_total";
+/// Gauge: chat requests waiting in `SB_CHAT` for a worker (the shared consumer's
+/// `num_pending`; the same cluster-wide value from every worker, take the max).
+pub const WORKER_CHAT_PENDING: &str = "switchboard_worker_chat_pending";
+/// Gauge: chat requests delivered to workers and not yet acked (the shared consumer's
+/// `num_ack_pending`; cluster-wide, take the max).
+pub const WORKER_CHAT_IN_FLIGHT: &str = "switchboard_worker_chat_in_flight";
 /// Gauge: 1 while the chat consumer is pulling.
 pub const WORKER_CONSUMER_UP: &str = "switchboard_worker_consumer_up";
 

@@ -6,6 +6,7 @@
 
 pub mod attachments;
 pub mod backend;
+pub mod backlog;
 pub mod breaker;
 pub mod cancel;
 pub mod config;
@@ -188,6 +189,7 @@ pub async fn run(
     ));
     background.spawn(shared::telemetry::upkeep(metrics, stop.clone()));
     background.spawn(health_loop(worker.clone(), stop.clone()));
+    background.spawn(backlog::poll(worker.clone(), stop.clone()));
     background.spawn(cancel::listen(worker.clone(), stop.clone()));
     background.spawn(context::serve(worker.clone(), rpc_stop.clone()));
 
