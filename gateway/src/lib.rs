@@ -11,6 +11,7 @@ pub mod conn;
 pub mod credentials;
 pub mod drain;
 pub mod error;
+pub mod finals;
 pub mod hub;
 pub mod limits;
 pub mod mux;

@@ -57,6 +57,10 @@ pub struct Headers {
     pub from: Option<Arc<str>>,
     pub skip_sender: bool,
     pub channel: Option<Arc<str>>,
+    /// The chat request a worker's frame belongs to (`Sb-Request`).
+    pub request: Option<Arc<str>>,
+    /// The request's final frame (`Sb-Final`).
+    pub last: bool,
 }
 
 /// One message for the hub.
@@ -572,6 +576,7 @@ pub fn parse_headers(block: &[u8]) -> Headers {
     use crate::hub::{
         HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
     };
+    use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
     let mut h = Headers::default();
     let text = String::from_utf8_lossy(block);
     for line in text.split("\r\n").skip(1) {
@@ -591,6 +596,10 @@ pub fn parse_headers(block: &[u8]) -> Headers {
             h.skip_sender = true;
         } else if name.eq_ignore_ascii_case(HEADER_CHANNEL) {
             h.channel = Some(value.into());
+        } else if name.eq_ignore_ascii_case(HEADER_REQUEST) {
+            h.request = Some(value.into());
+        } else if name.eq_ignore_ascii_case(HEADER_FINAL) {
+            h.last = true;
         }
     }
     h
@@ -601,6 +610,7 @@ pub fn headers_of(msg: &async_nats::Message) -> Headers {
     use crate::hub::{
         HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
     };
+    use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
     let Some(map) = msg.headers.as_ref() else {
         return Headers::default();
     };
@@ -612,6 +622,8 @@ pub fn headers_of(msg: &async_nats::Message) -> Headers {
         from: get(HEADER_FROM).map(Into::into),
         skip_sender: get(HEADER_SKIP_SENDER).is_some(),
         channel: get(HEADER_CHANNEL).map(Into::into),
+        request: get(HEADER_REQUEST).map(Into::into),
+        last: get(HEADER_FINAL).is_some(),
     }
 }
 
@@ -706,8 +718,10 @@ HMSG sb.user.u 9 47 49\r\nNATS/1.0\r\nSb-Offset: 42\r\nSb-Channel: team:x\r\n\r\
     #[test]
     fn takes_every_server_of_the_list() {
         let parse = |s: &str| shared::config::parse_nats_servers(s).unwrap();
-        let s = servers_from(&parse("nats://u:p@127.0.0.1:4223, nats://tok@h ,nats://h2:5"))
-            .unwrap();
+        let s = servers_from(&parse(
+            "nats://u:p@127.0.0.1:4223, nats://tok@h ,nats://h2:5",
+        ))
+        .unwrap();
         assert_eq!(s.len(), 3);
         assert_eq!((s[0].host.as_str(), s[0].port), ("127.0.0.1", 4223));
         assert_eq!(
@@ -723,5 +737,4 @@ HMSG sb.user.u 9 47 49\r\nNATS/1.0\r\nSb-Offset: 42\r\nSb-Channel: team:x\r\n\r\
         assert!(servers_from(&parse("nats://a:1,tls://h:4222")).is_none());
         assert!(servers_from(&[]).is_none());
     }
-
 }

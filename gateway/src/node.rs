@@ -299,6 +299,9 @@ impl Node {
         let node = self.clone();
         self.background
             .spawn(async move { node.publish_rpc_loop().await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { crate::finals::follow_loop(&node).await });
     }
 
     async fn heartbeat_loop(&self) {

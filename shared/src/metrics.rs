@@ -42,6 +42,13 @@ pub const GAP_REPAIRS: &str = "switchboard_gap_repairs_total";
 pub const EPOCH_RESTARTS: &str = "switchboard_epoch_restarts_total";
 /// Histogram: publish (stored in Redis) to arrival at a subscribing node, seconds.
 pub const FANOUT_SECONDS: &str = "switchboard_fanout_seconds";
+/// Counter by `kind` (final, chunk): a worker's chat frames dropped because local
+/// connections already got the request's final frame (a copy from the stream, a
+/// redelivered request, an echo, or a chunk arriving late).
+pub const CHAT_FRAMES_DROPPED: &str = "switchboard_chat_frames_dropped_total";
+/// Counter: final chat frames delivered from the `SB_CHAT_EVENTS` stream because the
+/// live copy never arrived (lost in a NATS outage or failover).
+pub const CHAT_FINALS_FROM_STREAM: &str = "switchboard_chat_finals_from_stream_total";
 /// Gauge: 1 while the node is draining.
 pub const DRAINING: &str = "switchboard_draining";
 

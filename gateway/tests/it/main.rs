@@ -14,5 +14,6 @@ mod e2e_chat;
 mod faults;
 mod hostile;
 mod limits;
+mod nats_cluster;
 mod proxy;
 mod shutdown;
