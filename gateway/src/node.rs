@@ -436,7 +436,8 @@ impl Node {
         }
     }
 
-    /// Keeps this node's presence entries alive; a dead node's expire.
+    /// Keeps this node's presence entries alive; a dead node's expire, and the sweep
+    /// after each refresh announces their users' `leave`.
     async fn presence_loop(&self) {
         let period = self.config.channels.presence_ttl / 3;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -464,6 +465,12 @@ impl Node {
                 metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "presence").increment(1);
                 tracing::warn!(error = %e, "presence refresh failed");
             }
+            // Users of dead nodes leave the channels this node has subscribers in
+            // (nobody else needs to hear it).
+            let mut channels: Vec<_> = entries.into_iter().map(|(c, _, _)| c).collect();
+            channels.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            channels.dedup();
+            crate::channels::sweep_presence(self, &channels).await;
         }
     }
 

@@ -15,5 +15,6 @@ mod faults;
 mod hostile;
 mod limits;
 mod nats_cluster;
+mod presence_failover;
 mod proxy;
 mod shutdown;

@@ -15,6 +15,7 @@ use serde::Serialize;
 use tokio::sync::OnceCell;
 
 mod channel;
+mod presence_sweep;
 
 pub use channel::{ChannelHistory, ChannelSettings, Position, PresenceEntry};
 
