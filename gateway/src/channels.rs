@@ -778,6 +778,37 @@ async fn leave_presence(node: &Node, perms: &Perms, conn_id: &str, ch: &Channel)
     }
 }
 
+/// Announces `leave` for users whose last connection in one of `channels` expired
+/// without a goodbye (their gateway died): the sweep removes each such user
+/// atomically, so of all nodes sweeping a channel exactly one announces them. Called
+/// by every node for the channels it has subscribers in (`Node::presence_loop`), so a
+/// dead node's users leave within the presence TTL plus one refresh period.
+pub async fn sweep_presence(node: &Node, channels: &[Channel]) {
+    let namespaces = &node.config.channels.presence_namespaces;
+    let wanted: Vec<Channel> = channels
+        .iter()
+        .filter(|c| enabled(namespaces, &c.namespace))
+        .cloned()
+        .collect();
+    let gone = match node.store.presence_sweep(&wanted).await {
+        Ok(g) => g,
+        Err(e) => {
+            metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "presence_sweep").increment(1);
+            tracing::debug!(error = %e, "presence sweep failed; the next one retries");
+            return;
+        }
+    };
+    for (ch, users) in gone {
+        for user in users {
+            let f = ServerFrame::Leave {
+                channel: ch.to_string(),
+                user: user.clone(),
+            };
+            event(node, &ch, &f, &user, true).await;
+        }
+    }
+}
+
 /// Handles a `presence` request: users in the channel with connection counts.
 pub async fn presence(
     node: &Node,
@@ -798,6 +829,8 @@ pub async fn presence(
 }
 
 pub async fn presence_users(node: &Node, ch: &Channel) -> Result<Vec<PresenceUser>, StoreError> {
+    // Reading presence drops expired users; sweeping first announces their `leave`.
+    sweep_presence(node, std::slice::from_ref(ch)).await;
     Ok(node
         .store
         .presence(ch)

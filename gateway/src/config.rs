@@ -218,7 +218,10 @@ pub struct Config {
     pub listen: SocketAddr,
     pub admin_listen: SocketAddr,
     pub node_id: String,
+    /// `SB_NATS_URL` as given, for the summary.
     pub nats_url: String,
+    /// Every server of `SB_NATS_URL`, parsed once (`shared::config::parse_nats_servers`).
+    pub nats_servers: Vec<async_nats::ServerAddr>,
     pub redis_url: String,
     pub redis_cluster: bool,
     pub prefix: String,
@@ -308,6 +311,7 @@ impl RawConfig {
             node_id,
             prefix,
             nats_url,
+            nats_servers,
             redis_url,
             redis_cluster,
         } = cfg::Cluster::validate(
@@ -406,6 +410,7 @@ impl RawConfig {
             admin_listen,
             node_id,
             nats_url,
+            nats_servers,
             redis_url,
             redis_cluster,
             prefix,

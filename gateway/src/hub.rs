@@ -15,6 +15,7 @@ use shared::store::Position;
 use shared::subjects::Subjects;
 use tokio_util::sync::CancellationToken;
 
+use crate::finals::RecentFinals;
 use crate::mux::{Deliver, Msg, Mux, Topic};
 use crate::outbox::{OfferError, Outbox};
 use tokio_util::task::TaskTracker;
@@ -160,6 +161,9 @@ pub struct Hub {
     wire: Wire,
     subjects: Subjects,
     state: Mutex<State>,
+    /// Requests whose final frame local connections got (see `finals`). Locked
+    /// after `state`, never before.
+    finals: Mutex<RecentFinals>,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -197,6 +201,7 @@ impl Hub {
             wire,
             subjects,
             state: Mutex::new(State::default()),
+            finals: Mutex::new(RecentFinals::default()),
             tasks,
             shutdown,
         })
@@ -458,6 +463,45 @@ impl Hub {
         }
     }
 
+    /// A worker's chat frame for `user`: a request's first final frame is delivered
+    /// and remembered, a repeated one dropped, and so are chunks arriving after the
+    /// final. Only users with local connections are remembered.
+    fn deliver_chat(&self, user: &str, request: &str, last: bool, payload: Bytes) -> bool {
+        let st = self.lock();
+        let Some(interest) = st.users.get(user) else {
+            return false;
+        };
+        {
+            let mut finals = self.finals.lock().unwrap_or_else(|e| e.into_inner());
+            let fresh = if last {
+                finals.first(request, std::time::Instant::now())
+            } else {
+                !finals.finished(request)
+            };
+            if !fresh {
+                let kind = if last { "final" } else { "chunk" };
+                metrics::counter!(shared::metrics::CHAT_FRAMES_DROPPED, "kind" => kind)
+                    .increment(1);
+                return false;
+            }
+        }
+        for id in &interest.conns {
+            if let Some(e) = st.conns.get(id) {
+                offer(&e.member, Outbound::Frame(payload.clone()));
+            }
+        }
+        true
+    }
+
+    /// A final frame from the `SB_CHAT_EVENTS` stream (see `finals`): delivered
+    /// unless the live copy was.
+    pub fn deliver_stored_final(&self, user: &str, request: &str, payload: Bytes) {
+        if self.deliver_chat(user, request, true, payload) {
+            // The live copy was lost: this is what the stream is for.
+            metrics::counter!(shared::metrics::CHAT_FINALS_FROM_STREAM).increment(1);
+        }
+    }
+
     fn deliver_to_channel(&self, channel: &Arc<str>, msg: Msg) {
         let h = msg.headers;
         let item = match h.offset {
@@ -580,10 +624,15 @@ impl Hub {
 impl Deliver for Hub {
     fn deliver(&self, topic: &Topic, msg: Msg) {
         match topic {
-            Topic::User(user) => match msg.headers.channel.clone() {
-                Some(ch) => self.deliver_to_channel(&ch, msg),
-                None => self.deliver_to_user(user, msg.payload),
-            },
+            Topic::User(user) => {
+                if let Some(ch) = msg.headers.channel.clone() {
+                    self.deliver_to_channel(&ch, msg);
+                } else if let Some(request) = msg.headers.request.clone() {
+                    self.deliver_chat(user, &request, msg.headers.last, msg.payload);
+                } else {
+                    self.deliver_to_user(user, msg.payload);
+                }
+            }
             Topic::Channel(ch) => self.deliver_to_channel(ch, msg),
         }
     }

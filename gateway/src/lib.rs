@@ -11,6 +11,7 @@ pub mod conn;
 pub mod credentials;
 pub mod drain;
 pub mod error;
+pub mod finals;
 pub mod hub;
 pub mod limits;
 pub mod mux;
@@ -56,8 +57,6 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("SB_NATS_URL: {0}")]
     Nats(#[from] async_nats::ConnectError),
-    #[error("{0}")]
-    Mux(#[from] mux::MuxError),
 }
 
 /// The two ports a gateway serves.
@@ -90,13 +89,13 @@ pub async fn run(
         .request_timeout(Some(config.user_context_timeout))
         .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
         .client_capacity(NATS_CLIENT_CAPACITY)
-        .connect(config.nats_url.as_str())
+        .connect(config.nats_servers.clone())
         .await?;
     let drain_window = config.drain;
     tracing::info!(config = %config.summary(), "gateway starting");
     metrics::gauge!(shared::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
-    let wire = match mux::parse_servers(&config.nats_url)? {
+    let wire = match mux::servers_from(&config.nats_servers) {
         Some(servers) => Wire::Mux(Mux::new(
             servers,
             format!("gateway-{}-subs", config.node_id),

@@ -38,8 +38,6 @@ pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 /// A protocol line longer than this is a broken server or stream (subjects are
 /// short; nats-server's own limit is 4 KiB).
 pub const MAX_CONTROL_LINE: usize = 16 * 1024;
-/// NATS's registered port, used when a URL names none.
-pub const DEFAULT_PORT: u16 = 4222;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 * 1024;
 
@@ -59,6 +57,10 @@ pub struct Headers {
     pub from: Option<Arc<str>>,
     pub skip_sender: bool,
     pub channel: Option<Arc<str>>,
+    /// The chat request a worker's frame belongs to (`Sb-Request`).
+    pub request: Option<Arc<str>>,
+    /// The request's final frame (`Sb-Final`).
+    pub last: bool,
 }
 
 /// One message for the hub.
@@ -75,8 +77,6 @@ pub trait Deliver: Send + Sync + 'static {
 
 #[derive(Debug, thiserror::Error)]
 pub enum MuxError {
-    #[error("SB_NATS_URL: {0}")]
-    Url(String),
     #[error("NATS connection: {0}")]
     Io(#[from] std::io::Error),
     #[error("NATS refused the connection: {0}")]
@@ -99,65 +99,34 @@ pub struct Server {
     pub token: Option<String>,
 }
 
-/// Parses a comma-separated `nats://[user:pass@|token@]host[:port]` list. Other
-/// schemes (tls, ws) are not spoken here: `None` tells the caller to keep async-nats
-/// subscriptions for them.
-pub fn parse_servers(urls: &str) -> Result<Option<Vec<Server>>, MuxError> {
-    let mut out = Vec::new();
-    for raw in urls.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-        let rest = match raw.split_once("://") {
-            Some(("nats", rest)) => rest,
-            Some(_) => return Ok(None),
-            None => raw,
-        };
-        let rest = rest.trim_end_matches('/');
-        let (auth, hostport) = match rest.rsplit_once('@') {
-            Some((a, h)) => (Some(a), h),
-            None => (None, rest),
-        };
-        // `[v6]:port`, `[v6]`, `host:port` or `host`.
-        let (host, port) = match hostport.strip_prefix('[') {
-            Some(v6) => match v6.split_once(']') {
-                Some((h, "")) => (h, None),
-                Some((h, p)) => match p.strip_prefix(':') {
-                    Some(p) => (h, Some(p)),
-                    None => return Err(MuxError::Url(format!("bad address in {raw:?}"))),
-                },
-                None => return Err(MuxError::Url(format!("bad address in {raw:?}"))),
-            },
-            None => match hostport.split_once(':') {
-                Some((h, p)) => (h, Some(p)),
-                None => (hostport, None),
-            },
-        };
-        let port = match port {
-            Some(p) => p
-                .parse()
-                .map_err(|_| MuxError::Url(format!("bad port in {raw:?}")))?,
-            None => DEFAULT_PORT,
-        };
-        if host.is_empty() {
-            return Err(MuxError::Url(format!("no host in {raw:?}")));
-        }
-        let (user, pass, token) = match auth {
-            Some(a) => match a.split_once(':') {
-                Some((u, p)) => (Some(u.to_owned()), Some(p.to_owned()), None),
-                None => (None, None, Some(a.to_owned())),
-            },
-            None => (None, None, None),
-        };
-        out.push(Server {
-            host: host.to_owned(),
-            port,
-            user,
-            pass,
-            token,
-        });
+/// The multiplexer's servers from `SB_NATS_URL` as parsed once by
+/// `shared::config::parse_nats_servers`, in order: the whole list, so the
+/// subscription connection fails over between the servers of a NATS cluster like the
+/// async-nats client does. A user without password is a token. Other schemes (tls,
+/// ws) are not spoken here: `None` tells the caller to keep async-nats subscriptions
+/// for them.
+pub fn servers_from(addrs: &[async_nats::ServerAddr]) -> Option<Vec<Server>> {
+    if addrs.is_empty() || addrs.iter().any(|a| a.scheme() != "nats") {
+        return None;
     }
-    if out.is_empty() {
-        return Err(MuxError::Url("no server".into()));
-    }
-    Ok(Some(out))
+    let servers = addrs
+        .iter()
+        .map(|a| {
+            let (user, pass, token) = match (a.username(), a.password()) {
+                (Some(u), Some(p)) => (Some(u.to_owned()), Some(p.to_owned()), None),
+                (Some(t), None) => (None, None, Some(t.to_owned())),
+                _ => (None, None, None),
+            };
+            Server {
+                host: a.host().to_owned(),
+                port: a.port(),
+                user,
+                pass,
+                token,
+            }
+        })
+        .collect();
+    Some(servers)
 }
 
 struct Sub {
@@ -258,7 +227,9 @@ impl Mux {
     /// Keeps the connection up (reconnecting with backoff) until `stop`.
     pub async fn run(self: Arc<Self>, sink: Arc<dyn Deliver>, stop: CancellationToken) {
         let mut failures: u32 = 0;
-        let mut next = 0usize;
+        // Start at a random server of the list so the nodes of a NATS cluster share
+        // the gateways' subscription connections; then round robin on failures.
+        let mut next = rand::random::<u32>() as usize;
         loop {
             let server = &self.servers[next % self.servers.len()];
             next += 1;
@@ -605,6 +576,7 @@ pub fn parse_headers(block: &[u8]) -> Headers {
     use crate::hub::{
         HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
     };
+    use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
     let mut h = Headers::default();
     let text = String::from_utf8_lossy(block);
     for line in text.split("\r\n").skip(1) {
@@ -624,6 +596,10 @@ pub fn parse_headers(block: &[u8]) -> Headers {
             h.skip_sender = true;
         } else if name.eq_ignore_ascii_case(HEADER_CHANNEL) {
             h.channel = Some(value.into());
+        } else if name.eq_ignore_ascii_case(HEADER_REQUEST) {
+            h.request = Some(value.into());
+        } else if name.eq_ignore_ascii_case(HEADER_FINAL) {
+            h.last = true;
         }
     }
     h
@@ -634,6 +610,7 @@ pub fn headers_of(msg: &async_nats::Message) -> Headers {
     use crate::hub::{
         HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
     };
+    use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
     let Some(map) = msg.headers.as_ref() else {
         return Headers::default();
     };
@@ -645,6 +622,8 @@ pub fn headers_of(msg: &async_nats::Message) -> Headers {
         from: get(HEADER_FROM).map(Into::into),
         skip_sender: get(HEADER_SKIP_SENDER).is_some(),
         channel: get(HEADER_CHANNEL).map(Into::into),
+        request: get(HEADER_REQUEST).map(Into::into),
+        last: get(HEADER_FINAL).is_some(),
     }
 }
 
@@ -737,10 +716,12 @@ HMSG sb.user.u 9 47 49\r\nNATS/1.0\r\nSb-Offset: 42\r\nSb-Channel: team:x\r\n\r\
     }
 
     #[test]
-    fn parses_server_lists() {
-        let s = parse_servers("nats://u:p@127.0.0.1:4223, nats://tok@h ,h2:5")
-            .unwrap()
-            .unwrap();
+    fn takes_every_server_of_the_list() {
+        let parse = |s: &str| shared::config::parse_nats_servers(s).unwrap();
+        let s = servers_from(&parse(
+            "nats://u:p@127.0.0.1:4223, nats://tok@h ,nats://h2:5",
+        ))
+        .unwrap();
         assert_eq!(s.len(), 3);
         assert_eq!((s[0].host.as_str(), s[0].port), ("127.0.0.1", 4223));
         assert_eq!(
@@ -750,10 +731,10 @@ HMSG sb.user.u 9 47 49\r\nNATS/1.0\r\nSb-Offset: 42\r\nSb-Channel: team:x\r\n\r\
         assert_eq!((s[1].host.as_str(), s[1].port), ("h", 4222));
         assert_eq!(s[1].token.as_deref(), Some("tok"));
         assert_eq!((s[2].host.as_str(), s[2].port), ("h2", 5));
-        let v6 = parse_servers("nats://[::1]:4222").unwrap().unwrap();
+        let v6 = servers_from(&parse("nats://[::1]:4222")).unwrap();
         assert_eq!((v6[0].host.as_str(), v6[0].port), ("::1", 4222));
-        assert!(parse_servers("tls://h:4222").unwrap().is_none());
-        assert!(parse_servers("nats://h:x").is_err());
-        assert!(parse_servers(" , ").is_err());
+        assert!(servers_from(&parse("tls://h:4222")).is_none());
+        assert!(servers_from(&parse("nats://a:1,tls://h:4222")).is_none());
+        assert!(servers_from(&[]).is_none());
     }
 }

@@ -308,6 +308,9 @@ impl Node {
         let node = self.clone();
         self.background
             .spawn(async move { node.revocation_notice_loop().await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { crate::finals::follow_loop(&node).await });
     }
 
     /// Reads the whole revocation list every [`revocations::SYNC_INTERVAL`]: what a
@@ -493,7 +496,8 @@ impl Node {
         }
     }
 
-    /// Keeps this node's presence entries alive; a dead node's expire.
+    /// Keeps this node's presence entries alive; a dead node's expire, and the sweep
+    /// after each refresh announces their users' `leave`.
     async fn presence_loop(&self) {
         let period = self.config.channels.presence_ttl / 3;
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -522,6 +526,12 @@ impl Node {
                 metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "presence").increment(1);
                 tracing::warn!(error = %e, "presence refresh failed");
             }
+            // Users of dead nodes leave the channels this node has subscribers in
+            // (nobody else needs to hear it).
+            let mut channels: Vec<_> = entries.into_iter().map(|(c, _, _)| c).collect();
+            channels.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+            channels.dedup();
+            crate::channels::sweep_presence(self, &channels).await;
         }
     }
 

@@ -243,7 +243,10 @@ fn clap_error<T: clap::CommandFactory>(e: clap::Error) -> ConfigError {
 pub struct Cluster {
     pub node_id: String,
     pub prefix: String,
+    /// `SB_NATS_URL` as given (for logs and the config summary).
     pub nats_url: String,
+    /// `SB_NATS_URL` parsed once: every server of the list, in order.
+    pub nats_servers: Vec<async_nats::ServerAddr>,
     pub redis_url: String,
     /// `SB_REDIS_CLUSTER`: `redis_url` lists seed nodes of a Redis Cluster.
     pub redis_cluster: bool,
@@ -268,9 +271,7 @@ impl Cluster {
         let prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
         validate_token("SB_PREFIX", &prefix)?;
         let nats_url = nats_url.unwrap_or(DEFAULT_NATS_URL).to_owned();
-        for url in nats_url.split(',') {
-            validate_url("SB_NATS_URL", url.trim(), &["nats", "tls", "ws", "wss"])?;
-        }
+        let nats_servers = parse_nats_servers(&nats_url)?;
         let redis_url = redis_url.unwrap_or(DEFAULT_REDIS_URL).to_owned();
         let redis_cluster = redis_cluster.unwrap_or(false);
         let seeds = parse_list(&redis_url);
@@ -295,6 +296,7 @@ impl Cluster {
             node_id,
             prefix,
             nats_url,
+            nats_servers,
             redis_url,
             redis_cluster,
         })
@@ -308,6 +310,34 @@ pub fn redis_target(redis_url: &str, cluster: bool) -> crate::store::Target {
     } else {
         crate::store::Target::Single(redis_url.trim().to_owned())
     }
+}
+
+/// Schemes async-nats speaks; the gateway's own subscription connection speaks only
+/// `nats` and falls back to async-nats for the others.
+pub const NATS_SCHEMES: &[&str] = &["nats", "tls", "ws", "wss"];
+
+/// Parses `SB_NATS_URL`: one URL or a comma-separated list of them (the seed servers
+/// of a NATS cluster; clients fail over between them and learn the rest from the
+/// servers). async-nats takes a list only as separate addresses: handed the whole
+/// string it refuses the start with "invalid port number".
+pub fn parse_nats_servers(s: &str) -> Result<Vec<async_nats::ServerAddr>, ConfigError> {
+    const KEY: &str = "SB_NATS_URL";
+    let urls = parse_list(s);
+    if urls.is_empty() {
+        return Err(ConfigError::invalid(KEY, "no server given"));
+    }
+    urls.iter()
+        .map(|url| {
+            validate_url(KEY, url, NATS_SCHEMES)?;
+            let addr: async_nats::ServerAddr = url
+                .parse()
+                .map_err(|e| ConfigError::invalid(KEY, format!("{url:?}: {e}")))?;
+            if addr.host().is_empty() {
+                return Err(ConfigError::invalid(KEY, format!("{url:?} names no host")));
+            }
+            Ok(addr)
+        })
+        .collect()
 }
 
 /// Splits a comma-separated list, trimming blanks (PROTOCOL.md section 6).
@@ -459,5 +489,30 @@ mod tests {
         assert!(validate_token("SB_PREFIX", "a.b").is_err());
         assert!(validate_url("SB_NATS_URL", "nats://x:1", &["nats"]).is_ok());
         assert!(validate_url("SB_NATS_URL", "x:1", &["nats"]).is_err());
+    }
+
+    #[test]
+    fn nats_url_lists_parse_into_every_server() {
+        let s = parse_nats_servers("nats://a:4222, nats://u:p@b:4223,,tls://c").unwrap();
+        let hosts: Vec<_> = s.iter().map(|a| (a.host(), a.port())).collect();
+        assert_eq!(hosts, vec![("a", 4222), ("b", 4223), ("c", 4222)]);
+        assert_eq!((s[1].username(), s[1].password()), (Some("u"), Some("p")));
+        assert_eq!(
+            parse_nats_servers("nats://[::1]:4222").unwrap()[0].host(),
+            "::1"
+        );
+        for bad in [
+            "",
+            " , ",
+            "nats://a:4222,nats://b:x",
+            "http://a:4222",
+            "nats://a:4222,b:1",
+        ] {
+            let e = parse_nats_servers(bad).unwrap_err();
+            assert!(e.to_string().starts_with("SB_NATS_URL: "), "{bad:?}: {e}");
+        }
+        let c = Cluster::validate(None, None, Some("nats://a:1,nats://b:2"), None, None).unwrap();
+        assert_eq!(c.nats_servers.len(), 2);
+        assert_eq!(c.nats_url, "nats://a:1,nats://b:2");
     }
 }

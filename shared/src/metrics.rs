@@ -42,6 +42,13 @@ pub const GAP_REPAIRS: &str = "switchboard_gap_repairs_total";
 pub const EPOCH_RESTARTS: &str = "switchboard_epoch_restarts_total";
 /// Histogram: publish (stored in Redis) to arrival at a subscribing node, seconds.
 pub const FANOUT_SECONDS: &str = "switchboard_fanout_seconds";
+/// Counter by `kind` (final, chunk): a worker's chat frames dropped because local
+/// connections already got the request's final frame (a copy from the stream, a
+/// redelivered request, an echo, or a chunk arriving late).
+pub const CHAT_FRAMES_DROPPED: &str = "switchboard_chat_frames_dropped_total";
+/// Counter: final chat frames delivered from the `SB_CHAT_EVENTS` stream because the
+/// live copy never arrived (lost in a NATS outage or failover).
+pub const CHAT_FINALS_FROM_STREAM: &str = "switchboard_chat_finals_from_stream_total";
 /// Gauge: 1 while the node is draining.
 pub const DRAINING: &str = "switchboard_draining";
 
@@ -85,8 +92,14 @@ pub const WORKER_BACKEND_CALLS: &str = "switchboard_worker_backend_calls_total";
 pub const WORKER_BREAKER_STATE: &str = "switchboard_worker_breaker_state";
 /// Counter by `result` (fresh, cached, empty): user-context RPC replies.
 pub const WORKER_CONTEXT_REPLIES: &str = "switchboard_worker_user_context_replies_total";
-/// Counter by `op`: JetStream consumer failures (setup, pull, ack).
+/// Counter by `op`: JetStream consumer failures (setup, pull, ack, info).
 pub const WORKER_CONSUMER_ERRORS: &str = "switchboard_worker_consumer_errors_total";
+/// Gauge: chat requests waiting in `SB_CHAT` for a worker (the shared consumer's
+/// `num_pending`; the same cluster-wide value from every worker, take the max).
+pub const WORKER_CHAT_PENDING: &str = "switchboard_worker_chat_pending";
+/// Gauge: chat requests delivered to workers and not yet acked (the shared consumer's
+/// `num_ack_pending`; cluster-wide, take the max).
+pub const WORKER_CHAT_IN_FLIGHT: &str = "switchboard_worker_chat_in_flight";
 /// Gauge: 1 while the chat consumer is pulling.
 pub const WORKER_CONSUMER_UP: &str = "switchboard_worker_consumer_up";
 

@@ -3,6 +3,9 @@
 
 /// JetStream stream that holds chat requests as a work queue.
 pub const CHAT_STREAM: &str = "SB_CHAT";
+/// JetStream stream that keeps each chat request's final frame (`chat.complete` or
+/// `chat.error`) for a while, so gateways get it even when core NATS lost it.
+pub const CHAT_EVENTS_STREAM: &str = "SB_CHAT_EVENTS";
 /// Durable pull consumer shared by all workers.
 pub const CHAT_CONSUMER: &str = "workers";
 /// Queue group of workers answering RPCs.
@@ -31,6 +34,26 @@ impl Subjects {
     /// `sb.chat.requests`: JetStream work queue, gateway -> one worker.
     pub fn chat_requests(&self) -> String {
         format!("{}.chat.requests", self.prefix)
+    }
+
+    /// `sb.chat.events.<uid>`: JetStream (`SB_CHAT_EVENTS`), a request's final frame,
+    /// worker -> every gateway (an ordered consumer each).
+    pub fn chat_events(&self, user_id: &str) -> String {
+        format!("{}.chat.events.{user_id}", self.prefix)
+    }
+
+    /// `sb.chat.events.>`: every user's final frames (the stream's subject, and the
+    /// gateways' filter).
+    pub fn chat_events_all(&self) -> String {
+        format!("{}.chat.events.>", self.prefix)
+    }
+
+    /// The user id of a `sb.chat.events.<uid>` subject.
+    pub fn chat_events_user<'a>(&self, subject: &'a str) -> Option<&'a str> {
+        subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix(".chat.events.")
+            .filter(|u| !u.is_empty() && !u.contains('.'))
     }
 
     /// `sb.chat.cancel`: core, to every worker.
@@ -83,6 +106,11 @@ mod tests {
         assert_eq!(s.user("u1"), "sb.user.u1");
         assert_eq!(s.channel("team", "a"), "sb.ch.team.a");
         assert_eq!(s.ctl_disconnect(), "sb.ctl.disconnect");
+        assert_eq!(s.chat_events("u1"), "sb.chat.events.u1");
+        assert_eq!(s.chat_events_all(), "sb.chat.events.>");
+        assert_eq!(s.chat_events_user("sb.chat.events.u1"), Some("u1"));
+        assert_eq!(s.chat_events_user("sb.chat.events."), None);
+        assert_eq!(s.chat_events_user("sb.user.u1"), None);
         assert_eq!(Subjects::new("t1").user("x"), "t1.user.x");
     }
 }

@@ -5,9 +5,11 @@
 
 pub mod backend;
 pub mod llm;
+pub mod nats_cluster;
 pub mod redis_cluster;
 pub mod tokens;
 
+pub use nats_cluster::NatsCluster;
 pub use redis_cluster::{RedisCluster, TestRedis};
 
 use std::io::{Read, Write};

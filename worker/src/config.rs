@@ -272,7 +272,10 @@ pub struct FileLimits {
 pub struct Config {
     pub admin_listen: SocketAddr,
     pub node_id: String,
+    /// `SB_NATS_URL` as given, for the summary.
     pub nats_url: String,
+    /// Every server of `SB_NATS_URL`, parsed once (`shared::config::parse_nats_servers`).
+    pub nats_servers: Vec<async_nats::ServerAddr>,
     pub redis_url: String,
     pub redis_cluster: bool,
     pub prefix: String,
@@ -326,6 +329,7 @@ impl RawConfig {
             node_id,
             prefix,
             nats_url,
+            nats_servers,
             redis_url,
             redis_cluster,
         } = cfg::Cluster::validate(
@@ -375,6 +379,7 @@ impl RawConfig {
             admin_listen,
             node_id,
             nats_url,
+            nats_servers,
             redis_url,
             redis_cluster,
             prefix,

@@ -167,8 +167,16 @@ fn reap(r: Result<(), tokio::task::JoinError>) {
     }
 }
 
-/// Ensures the stream and the durable consumer (create-or-update).
+/// Ensures the streams and the durable consumer (create-or-update).
 async fn setup(worker: &Worker) -> Result<PullConsumer, String> {
+    // Final frames are stored there before a request is acked (see `reply`).
+    shared::bus::ensure_chat_events_stream(
+        &worker.js,
+        &worker.subjects,
+        worker.config.jetstream_replicas,
+    )
+    .await
+    .map_err(|e| e.to_string())?;
     let stream = shared::bus::ensure_chat_stream(
         &worker.js,
         &worker.subjects,

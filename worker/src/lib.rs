@@ -6,6 +6,7 @@
 
 pub mod attachments;
 pub mod backend;
+pub mod backlog;
 pub mod breaker;
 pub mod cancel;
 pub mod config;
@@ -156,7 +157,7 @@ pub async fn run(
         .ping_interval(NATS_PING_INTERVAL)
         .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
         .client_capacity(NATS_CLIENT_CAPACITY)
-        .connect(config.nats_url.as_str())
+        .connect(config.nats_servers.clone())
         .await?;
     let js = async_nats::jetstream::new(nats.clone());
     tracing::info!(config = %config.summary(), "worker starting");
@@ -199,6 +200,7 @@ pub async fn run(
     ));
     background.spawn(shared::telemetry::upkeep(metrics, stop.clone()));
     background.spawn(health_loop(worker.clone(), stop.clone()));
+    background.spawn(backlog::poll(worker.clone(), stop.clone()));
     background.spawn(cancel::listen(worker.clone(), stop.clone()));
     background.spawn(context::serve(worker.clone(), rpc_stop.clone()));
 

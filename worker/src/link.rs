@@ -3,8 +3,9 @@
 //! NATS delivers only to subscriptions that exist when a message reaches the server;
 //! after a NATS restart this worker flushes what it buffered at once, while each
 //! gateway re-subscribes its users up to a reconnect backoff later. The first copy of
-//! `chat.complete` can reach no gateway; the echo does. Clients treat a repeated
-//! `chat.complete` like any redelivery (PROTOCOL.md: `request_id` + `seq`).
+//! `chat.complete` can reach no gateway; the echo does. Since finals are also stored
+//! in the `SB_CHAT_EVENTS` stream (see `reply`), which every gateway follows, the echo
+//! is a second safety net; gateways deliver one final per request and drop the rest.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -80,8 +81,15 @@ impl Link {
         self.losses() != losses_at_start || nats.connection_state() != State::Connected
     }
 
-    /// Publishes `frame` again [`ECHO_DELAY`] after the link is (back) up.
-    pub fn echo(&self, nats: async_nats::Client, subject: String, frame: Bytes) {
+    /// Publishes `frame` (with its `headers`, which let gateways drop it when they
+    /// already delivered the final) again [`ECHO_DELAY`] after the link is (back) up.
+    pub fn echo(
+        &self,
+        nats: async_nats::Client,
+        subject: String,
+        headers: async_nats::HeaderMap,
+        frame: Bytes,
+    ) {
         let inner = self.inner.clone();
         if inner.pending.fetch_add(1, Ordering::AcqRel) >= MAX_ECHOES {
             inner.pending.fetch_sub(1, Ordering::AcqRel);
@@ -107,8 +115,11 @@ impl Link {
                 _ = inner.stop.cancelled() => return,
                 _ = tokio::time::sleep(ECHO_DELAY) => {}
             }
-            let sent =
-                tokio::time::timeout(ECHO_PUBLISH_TIMEOUT, nats.publish(subject, frame)).await;
+            let sent = tokio::time::timeout(
+                ECHO_PUBLISH_TIMEOUT,
+                nats.publish_with_headers(subject, headers, frame),
+            )
+            .await;
             let result = if matches!(sent, Ok(Ok(()))) {
                 "sent"
             } else {

@@ -7,16 +7,30 @@
 //! A redelivered request streams again from `seq` 0: clients drop chunks whose
 //! `request_id` + `seq` they already have, and take `chat.complete`'s content as the
 //! final text (a regenerated reply may differ from the chunks of the lost attempt).
-//! The last frame is sent again when the NATS link dropped during the reply (see
-//! `link`).
+//! The final frame (`chat.complete` or `chat.error`) also goes to JetStream
+//! (`SB_CHAT_EVENTS`, `sb.chat.events.<uid>`), and the request is acked only after
+//! JetStream stored it: core NATS loses frames published while a gateway is not
+//! subscribed (a NATS node dying, a restart), the stream does not, and every gateway
+//! reads it. Every frame carries the request id in a header (`Sb-Request`, the final
+//! one also `Sb-Final`), so gateways deliver one final per request and drop late
+//! chunks of a finished one. The last frame is also sent again on core NATS when the
+//! link dropped during the reply (see `link`); gateways drop that copy when the
+//! stream's came first.
 
 use std::time::Duration;
 
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage;
+use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
 use shared::protocol::{ErrorCode, ServerFrame, Usage};
 use tokio::time::Instant;
 
-use crate::PUBLISH_TIMEOUT;
 use crate::link::Link;
+use crate::{PUBLISH_TIMEOUT, Worker};
+
+/// JetStream must confirm a stored final frame within this time, else the request is
+/// nak'd and a later delivery publishes the final again (from history).
+pub const FINAL_STORE_TIMEOUT: Duration = shared::bus::JETSTREAM_TIMEOUT;
 
 /// Collects streamed text into chunks, at most one chunk per `interval` unless
 /// `max_chars` characters are waiting. Leading edge: text arriving after a quiet
@@ -82,15 +96,22 @@ pub enum PublishError {
     Nats(String),
     #[error("NATS publish did not complete within {0:?}")]
     Timeout(Duration),
+    #[error("JetStream did not store the final frame: {0}")]
+    Store(String),
 }
 
 /// Publishes one request's frames to its user.
 pub struct Reply {
     nats: async_nats::Client,
+    js: async_nats::jetstream::Context,
     link: Link,
     /// The link's loss count when the reply started.
     losses_at_start: u64,
     subject: String,
+    /// `sb.chat.events.<uid>`: where the final frame is stored.
+    events_subject: String,
+    subjects: shared::subjects::Subjects,
+    replicas: usize,
     session_id: String,
     request_id: String,
     next_seq: u64,
@@ -99,18 +120,16 @@ pub struct Reply {
 }
 
 impl Reply {
-    pub fn new(
-        nats: async_nats::Client,
-        link: Link,
-        subject: String,
-        session_id: &str,
-        request_id: &str,
-    ) -> Reply {
+    pub fn new(worker: &Worker, user_id: &str, session_id: &str, request_id: &str) -> Reply {
         Reply {
-            nats,
-            losses_at_start: link.losses(),
-            link,
-            subject,
+            nats: worker.nats.clone(),
+            js: worker.js.clone(),
+            losses_at_start: worker.link.losses(),
+            link: worker.link.clone(),
+            subject: worker.subjects.user(user_id),
+            events_subject: worker.subjects.chat_events(user_id),
+            subjects: worker.subjects.clone(),
+            replicas: worker.config.jetstream_replicas,
             session_id: session_id.to_owned(),
             request_id: request_id.to_owned(),
             next_seq: 0,
@@ -123,14 +142,20 @@ impl Reply {
         self.next_seq
     }
 
-    async fn publish(&self, frame: &ServerFrame) -> Result<(), PublishError> {
-        self.publish_bytes(frame.to_bytes()).await
+    fn headers(&self, last: bool) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        h.insert(HEADER_REQUEST, self.request_id.as_str());
+        if last {
+            h.insert(HEADER_FINAL, "1");
+        }
+        h
     }
 
-    async fn publish_bytes(&self, frame: bytes::Bytes) -> Result<(), PublishError> {
+    async fn publish(&self, frame: bytes::Bytes, last: bool) -> Result<(), PublishError> {
         match tokio::time::timeout(
             PUBLISH_TIMEOUT,
-            self.nats.publish(self.subject.clone(), frame),
+            self.nats
+                .publish_with_headers(self.subject.clone(), self.headers(last), frame),
         )
         .await
         {
@@ -140,15 +165,64 @@ impl Reply {
         }
     }
 
-    /// `chat.complete` or `chat.error`, echoed later when the link dropped meanwhile.
+    /// `chat.complete` or `chat.error`: live on core NATS (echoed later when the link
+    /// dropped meanwhile), and stored in JetStream for gateways that missed it.
     async fn publish_last(&self, frame: &ServerFrame) -> Result<(), PublishError> {
         let bytes = frame.to_bytes();
-        self.publish_bytes(bytes.clone()).await?;
-        if self.link.needs_echo(&self.nats, self.losses_at_start) {
-            self.link
-                .echo(self.nats.clone(), self.subject.clone(), bytes);
+        // The live copy may be lost in an outage; the stored one is what counts.
+        if let Err(e) = self.publish(bytes.clone(), true).await {
+            metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "final").increment(1);
+            tracing::debug!(error = %e, "final frame not published live");
         }
-        Ok(())
+        if self.link.needs_echo(&self.nats, self.losses_at_start) {
+            self.link.echo(
+                self.nats.clone(),
+                self.subject.clone(),
+                self.headers(true),
+                bytes.clone(),
+            );
+        }
+        self.store_final(bytes).await
+    }
+
+    /// Stores the final frame in `SB_CHAT_EVENTS` (de-duplicated by request id) and
+    /// waits for JetStream's ack. A missing stream (JetStream lost its store) is
+    /// created again once.
+    async fn store_final(&self, frame: bytes::Bytes) -> Result<(), PublishError> {
+        let mut result = self.try_store_final(frame.clone()).await;
+        if result.is_err()
+            && shared::bus::ensure_chat_events_stream(&self.js, &self.subjects, self.replicas)
+                .await
+                .is_ok()
+        {
+            result = self.try_store_final(frame).await;
+        }
+        if let Err(e) = &result {
+            metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "final_store").increment(1);
+            tracing::warn!(error = %e, request_id = %self.request_id, "final frame not stored");
+        }
+        result
+    }
+
+    async fn try_store_final(&self, frame: bytes::Bytes) -> Result<(), PublishError> {
+        let msg = PublishMessage::build()
+            .payload(frame)
+            .headers(self.headers(true))
+            .message_id(&self.request_id);
+        let stored = tokio::time::timeout(FINAL_STORE_TIMEOUT, async {
+            let ack = self
+                .js
+                .send_publish(self.events_subject.clone(), msg)
+                .await
+                .map_err(|e| e.to_string())?;
+            ack.await.map_err(|e| e.to_string())
+        })
+        .await;
+        match stored {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => Err(PublishError::Store(e)),
+            Err(_) => Err(PublishError::Timeout(FINAL_STORE_TIMEOUT)),
+        }
     }
 
     /// A `chat.chunk`. A lost chunk is not fatal (`chat.complete` carries the whole
@@ -164,7 +238,7 @@ impl Reply {
         self.next_seq += 1;
         self.sent_chars += chars;
         metrics::counter!(shared::metrics::WORKER_CHUNKS).increment(1);
-        if let Err(e) = self.publish(&frame).await {
+        if let Err(e) = self.publish(frame.to_bytes(), false).await {
             metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "chunk").increment(1);
             tracing::debug!(error = %e, "chunk not published");
         }

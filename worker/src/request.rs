@@ -100,13 +100,7 @@ enum End {
 /// the request is then given back (nak) for another worker.
 pub async fn handle(worker: &Worker, job: &Job, abandon: &CancellationToken) -> Outcome {
     let req = &job.request;
-    let mut reply = Reply::new(
-        worker.nats.clone(),
-        worker.link.clone(),
-        worker.subjects.user(&req.user_id),
-        &req.session_id,
-        &req.request_id,
-    );
+    let mut reply = Reply::new(worker, &req.user_id, &req.session_id, &req.request_id);
     if job.delivered > worker.config.max_deliver {
         let e = UserError::exhausted(worker.config.max_deliver);
         tracing::warn!(request_id = %req.request_id, deliveries = job.delivered, "giving up on a chat request");

@@ -463,6 +463,7 @@ async fn presence_joins_leaves_and_expires_with_a_dead_node() {
         .env("SB_NODE_ID", "doomed")
         .env("SB_NATS_URL", deps.nats.url())
         .env("SB_REDIS_URL", deps.redis.url())
+        .env("SB_REDIS_CLUSTER", deps.redis.is_cluster().to_string())
         .env("SB_JWT_SECRET", tokens::TEST_SECRET)
         .env("SB_PRESENCE_TTL_SECS", "3")
         .env("SB_LOG", "warn")

@@ -70,6 +70,11 @@ pub fn base_config(deps: &Deps) -> RawConfig {
 pub async fn gateway(deps: &Deps, tweak: impl FnOnce(&mut RawConfig)) -> Gw {
     let mut raw = base_config(deps);
     tweak(&mut raw);
+    start_gateway(raw).await
+}
+
+/// Starts a gateway with exactly this configuration; waits until it is ready.
+pub async fn start_gateway(raw: RawConfig) -> Gw {
     let config = raw.validate().expect("valid config");
     let node_id = config.node_id.clone();
     let public = TcpListener::bind("127.0.0.1:0").await.unwrap();

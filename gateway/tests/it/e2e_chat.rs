@@ -243,3 +243,174 @@ async fn cancel_from_another_node_stops_the_stream() {
     })
     .await;
 }
+
+/// Core NATS loses what is published while a gateway is not subscribed: a reply that
+/// ends during a NATS restart has its `chat.complete` flushed by the worker before the
+/// gateway re-subscribed. The final frame also goes through the `SB_CHAT_EVENTS`
+/// stream, so a raw client (none of the JS client's de-duplication, no `history`
+/// read) still sees the reply complete, exactly once, although the worker's echo and
+/// the stream both deliver it again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reply_ending_during_a_nats_restart_completes_exactly_once_for_a_raw_client() {
+    let mut deps = Deps::start();
+    let llm = LlmStub::start().await;
+    // About 2 s of streaming: it ends while NATS is down.
+    let reply = Reply::numbered(40).token_delay(Duration::from_millis(50));
+    llm.set_default(Script::Reply(reply.clone()));
+    let backend = BackendStub::start().await;
+    let _w = worker(&deps, &llm, &backend).await;
+    let gw = gateway(&deps, |_| {}).await;
+    let (mut ws, _) = authed(&gw, "ola").await;
+    send_json(
+        &mut ws,
+        json!({"type": "chat.send", "message": "talk through the outage", "id": 1}),
+    )
+    .await;
+    let ack = next_matching(&mut ws, |f| f["type"] == "ack").await;
+    let rid = ack["request_id"].as_str().unwrap().to_owned();
+    let first = next_matching(&mut ws, |f| f["type"] == "chat.chunk").await;
+    assert_eq!(first["request_id"], rid.as_str());
+
+    deps.nats.stop();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let restarted = std::time::Instant::now();
+    deps.nats.start_again().unwrap();
+
+    let mut completes = Vec::new();
+    let mut chunks_after = 0;
+    // Long enough for the reconnects, the stream's consumer resuming, the worker's
+    // echo (3 s after its link is back) and a redelivery after the ack wait.
+    let until = tokio::time::Instant::now() + Duration::from_secs(15);
+    while let Ok(Some(Ok(m))) =
+        tokio::time::timeout_at(until, futures_util::StreamExt::next(&mut ws)).await
+    {
+        let tokio_tungstenite::tungstenite::Message::Text(t) = m else {
+            continue;
+        };
+        let f: Value = serde_json::from_str(&t).unwrap();
+        if f["request_id"] != rid.as_str() {
+            continue;
+        }
+        match f["type"].as_str() {
+            Some("chat.complete") => {
+                if completes.is_empty() {
+                    eprintln!(
+                        "chat.complete {:?} after NATS restarted",
+                        restarted.elapsed()
+                    );
+                }
+                completes.push(f);
+            }
+            Some("chat.chunk") if !completes.is_empty() => chunks_after += 1,
+            Some("chat.chunk") => {}
+            _ => panic!("unexpected {f}"),
+        }
+    }
+    assert_eq!(
+        completes.len(),
+        1,
+        "exactly one chat.complete: {completes:?}"
+    );
+    assert_eq!(completes[0]["content"], reply.text());
+    assert_eq!(chunks_after, 0, "no chunk after the final frame");
+    let m = gw.metrics().await;
+    eprintln!(
+        "{}",
+        m.lines()
+            .filter(|l| l.starts_with("switchboard_chat_"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+}
+
+/// The gateway's half of the stored finals, without a worker: a final frame found
+/// only in `SB_CHAT_EVENTS` (its live copy lost) reaches the user's connections, also
+/// after a NATS restart; a second copy of the same request's final, and chunks after
+/// it, are dropped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finals_stored_in_jetstream_reach_clients_once() {
+    let mut deps = Deps::start();
+    let gw = gateway(&deps, |_| {}).await;
+    let (mut ws, _) = authed(&gw, "fay").await;
+    let subjects = shared::subjects::Subjects::new("sb");
+    let final_frame = |rid: &str| {
+        json!({"type": "chat.complete", "session_id": "s", "request_id": rid, "content": "done"})
+            .to_string()
+    };
+    let headers = |rid: &str, last: bool| {
+        let mut h = async_nats::HeaderMap::new();
+        h.insert(shared::bus::HEADER_REQUEST, rid);
+        if last {
+            h.insert(shared::bus::HEADER_FINAL, "1");
+        }
+        h
+    };
+    let nats_url = deps.nats.url();
+    let store = |rid: String| {
+        let url = nats_url.clone();
+        let subjects = subjects.clone();
+        let body = final_frame(&rid);
+        let h = headers(&rid, true);
+        async move {
+            let nc = async_nats::connect(url).await.unwrap();
+            let js = async_nats::jetstream::new(nc);
+            js.publish_with_headers(subjects.chat_events("fay"), h, body.into())
+                .await
+                .unwrap()
+                .await
+                .unwrap();
+        }
+    };
+
+    // Only in the stream: delivered.
+    store("r1".into()).await;
+    let f = next_matching(&mut ws, |f| f["type"] == "chat.complete").await;
+    assert_eq!(f["request_id"], "r1");
+    // The live copy, late, and a chunk after the final: dropped. A marker frame
+    // without headers shows they would have arrived by now.
+    let nc = async_nats::connect(deps.nats.url()).await.unwrap();
+    nc.publish_with_headers("sb.user.fay", headers("r1", true), final_frame("r1").into())
+        .await
+        .unwrap();
+    let chunk = json!({"type": "chat.chunk", "session_id": "s", "request_id": "r1", "seq": 9, "content": "x"});
+    nc.publish_with_headers(
+        "sb.user.fay",
+        headers("r1", false),
+        chunk.to_string().into(),
+    )
+    .await
+    .unwrap();
+    let marker = json!({"type": "chat.error", "session_id": "s", "request_id": "marker", "code": "INTERNAL", "message": "m", "retryable": false});
+    nc.publish("sb.user.fay", marker.to_string().into())
+        .await
+        .unwrap();
+    nc.flush().await.unwrap();
+    let next = next_matching(&mut ws, |f| f["type"] != "pong").await;
+    assert_eq!(
+        next["request_id"], "marker",
+        "the repeats were dropped: {next}"
+    );
+
+    // After a NATS restart the gateway follows the stream again.
+    deps.nats.stop();
+    gw.wait_ready(false).await;
+    deps.nats.start_again().unwrap();
+    gw.wait_ready(true).await;
+    let restarted = std::time::Instant::now();
+    store("r2".into()).await;
+    let f = next_matching(&mut ws, |f| f["type"] == "chat.complete").await;
+    assert_eq!(f["request_id"], "r2");
+    eprintln!(
+        "stored final delivered {:?} after NATS was back",
+        restarted.elapsed()
+    );
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("switchboard_chat_finals_from_stream_total 2"),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"switchboard_chat_frames_dropped_total{kind="final"} 1"#),
+        "{m}"
+    );
+}

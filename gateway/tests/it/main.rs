@@ -15,6 +15,8 @@ mod e2e_chat;
 mod faults;
 mod hostile;
 mod limits;
+mod nats_cluster;
+mod presence_failover;
 mod proxy;
 mod redis_failover;
 mod shutdown;

@@ -15,6 +15,7 @@ use serde::Serialize;
 
 mod backend;
 mod channel;
+mod presence_sweep;
 
 pub use backend::{CONNECT_TIMEOUT, Conn, RECONNECT_MAX_DELAY, RESPONSE_TIMEOUT, Target};
 pub use channel::{ChannelHistory, ChannelSettings, Position, PresenceEntry};

@@ -130,6 +130,7 @@ impl Process {
                 ("SB_NODE_ID", unique("w")),
                 ("SB_NATS_URL", env.nats.url()),
                 ("SB_REDIS_URL", env.redis.url()),
+                ("SB_REDIS_CLUSTER", env.redis.is_cluster().to_string()),
                 ("SB_LLM_BASE_URL", env.llm.base_url()),
                 ("SB_ACK_WAIT_SECS", ACK_WAIT_SECS.to_string()),
                 ("SB_MAX_DELIVER", MAX_DELIVER.to_string()),

@@ -1,0 +1,250 @@
+//! One final frame per chat request, even across NATS outages.
+//!
+//! Workers publish a request's frames on core NATS (`sb.user.<uid>`) and store its
+//! final frame (`chat.complete` or `chat.error`) in the `SB_CHAT_EVENTS` stream too.
+//! Core NATS loses what is published while this node's subscription connection is
+//! away (a NATS node dying, a restart); the stream keeps it. Each gateway follows the
+//! stream with an ordered consumer that starts at "now" and, after any interruption,
+//! resumes after the last message it saw, so a final published while this node was
+//! cut off arrives once it is back.
+//!
+//! The same final can thus arrive twice (core and stream, or again from a redelivered
+//! request, or the worker's echo). [`RecentFinals`] remembers the requests whose final
+//! this node delivered, so local connections get exactly one, and chunks of a
+//! finished request arriving late are dropped.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use futures_util::StreamExt;
+
+use crate::node::Node;
+
+/// How long a delivered final is remembered: as long as the stream keeps finals, so a
+/// resuming consumer can never bring back one that was forgotten.
+pub const FINALS_MEMORY: Duration = shared::bus::CHAT_EVENTS_MAX_AGE;
+/// Finals remembered at most, whatever their age: 100k ids of 32 characters cost
+/// about 10 MB, and a node finishes far fewer requests for its users in ten minutes.
+pub const MAX_RECENT_FINALS: usize = 100_000;
+/// The ordered consumer's pull expiry: its idle heartbeat is half of it, and two
+/// missed heartbeats make it resume on a new consumer. Short, so finals stored while
+/// this node was cut off arrive within seconds of its link coming back.
+pub const EVENTS_PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// How often the follower looks at the NATS connection: after a reconnect it starts a
+/// new consumer at once rather than waiting for async-nats to notice missed
+/// heartbeats (its re-creation backs off to 10 s between attempts).
+pub const LINK_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// Retry backoff of the follower after errors (JetStream away, no stream yet).
+pub const FOLLOW_RETRY_MIN: Duration = Duration::from_millis(200);
+pub const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(5);
+
+/// Request ids whose final frame this node delivered, oldest first.
+#[derive(Default)]
+pub struct RecentFinals {
+    ids: HashMap<Arc<str>, Instant>,
+    order: VecDeque<(Instant, Arc<str>)>,
+}
+
+impl RecentFinals {
+    /// Records `request`'s final; `false` when it was delivered already.
+    pub fn first(&mut self, request: &str, now: Instant) -> bool {
+        self.expire(now);
+        if self.ids.contains_key(request) {
+            return false;
+        }
+        while self.order.len() >= MAX_RECENT_FINALS {
+            self.pop();
+        }
+        let id: Arc<str> = request.into();
+        self.ids.insert(id.clone(), now);
+        self.order.push_back((now, id));
+        true
+    }
+
+    /// Whether `request`'s final was delivered here.
+    pub fn finished(&self, request: &str) -> bool {
+        self.ids.contains_key(request)
+    }
+
+    pub fn len(&self) -> usize {
+        self.ids.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.ids.is_empty()
+    }
+
+    fn expire(&mut self, now: Instant) {
+        while self
+            .order
+            .front()
+            .is_some_and(|(t, _)| now.duration_since(*t) >= FINALS_MEMORY)
+        {
+            self.pop();
+        }
+    }
+
+    fn pop(&mut self) {
+        if let Some((_, id)) = self.order.pop_front() {
+            self.ids.remove(&id);
+        }
+    }
+}
+
+/// Why following the stream stopped (it is then started again).
+#[derive(Debug, thiserror::Error)]
+pub enum FollowError {
+    #[error("{0}")]
+    Bus(#[from] shared::bus::BusError),
+    #[error("creating the ordered consumer: {0}")]
+    Consumer(String),
+    #[error("reading the stream: {0}")]
+    Read(String),
+    #[error("JetStream did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("NATS reconnected")]
+    Reconnected,
+}
+
+/// Follows `SB_CHAT_EVENTS` until the node stops, handing each final to the hub.
+pub async fn follow_loop(node: &Node) {
+    // The last stream sequence handled; `None` until the stream was first seen, when
+    // following starts at its end ("now": older finals were delivered before this
+    // node existed).
+    let mut after: Option<u64> = None;
+    let mut failures: u32 = 0;
+    loop {
+        if failures > 0 {
+            let backoff = FOLLOW_RETRY_MIN
+                .saturating_mul(1 << failures.min(5))
+                .min(FOLLOW_RETRY_MAX);
+            tokio::select! {
+                _ = node.stop.cancelled() => return,
+                _ = tokio::time::sleep(backoff) => {}
+            }
+        }
+        let r = tokio::select! {
+            _ = node.stop.cancelled() => return,
+            r = follow(node, &mut after, &mut failures) => r,
+        };
+        match r {
+            Ok(()) => return,
+            // Not a failure: resume on a fresh consumer right away.
+            Err(FollowError::Reconnected) => {
+                tracing::debug!("NATS reconnected; following chat finals again");
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "chat_events").increment(1);
+                tracing::warn!(error = %e, "following chat finals failed; starting again");
+            }
+        }
+    }
+}
+
+async fn follow(
+    node: &Node,
+    after: &mut Option<u64>,
+    failures: &mut u32,
+) -> Result<(), FollowError> {
+    let timeout = shared::bus::JETSTREAM_TIMEOUT;
+    let stream = shared::bus::ensure_chat_events_stream(
+        &node.jetstream,
+        &node.subjects,
+        node.config.jetstream_replicas,
+    )
+    .await?;
+    let last = *after.get_or_insert(stream.cached_info().state.last_sequence);
+    let config = OrderedConfig {
+        filter_subject: node.subjects.chat_events_all(),
+        deliver_policy: DeliverPolicy::ByStartSequence {
+            start_sequence: last + 1,
+        },
+        max_expires: EVENTS_PULL_EXPIRES,
+        ..Default::default()
+    };
+    let consumer = tokio::time::timeout(timeout, stream.create_consumer(config))
+        .await
+        .map_err(|_| FollowError::Timeout(timeout))?
+        .map_err(|e| FollowError::Consumer(e.to_string()))?;
+    let mut messages = tokio::time::timeout(timeout, consumer.messages())
+        .await
+        .map_err(|_| FollowError::Timeout(timeout))?
+        .map_err(|e| FollowError::Consumer(e.to_string()))?;
+    *failures = 0;
+    let mut link = tokio::time::interval(LINK_CHECK_INTERVAL);
+    let mut was_down = false;
+    loop {
+        let msg = tokio::select! {
+            _ = node.stop.cancelled() => return Ok(()),
+            _ = link.tick() => {
+                let up = node.nats.connection_state() == async_nats::connection::State::Connected;
+                if !up {
+                    was_down = true;
+                } else if was_down {
+                    return Err(FollowError::Reconnected);
+                }
+                continue;
+            }
+            m = messages.next() => m,
+        };
+        let msg = match msg {
+            Some(Ok(m)) => m,
+            Some(Err(e)) => return Err(FollowError::Read(e.to_string())),
+            None => return Err(FollowError::Read("the consumer ended".into())),
+        };
+        let Ok(info) = msg.info() else {
+            continue;
+        };
+        // A consumer re-created before it delivered anything starts from the stream's
+        // beginning (async-nats); what this node already handled is skipped here.
+        let seq = info.stream_sequence;
+        if after.is_some_and(|a| seq <= a) {
+            continue;
+        }
+        *after = Some(seq);
+        let user = node.subjects.chat_events_user(&msg.subject);
+        let request = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(shared::bus::HEADER_REQUEST))
+            .map(|v| v.as_str().to_owned());
+        if let (Some(user), Some(request)) = (user, request) {
+            node.hub
+                .deliver_stored_final(user, &request, msg.payload.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_final_is_delivered_once_and_forgotten_after_the_stream_would_drop_it() {
+        let t = Instant::now();
+        let mut f = RecentFinals::default();
+        assert!(f.first("r1", t));
+        assert!(!f.first("r1", t + Duration::from_secs(1)));
+        assert!(f.finished("r1"));
+        assert!(!f.finished("r2"));
+        assert!(f.first("r2", t + Duration::from_secs(2)));
+        // After the memory, the stream no longer holds it either.
+        assert!(f.first("r1", t + FINALS_MEMORY + Duration::from_secs(1)));
+        assert_eq!(f.len(), 2);
+    }
+
+    #[test]
+    fn memory_is_bounded() {
+        let t = Instant::now();
+        let mut f = RecentFinals::default();
+        for i in 0..MAX_RECENT_FINALS + 10 {
+            assert!(f.first(&i.to_string(), t));
+        }
+        assert_eq!(f.len(), MAX_RECENT_FINALS);
+        assert!(!f.finished("0"), "the oldest went first");
+        assert!(f.finished(&(MAX_RECENT_FINALS + 9).to_string()));
+    }
+}
