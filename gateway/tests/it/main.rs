@@ -7,6 +7,7 @@ mod auth_matrix;
 mod autobahn;
 mod bench;
 mod budget;
+mod capacity;
 mod channels;
 mod chat;
 mod cluster;
