@@ -57,6 +57,8 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("SB_NATS_URL: {0}")]
     Nats(#[from] async_nats::ConnectError),
+    #[error("{0}")]
+    NatsSetup(#[from] shared::nats::NatsSetupError),
 }
 
 /// The two ports a gateway serves.
@@ -76,26 +78,37 @@ pub async fn run(
     shared::auth::install_crypto_provider();
     let metrics = shared::telemetry::metrics_handle();
     let validator = Validator::new(&config.jwt)?;
-    let store = SessionStore::open(
+    let store = SessionStore::open_tls(
         shared::config::redis_target(&config.redis_url, config.redis_cluster),
+        config.security.redis_tls_ca.clone(),
         Keys::new(&config.prefix),
     )?;
-    let nats = async_nats::ConnectOptions::new()
-        .name(format!("gateway-{}", config.node_id))
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(NATS_CONNECT_TIMEOUT)
-        .ping_interval(NATS_PING_INTERVAL)
-        .request_timeout(Some(config.user_context_timeout))
-        .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
-        .client_capacity(NATS_CLIENT_CAPACITY)
-        .connect(config.nats_servers.clone())
-        .await?;
+    let nats = shared::nats::connect_options(
+        format!("gateway-{}", config.node_id),
+        &config.nats_servers,
+        &config.security,
+    )
+    .await?
+    .retry_on_initial_connect()
+    .max_reconnects(None)
+    .connection_timeout(NATS_CONNECT_TIMEOUT)
+    .ping_interval(NATS_PING_INTERVAL)
+    .request_timeout(Some(config.user_context_timeout))
+    .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
+    .client_capacity(NATS_CLIENT_CAPACITY)
+    .connect(config.nats_servers.clone())
+    .await?;
     let drain_window = config.drain;
     tracing::info!(config = %config.summary(), "gateway starting");
     metrics::gauge!(shared::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
-    let wire = match mux::servers_from(&config.nats_servers) {
+    // The multiplexer speaks plain `nats://` with URL credentials; `.creds` (nkey
+    // signatures) and TLS stay with async-nats.
+    let mux_servers = match config.security.nats_creds {
+        Some(_) => None,
+        None => mux::servers_from(&config.nats_servers),
+    };
+    let wire = match mux_servers {
         Some(servers) => Wire::Mux(Mux::new(
             servers,
             format!("gateway-{}-subs", config.node_id),

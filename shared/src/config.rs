@@ -22,6 +22,9 @@ pub const KNOWN_ENV: &[&str] = &[
     "SB_NATS_URL",
     "SB_REDIS_URL",
     "SB_REDIS_CLUSTER",
+    "SB_REDIS_TLS_CA",
+    "SB_NATS_CREDS",
+    "SB_NATS_TLS_CA",
     "SB_PREFIX",
     "SB_LOG_FORMAT",
     "SB_LOG",
@@ -299,6 +302,63 @@ impl Cluster {
             nats_servers,
             redis_url,
             redis_cluster,
+        })
+    }
+}
+
+/// How a binary proves itself to NATS and Redis and whom it trusts there:
+/// `SB_NATS_CREDS` (a NATS `.creds` file: user JWT and nkey seed), `SB_NATS_TLS_CA`
+/// (PEM roots for `tls://` servers), `SB_REDIS_TLS_CA` (PEM roots for `rediss://`).
+/// User names, passwords and tokens travel in the URLs (`nats://user:pass@host`,
+/// `nats://token@host`, `redis://user:pass@host`).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Security {
+    pub nats_creds: Option<PathBuf>,
+    pub nats_tls_ca: Option<PathBuf>,
+    /// The PEM itself, read at start so a missing file is a config error.
+    pub redis_tls_ca: Option<Vec<u8>>,
+}
+
+impl Security {
+    pub fn validate(
+        nats_creds: Option<&Path>,
+        nats_tls_ca: Option<&Path>,
+        redis_tls_ca: Option<&Path>,
+    ) -> Result<Security, ConfigError> {
+        let read = |key: &str, p: &Path| {
+            std::fs::read(p).map_err(|e| ConfigError::invalid(key, format!("{}: {e}", p.display())))
+        };
+        let pem = |key: &str, p: &Path| -> Result<Vec<u8>, ConfigError> {
+            let bytes = read(key, p)?;
+            if !String::from_utf8_lossy(&bytes).contains("-----BEGIN CERTIFICATE-----") {
+                return Err(ConfigError::invalid(
+                    key,
+                    format!("{}: no PEM certificate in it", p.display()),
+                ));
+            }
+            Ok(bytes)
+        };
+        if let Some(p) = nats_creds {
+            let text = String::from_utf8_lossy(&read("SB_NATS_CREDS", p)?).into_owned();
+            if !text.contains("BEGIN NATS USER JWT") || !text.contains("BEGIN USER NKEY SEED") {
+                return Err(ConfigError::invalid(
+                    "SB_NATS_CREDS",
+                    format!(
+                        "{}: not a NATS .creds file (user JWT and nkey seed)",
+                        p.display()
+                    ),
+                ));
+            }
+        }
+        if let Some(p) = nats_tls_ca {
+            pem("SB_NATS_TLS_CA", p)?;
+        }
+        Ok(Security {
+            nats_creds: nats_creds.map(Path::to_path_buf),
+            nats_tls_ca: nats_tls_ca.map(Path::to_path_buf),
+            redis_tls_ca: redis_tls_ca
+                .map(|p| pem("SB_REDIS_TLS_CA", p))
+                .transpose()?,
         })
     }
 }

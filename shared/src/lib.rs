@@ -9,6 +9,7 @@ pub mod bus;
 pub mod config;
 pub mod keys;
 pub mod metrics;
+pub mod nats;
 pub mod protocol;
 pub mod service;
 pub mod store;

@@ -7,6 +7,7 @@ pub mod backend;
 pub mod llm;
 pub mod nats_cluster;
 pub mod redis_cluster;
+pub mod tls;
 pub mod tokens;
 
 pub use nats_cluster::NatsCluster;
@@ -101,6 +102,9 @@ pub struct Nats {
     child: Option<Child>,
     /// Once started, restarts keep the port (clients reconnect to it).
     started: bool,
+    /// A config file (`-c`) and the environment it reads (`$VAR`), for servers
+    /// with TLS and users.
+    config: Option<(PathBuf, Vec<(String, String)>)>,
 }
 
 impl Nats {
@@ -111,6 +115,30 @@ impl Nats {
             dir: tempfile::tempdir()?,
             child: None,
             started: false,
+            config: None,
+        };
+        n.spawn()?;
+        Ok(n)
+    }
+
+    /// A server reading `config` (nats-server.conf syntax; `$VAR`s from `env`) on top
+    /// of the usual flags (ports, JetStream store).
+    pub fn start_with_config(config: &str, env: &[(&str, &str)]) -> anyhow::Result<Nats> {
+        let dir = tempfile::tempdir()?;
+        let path = dir.path().join("nats.conf");
+        std::fs::write(&path, config)?;
+        let mut n = Nats {
+            port: free_port(),
+            monitor: free_port(),
+            dir,
+            child: None,
+            started: false,
+            config: Some((
+                path,
+                env.iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+            )),
         };
         n.spawn()?;
         Ok(n)
@@ -123,7 +151,13 @@ impl Nats {
     fn spawn(&mut self) -> anyhow::Result<()> {
         let bin = find_binary("nats-server")?;
         for _ in 0..START_ATTEMPTS {
-            let mut child = Command::new(&bin)
+            let mut cmd = Command::new(&bin);
+            if let Some((path, env)) = &self.config {
+                cmd.arg("-c")
+                    .arg(path)
+                    .envs(env.iter().map(|(k, v)| (k, v)));
+            }
+            let mut child = cmd
                 .args(["-a", "127.0.0.1", "-p", &self.port.to_string()])
                 .args(["-m", &self.monitor.to_string(), "-js", "-sd"])
                 .arg(self.dir.path())
@@ -339,7 +373,8 @@ fn redis_ping(addr: SocketAddr) -> bool {
         return false;
     }
     let mut buf = [0u8; 16];
-    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+    // A server whose default user is off (ACL tests) answers NOAUTH: it is up.
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG") || buf[..n].starts_with(b"-NOAUTH"))
 }
 
 impl Drop for Redis {

@@ -106,6 +106,15 @@ pub struct RawConfig {
     /// `SB_REDIS_URL` lists seed nodes of a Redis Cluster.
     #[arg(long, env = "SB_REDIS_CLUSTER")]
     pub redis_cluster: Option<bool>,
+    /// PEM roots trusted for `rediss://` servers.
+    #[arg(long, env = "SB_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<PathBuf>,
+    /// NATS `.creds` file (user JWT and nkey seed).
+    #[arg(long, env = "SB_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// PEM roots trusted for `tls://` NATS servers.
+    #[arg(long, env = "SB_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
     /// Prefix of NATS subjects and Redis keys.
     #[arg(long, env = "SB_PREFIX")]
     pub prefix: Option<String>,
@@ -278,6 +287,8 @@ pub struct Config {
     pub nats_servers: Vec<async_nats::ServerAddr>,
     pub redis_url: String,
     pub redis_cluster: bool,
+    /// NATS credentials and the CAs trusted for NATS and Redis TLS.
+    pub security: cfg::Security,
     pub prefix: String,
     pub log_format: LogFormat,
     pub llm: LlmSettings,
@@ -382,6 +393,11 @@ impl RawConfig {
             nats_servers,
             redis_url,
             redis_cluster,
+            security: cfg::Security::validate(
+                self.nats_creds.as_deref(),
+                self.nats_tls_ca.as_deref(),
+                self.redis_tls_ca.as_deref(),
+            )?,
             prefix,
             log_format: self.log_format.unwrap_or(LogFormat::Json),
             llm: self.llm()?,

@@ -61,6 +61,8 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("SB_NATS_URL: {0}")]
     Nats(#[from] async_nats::ConnectError),
+    #[error("{0}")]
+    NatsSetup(#[from] shared::nats::NatsSetupError),
     #[error("SB_LLM_BASE_URL: {0}")]
     Llm(#[from] llm::BuildError),
     #[error("SB_BACKEND_URL: {0}")]
@@ -137,28 +139,33 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let metrics = shared::telemetry::metrics_handle();
-    let store = SessionStore::open(
+    let store = SessionStore::open_tls(
         shared::config::redis_target(&config.redis_url, config.redis_cluster),
+        config.security.redis_tls_ca.clone(),
         Keys::new(&config.prefix),
     )?;
     let llm = LlmClient::new(&config.llm)?;
     let backend = BackendClient::new(&config.backend).map_err(StartError::Backend)?;
     let link = link::Link::default();
     let on_event = link.clone();
-    let nats = async_nats::ConnectOptions::new()
-        .name(format!("worker-{}", config.node_id))
-        .event_callback(move |event| {
-            on_event.on_event(&event);
-            async {}
-        })
-        .retry_on_initial_connect()
-        .max_reconnects(None)
-        .connection_timeout(NATS_CONNECT_TIMEOUT)
-        .ping_interval(NATS_PING_INTERVAL)
-        .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
-        .client_capacity(NATS_CLIENT_CAPACITY)
-        .connect(config.nats_servers.clone())
-        .await?;
+    let nats = shared::nats::connect_options(
+        format!("worker-{}", config.node_id),
+        &config.nats_servers,
+        &config.security,
+    )
+    .await?
+    .event_callback(move |event| {
+        on_event.on_event(&event);
+        async {}
+    })
+    .retry_on_initial_connect()
+    .max_reconnects(None)
+    .connection_timeout(NATS_CONNECT_TIMEOUT)
+    .ping_interval(NATS_PING_INTERVAL)
+    .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
+    .client_capacity(NATS_CLIENT_CAPACITY)
+    .connect(config.nats_servers.clone())
+    .await?;
     let js = async_nats::jetstream::new(nats.clone());
     tracing::info!(config = %config.summary(), "worker starting");
     if backend.is_none() {

@@ -20,4 +20,5 @@ mod nats_cluster;
 mod presence_failover;
 mod proxy;
 mod redis_failover;
+mod secured;
 mod shutdown;

@@ -81,7 +81,16 @@ impl ConnectionLike for Conn {
 /// Opens the connection once, on first use, and hands out clones.
 pub(crate) struct Backend {
     target: Target,
+    /// PEM roots for `rediss://` (`SB_REDIS_TLS_CA`); `None` trusts the system's.
+    tls_ca: Option<Vec<u8>>,
     conn: OnceCell<Conn>,
+}
+
+fn certs(ca: &[u8]) -> redis::TlsCertificates {
+    redis::TlsCertificates {
+        client_tls: None,
+        root_cert: Some(ca.to_vec()),
+    }
 }
 
 impl std::fmt::Debug for Backend {
@@ -97,19 +106,43 @@ impl std::fmt::Debug for Backend {
 
 impl Backend {
     /// Checks the URLs; does not connect.
-    pub(crate) fn new(target: Target) -> Result<Arc<Backend>, redis::RedisError> {
-        match &target {
+    pub(crate) fn new(
+        target: Target,
+        tls_ca: Option<Vec<u8>>,
+    ) -> Result<Arc<Backend>, redis::RedisError> {
+        let backend = Backend {
+            target,
+            tls_ca,
+            conn: OnceCell::new(),
+        };
+        match &backend.target {
             Target::Single(url) => {
-                redis::Client::open(url.as_str())?;
+                backend.client(url)?;
             }
             Target::Cluster(seeds) => {
-                ClusterClientBuilder::new(seeds.iter().map(String::as_str)).build()?;
+                backend.cluster_builder(seeds).build()?;
             }
         }
-        Ok(Arc::new(Backend {
-            target,
-            conn: OnceCell::new(),
-        }))
+        Ok(Arc::new(backend))
+    }
+
+    fn client(&self, url: &str) -> Result<redis::Client, redis::RedisError> {
+        match &self.tls_ca {
+            Some(ca) => redis::Client::build_with_tls(url, certs(ca)),
+            None => redis::Client::open(url),
+        }
+    }
+
+    fn cluster_builder(&self, seeds: &[String]) -> ClusterClientBuilder {
+        let b = ClusterClientBuilder::new(seeds.iter().map(String::as_str))
+            .connection_timeout(CONNECT_TIMEOUT)
+            .response_timeout(RESPONSE_TIMEOUT)
+            .retries(CLUSTER_RETRIES)
+            .max_retry_wait(RECONNECT_MAX_DELAY.as_millis() as u64);
+        match &self.tls_ca {
+            Some(ca) => b.certs(certs(ca)),
+            None => b,
+        }
     }
 
     pub(crate) fn is_cluster(&self) -> bool {
@@ -131,7 +164,7 @@ impl Backend {
                                 .set_response_timeout(Some(RESPONSE_TIMEOUT))
                                 .set_max_delay(RECONNECT_MAX_DELAY)
                                 .set_number_of_retries(usize::MAX);
-                            let client = redis::Client::open(url.as_str())?;
+                            let client = self.client(url)?;
                             ConnectionManager::new_with_config(client, config)
                                 .await
                                 .map(Conn::Single)

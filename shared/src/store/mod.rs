@@ -240,8 +240,17 @@ impl SessionStore {
 
     /// A single server or a Redis Cluster; does not connect.
     pub fn open(target: Target, keys: Keys) -> Result<SessionStore, redis::RedisError> {
+        SessionStore::open_tls(target, None, keys)
+    }
+
+    /// As [`SessionStore::open`], trusting `tls_ca` (PEM) for `rediss://` servers.
+    pub fn open_tls(
+        target: Target,
+        tls_ca: Option<Vec<u8>>,
+        keys: Keys,
+    ) -> Result<SessionStore, redis::RedisError> {
         Ok(SessionStore {
-            backend: Backend::new(target)?,
+            backend: Backend::new(target, tls_ca)?,
             keys,
             epochs: Arc::default(),
         })
