@@ -36,6 +36,14 @@ pub const EVENTS_PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// new consumer at once rather than waiting for async-nats to notice missed
 /// heartbeats (its re-creation backs off to 10 s between attempts).
 pub const LINK_CHECK_INTERVAL: Duration = Duration::from_millis(200);
+/// A final read from the stream waits this long before it is delivered: the live
+/// copy follows the request's last chunks on the subscription connection, while the
+/// stream's copy comes over another connection and can overtake them. Delivered
+/// first, it would end the stream on the client and make those chunks late.
+pub const STORED_FINAL_GRACE: Duration = Duration::from_secs(1);
+/// Stored finals waiting out their grace at most; past it they go at once (a node
+/// coming back from an outage with a backlog of finals).
+pub const MAX_WAITING_FINALS: usize = 10_000;
 /// Retry backoff of the follower after errors (JetStream away, no stream yet).
 pub const FOLLOW_RETRY_MIN: Duration = Duration::from_millis(200);
 pub const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(5);
@@ -115,6 +123,7 @@ pub async fn follow_loop(node: &Node) {
     // node existed).
     let mut after: Option<u64> = None;
     let mut failures: u32 = 0;
+    let mut waiting = Waiting::new();
     loop {
         if failures > 0 {
             let backoff = FOLLOW_RETRY_MIN
@@ -127,8 +136,12 @@ pub async fn follow_loop(node: &Node) {
         }
         let r = tokio::select! {
             _ = node.stop.cancelled() => return,
-            r = follow(node, &mut after, &mut failures) => r,
+            r = follow(node, &mut after, &mut failures, &mut waiting) => r,
         };
+        // Between consumers nothing is read: what waited goes now rather than later.
+        for (_, user, request, payload) in waiting.drain(..) {
+            node.hub.deliver_stored_final(&user, &request, payload);
+        }
         match r {
             Ok(()) => return,
             // Not a failure: resume on a fresh consumer right away.
@@ -144,10 +157,15 @@ pub async fn follow_loop(node: &Node) {
     }
 }
 
+/// Stored finals waiting out [`STORED_FINAL_GRACE`], oldest first: due time, user,
+/// request id, frame.
+type Waiting = VecDeque<(tokio::time::Instant, String, String, bytes::Bytes)>;
+
 async fn follow(
     node: &Node,
     after: &mut Option<u64>,
     failures: &mut u32,
+    waiting: &mut Waiting,
 ) -> Result<(), FollowError> {
     let timeout = shared::bus::JETSTREAM_TIMEOUT;
     let stream = shared::bus::ensure_chat_events_stream(
@@ -177,8 +195,15 @@ async fn follow(
     let mut link = tokio::time::interval(LINK_CHECK_INTERVAL);
     let mut was_down = false;
     loop {
+        let due = waiting.front().map(|w| w.0);
         let msg = tokio::select! {
             _ = node.stop.cancelled() => return Ok(()),
+            _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
+                if let Some((_, user, request, payload)) = waiting.pop_front() {
+                    node.hub.deliver_stored_final(&user, &request, payload);
+                }
+                continue;
+            }
             _ = link.tick() => {
                 let up = node.nats.connection_state() == async_nats::connection::State::Connected;
                 if !up {
@@ -212,8 +237,17 @@ async fn follow(
             .and_then(|h| h.get(shared::bus::HEADER_REQUEST))
             .map(|v| v.as_str().to_owned());
         if let (Some(user), Some(request)) = (user, request) {
-            node.hub
-                .deliver_stored_final(user, &request, msg.payload.clone());
+            if waiting.len() >= MAX_WAITING_FINALS
+                && let Some((_, u, r, p)) = waiting.pop_front()
+            {
+                node.hub.deliver_stored_final(&u, &r, p);
+            }
+            waiting.push_back((
+                tokio::time::Instant::now() + STORED_FINAL_GRACE,
+                user.to_owned(),
+                request,
+                msg.payload.clone(),
+            ));
         }
     }
 }
