@@ -6,6 +6,7 @@
 //! own JetStream store); readiness comes from each node's admin `/readyz` and from
 //! HAProxy's own view of its servers.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -456,6 +457,40 @@ backend gateways
     /// every other running node as current (see [`meta_leader`]).
     pub async fn nats_meta_leader(&self) -> Option<String> {
         meta_leader(&self.http, &self.nats_running()).await
+    }
+
+    /// The leader of every replicated stream and consumer (`<stream>` and
+    /// `<stream>/<consumer>`), as the first running NATS node answering reports it.
+    pub async fn nats_asset_leaders(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (_, m) in self.nats_running() {
+            let url = format!("http://127.0.0.1:{m}/jsz?accounts=true&streams=true&consumers=true");
+            let Ok(r) = self.http.get(url).send().await else {
+                continue;
+            };
+            let Ok(v) = r.json::<Value>().await else {
+                continue;
+            };
+            let streams = v["account_details"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten());
+            for s in streams {
+                let name = s["name"].as_str().unwrap_or_default();
+                if let Some(l) = s["cluster"]["leader"].as_str() {
+                    out.insert(name.to_owned(), l.to_owned());
+                }
+                for c in s["consumer_detail"].as_array().into_iter().flatten() {
+                    if let Some(l) = c["cluster"]["leader"].as_str() {
+                        let consumer = c["name"].as_str().unwrap_or_default();
+                        out.insert(format!("{name}/{consumer}"), l.to_owned());
+                    }
+                }
+            }
+            return out;
+        }
+        out
     }
 
     /// What [`Cluster::nats_meta_leader`] needs, to poll it from a task.

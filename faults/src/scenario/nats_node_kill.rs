@@ -28,8 +28,9 @@ use crate::stats::Summary;
 const SETTLE: Duration = Duration::from_secs(1);
 /// Every gateway's and worker's readyz is 200 again within this after the kill:
 /// async-nats and the mux reconnect to another node within their backoff (2 s at
-/// most) and JetStream re-elects the stream leaders in a few seconds.
-const READY_AGAIN: Duration = Duration::from_secs(15);
+/// most), and a worker's consumer whose leader died needs a new one, elected
+/// within nats-server's raft election timeout (4-9 s), slower on a loaded machine.
+const READY_AGAIN: Duration = Duration::from_secs(20);
 /// Channel and chat delivery pause at most this long across the kill: the same
 /// reconnects and elections as [`READY_AGAIN`], and below the client's 8 s silence
 /// after which it would read `history` (which this scenario counts as a loss).
@@ -40,6 +41,13 @@ const REJOIN: Duration = crate::cluster::NATS_ELECTION_LIMIT;
 /// Chats sent right after the kill, as a share of the streams in flight: enough
 /// to hit the election window from several gateways.
 const DURING_SHARE: usize = 2;
+/// A `chat.send` refused during the failover (`UNAVAILABLE`: no JetStream leader
+/// for the chat stream yet) is sent again this often, as an app would retry.
+const RETRY_EVERY: Duration = Duration::from_millis(500);
+/// Every refused chat is accepted within this after the kill: a stream whose leader
+/// died elects a new one within nats-server's raft election timeout (4-9 s) after
+/// its followers notice, slower on a loaded two-core machine.
+const ACCEPT_AGAIN: Duration = Duration::from_secs(20);
 /// How often every user's deliveries are sampled to find pauses.
 const SAMPLE_EVERY: Duration = Duration::from_millis(50);
 /// The meta leader's election after the kill is polled this often.
@@ -64,19 +72,37 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
             .collect();
         conns.insert(format!("n{i}"), ours);
     }
+    // Ties go to the node leading the most streams and consumers (their leaders
+    // must be elected again), then to the lowest index.
+    let leaders = ctx.cluster.nats_asset_leaders().await;
+    let led = |n: &str| leaders.values().filter(|l| *l == n).count();
     let victim = (0..ctx.cluster.nats_count())
-        .max_by_key(|i| (conns[&format!("n{i}")].len(), std::cmp::Reverse(*i)))
+        .max_by_key(|i| {
+            let n = format!("n{i}");
+            (conns[&n].len(), led(&n), std::cmp::Reverse(*i))
+        })
         .ok_or_else(|| anyhow!("no NATS node"))?;
     let victim_name = format!("n{victim}");
     let leader_before = ctx.cluster.nats_meta_leader().await;
     r.measure("nats_connections_before", &conns);
     r.measure("meta_leader_before", &leader_before);
+    r.measure("stream_leaders_before", &leaders);
+    let victim_led: Vec<&str> = leaders
+        .iter()
+        .filter(|(_, l)| **l == victim_name)
+        .map(|(a, _)| a.as_str())
+        .collect();
     r.injected = format!(
-        "kill -9 of NATS node {victim_name} of {} (holding {} of {} gateway/worker connections: {}; meta leader {}) with {} chat streams in flight, {} chats sent right after, {} channels publishing every {} ms",
+        "kill -9 of NATS node {victim_name} of {} (holding {} of {} gateway/worker connections: {}; leader of {}; meta leader {}) with {} chat streams in flight, {} chats sent right after, {} channels publishing every {} ms",
         ctx.cluster.nats_count(),
         conns[&victim_name].len(),
         conns.values().map(Vec::len).sum::<usize>(),
         conns[&victim_name].join(", "),
+        if victim_led.is_empty() {
+            "no stream or consumer".to_owned()
+        } else {
+            victim_led.join(", ")
+        },
         leader_before.as_deref().unwrap_or("none"),
         run.acked(),
         plan.streams / DURING_SHARE,
@@ -122,7 +148,37 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     let during_users: Vec<usize> = (chatters.len()
         ..(chatters.len() + plan.streams / DURING_SHARE).min(fleet.users.len()))
         .collect();
-    let during = fleet.start_chats(&during_users, "k").await;
+    let mut during = fleet.start_chats(&during_users, "k").await;
+    let first_refused = during.answers.len() - during.acked();
+    let first_answers = during.answers.clone();
+    let first_answer_ms = during.answer_summary();
+    // Refused chats are sent again (new sessions) until accepted, as apps do.
+    let mut attempts = 1u32;
+    let mut accepted_again = None;
+    loop {
+        let acked_users: Vec<usize> = during
+            .sessions
+            .iter()
+            .filter(|(_, s)| during.answers.get(s).is_some_and(|a| a == "ack"))
+            .map(|(i, _)| *i)
+            .collect();
+        let pending: Vec<usize> = during_users
+            .iter()
+            .copied()
+            .filter(|i| !acked_users.contains(i))
+            .collect();
+        if pending.is_empty() {
+            accepted_again = Some(t_kill.elapsed());
+            break;
+        }
+        if t_kill.elapsed() > ACCEPT_AGAIN {
+            break;
+        }
+        tokio::time::sleep(RETRY_EVERY).await;
+        attempts += 1;
+        let again = fleet.start_chats(&pending, &format!("k{attempts}")).await;
+        during.merge(again);
+    }
 
     let resolved = fleet.wait_chats(&run, plan.bounds.chat_resolve).await;
     let resolved_during = fleet.wait_chats(&during, plan.bounds.chat_resolve).await;
@@ -143,6 +199,10 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     let deliveries = sampler.stop();
     let latencies: Vec<f64> = fleet.take_latencies().into_iter().map(f64::from).collect();
     let elected = election.await.ok().flatten();
+    r.measure(
+        "stream_leaders_after",
+        ctx.cluster.nats_asset_leaders().await,
+    );
 
     // readyz: how long each node was not 200 after the kill (0 if never).
     let mut not_ready_ms = BTreeMap::new();
@@ -186,18 +246,39 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
         "during_resolved_after_kill_ms",
         resolved_during.map(|d| d.as_millis()),
     );
+    r.measure("during_first_answers", &first_answers);
     r.measure("during_answers", &during.answers);
     r.measure("during_answer_ms", during.answer_summary());
+    r.measure("during_attempts", attempts);
+    r.measure(
+        "chat_send_accepted_again_after_ms",
+        accepted_again.map(|d| d.as_millis()),
+    );
     check_chats(r, &fleet, &run, "streams acked before the kill").await;
     check_live(r, &fleet, &run, "streams acked before the kill");
     check_chats(r, &fleet, &during, "chats sent during the failover").await;
     check_live(r, &fleet, &during, "chats sent during the failover");
     let refused = during.answers.len() - during.acked();
+    let not_retryable = during
+        .answers
+        .values()
+        .filter(|a| *a != "ack" && *a != "error UNAVAILABLE")
+        .count();
+    r.check_zero(
+        "chat.send during the failover answered other than ack or UNAVAILABLE",
+        not_retryable as u64,
+    );
     r.check_max(
         "chat.send during the failover answered within",
         during.answer_summary().max,
         plan.bounds.answer_ms as f64,
         " ms",
+    );
+    r.check(
+        "chat.send refused during the failover accepted again (sent every 500 ms)",
+        format!("within {} s", ACCEPT_AGAIN.as_secs()),
+        accepted_again.map_or("never".into(), |d| format!("{} ms", d.as_millis())),
+        accepted_again.is_some(),
     );
 
     // Delivery pauses across the kill.
@@ -237,15 +318,20 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     let t = fleet.chat_tally(&run);
     let td = fleet.chat_tally(&during);
     r.headline(format!(
-        "{} of {} streams + {} of {} sent during live, {} from history, {} extra completes; {} refused; {} sockets closed",
+        "{} of {} streams + {} of {} sent during live, {} from history, {} extra completes; {} sockets closed",
         t.live,
         t.acked,
         td.live,
         td.acked,
         t.filled_reconnect + t.filled_stall + td.filled_reconnect + td.filled_stall,
         t.extra_completes + td.extra_completes,
-        refused,
         conn.server_close_count()
+    ));
+    r.headline(format!(
+        "chat.send after the kill: {first_refused} of {} refused UNAVAILABLE (max {:.0} ms), {refused} refusals in {attempts} attempts, all accepted after {}",
+        first_answers.len(),
+        first_answer_ms.max,
+        accepted_again.map_or("never".into(), |d| format!("{} ms", d.as_millis()))
     ));
     r.headline(format!(
         "readyz 200 again by {worst_not_ready:.0} ms; delivery pause max channel {:.0} ms, chat {:.0} ms; meta leader {}",
