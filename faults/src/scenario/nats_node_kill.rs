@@ -35,6 +35,11 @@ const READY_AGAIN: Duration = Duration::from_secs(20);
 /// reconnects and elections as [`READY_AGAIN`], and below the client's 8 s silence
 /// after which it would read `history` (which this scenario counts as a loss).
 const RESUME_BOUND: Duration = Duration::from_secs(8);
+/// A chat accepted during the failover starts streaming within this after the
+/// kill: when the killed node led the chat consumer, its new leader is elected in
+/// 4-9 s and the workers' pulls reach it only later (up to 14 s in all measured
+/// on a loaded two-core machine: see docs/faults.md, finding 5).
+const QUEUED_RESUME: Duration = Duration::from_secs(20);
 /// The killed node is back in the cluster (listening, and a current replica of the
 /// JetStream meta group) within this after it starts again.
 const REJOIN: Duration = crate::cluster::NATS_ELECTION_LIMIT;
@@ -282,16 +287,13 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     );
 
     // Delivery pauses across the kill.
-    let chat_users: Vec<usize> = chatters
-        .iter()
-        .chain(during_users.iter())
-        .copied()
-        .collect();
-    let pauses = deliveries.pauses(t_kill, &chat_users);
+    let pauses = deliveries.pauses(t_kill, &chatters);
     let ch_pause = Summary::of(&pauses.channel_ms);
     let chat_pause = Summary::of(&pauses.chat_ms);
+    let queued_pause = Summary::of(&deliveries.pauses(t_kill, &during_users).chat_ms);
     r.measure("channel_pause_ms", ch_pause);
     r.measure("chat_pause_ms", chat_pause);
+    r.measure("queued_chat_pause_ms", queued_pause);
     r.measure("latency_after_kill_ms", Summary::of(&latencies));
     r.check_max(
         "channel delivery resumed after the kill within (longest pause of a subscriber)",
@@ -300,9 +302,15 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
         " ms",
     );
     r.check_max(
-        "chat delivery resumed after the kill within (longest pause of a stream)",
+        "chat delivery resumed after the kill within (longest pause of a stream in flight)",
         chat_pause.max,
         RESUME_BOUND.as_millis() as f64,
+        " ms",
+    );
+    r.check_max(
+        "chats sent during the failover streaming within (longest wait for events)",
+        queued_pause.max,
+        QUEUED_RESUME.as_millis() as f64,
         " ms",
     );
 
@@ -334,9 +342,10 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
         accepted_again.map_or("never".into(), |d| format!("{} ms", d.as_millis()))
     ));
     r.headline(format!(
-        "readyz 200 again by {worst_not_ready:.0} ms; delivery pause max channel {:.0} ms, chat {:.0} ms; meta leader {}",
+        "readyz 200 again by {worst_not_ready:.0} ms; delivery pause max channel {:.0} ms, chat in flight {:.0} ms, chat sent during {:.0} ms; meta leader {}",
         ch_pause.max,
         chat_pause.max,
+        queued_pause.max,
         elected.as_ref().map_or("none".into(), |(l, d)| format!(
             "{l} after {} ms",
             d.as_millis()
@@ -385,7 +394,7 @@ fn check_live(r: &mut ScenarioReport, fleet: &Fleet, run: &crate::fleet::ChatRun
 /// Per user, every [`SAMPLE_EVERY`]: channel messages received and progress of its
 /// chats (chunks + completes + errors), to find how long delivery paused.
 struct Sampler {
-    samples: Arc<Mutex<Vec<(Instant, Vec<(u64, u64)>)>>>,
+    samples: Arc<Mutex<Vec<Row>>>,
     stop: CancellationToken,
 }
 
@@ -397,7 +406,10 @@ struct Pauses {
     chat_ms: Vec<f64>,
 }
 
-struct Deliveries(Vec<(Instant, Vec<(u64, u64)>)>);
+/// One sample: when, and per user (channel messages received, chat progress).
+type Row = (Instant, Vec<(u64, u64)>);
+
+struct Deliveries(Vec<Row>);
 
 impl Sampler {
     fn start(users: Vec<Arc<User>>) -> Sampler {
