@@ -1,7 +1,8 @@
 //! The whole cluster on loopback, as separate processes on free ports: NATS with
 //! JetStream (one server, or a three-node cluster with replicated streams for the
-//! scenarios that kill a node), Redis without persistence, three gateways behind HAProxy, two workers,
-//! the STUB `mock-llm` (behind the LLM tap) and the STUB `mock-backend`. Each piece
+//! scenarios that kill a node), Redis without persistence, three gateways behind
+//! HAProxy, two workers, the STUB `mock-llm` (behind the LLM tap) and the STUB
+//! `mock-backend`. Each piece
 //! can be crashed, stopped and started again on its own ports (and, for NATS, its
 //! own JetStream store); readiness comes from each node's admin `/readyz` and from
 //! HAProxy's own view of its servers.
