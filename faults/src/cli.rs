@@ -16,6 +16,9 @@ pub const SCENARIOS: &[&str] = &[
     "upstream-faults",
     "slow-client",
     "soak",
+    // Last: it runs on a cluster of its own (three NATS nodes), started once the
+    // single-NATS scenarios are done.
+    "nats-node-kill",
 ];
 
 #[derive(Debug, Clone, Parser)]
@@ -28,7 +31,8 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "ci")]
     pub size: Size,
     /// `all`, or scenario names separated by commas (gateway-kill, worker-kill,
-    /// nats-restart, redis-restart, rolling-restart, upstream-faults, slow-client, soak).
+    /// nats-restart, redis-restart, rolling-restart, upstream-faults, slow-client, soak,
+    /// nats-node-kill).
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Directory for report.json, report.md and the component logs.

@@ -1,10 +1,13 @@
 //! The whole cluster on loopback, as separate processes on free ports: NATS with
-//! JetStream, Redis without persistence, three gateways behind HAProxy, two workers,
-//! the STUB `mock-llm` (behind the LLM tap) and the STUB `mock-backend`. Each piece
+//! JetStream (one server, or a three-node cluster with replicated streams for the
+//! scenarios that kill a node), Redis without persistence, three gateways behind
+//! HAProxy, two workers, the STUB `mock-llm` (behind the LLM tap) and the STUB
+//! `mock-backend`. Each piece
 //! can be crashed, stopped and started again on its own ports (and, for NATS, its
 //! own JetStream store); readiness comes from each node's admin `/readyz` and from
 //! HAProxy's own view of its servers.
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -31,6 +34,14 @@ pub const CHECK_INTER_MS: u64 = 500;
 /// Failed checks before HAProxy takes a gateway out (and passing ones to put it back).
 pub const FALL: u32 = 2;
 pub const RISE: u32 = 2;
+/// NATS nodes in cluster mode: the smallest cluster that keeps a JetStream quorum
+/// with one node down.
+pub const NATS_CLUSTER_NODES: usize = 3;
+/// The cluster's name (nodes refuse routes from another cluster).
+const NATS_CLUSTER_NAME: &str = "sbfaults";
+/// A JetStream meta leader (elected and agreed on by every running node) within
+/// this at start: elections take seconds, more on a loaded two-core machine.
+pub const NATS_ELECTION_LIMIT: Duration = Duration::from_secs(45);
 
 /// Where the binaries are.
 #[derive(Debug, Clone)]
@@ -76,6 +87,16 @@ pub struct Settings {
     pub llm_first_token_ms: u64,
     pub llm_tokens_per_sec: f64,
     pub llm_reply_tokens: usize,
+    /// 1: one NATS server. [`NATS_CLUSTER_NODES`]: a routed JetStream cluster, and
+    /// gateways and workers given every node's URL and `SB_JETSTREAM_REPLICAS`.
+    pub nats_nodes: usize,
+}
+
+/// NATS node 1.. of a cluster (node 0 is `Cluster::nats`).
+pub struct NatsPeer {
+    pub proc: Proc,
+    pub port: u16,
+    monitor: u16,
 }
 
 /// A gateway or worker process with its ports.
@@ -94,6 +115,8 @@ pub struct Cluster {
     pub nats: Proc,
     pub nats_port: u16,
     nats_monitor: u16,
+    /// The other NATS nodes in cluster mode (empty with one server).
+    pub nats_peers: Vec<NatsPeer>,
     pub redis: Proc,
     pub redis_port: u16,
     pub gateways: Vec<Node>,
@@ -134,20 +157,59 @@ impl Cluster {
         let api_key = secret_hex(16);
 
         let (nats_port, nats_monitor) = (port(), port());
-        let js_dir = store.path().join("js");
-        let nats = Proc::start(
-            Spec::new("nats", system_binary("nats-server")?)
+        let nats_spec = |name: &str, port: u16, monitor: u16, dir: &str| -> Result<Spec> {
+            Ok(Spec::new(name, system_binary("nats-server")?)
                 .arg("-a")
                 .arg("127.0.0.1")
                 .arg("-p")
-                .arg(nats_port.to_string())
+                .arg(port.to_string())
                 .arg("-m")
-                .arg(nats_monitor.to_string())
+                .arg(monitor.to_string())
                 .arg("-js")
                 .arg("-sd")
-                .arg(js_dir.display().to_string()),
-            log_dir,
-        )?;
+                .arg(store.path().join(dir).display().to_string()))
+        };
+        let (nats, nats_peers) = if settings.nats_nodes > 1 {
+            // Every node lists every route (its own too, which nats-server skips) and
+            // has a server_name, which JetStream clustering needs.
+            let nodes: Vec<(u16, u16, u16)> = (0..settings.nats_nodes)
+                .map(|i| match i {
+                    0 => (nats_port, nats_monitor, port()),
+                    _ => (port(), port(), port()),
+                })
+                .collect();
+            let routes: Vec<String> = nodes
+                .iter()
+                .map(|(_, _, r)| format!("nats-route://127.0.0.1:{r}"))
+                .collect();
+            let mut procs = Vec::new();
+            for (i, &(p, m, r)) in nodes.iter().enumerate() {
+                let spec = nats_spec(&format!("nats-n{i}"), p, m, &format!("js-n{i}"))?
+                    .arg("--server_name")
+                    .arg(format!("n{i}"))
+                    .arg("--cluster_name")
+                    .arg(NATS_CLUSTER_NAME)
+                    .arg("--cluster")
+                    .arg(format!("nats://127.0.0.1:{r}"))
+                    .arg("--routes")
+                    .arg(routes.join(","));
+                procs.push(Proc::start(spec, log_dir)?);
+            }
+            let mut procs = procs.into_iter();
+            let first = procs.next().context("no NATS node")?;
+            let peers = procs
+                .zip(nodes.iter().skip(1))
+                .map(|(proc, &(port, monitor, _))| NatsPeer {
+                    proc,
+                    port,
+                    monitor,
+                })
+                .collect();
+            (first, peers)
+        } else {
+            let spec = nats_spec("nats", nats_port, nats_monitor, "js")?;
+            (Proc::start(spec, log_dir)?, Vec::new())
+        };
         let redis_port = port();
         let redis = Proc::start(
             Spec::new("redis", system_binary("redis-server")?)
@@ -193,6 +255,7 @@ impl Cluster {
             nats,
             nats_port,
             nats_monitor,
+            nats_peers,
             redis,
             redis_port,
             gateways: Vec::new(),
@@ -227,6 +290,7 @@ impl Cluster {
                 .env("SB_TRUSTED_PROXIES", "127.0.0.1/32")
                 .env("SB_PUBLIC_NAMESPACES", ROOM_NAMESPACE)
                 .env("SB_DRAIN_SECS", c.settings.drain_secs.to_string())
+                .env("SB_JETSTREAM_REPLICAS", c.nats_count().to_string())
                 .env("SB_LOG_FORMAT", "text")
                 .env("SB_LOG", "info");
             c.gateways.push(Node {
@@ -251,6 +315,7 @@ impl Cluster {
                     "SB_BREAKER_COOLDOWN_MS",
                     c.settings.breaker_cooldown_ms.to_string(),
                 )
+                .env("SB_JETSTREAM_REPLICAS", c.nats_count().to_string())
                 .env("SB_LOG_FORMAT", "text")
                 // The retry decisions (and their delays) are logged at debug.
                 .env("SB_LOG", "info,worker::llm=debug");
@@ -331,8 +396,107 @@ backend gateways
         )
     }
 
+    /// `SB_NATS_URL`: every node's client URL, comma-separated, in cluster mode.
     pub fn nats_url(&self) -> String {
-        format!("nats://127.0.0.1:{}", self.nats_port)
+        std::iter::once(self.nats_port)
+            .chain(self.nats_peers.iter().map(|p| p.port))
+            .map(|p| format!("nats://127.0.0.1:{p}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// NATS nodes (1, or [`NATS_CLUSTER_NODES`] in cluster mode).
+    pub fn nats_count(&self) -> usize {
+        1 + self.nats_peers.len()
+    }
+
+    /// NATS node `i` (0 is [`Cluster::nats`]).
+    pub fn nats_node(&mut self, i: usize) -> &mut Proc {
+        match i {
+            0 => &mut self.nats,
+            _ => &mut self.nats_peers[i - 1].proc,
+        }
+    }
+
+    /// `server_name` and monitor port of every NATS node not known to be down.
+    fn nats_running(&self) -> Vec<(String, u16)> {
+        std::iter::once((&self.nats, self.nats_monitor))
+            .chain(self.nats_peers.iter().map(|p| (&p.proc, p.monitor)))
+            .enumerate()
+            .filter(|(_, (p, _))| p.pid().is_some())
+            .map(|(i, (_, m))| (format!("n{i}"), m))
+            .collect()
+    }
+
+    /// Names of the client connections on NATS node `i` (gateways name theirs
+    /// `gateway-<id>` and `gateway-<id>-subs`, workers `worker-<id>`), from its
+    /// `/connz`; `None` when the node does not answer.
+    pub async fn nats_connections(&self, i: usize) -> Option<Vec<String>> {
+        let monitor = match i {
+            0 => self.nats_monitor,
+            _ => self.nats_peers.get(i - 1)?.monitor,
+        };
+        let v: Value = self
+            .http
+            .get(format!("http://127.0.0.1:{monitor}/connz?limit=4096"))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        Some(
+            v["connections"]
+                .as_array()?
+                .iter()
+                .map(|c| c["name"].as_str().unwrap_or_default().to_owned())
+                .collect(),
+        )
+    }
+
+    /// The JetStream meta leader every running NATS node agrees on, once it sees
+    /// every other running node as current (see [`meta_leader`]).
+    pub async fn nats_meta_leader(&self) -> Option<String> {
+        meta_leader(&self.http, &self.nats_running()).await
+    }
+
+    /// The leader of every replicated stream and consumer (`<stream>` and
+    /// `<stream>/<consumer>`), as the first running NATS node answering reports it.
+    pub async fn nats_asset_leaders(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        for (_, m) in self.nats_running() {
+            let url = format!("http://127.0.0.1:{m}/jsz?accounts=true&streams=true&consumers=true");
+            let Ok(r) = self.http.get(url).send().await else {
+                continue;
+            };
+            let Ok(v) = r.json::<Value>().await else {
+                continue;
+            };
+            let streams = v["account_details"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .flat_map(|a| a["stream_detail"].as_array().into_iter().flatten());
+            for s in streams {
+                let name = s["name"].as_str().unwrap_or_default();
+                if let Some(l) = s["cluster"]["leader"].as_str() {
+                    out.insert(name.to_owned(), l.to_owned());
+                }
+                for c in s["consumer_detail"].as_array().into_iter().flatten() {
+                    if let Some(l) = c["cluster"]["leader"].as_str() {
+                        let consumer = c["name"].as_str().unwrap_or_default();
+                        out.insert(format!("{name}/{consumer}"), l.to_owned());
+                    }
+                }
+            }
+            return out;
+        }
+        out
+    }
+
+    /// What [`Cluster::nats_meta_leader`] needs, to poll it from a task.
+    pub fn nats_meta_probe(&self) -> (reqwest::Client, Vec<(String, u16)>) {
+        (self.http.clone(), self.nats_running())
     }
 
     pub fn redis_url(&self) -> String {
@@ -457,20 +621,29 @@ backend gateways
         Ok(())
     }
 
+    /// Every running node healthy; in cluster mode also a JetStream meta leader
+    /// that all of them agree on (until then stream creation and publishes to
+    /// replicated streams fail with "JetStream system temporarily unavailable").
     async fn wait_nats(&self) -> Result<()> {
         let start = Instant::now();
-        let url = format!(
-            "http://127.0.0.1:{}/healthz?js-enabled-only=true",
-            self.nats_monitor
-        );
+        let running = self.nats_running();
+        let limit = if running.len() > 1 {
+            NATS_ELECTION_LIMIT
+        } else {
+            START_LIMIT
+        };
         loop {
-            if let Ok(r) = self.http.get(&url).send().await
-                && r.status().is_success()
-            {
+            let mut healthy = true;
+            for (_, m) in &running {
+                let url = format!("http://127.0.0.1:{m}/healthz?js-enabled-only=true");
+                healthy &=
+                    matches!(self.http.get(&url).send().await, Ok(r) if r.status().is_success());
+            }
+            if healthy && (self.nats_peers.is_empty() || self.nats_meta_leader().await.is_some()) {
                 return Ok(());
             }
-            if start.elapsed() > START_LIMIT {
-                bail!("nats-server not ready (see its log)");
+            if start.elapsed() > limit {
+                bail!("nats-server not ready within {limit:?} (see its log)");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -487,9 +660,19 @@ backend gateways
         Ok(())
     }
 
-    /// Starts NATS again with the same port and JetStream store.
+    /// Whether any NATS node is down.
+    pub fn nats_down(&mut self) -> bool {
+        (0..self.nats_count()).any(|i| !self.nats_node(i).alive())
+    }
+
+    /// Starts every NATS node that is down again with the same ports and JetStream
+    /// store, and waits until NATS is ready (in cluster mode: the node rejoined).
     pub async fn start_nats_again(&mut self) -> Result<()> {
-        self.nats.restart()?;
+        for i in 0..self.nats_count() {
+            if !self.nats_node(i).alive() {
+                self.nats_node(i).restart()?;
+            }
+        }
         self.wait_nats().await
     }
 
@@ -531,6 +714,9 @@ backend gateways
         let _ = self.llm.term(grace).await;
         let _ = self.backend.term(grace).await;
         let _ = self.nats.term(grace).await;
+        for p in &mut self.nats_peers {
+            let _ = p.proc.term(grace).await;
+        }
         let _ = self.redis.term(grace).await;
     }
 }
@@ -541,6 +727,42 @@ pub async fn readyz(http: &reqwest::Client, admin: u16) -> u16 {
         .await
         .map(|r| r.status().as_u16())
         .unwrap_or(0)
+}
+
+/// The JetStream meta leader's name if every node in `nodes` (`server_name`,
+/// monitor port) names the same one from its `/jsz`, that node is among them, and
+/// it sees every other one as a current replica.
+pub async fn meta_leader(http: &reqwest::Client, nodes: &[(String, u16)]) -> Option<String> {
+    let jsz = |m: u16| async move {
+        http.get(format!("http://127.0.0.1:{m}/jsz"))
+            .send()
+            .await
+            .ok()?
+            .json::<Value>()
+            .await
+            .ok()
+    };
+    let mut leader: Option<(String, Value)> = None;
+    for (_, m) in nodes {
+        let v = jsz(*m).await?;
+        let l = v["meta_cluster"]["leader"].as_str()?.to_owned();
+        if l.is_empty() || leader.as_ref().is_some_and(|(x, _)| *x != l) {
+            return None;
+        }
+        if nodes.iter().any(|(n, lm)| *n == l && lm == m) {
+            leader = Some((l, v));
+        } else if leader.is_none() {
+            leader = Some((l, Value::Null));
+        }
+    }
+    let (leader, v) = leader?;
+    let replicas = v["meta_cluster"]["replicas"].as_array()?;
+    let all_current = nodes.iter().filter(|(n, _)| *n != leader).all(|(n, _)| {
+        replicas
+            .iter()
+            .any(|r| r["name"].as_str() == Some(n.as_str()) && r["current"].as_bool() == Some(true))
+    });
+    all_current.then_some(leader)
 }
 
 /// Sums every series of `name` in Prometheus text.

@@ -17,6 +17,7 @@ pub mod scenario;
 pub mod stats;
 pub mod tap;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -53,19 +54,6 @@ pub async fn run(cli: Cli) -> Result<bool> {
     let bins = Bins {
         dir: cli.bin_dir.clone(),
     };
-    tracing::info!(size = ?plan.size, scenarios = ?names, report = %dir.display(), "starting the cluster");
-    let cluster = Cluster::start(&bins, &logs, plan.cluster.clone()).await?;
-    let env = Arc::new(Env {
-        lb: cluster.lb_addr(),
-        url: cluster.ws_url(),
-        secret: cluster.secret.clone(),
-    });
-    let mut ctx = Ctx {
-        cluster,
-        plan: plan.clone(),
-        env,
-        run_id: format!("{:04x}", rand::random::<u16>()),
-    };
     let mut report = RunReport {
         size: format!("{:?}", plan.size).to_lowercase(),
         started_unix_ms: client::now_ms(),
@@ -74,9 +62,23 @@ pub async fn run(cli: Cli) -> Result<bool> {
         scenarios: Vec::new(),
         pass: false,
     };
+    let mut ctx: Option<Ctx> = None;
     for name in names {
+        // A scenario that needs another NATS shape gets a cluster of its own; the
+        // list runs them last, so a whole run starts at most two clusters.
+        let nats_nodes = scenario::nats_nodes(name);
+        if ctx
+            .as_ref()
+            .is_none_or(|c| c.cluster.settings.nats_nodes != nats_nodes)
+        {
+            if let Some(mut old) = ctx.take() {
+                old.cluster.stop().await;
+            }
+            ctx = Some(start_ctx(&bins, &logs, &plan, nats_nodes).await?);
+        }
+        let ctx = ctx.as_mut().context("no cluster")?;
         tracing::info!(scenario = name, "running");
-        let r = scenario::run(&mut ctx, name).await;
+        let r = scenario::run(ctx, name).await;
         tracing::info!(
             scenario = name,
             pass = r.pass,
@@ -92,8 +94,35 @@ pub async fn run(cli: Cli) -> Result<bool> {
         // Written after every scenario: an interrupted run keeps what it measured.
         report.write(&dir)?;
     }
-    ctx.cluster.stop().await;
+    if let Some(mut ctx) = ctx {
+        ctx.cluster.stop().await;
+    }
     println!("{}", report.markdown());
     println!("report: {}", dir.join("report.md").display());
     Ok(report.pass)
+}
+
+/// Starts a cluster with `nats_nodes` NATS servers. A NATS cluster's logs go to
+/// their own directory: its gateways and workers have the same names as the first
+/// cluster's.
+async fn start_ctx(bins: &Bins, logs: &Path, plan: &Plan, nats_nodes: usize) -> Result<Ctx> {
+    let mut settings = plan.cluster.clone();
+    settings.nats_nodes = nats_nodes;
+    let logs = match nats_nodes {
+        1 => logs.to_path_buf(),
+        n => logs.join(format!("nats-{n}-nodes")),
+    };
+    tracing::info!(size = ?plan.size, nats_nodes, logs = %logs.display(), "starting the cluster");
+    let cluster = Cluster::start(bins, &logs, settings).await?;
+    let env = Arc::new(Env {
+        lb: cluster.lb_addr(),
+        url: cluster.ws_url(),
+        secret: cluster.secret.clone(),
+    });
+    Ok(Ctx {
+        cluster,
+        plan: plan.clone(),
+        env,
+        run_id: format!("{:04x}", rand::random::<u16>()),
+    })
 }

@@ -90,6 +90,9 @@ impl Plan {
             llm_first_token_ms: LLM_FIRST_TOKEN_MS,
             llm_tokens_per_sec: LLM_TOKENS_PER_SEC,
             llm_reply_tokens: LLM_REPLY_TOKENS,
+            // One server; scenarios that need a NATS cluster ask for one
+            // (`scenario::nats_nodes`).
+            nats_nodes: 1,
         };
         Plan {
             size,

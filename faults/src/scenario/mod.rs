@@ -3,6 +3,7 @@
 //! next one's numbers) and the repair of the cluster afterwards.
 
 mod gateway_kill;
+mod nats_node_kill;
 mod nats_restart;
 mod redis_restart;
 mod rolling_restart;
@@ -52,7 +53,7 @@ impl Ctx {
     /// waits until the whole cluster is ready and routed again.
     pub async fn heal(&mut self) -> Result<()> {
         let c = &mut self.cluster;
-        if !c.nats.alive() {
+        if c.nats_down() {
             c.start_nats_again().await?;
         }
         if !c.redis.alive() {
@@ -86,6 +87,15 @@ impl Ctx {
     }
 }
 
+/// NATS servers the scenario needs: a three-node JetStream cluster to kill one
+/// node of, else one server (what the other scenarios stop and start whole).
+pub fn nats_nodes(name: &str) -> usize {
+    match name {
+        "nats-node-kill" => crate::cluster::NATS_CLUSTER_NODES,
+        _ => 1,
+    }
+}
+
 /// Runs one scenario by name; harness errors end up in the report, not in a panic.
 pub async fn run(ctx: &mut Ctx, name: &str) -> ScenarioReport {
     let started = Instant::now();
@@ -94,6 +104,7 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> ScenarioReport {
         "gateway-kill" => gateway_kill::run(ctx, &mut r).await,
         "worker-kill" => worker_kill::run(ctx, &mut r).await,
         "nats-restart" => nats_restart::run(ctx, &mut r).await,
+        "nats-node-kill" => nats_node_kill::run(ctx, &mut r).await,
         "redis-restart" => redis_restart::run(ctx, &mut r).await,
         "rolling-restart" => rolling_restart::run(ctx, &mut r).await,
         "upstream-faults" => upstream::run(ctx, &mut r).await,
