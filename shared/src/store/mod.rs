@@ -18,7 +18,7 @@ mod channel;
 mod presence_sweep;
 
 pub use backend::{CONNECT_TIMEOUT, Conn, RECONNECT_MAX_DELAY, RESPONSE_TIMEOUT, Target};
-pub use channel::{ChannelHistory, ChannelSettings, Position, PresenceEntry};
+pub use channel::{ChannelHistory, ChannelSettings, MAX_READ_OFFSET, Position, PresenceEntry};
 
 use crate::keys::{Keys, REVOCATION_SHARDS};
 use crate::protocol::{HistoryMessage, UserContext};
