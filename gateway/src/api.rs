@@ -2,7 +2,9 @@
 //! cluster-wide kick, and the ops introspection of live nodes and a user's connections.
 //! Every error body is `{"error": {"code", "message"}}`.
 
+use std::net::IpAddr;
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::AUTHORIZATION;
@@ -31,7 +33,7 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
         status,
         &json!({"error": {"code": code, "message": e.to_string()}}),
     );
-    if let ApiError::TooManyRequests(d) = e {
+    if let ApiError::TooManyRequests(d) | ApiError::TooManyKeyFailures(d) = e {
         r.headers_mut().insert(
             http::header::RETRY_AFTER,
             http::HeaderValue::from(d.as_secs().max(1)),
@@ -40,16 +42,22 @@ pub fn error_response(e: &ApiError) -> Response<Body> {
     r
 }
 
-/// Routes `/v1/*`.
-pub async fn handle(node: Arc<Node>, req: Request<Incoming>) -> Response<Body> {
-    match dispatch(&node, req).await {
+/// Routes `/v1/*`; `peer` is the TCP (or PROXY header) peer, for the limit on failed
+/// api key attempts.
+pub async fn handle(node: Arc<Node>, req: Request<Incoming>, peer: IpAddr) -> Response<Body> {
+    match dispatch(&node, req, peer).await {
         Ok(r) => r,
         Err(e) => error_response(&e),
     }
 }
 
-async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>, ApiError> {
-    authorize(node, &req)?;
+async fn dispatch(
+    node: &Node,
+    req: Request<Incoming>,
+    peer: IpAddr,
+) -> Result<Response<Body>, ApiError> {
+    let ip = crate::proxy::client_ip(peer, req.headers(), &node.config.trusted_proxies);
+    authorize(node, &req, ip, Instant::now())?;
     let path = req.uri().path().to_owned();
     let segments: Vec<&str> = path.trim_start_matches("/v1/").split('/').collect();
     match (req.method().clone(), segments.as_slice()) {
@@ -97,11 +105,31 @@ async fn dispatch(node: &Node, req: Request<Incoming>) -> Result<Response<Body>,
     }
 }
 
+/// Checks the api key, after the address's failed attempts: an address past
+/// [`crate::limits::API_KEY_FAILURE_BURST`] failures gets 429 whatever key it sends,
+/// so the right key in a list of guesses is not told apart from the wrong ones.
+fn authorize<B>(node: &Node, req: &Request<B>, ip: IpAddr, now: Instant) -> Result<(), ApiError> {
+    if let Err(wait) = node.api_key_failures.check(ip, now) {
+        metrics::counter!(shared::metrics::RATE_LIMITED, "scope" => "api_key").increment(1);
+        return Err(ApiError::TooManyKeyFailures(wait));
+    }
+    let ok = node
+        .config
+        .api_key
+        .as_deref()
+        .is_some_and(|expected| key_matches(req, expected));
+    if ok {
+        Ok(())
+    } else {
+        metrics::counter!(shared::metrics::API_KEY_FAILURES).increment(1);
+        node.api_key_failures.failed(ip, now);
+        tracing::debug!(%ip, "api request with a missing or wrong key");
+        Err(ApiError::Unauthorized)
+    }
+}
+
 /// Constant-time comparison of the presented api key.
-fn authorize<B>(node: &Node, req: &Request<B>) -> Result<(), ApiError> {
-    let Some(expected) = node.config.api_key.as_deref() else {
-        return Err(ApiError::Unauthorized);
-    };
+fn key_matches<B>(req: &Request<B>, expected: &str) -> bool {
     let presented = req
         .headers()
         .get(AUTHORIZATION)
@@ -114,11 +142,7 @@ fn authorize<B>(node: &Node, req: &Request<B>) -> Result<(), ApiError> {
     for (i, x) in b.iter().enumerate() {
         diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ x);
     }
-    if diff == 0 {
-        Ok(())
-    } else {
-        Err(ApiError::Unauthorized)
-    }
+    diff == 0
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use serde_json::Value;
 use shared::protocol::{Channel, FrameId, PresenceUser, ServerFrame, UserContext};
-use shared::store::{ChannelSettings, Position, StoreError, now_ms};
+use shared::store::{ChannelSettings, MAX_READ_OFFSET, Position, StoreError, now_ms};
 
 use crate::error::SessionError;
 use crate::hub::{
@@ -875,6 +875,25 @@ pub async fn read(
 ) -> Result<ServerFrame, SessionError> {
     let ch = parse(channel)?;
     check(node, perms, &ch, Access::Subscribe)?;
+    // A read offset names a publication the user could have seen: one past the
+    // channel's last offset is a client bug or an attempt to poison the user's read
+    // state (a huge one once came back from Lua as a double and broke `subscribe`).
+    if offset > MAX_READ_OFFSET {
+        return Err(SessionError::BadRequest(format!(
+            "`offset` {offset} is past the channel's last offset"
+        )));
+    }
+    let at = node
+        .store
+        .channel_position(&ch, &settings(node))
+        .await
+        .map_err(|e| store_down("channel_position", e))?;
+    if offset > at.offset {
+        return Err(SessionError::BadRequest(format!(
+            "`offset` {offset} is past the channel's last offset {}",
+            at.offset
+        )));
+    }
     let key = ch.to_string();
     let stored = node
         .store

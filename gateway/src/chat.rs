@@ -186,7 +186,9 @@ pub async fn history(
     let limit = limit
         .map(|l| (l as usize).clamp(1, MAX_HISTORY_LIMIT))
         .unwrap_or(DEFAULT_HISTORY_LIMIT);
-    match node.store.session_owner(session_id).await {
+    // Sessions are keyed by owner: another user's session of this id is not found
+    // here, exactly like one that never existed (no oracle for other users' ids).
+    match node.store.session_owner(user_id, session_id).await {
         Ok(Some(owner)) if owner == user_id => {}
         Ok(Some(_)) => {
             return Err(SessionError::Forbidden(
@@ -202,7 +204,7 @@ pub async fn history(
     }
     let messages = node
         .store
-        .history(session_id, limit)
+        .history(user_id, session_id, limit)
         .await
         .map_err(|e| redis_down("history", e))?;
     Ok(ServerFrame::History {

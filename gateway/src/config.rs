@@ -134,6 +134,10 @@ pub struct RawConfig {
     pub jwt_issuer: Option<String>,
     #[arg(long, env = "SB_JWT_LEEWAY_SECS")]
     pub jwt_leeway_secs: Option<u64>,
+    /// Longest accepted token lifetime in seconds (`exp - iat`, or `exp - now`
+    /// without `iat`); 0 = no cap.
+    #[arg(long, env = "SB_JWT_MAX_LIFETIME_SECS")]
+    pub jwt_max_lifetime_secs: Option<u64>,
 
     /// Allowed `Origin` values, comma-separated (`*` = any; `https://*.example.com`).
     #[arg(long, env = "SB_ALLOWED_ORIGINS")]
@@ -587,6 +591,9 @@ impl RawConfig {
                 .jwt_leeway_secs
                 .unwrap_or(shared::auth::DEFAULT_LEEWAY_SECS),
             max_token_bytes: shared::auth::DEFAULT_MAX_TOKEN_BYTES,
+            max_lifetime_secs: self
+                .jwt_max_lifetime_secs
+                .unwrap_or(shared::auth::DEFAULT_MAX_LIFETIME_SECS),
         };
         // Building the validator proves the key parses and fits the algorithm.
         shared::auth::Validator::new(&settings).map_err(|e| {
@@ -620,6 +627,7 @@ impl Config {
             "jwt_algorithm": self.jwt.algorithm.to_string(),
             "jwt_audience": self.jwt.audience,
             "jwt_issuer": self.jwt.issuer,
+            "jwt_max_lifetime_secs": self.jwt.max_lifetime_secs,
             "allowed_origins": match &self.origins { OriginPolicy::Any => vec!["*".to_owned()], OriginPolicy::List(l) => l.clone() },
             "api_key_set": self.api_key.is_some(),
             "max_message_bytes": self.max_message_bytes,

@@ -154,6 +154,8 @@ pub enum ApiError {
     Unavailable(&'static str),
     #[error("too many connection attempts")]
     TooManyRequests(Duration),
+    #[error("too many failed api key attempts from this address")]
+    TooManyKeyFailures(Duration),
     #[error("origin not allowed")]
     ForbiddenOrigin,
     #[error("node is draining")]
@@ -172,7 +174,9 @@ impl ApiError {
             ApiError::NotFound(_) => (S::NOT_FOUND, "NOT_FOUND"),
             ApiError::MethodNotAllowed(_) => (S::METHOD_NOT_ALLOWED, "METHOD_NOT_ALLOWED"),
             ApiError::Unavailable(_) => (S::SERVICE_UNAVAILABLE, "UNAVAILABLE"),
-            ApiError::TooManyRequests(_) => (S::TOO_MANY_REQUESTS, "RATE_LIMITED"),
+            ApiError::TooManyRequests(_) | ApiError::TooManyKeyFailures(_) => {
+                (S::TOO_MANY_REQUESTS, "RATE_LIMITED")
+            }
             ApiError::ForbiddenOrigin => (S::FORBIDDEN, "FORBIDDEN"),
             ApiError::BodyTimeout(_) => (S::REQUEST_TIMEOUT, "TIMEOUT"),
             ApiError::Draining => (S::SERVICE_UNAVAILABLE, "DRAINING"),

@@ -17,7 +17,7 @@ use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::hub::{Closer, Hub};
-use crate::limits::ConnectLimiter;
+use crate::limits::{ConnectLimiter, FailureLimiter};
 
 /// A node missing this many heartbeats is gone (30 s by default, well inside the
 /// 90 s promise).
@@ -42,6 +42,8 @@ pub struct Node {
     pub subjects: Subjects,
     pub hub: Arc<Hub>,
     pub connect_limiter: ConnectLimiter,
+    /// Failed API-key attempts per client address (`api::authorize`).
+    pub api_key_failures: FailureLimiter,
     /// Revoked token ids, kept in memory (see `revocations`).
     pub revocations: crate::revocations::Revocations,
     /// Every upgraded socket (authenticated or not), so the drain can reach them all;
@@ -100,6 +102,7 @@ impl Node {
                 config.connect_rate_per_ip,
                 config.connect_burst_per_ip,
             ),
+            api_key_failures: FailureLimiter::api_key(),
             config,
             validator,
             store,
@@ -438,6 +441,7 @@ impl Node {
                 _ = tick.tick() => {}
             }
             self.connect_limiter.sweep(Instant::now());
+            self.api_key_failures.sweep(Instant::now());
         }
     }
 

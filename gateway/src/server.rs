@@ -113,7 +113,7 @@ async fn route(
     match (req.method(), path.as_str()) {
         (&Method::GET, "/ws") => ws_upgrade(node, req, peer, accepted),
         (_, "/ws") => api::error_response(&ApiError::MethodNotAllowed("use GET for /ws".into())),
-        (_, p) if p.starts_with("/v1/") => api::handle(node, req).await,
+        (_, p) if p.starts_with("/v1/") => api::handle(node, req, peer.ip()).await,
         _ => api::error_response(&ApiError::NotFound(format!("no route for {path}"))),
     }
 }

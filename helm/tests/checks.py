@@ -297,6 +297,52 @@ def invariants(name: str, docs, values: dict) -> None:
     R.check(not problems, f"invariants {name}", f"{len(docs)} objects consistent", "; ".join(problems))
 
 
+def admin_exposure(name: str, docs) -> None:
+    """The admin port (/healthz, /readyz, /metrics, unauthenticated) is reachable only
+    where probes and Prometheus need it: a pod port without hostPort, listed only on
+    headless cluster-internal Services, never on a Service that is exposed (type
+    LoadBalancer/NodePort) or that an Ingress or HTTPRoute routes to."""
+    problems = []
+    admin_numbers = set()
+    for d in by_kind(docs, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            for p in c.get("ports", []):
+                if p["name"] == "admin":
+                    admin_numbers.add(p["containerPort"])
+                    if p.get("hostPort"):
+                        problems.append(f"{d['metadata']['name']}/{c['name']}: admin port has a hostPort")
+    routed = set()
+    for ing in by_kind(docs, "Ingress"):
+        for rule in ing["spec"].get("rules", []):
+            for p in rule["http"]["paths"]:
+                routed.add(p["backend"]["service"]["name"])
+        default = ing["spec"].get("defaultBackend", {}).get("service", {}).get("name")
+        if default:
+            routed.add(default)
+    for hr in by_kind(docs, "HTTPRoute"):
+        for rule in hr["spec"]["rules"]:
+            for b in rule["backendRefs"]:
+                routed.add(b["name"])
+    for svc in by_kind(docs, "Service"):
+        sn = svc["metadata"]["name"]
+        spec = svc["spec"]
+        admin_ports = [p for p in spec["ports"] if p.get("targetPort") == "admin" or p.get("targetPort") in admin_numbers]
+        if not admin_ports:
+            continue
+        if spec.get("type", "ClusterIP") != "ClusterIP" or spec.get("clusterIP") != "None":
+            problems.append(f"Service {sn} carries the admin port but is not headless ClusterIP")
+        if len(admin_ports) != len(spec["ports"]):
+            problems.append(f"Service {sn} mixes the admin port with public ports")
+        if sn in routed:
+            problems.append(f"Service {sn} carries the admin port and is routed by an Ingress/HTTPRoute")
+    for cm in by_kind(docs, "ConfigMap"):
+        listen = cm.get("data", {}).get("SB_ADMIN_LISTEN")
+        if listen and int(listen.rsplit(":", 1)[1]) not in admin_numbers:
+            problems.append(f"ConfigMap {cm['metadata']['name']}: SB_ADMIN_LISTEN {listen} is not the admin container port")
+    R.check(not problems, f"admin port private {name}",
+            f"admin port {sorted(admin_numbers)} only on headless internal Services", "; ".join(problems))
+
+
 def k8s_version() -> str:
     import kubernetes_validate.utils as kv
 
@@ -650,7 +696,7 @@ def check_config(name: str, docs, binaries: dict[str, Path], known: dict[str, se
 CHART_MANAGED = {
     "gateway": {"SB_CONFIG", "SB_LISTEN", "SB_ADMIN_LISTEN", "SB_NODE_ID", "SB_NATS_URL", "SB_REDIS_URL", "SB_PREFIX",
                 "SB_LOG_FORMAT", "SB_LOG", "SB_JETSTREAM_REPLICAS", "SB_JWT_SECRET", "SB_JWT_PUBLIC_KEY_FILE",
-                "SB_JWT_JWKS_FILE", "SB_JWT_ALGORITHM", "SB_JWT_AUDIENCE", "SB_JWT_ISSUER", "SB_JWT_LEEWAY_SECS", "SB_API_KEY"},
+                "SB_JWT_JWKS_FILE", "SB_JWT_ALGORITHM", "SB_JWT_AUDIENCE", "SB_JWT_ISSUER", "SB_JWT_LEEWAY_SECS", "SB_JWT_MAX_LIFETIME_SECS", "SB_API_KEY"},
     "worker": {"SB_CONFIG", "SB_ADMIN_LISTEN", "SB_NODE_ID", "SB_NATS_URL", "SB_REDIS_URL", "SB_PREFIX", "SB_LOG_FORMAT",
                "SB_LOG", "SB_JETSTREAM_REPLICAS", "SB_LLM_API_KEY", "SB_BACKEND_TOKEN"},
 }
@@ -1167,6 +1213,7 @@ def main() -> int:
         R.ok(f"render {name}", f"{len(docs)} objects: {', '.join(kinds)}")
         rendered[name] = docs
         guarded(f"invariants {name}", invariants, name, docs, values)
+        guarded(f"admin port private {name}", admin_exposure, name, docs)
         guarded(f"kubernetes-validate {name}", k8s_validate, name, docs)
 
     section("values that must fail")

@@ -36,6 +36,11 @@ pub const MAX_LEEWAY_SECS: u64 = 300;
 pub const MIN_HS256_SECRET_BYTES: usize = 32;
 /// Longest user id; ids become parts of Redis keys and NATS subjects.
 pub const MAX_USER_ID_CHARS: usize = 128;
+/// Default cap on a token's lifetime (`exp - iat`, or `exp - now` without `iat`): a
+/// day covers every real session token, while a stolen token minted for years (an IdP
+/// misconfiguration, or a leaked signing key used quietly) stops working within it.
+/// 0 turns the check off.
+pub const DEFAULT_MAX_LIFETIME_SECS: u64 = 86_400;
 
 /// RSA modulus sizes the aws-lc verifier accepts for RS256 (`RSA_PKCS1_2048_8192_SHA256`);
 /// a key outside this range would reject every token, so it is refused at start-up.
@@ -152,6 +157,8 @@ pub struct JwtSettings {
     pub issuer: Option<String>,
     pub leeway_secs: u64,
     pub max_token_bytes: usize,
+    /// Longest accepted token lifetime in seconds; 0 = no cap.
+    pub max_lifetime_secs: u64,
 }
 
 impl JwtSettings {
@@ -164,6 +171,7 @@ impl JwtSettings {
             issuer: None,
             leeway_secs: DEFAULT_LEEWAY_SECS,
             max_token_bytes: DEFAULT_MAX_TOKEN_BYTES,
+            max_lifetime_secs: DEFAULT_MAX_LIFETIME_SECS,
         }
     }
 }
@@ -258,6 +266,8 @@ pub enum AuthError {
     InvalidClaim(&'static str),
     #[error("token too large")]
     TooLarge,
+    #[error("token lifetime exceeds the allowed maximum")]
+    LifetimeTooLong,
     #[error("token signed with an unknown key")]
     UnknownKey,
     #[error("malformed token")]
@@ -283,6 +293,7 @@ impl AuthError {
             Self::MissingClaim(_) => "missing_claim",
             Self::InvalidClaim(_) => "invalid_claim",
             Self::TooLarge => "too_large",
+            Self::LifetimeTooLong => "lifetime",
             Self::UnknownKey => "unknown_key",
             Self::Malformed => "malformed",
         }
@@ -346,6 +357,7 @@ struct Inner {
     issuer: Option<String>,
     leeway_secs: u64,
     max_token_bytes: usize,
+    max_lifetime_secs: u64,
 }
 
 enum Keys {
@@ -409,6 +421,7 @@ impl fmt::Debug for Validator {
             .field("issuer", &inner.issuer)
             .field("leeway_secs", &inner.leeway_secs)
             .field("max_token_bytes", &inner.max_token_bytes)
+            .field("max_lifetime_secs", &inner.max_lifetime_secs)
             .finish()
     }
 }
@@ -477,6 +490,7 @@ impl Validator {
                 issuer: settings.issuer.clone(),
                 leeway_secs: settings.leeway_secs,
                 max_token_bytes: settings.max_token_bytes,
+                max_lifetime_secs: settings.max_lifetime_secs,
             }),
         })
     }
@@ -513,7 +527,14 @@ impl Validator {
         let key = inner.keys.select(header.kid.as_deref())?;
         let data = jsonwebtoken::decode::<Map<String, Value>>(token, key, &inner.validation)
             .map_err(|err| AuthError::from_jsonwebtoken(&err))?;
-        normalise(&data.claims)
+        let claims = normalise(&data.claims)?;
+        check_lifetime(
+            &claims,
+            inner.max_lifetime_secs,
+            inner.leeway_secs,
+            jsonwebtoken::get_current_timestamp(),
+        )?;
+        Ok(claims)
     }
 
     pub fn algorithm(&self) -> JwtAlgorithm {
@@ -528,6 +549,27 @@ impl Validator {
     pub fn max_token_bytes(&self) -> usize {
         self.inner.max_token_bytes
     }
+
+    /// The longest accepted token lifetime in seconds (0 = no cap).
+    pub fn max_lifetime_secs(&self) -> u64 {
+        self.inner.max_lifetime_secs
+    }
+}
+
+/// Refuses tokens that live longer than `max` seconds (0 = no cap): by `exp - iat`
+/// when the token says when it was issued, and in any case by what is left of it
+/// (`exp - now`, with the leeway for clock skew), so an `iat` in the future cannot
+/// stretch a token past the cap either.
+fn check_lifetime(claims: &Claims, max: u64, leeway: u64, now: u64) -> Result<(), AuthError> {
+    if max == 0 {
+        return Ok(());
+    }
+    let issued_for = claims.iat.map(|iat| claims.exp.saturating_sub(iat));
+    let left = claims.exp.saturating_sub(now);
+    if issued_for.is_some_and(|d| d > max) || left > max.saturating_add(leeway) {
+        return Err(AuthError::LifetimeTooLong);
+    }
+    Ok(())
 }
 
 // === key loading ===
@@ -1020,6 +1062,28 @@ mod tests {
     }
 
     #[test]
+    fn numeric_and_string_ids_are_the_same_user() {
+        // PROTOCOL.md section 3: an integer id is its decimal string, so `42` and
+        // `"42"` name one user (one `user:42` channel, one connection count).
+        let v = hs_validator();
+        let exp = now() + 60;
+        for claims in [
+            json!({"sub": 42, "exp": exp}),
+            json!({"sub": "42", "exp": exp}),
+            json!({"user_id": 42, "exp": exp}),
+            json!({"sub": "", "id": 42, "exp": exp}),
+        ] {
+            let got = v.validate(&hs256(&claims)).map(|c| c.user_id);
+            assert_eq!(got.as_deref(), Ok("42"), "{claims}");
+        }
+        // Negative integers are ids too (the `-` is allowed); floats never are.
+        let got = v.validate(&hs256(&json!({"sub": -7, "exp": exp})));
+        assert_eq!(got.map(|c| c.user_id).as_deref(), Ok("-7"));
+        let got = v.validate(&hs256(&json!({"sub": 42.0, "exp": exp})));
+        assert_eq!(got, Err(AuthError::InvalidClaim("sub")));
+    }
+
+    #[test]
     fn missing_or_empty_user_id_is_missing_sub() {
         let v = hs_validator();
         let exp = now() + 60;
@@ -1253,6 +1317,84 @@ mod tests {
             hs_validator().validate(&token),
             Err(AuthError::InvalidClaim("nbf"))
         );
+    }
+
+    // --- lifetime ---
+
+    fn lifetime_validator(max: u64) -> Validator {
+        validator(JwtSettings {
+            max_lifetime_secs: max,
+            ..hs_settings()
+        })
+    }
+
+    #[test]
+    fn lifetime_over_the_cap_is_refused() {
+        let v = hs_validator();
+        let max = DEFAULT_MAX_LIFETIME_SECS;
+        let now = now();
+        // Year 2200: accepted before the cap existed.
+        let year_2200 = 7_258_118_400u64;
+        let refused = [
+            json!({"sub": "u1", "iat": now, "exp": year_2200}),
+            json!({"sub": "u1", "exp": year_2200}),
+            json!({"sub": "u1", "iat": now - 10, "exp": now - 10 + max + 1}),
+            // No `iat`: what is left counts, beyond the leeway.
+            json!({"sub": "u1", "exp": now + max + DEFAULT_LEEWAY_SECS + 60}),
+            // An `iat` in the future does not stretch a token past the cap.
+            json!({"sub": "u1", "iat": year_2200 - 60, "exp": year_2200}),
+            // An unreadable `iat` is ignored, so the remaining time decides.
+            json!({"sub": "u1", "iat": "yesterday", "exp": year_2200}),
+        ];
+        for claims in refused {
+            assert_eq!(
+                v.validate(&hs256(&claims)),
+                Err(AuthError::LifetimeTooLong),
+                "{claims}"
+            );
+        }
+        let accepted = [
+            json!({"sub": "u1", "iat": now, "exp": now + max}),
+            json!({"sub": "u1", "iat": now - 100, "exp": now - 100 + max}),
+            json!({"sub": "u1", "exp": now + max}),
+            json!({"sub": "u1", "exp": now + 60}),
+        ];
+        for claims in accepted {
+            assert!(v.validate(&hs256(&claims)).is_ok(), "{claims}");
+        }
+    }
+
+    #[test]
+    fn lifetime_cap_is_configurable_and_zero_turns_it_off() {
+        let now = now();
+        let long = hs256(&json!({"sub": "u1", "iat": now, "exp": 7_258_118_400u64}));
+        assert!(lifetime_validator(0).validate(&long).is_ok());
+        let hour = hs256(&json!({"sub": "u1", "iat": now, "exp": now + 3600}));
+        assert_eq!(
+            lifetime_validator(600).validate(&hour),
+            Err(AuthError::LifetimeTooLong)
+        );
+        assert!(lifetime_validator(3600).validate(&hour).is_ok());
+        assert_eq!(lifetime_validator(600).max_lifetime_secs(), 600);
+    }
+
+    #[test]
+    fn lifetime_is_checked_after_the_signature_and_expiry() {
+        // A forged long-lived token is a bad signature, not a lifetime problem, and an
+        // expired one says expired: the cap never hides the more useful reason.
+        let other = EncodingKey::from_secret(b"another-secret-another-secret-0123456");
+        let forged = sign_with(
+            Algorithm::HS256,
+            &other,
+            None,
+            &json!({"sub": "u1", "exp": 7_258_118_400u64}),
+        );
+        assert_eq!(
+            hs_validator().validate(&forged),
+            Err(AuthError::InvalidSignature)
+        );
+        let expired = hs256(&json!({"sub": "u1", "iat": 0, "exp": now() - 600}));
+        assert_eq!(hs_validator().validate(&expired), Err(AuthError::Expired));
     }
 
     // --- audience and issuer ---
@@ -1625,6 +1767,7 @@ mod tests {
             (AuthError::MissingClaim("exp"), "missing_claim"),
             (AuthError::InvalidClaim("sub"), "invalid_claim"),
             (AuthError::TooLarge, "too_large"),
+            (AuthError::LifetimeTooLong, "lifetime"),
             (AuthError::UnknownKey, "unknown_key"),
             (AuthError::Malformed, "malformed"),
         ];

@@ -35,6 +35,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "SB_JWT_AUDIENCE",
     "SB_JWT_ISSUER",
     "SB_JWT_LEEWAY_SECS",
+    "SB_JWT_MAX_LIFETIME_SECS",
     "SB_ALLOWED_ORIGINS",
     "SB_API_KEY",
     "SB_MAX_MESSAGE_BYTES",

@@ -10,8 +10,8 @@
 //! | `sb:{u:<uid>}:ctx` | string (JSON) | 1 h | teams and tasks last fetched, served only `degraded` when the backend or every worker is down | user |
 //! | `sb:{u:<uid>}:read` | hash | 30 days | channel -> last read offset | user |
 //! | `sb:{u:<uid>}:rl:chat` | counter | window | chat requests in the current window | user |
-//! | `sb:{c:<sid>}:meta` | hash | 24 h sliding | chat session owner, created_at | chat session |
-//! | `sb:{c:<sid>}:history` | list (JSON) | 24 h sliding | the session's last N messages | chat session |
+//! | `sb:{c:<uid>:<sid>}:meta` | hash | 24 h sliding | chat session owner, created_at | chat session |
+//! | `sb:{c:<uid>:<sid>}:history` | list (JSON) | 24 h sliding | the session's last N messages | chat session |
 //! | `sb:{ch:<ns>:<name>}:log` | stream | offset TTL, refreshed | the channel's publications; entry id `<epoch>-<offset>`, so the stream is position, epoch and bounded history in one key | channel |
 //! | `sb:{ch:<ns>:<name>}:presence` | sorted set | presence TTL | users present, score = latest expiry (ms) | channel |
 //! | `sb:{ch:<ns>:<name>}:presence:<uid>` | sorted set | presence TTL | the user's connections in the channel by expiry | channel |
@@ -19,6 +19,11 @@
 //! | `sb:{n:<node>}` | hash | heartbeat TTL | a gateway's heartbeat: connections, started_at, version | node |
 //! | `sb:{n:<node>}:channels` | hash | heartbeat TTL | channel -> the node's local subscriber count | node |
 //! | `sb:nodes` | sorted set | members expire by score | gateway node ids by heartbeat expiry | (index) |
+//!
+//! Chat sessions are named by their owner and the client's `session_id` together, so
+//! two users choosing the same id have two sessions and nobody can claim an id before
+//! its owner does (PROTOCOL.md, "Chat in detail"). Both parts are
+//! `[A-Za-z0-9_-]{1,128}`, so the `:` between them cannot be forged by either.
 //!
 //! No key is touched by every operation: connection open and close touch only the
 //! user's slot, a publication only the channel's. `sb:nodes` is written once per
@@ -54,14 +59,15 @@ impl Keys {
         format!("{}:{{u:{user_id}}}:ctx", self.prefix)
     }
 
-    /// `sb:{c:<sid>}:meta`: hash {owner, created_at}, 24 h sliding.
-    pub fn chat_meta(&self, session_id: &str) -> String {
-        format!("{}:{{c:{session_id}}}:meta", self.prefix)
+    /// `sb:{c:<uid>:<sid>}:meta`: hash {owner, created_at}, 24 h sliding. Scoped by
+    /// the owner: a session id is the client's name for one of its own sessions.
+    pub fn chat_meta(&self, user_id: &str, session_id: &str) -> String {
+        format!("{}:{{c:{user_id}:{session_id}}}:meta", self.prefix)
     }
 
-    /// `sb:{c:<sid>}:history`: list of JSON messages, 24 h sliding.
-    pub fn chat_history(&self, session_id: &str) -> String {
-        format!("{}:{{c:{session_id}}}:history", self.prefix)
+    /// `sb:{c:<uid>:<sid>}:history`: list of JSON messages, 24 h sliding.
+    pub fn chat_history(&self, user_id: &str, session_id: &str) -> String {
+        format!("{}:{{c:{user_id}:{session_id}}}:history", self.prefix)
     }
 
     /// `sb:{u:<uid>}:rl:chat`: chat requests per user per window.
@@ -139,8 +145,10 @@ mod tests {
         let k = Keys::new("sb");
         assert_eq!(k.user_conns("u1"), "sb:{u:u1}:conns");
         assert_eq!(k.user_ctx("u1"), "sb:{u:u1}:ctx");
-        assert_eq!(k.chat_meta("s"), "sb:{c:s}:meta");
-        assert_eq!(k.chat_history("s"), "sb:{c:s}:history");
+        assert_eq!(k.chat_meta("u1", "s"), "sb:{c:u1:s}:meta");
+        assert_eq!(k.chat_history("u1", "s"), "sb:{c:u1:s}:history");
+        // Two users' sessions of one id are two keys.
+        assert_ne!(k.chat_meta("u1", "s"), k.chat_meta("u2", "s"));
         assert_eq!(k.rate_chat("u1"), "sb:{u:u1}:rl:chat");
         assert_eq!(k.revoked_shard(3), "sb:{rev:3}:revoked");
         assert_eq!(k.node("n"), "sb:{n:n}");
@@ -164,7 +172,7 @@ mod tests {
             &key[open + 1..close]
         }
         let k = Keys::new("sb");
-        assert_eq!(tag(&k.chat_meta("s")), tag(&k.chat_history("s")));
+        assert_eq!(tag(&k.chat_meta("u", "s")), tag(&k.chat_history("u", "s")));
         assert_eq!(
             tag(&k.channel_log("team", "a")),
             tag(&k.channel_presence_user("team", "a", "u"))

@@ -17,8 +17,10 @@ pub const FRAMES_IN: &str = "switchboard_frames_in_total";
 pub const FRAMES_OUT: &str = "switchboard_frames_out_total";
 /// Counter by `code`: close codes sent by the server.
 pub const CLOSES: &str = "switchboard_closes_total";
-/// Counter by `scope` (message, connect).
+/// Counter by `scope` (message, connect, chat, api_key).
 pub const RATE_LIMITED: &str = "switchboard_rate_limited_total";
+/// Counter: HTTP API requests with a missing or wrong api key.
+pub const API_KEY_FAILURES: &str = "switchboard_api_key_failures_total";
 /// Counter by `op`: NATS request/publish failures.
 pub const NATS_ERRORS: &str = "switchboard_nats_errors_total";
 /// Counter by `op`: Redis command failures.

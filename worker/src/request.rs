@@ -123,7 +123,7 @@ pub async fn handle(worker: &Worker, job: &Job, abandon: &CancellationToken) -> 
 
     let history = match worker
         .store
-        .history(&req.session_id, worker.config.history_window)
+        .history(&req.user_id, &req.session_id, worker.config.history_window)
         .await
     {
         Ok(h) => h,
@@ -139,7 +139,7 @@ pub async fn handle(worker: &Worker, job: &Job, abandon: &CancellationToken) -> 
     if recorded.is_none() && job.delivered > 1 {
         match worker
             .store
-            .recorded_reply(&req.session_id, &req.request_id)
+            .recorded_reply(&req.user_id, &req.session_id, &req.request_id)
             .await
         {
             Ok(r) => recorded = r,
@@ -286,7 +286,7 @@ async fn finish(
         // Another delivery recorded its reply first: that one is the reply.
         match worker
             .store
-            .recorded_reply(&req.session_id, &req.request_id)
+            .recorded_reply(&req.user_id, &req.session_id, &req.request_id)
             .await
         {
             Ok(Some(m)) => (m.content, None),

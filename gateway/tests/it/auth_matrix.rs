@@ -224,3 +224,114 @@ async fn rs256_and_jwks_configs() {
     )
     .await;
 }
+
+/// `SB_JWT_MAX_LIFETIME_SECS` (default a day): a token minted for longer is refused
+/// at connect, in the `auth` frame and at refresh, whatever its signature.
+#[tokio::test]
+async fn token_lifetime_is_capped() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, |_| {}).await;
+    let now = tokens::now();
+    let year_2200 = 7_258_118_400u64;
+    let sign = |c: serde_json::Value| tokens::hs256(tokens::TEST_SECRET, &c);
+
+    // Accepted before the cap existed; refused with and without `iat`.
+    for claims in [
+        json!({"sub": "u1", "iat": now, "exp": year_2200}),
+        json!({"sub": "u1", "exp": year_2200}),
+        json!({"sub": "u1", "iat": now, "exp": now + 86_400 + 60}),
+    ] {
+        refused(&gw, &sign(claims), 4503, "TOKEN_INVALID").await;
+    }
+    let (mut ws, _) = connect(&gw.url(), Hs::default()).await.unwrap();
+    send_json(
+        &mut ws,
+        json!({"type": "auth", "token": sign(json!({"sub": "u1", "exp": year_2200}))}),
+    )
+    .await;
+    let e = expect_refusal(&mut ws, 4503, "TOKEN_INVALID").await;
+    assert!(e["message"].as_str().unwrap().contains("lifetime"), "{e}");
+
+    // A day exactly is fine; a refresh to a longer token is refused and the
+    // connection stays on its current token.
+    let day = sign(json!({"sub": "u1", "iat": now, "exp": now + 86_400}));
+    let (mut ws, _) = connect(&gw.url(), Hs::bearer(&day)).await.unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "authenticated");
+    send_json(
+        &mut ws,
+        json!({"type": "refresh", "id": "r", "token": sign(json!({"sub": "u1", "exp": year_2200}))}),
+    )
+    .await;
+    let e = next_json(&mut ws).await;
+    assert_eq!(
+        (e["type"].as_str(), e["code"].as_str()),
+        (Some("error"), Some("TOKEN_INVALID")),
+        "{e}"
+    );
+    send_json(&mut ws, json!({"type": "ping", "id": "p"})).await;
+    assert_eq!(next_json(&mut ws).await["type"], "pong");
+    let m = gw.metrics().await;
+    assert!(
+        m.contains("switchboard_auth_failures_total{reason=\"lifetime\"}"),
+        "{m}"
+    );
+
+    // 0 turns the cap off; a smaller cap refuses an hour's token.
+    let off = gateway(&deps, |c| c.jwt_max_lifetime_secs = Some(0)).await;
+    let (mut ws, _) = connect(
+        &off.url(),
+        Hs::bearer(&sign(json!({"sub": "u1", "exp": year_2200}))),
+    )
+    .await
+    .unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "authenticated");
+    let short = gateway(&deps, |c| c.jwt_max_lifetime_secs = Some(600)).await;
+    refused(&short, &tokens::token("u1", 3600), 4503, "TOKEN_INVALID").await;
+}
+
+/// PROTOCOL.md section 3: the user id is the first of `sub`, `user_id`, `userId`, `id`
+/// that is present and not empty; an integer is its decimal string, so `42` and
+/// `"42"` are one user.
+#[tokio::test]
+async fn numeric_and_string_user_ids_are_one_user() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, |_| {}).await;
+    let now = tokens::now();
+    let sign = |c: serde_json::Value| tokens::hs256(tokens::TEST_SECRET, &c);
+    let mut open = Vec::new();
+    for claims in [
+        json!({"sub": 42, "exp": now + 600}),
+        json!({"sub": "42", "exp": now + 600}),
+        json!({"sub": "", "user_id": 42, "exp": now + 600}),
+    ] {
+        let (mut ws, _) = connect(&gw.url(), Hs::bearer(&sign(claims.clone())))
+            .await
+            .unwrap();
+        let a = next_json(&mut ws).await;
+        assert_eq!(a["user"]["id"], "42", "{claims}: {a}");
+        open.push(ws);
+    }
+    let r: serde_json::Value = api()
+        .get(gw.http("/v1/users/42/connections"))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(r["connections"].as_array().map(Vec::len), Some(3), "{r}");
+    // A publication to `user:42` reaches every one of them.
+    let r = api()
+        .post(gw.http("/v1/publish"))
+        .bearer_auth(API_KEY)
+        .json(&json!({"channel": "user:42", "data": "hi"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    for ws in &mut open {
+        let m = next_matching(ws, |f| f["type"] == "message").await;
+        assert_eq!(m["data"], "hi");
+    }
+}

@@ -504,6 +504,10 @@ async fn read_offsets_follow_the_user_to_another_node() {
     let _ctx = context_responder(&deps, &[("dan", &["t1"]), ("eve", &["t1"])]).await;
     let a = gateway(&deps, |_| {}).await;
     let b = gateway(&deps, |_| {}).await;
+    // Read offsets name publications that exist.
+    for i in 0..7 {
+        http_publish(&a, "team:t1", json!(i)).await;
+    }
     let (mut eve, _) = authed(&b, "eve").await;
     subscribe(&mut eve, "team:t1", None).await;
     let (mut dan, _) = authed(&a, "dan").await;
@@ -538,6 +542,77 @@ async fn read_offsets_follow_the_user_to_another_node() {
     let (mut dan, _) = authed(&b, "dan").await;
     let s = subscribe(&mut dan, "team:t1", None).await;
     assert_eq!(s["read_offset"], 7, "{s}");
+}
+
+/// A `read` past the channel's last offset is refused: a huge one used to be stored
+/// as a Lua double and then made every `subscribe` to the channel `UNAVAILABLE`. A
+/// value that is corrupt already (written before the fix) is ignored, never fatal.
+#[tokio::test]
+async fn read_offsets_past_the_channel_are_refused_and_corrupt_ones_ignored() {
+    let deps = Deps::start();
+    let _ctx = context_responder(&deps, &[("dan", &["t1"])]).await;
+    let gw = gateway(&deps, |_| {}).await;
+    for i in 0..3 {
+        http_publish(&gw, "team:t1", json!(i)).await;
+    }
+    let (mut dan, _) = authed(&gw, "dan").await;
+    let read = |channel: &str, offset: u64| json!({"type": "read", "channel": channel, "offset": offset, "id": "r"});
+    for (channel, offset) in [
+        ("team:t1", 123_456_789_012_345_678u64),
+        ("team:t1", u64::MAX),
+        ("team:t1", 4),
+        ("user:dan", u64::MAX),
+        ("user:dan", 1),
+    ] {
+        send_json(&mut dan, read(channel, offset)).await;
+        let e = next_matching(&mut dan, |f| f["id"] == "r").await;
+        assert_eq!(
+            (e["type"].as_str(), e["code"].as_str()),
+            (Some("error"), Some("BAD_REQUEST")),
+            "{channel} {offset}: {e}"
+        );
+    }
+    send_json(&mut dan, read("team:t1", 3)).await;
+    let ack = next_matching(&mut dan, |f| f["id"] == "r").await;
+    assert_eq!(ack["offset"], 3, "{ack}");
+    let s = subscribe(&mut dan, "team:t1", None).await;
+    assert_eq!(
+        (s["type"].as_str(), s["read_offset"].as_u64()),
+        (Some("subscribed"), Some(3)),
+        "{s}"
+    );
+
+    // What the old code stored for those offsets: subscribe works and has no read
+    // offset, the own channel still delivers, and the next `read` repairs the value.
+    let key = "sb:{u:dan}:read";
+    for (field, value) in [
+        ("team:t1", "1.2345678901234568e+17"),
+        ("user:dan", "1.8446744073709552e+19"),
+    ] {
+        let r = deps.redis.command(&["HSET", key, field, value]).unwrap();
+        assert!(r.starts_with(':'), "{r}");
+    }
+    let (mut dan2, _) = authed(&gw, "dan").await;
+    let s = subscribe(&mut dan2, "team:t1", None).await;
+    assert_eq!(s["type"], "subscribed", "{s}");
+    assert!(s.get("read_offset").is_none(), "{s}");
+    let s = subscribe(&mut dan2, "user:dan", None).await;
+    assert_eq!(s["type"], "subscribed", "{s}");
+    assert!(s.get("read_offset").is_none(), "{s}");
+    http_publish(&gw, "user:dan", json!("own")).await;
+    let m = next_matching(&mut dan2, |f| f["type"] == "message").await;
+    assert_eq!(
+        (m["channel"].as_str(), m["data"].as_str()),
+        (Some("user:dan"), Some("own"))
+    );
+    send_json(&mut dan2, read("team:t1", 2)).await;
+    let ack = next_matching(&mut dan2, |f| f["id"] == "r").await;
+    assert_eq!(
+        ack["offset"], 2,
+        "the corrupt value counts as no read: {ack}"
+    );
+    let s = subscribe(&mut dan2, "team:t1", None).await;
+    assert_eq!(s["read_offset"], 2, "{s}");
 }
 
 #[tokio::test]

@@ -77,20 +77,112 @@ async fn chat_send_is_stored_in_jetstream_before_the_ack() {
     )
     .await;
     assert_eq!(next_json(&mut ws).await["session_id"], sid.as_str());
-    // Another user's attempt on it is refused, and the connection stays.
+    // Another user sending the same id gets a session of its own under that id:
+    // nothing of alice's session reaches it.
+    let recorded = HistoryMessage {
+        role: "assistant".into(),
+        content: "alice's secret".into(),
+        ts: 1,
+        request_id: Some(rid.clone()),
+    };
+    let store = deps.store();
+    assert!(
+        store
+            .append_history(&sid, "alice", &rid, &[recorded], 100)
+            .await
+            .unwrap()
+    );
     let (mut other, _) = authed(&gw, "bob").await;
+    send_json(
+        &mut other,
+        json!({"type": "history", "session_id": sid, "id": "h0"}),
+    )
+    .await;
+    assert_eq!(next_json(&mut other).await["code"], "NOT_FOUND");
     send_json(
         &mut other,
         json!({"type": "chat.send", "message": "hijack", "session_id": sid, "id": "h"}),
     )
     .await;
-    let e = next_json(&mut other).await;
+    let ack = next_json(&mut other).await;
     assert_eq!(
-        (e["code"].as_str(), e["id"].as_str()),
-        (Some("FORBIDDEN"), Some("h"))
+        (
+            ack["type"].as_str(),
+            ack["session_id"].as_str(),
+            ack["id"].as_str()
+        ),
+        (Some("ack"), Some(sid.as_str()), Some("h")),
+        "{ack}"
     );
     send_json(&mut other, json!({"type": "history", "session_id": sid})).await;
-    assert_eq!(next_json(&mut other).await["code"], "FORBIDDEN");
+    let h = next_json(&mut other).await;
+    assert_eq!(
+        (h["type"].as_str(), &h["messages"]),
+        (Some("history"), &json!([])),
+        "{h}"
+    );
+    send_json(&mut ws, json!({"type": "history", "session_id": sid})).await;
+    let h = next_json(&mut ws).await;
+    assert_eq!(h["messages"][0]["content"], "alice's secret", "{h}");
+}
+
+/// Session squatting: a user who sends a `session_id` first (guessed, or seen in a
+/// shared screen or log) used to own it, and its real owner then got `FORBIDDEN` for
+/// its own session. Sessions are per user now: both work, separately.
+#[tokio::test]
+async fn a_session_id_taken_first_by_another_user_does_not_block_its_owner() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, |_| {}).await;
+    let (mut mallory, _) = authed(&gw, "mallory").await;
+    let (mut alice, _) = authed(&gw, "alice").await;
+    for ws in [&mut mallory, &mut alice] {
+        send_json(
+            ws,
+            json!({"type": "chat.send", "message": "hi", "session_id": "plan-2025", "id": "s"}),
+        )
+        .await;
+        let ack = next_json(ws).await;
+        assert_eq!(
+            (ack["type"].as_str(), ack["session_id"].as_str()),
+            (Some("ack"), Some("plan-2025")),
+            "{ack}"
+        );
+    }
+    let store = deps.store();
+    assert_eq!(
+        store
+            .session_owner("alice", "plan-2025")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("alice")
+    );
+    assert_eq!(
+        store
+            .session_owner("mallory", "plan-2025")
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("mallory")
+    );
+    // The requests name the same wire id; each reaches its own user's session.
+    let c = consumer(&deps).await;
+    let mut batch = c
+        .fetch()
+        .max_messages(10)
+        .expires(Duration::from_secs(2))
+        .messages()
+        .await
+        .unwrap();
+    let mut users = Vec::new();
+    while let Some(Ok(msg)) = batch.next().await {
+        let req: Value = serde_json::from_slice(&msg.payload).unwrap();
+        assert_eq!(req["session_id"], "plan-2025");
+        users.push(req["user_id"].as_str().unwrap().to_owned());
+        msg.ack().await.unwrap();
+    }
+    users.sort();
+    assert_eq!(users, ["alice", "mallory"]);
 }
 
 #[tokio::test]
@@ -310,7 +402,11 @@ async fn recording_a_reply_reclaims_a_lost_session_for_its_user() {
             .unwrap()
     );
     assert_eq!(
-        store.session_owner("sess-lost").await.unwrap().as_deref(),
+        store
+            .session_owner("dave", "sess-lost")
+            .await
+            .unwrap()
+            .as_deref(),
         Some("dave")
     );
     let (mut dave, _) = authed(&gw, "dave").await;
@@ -328,5 +424,5 @@ async fn recording_a_reply_reclaims_a_lost_session_for_its_user() {
         json!({"type": "history", "session_id": "sess-lost", "id": 2}),
     )
     .await;
-    assert_eq!(next_json(&mut eve).await["code"], "FORBIDDEN");
+    assert_eq!(next_json(&mut eve).await["code"], "NOT_FOUND");
 }

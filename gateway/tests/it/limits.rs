@@ -129,3 +129,59 @@ async fn full_node_answers_1013() {
         .unwrap();
     expect_refusal(&mut ws, 1013, "OVERLOADED").await;
 }
+
+/// Failed api key attempts are limited per client address: past the burst every
+/// request from that address, right key or not, is HTTP 429 with `Retry-After` and a
+/// JSON body, and each failure is counted in a metric. Other addresses (here behind a
+/// trusted proxy, in another IPv6 /64) are not affected.
+#[tokio::test]
+async fn failed_api_key_attempts_are_limited_per_address() {
+    use gateway::limits::API_KEY_FAILURE_BURST;
+    let deps = Deps::start();
+    let gw = gateway(&deps, |c| c.trusted_proxies = Some("127.0.0.1/32".into())).await;
+    let get = |key: &str, client: &str| {
+        api()
+            .get(gw.http("/v1/nodes"))
+            .bearer_auth(key)
+            .header("x-forwarded-for", client)
+            .send()
+    };
+    let attacker = "2001:db8:1:2::10";
+    for i in 0..API_KEY_FAILURE_BURST {
+        let r = get(&format!("guess-{i}-0123456789abcdef"), attacker)
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "attempt {i}");
+    }
+    // The right key from the same /64 is refused too: no oracle past the limit.
+    let r = get(API_KEY, "2001:db8:1:2::99").await.unwrap();
+    assert_eq!(r.status(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=60).contains(&retry), "{retry}");
+    let body: serde_json::Value = r.json().await.unwrap();
+    assert_eq!(body["error"]["code"], "RATE_LIMITED", "{body}");
+    // Another client is served.
+    let r = get(API_KEY, "2001:db8:1:3::10").await.unwrap();
+    assert_eq!(r.status(), 200);
+    let r = get(API_KEY, "198.51.100.7").await.unwrap();
+    assert_eq!(r.status(), 200);
+    // Metrics are process-wide and other tests fail keys too: at least ours counted.
+    let m = gw.metrics().await;
+    let value = |name: &str| -> f64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    };
+    assert!(
+        value("switchboard_api_key_failures_total ") >= f64::from(API_KEY_FAILURE_BURST),
+        "{m}"
+    );
+    assert!(
+        value("switchboard_rate_limited_total{scope=\"api_key\"} ") >= 1.0,
+        "{m}"
+    );
+}

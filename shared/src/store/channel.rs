@@ -158,14 +158,25 @@ return flat(redis.call('XRANGE', KEYS[1], e .. '-' .. lo, e .. '-' .. hi), out)
 "#
 );
 
-/// Keeps the highest read offset.
+/// Keeps the highest read offset. Lua numbers are doubles, so the caller passes only
+/// offsets up to [`MAX_READ_OFFSET`] and the decimal string is stored as given (never
+/// a Lua number's rendering). A stored value that is not a whole number in that range
+/// was not written by this script (an older version stored doubles such as
+/// `1.8446744073709552e+19`): it counts as no read at all, so this write replaces it
+/// instead of being compared with garbage forever. ARGV: channel, offset, ttl_ms.
 const READ_SCRIPT: &str = r#"
+local max = 9007199254740991
 local cur = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if cur == nil or cur ~= cur or cur < 0 or cur > max or cur % 1 ~= 0 then cur = -1 end
 local new = tonumber(ARGV[2])
-if new > cur then redis.call('HSET', KEYS[1], ARGV[1], new); cur = new end
+if new > cur then redis.call('HSET', KEYS[1], ARGV[1], ARGV[2]); cur = new end
 redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return cur
 "#;
+
+/// Largest read offset stored: 2^53 - 1, the largest integer a Lua number (a double)
+/// holds exactly. Channel offsets count publications, so a real one never gets near.
+pub const MAX_READ_OFFSET: u64 = (1 << 53) - 1;
 
 /// Read offsets are kept this long after the user's last read.
 pub const READ_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
@@ -515,7 +526,9 @@ impl SessionStore {
 
     // === read offsets ===
 
-    /// Records a read offset (keeping the highest) and returns the stored one.
+    /// Records a read offset (keeping the highest) and returns the stored one. The
+    /// caller checks the offset against the channel's position; an offset above
+    /// [`MAX_READ_OFFSET`] is cut to it, so what Lua compares and stores stays exact.
     pub async fn set_read(
         &self,
         user: &str,
@@ -527,7 +540,7 @@ impl SessionStore {
             let v: u64 = Script::new(READ_SCRIPT)
                 .key(self.keys.user_reads(user))
                 .arg(channel)
-                .arg(offset)
+                .arg(offset.min(MAX_READ_OFFSET))
                 .arg(READ_TTL.as_millis() as u64)
                 .invoke_async(&mut c)
                 .await?;
@@ -536,10 +549,15 @@ impl SessionStore {
         .await
     }
 
+    /// The user's read offset in a channel. A stored value that is not an offset
+    /// (written by an older version, or by hand) is logged and treated as absent: a
+    /// read receipt must never make `subscribe` fail.
     pub async fn read_offset(&self, user: &str, channel: &str) -> Result<Option<u64>, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
-            Ok(c.hget(self.keys.user_reads(user), channel).await?)
+            let key = self.keys.user_reads(user);
+            let raw: Option<String> = c.hget(&key, channel).await?;
+            Ok(raw.and_then(|v| parse_read_offset(&key, channel, &v)))
         })
         .await
     }
@@ -622,6 +640,18 @@ fn entries(key: &str, raw: Vec<String>) -> Result<(Option<Position>, Vec<Entry>)
     Ok((Some(top), out))
 }
 
+/// A stored read offset, or `None` (logged) when it is not a whole number up to
+/// [`MAX_READ_OFFSET`].
+fn parse_read_offset(key: &str, channel: &str, value: &str) -> Option<u64> {
+    match value.parse::<u64>() {
+        Ok(offset) if offset <= MAX_READ_OFFSET => Some(offset),
+        _ => {
+            tracing::warn!(key, channel, value, "corrupt read offset ignored");
+            None
+        }
+    }
+}
+
 /// A stream entry id `<epoch>-<offset>` as a [`Position`].
 fn parse_id(key: &str, id: &str) -> Result<Position, StoreError> {
     let bad = || StoreError::CorruptValue {
@@ -633,4 +663,28 @@ fn parse_id(key: &str, id: &str) -> Result<Position, StoreError> {
         epoch: epoch.parse().map_err(|_| bad())?,
         offset: offset.parse().map_err(|_| bad())?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn read_offsets_parse_only_exact_whole_numbers() {
+        let parse = |v| parse_read_offset("sb:{u:u}:read", "team:t", v);
+        assert_eq!(parse("0"), Some(0));
+        assert_eq!(parse("7"), Some(7));
+        assert_eq!(parse("9007199254740991"), Some(MAX_READ_OFFSET));
+        for corrupt in [
+            "9007199254740992",
+            "1.8446744073709552e+19",
+            "1.2345678901234568e+17",
+            "-1",
+            "7.5",
+            "",
+            "abc",
+        ] {
+            assert_eq!(parse(corrupt), None, "{corrupt}");
+        }
+    }
 }

@@ -18,7 +18,7 @@ mod channel;
 mod presence_sweep;
 
 pub use backend::{CONNECT_TIMEOUT, Conn, RECONNECT_MAX_DELAY, RESPONSE_TIMEOUT, Target};
-pub use channel::{ChannelHistory, ChannelSettings, Position, PresenceEntry};
+pub use channel::{ChannelHistory, ChannelSettings, MAX_READ_OFFSET, Position, PresenceEntry};
 
 use crate::keys::{Keys, REVOCATION_SHARDS};
 use crate::protocol::{HistoryMessage, UserContext};
@@ -496,7 +496,10 @@ impl SessionStore {
 
     // === chat sessions ===
 
-    /// Creates the session for `user_id` if new; checks ownership otherwise.
+    /// Creates the session for `user_id` if new; checks ownership otherwise. Sessions
+    /// are keyed by owner and id together, so another user's session of the same id
+    /// is a different session; `Forbidden` remains only as a guard against a record
+    /// that names someone else.
     pub async fn claim_session(
         &self,
         session_id: &str,
@@ -505,8 +508,8 @@ impl SessionStore {
         bounded(async {
             let mut c = self.conn().await?;
             let r: i64 = Script::new(CLAIM_SESSION_SCRIPT)
-                .key(self.keys.chat_meta(session_id))
-                .key(self.keys.chat_history(session_id))
+                .key(self.keys.chat_meta(user_id, session_id))
+                .key(self.keys.chat_history(user_id, session_id))
                 .arg(user_id)
                 .arg(now_ms())
                 .arg(CHAT_TTL.as_millis() as u64)
@@ -521,18 +524,24 @@ impl SessionStore {
         .await
     }
 
-    /// The owner of a session, if it exists.
-    pub async fn session_owner(&self, session_id: &str) -> Result<Option<String>, StoreError> {
+    /// The owner recorded for `user_id`'s session `session_id`, if it exists.
+    pub async fn session_owner(
+        &self,
+        user_id: &str,
+        session_id: &str,
+    ) -> Result<Option<String>, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
-            Ok(c.hget(self.keys.chat_meta(session_id), "owner").await?)
+            Ok(c.hget(self.keys.chat_meta(user_id, session_id), "owner")
+                .await?)
         })
         .await
     }
 
-    /// The most recent `limit` messages, oldest first.
+    /// The most recent `limit` messages of `user_id`'s session, oldest first.
     pub async fn history(
         &self,
+        user_id: &str,
         session_id: &str,
         limit: usize,
     ) -> Result<Vec<HistoryMessage>, StoreError> {
@@ -541,7 +550,7 @@ impl SessionStore {
             if limit == 0 {
                 return Ok(Vec::new());
             }
-            let key = self.keys.chat_history(session_id);
+            let key = self.keys.chat_history(user_id, session_id);
             let raw: Vec<String> = c.lrange(&key, -(limit as isize), -1).await?;
             raw.iter()
                 .map(|s| {
@@ -568,11 +577,11 @@ impl SessionStore {
     ) -> Result<bool, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
-            let key = self.keys.chat_history(session_id);
+            let key = self.keys.chat_history(owner, session_id);
             let script = Script::new(APPEND_SCRIPT);
             let mut inv = script.prepare_invoke();
             inv.key(&key)
-                .key(self.keys.chat_meta(session_id))
+                .key(self.keys.chat_meta(owner, session_id))
                 .arg(request_id)
                 .arg(window.max(1))
                 .arg(CHAT_TTL.as_millis() as u64)
@@ -595,11 +604,12 @@ impl SessionStore {
     /// that already completed only republishes it).
     pub async fn recorded_reply(
         &self,
+        user_id: &str,
         session_id: &str,
         request_id: &str,
     ) -> Result<Option<HistoryMessage>, StoreError> {
         let all = self
-            .history(session_id, DEFAULT_HISTORY_WINDOW * 10)
+            .history(user_id, session_id, DEFAULT_HISTORY_WINDOW * 10)
             .await?;
         Ok(all
             .into_iter()

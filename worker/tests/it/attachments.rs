@@ -99,7 +99,7 @@ async fn text_and_pdf_attachments_reach_the_llm() {
         "{prompt}"
     );
     // History keeps the message as typed.
-    let h = env.history(&req.session_id).await;
+    let h = env.history(&req).await;
     assert_eq!(h[0].content, "summarise these");
 }
 
@@ -143,7 +143,7 @@ async fn unsupported_or_oversized_attachments_are_refused_naming_the_file() {
     assert!(seen.last["message"].as_str().unwrap().contains("scan.pdf"));
 
     assert_eq!(env.llm.request_count(), 0);
-    assert!(env.history(&req.session_id).await.is_empty());
+    assert!(env.history(&req).await.is_empty());
     env.wait_queue_empty().await;
 }
 

@@ -57,7 +57,7 @@ async fn cancel_stops_the_stream_fast_closes_upstream_and_records_the_partial_re
     );
     assert_eq!(env.llm.active(), 0);
 
-    let h = env.history(&req.session_id).await;
+    let h = env.history(&req).await;
     assert_eq!(h.len(), 2);
     assert_eq!(h[1].content, partial);
     env.wait_queue_empty().await;

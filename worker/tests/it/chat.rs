@@ -57,7 +57,7 @@ async fn streams_ordered_coalesced_chunks_then_completes_and_records_history_onc
     assert_eq!(msgs[0]["content"], "hello there");
 
     // History: the user message and the reply, once, tagged with the request.
-    let h = env.history(&req.session_id).await;
+    let h = env.history(&req).await;
     assert_eq!(h.len(), 2, "{h:?}");
     assert_eq!(
         (h[0].role.as_str(), h[0].content.as_str()),
@@ -171,7 +171,7 @@ async fn system_prompt_and_history_within_the_token_budget() {
     assert_eq!(firsts, ['1', '2', '3', '4', '5']);
     assert_eq!(msgs[6]["content"], "q");
     // The session now holds eight messages.
-    assert_eq!(env.history(&req.session_id).await.len(), 8);
+    assert_eq!(env.history(&req).await.len(), 8);
 }
 
 #[tokio::test]
@@ -255,6 +255,6 @@ async fn a_request_already_in_history_only_republishes_complete() {
     assert_eq!(seen.kind(), "chat.complete");
     assert_eq!(seen.last["content"], "the earlier reply");
     assert_eq!(env.llm.request_count(), 0, "the LLM is not asked again");
-    assert_eq!(env.history(&req.session_id).await.len(), 2);
+    assert_eq!(env.history(&req).await.len(), 2);
     env.wait_queue_empty().await;
 }

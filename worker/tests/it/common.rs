@@ -155,8 +155,12 @@ impl Env {
         Frames { sub }
     }
 
-    pub async fn history(&self, session_id: &str) -> Vec<HistoryMessage> {
-        self.store.history(session_id, 1000).await.unwrap()
+    /// The recorded history of the request's session (sessions are keyed by owner).
+    pub async fn history(&self, req: &ChatRequest) -> Vec<HistoryMessage> {
+        self.store
+            .history(&req.user_id, &req.session_id, 1000)
+            .await
+            .unwrap()
     }
 
     /// The durable consumer as workers configure it, for tests that play a failing

@@ -49,7 +49,7 @@ async fn a_killed_workers_request_completes_on_another_worker_recorded_once() {
     assert!(restarted, "the second attempt starts at seq 0");
     assert_eq!(last["type"], "chat.complete", "{last}");
     assert_eq!(last["content"], reply.text());
-    let h = env.history(&req.session_id).await;
+    let h = env.history(&req).await;
     assert_eq!(h.len(), 2, "recorded exactly once: {h:?}");
     assert_eq!(h[1].content, reply.text());
     assert_eq!(env.llm.request_count(), 2);
@@ -84,7 +84,7 @@ async fn retries_after_429_honouring_retry_after_then_after_5xx() {
     let seen = frames.until_end().await;
     assert_eq!(seen.kind(), "chat.complete", "{:?}", seen.last);
     assert_eq!(env.llm.request_count(), 5);
-    assert_eq!(env.history(&req.session_id).await.len(), 2);
+    assert_eq!(env.history(&req).await.len(), 2);
 }
 
 #[tokio::test]
@@ -113,7 +113,7 @@ async fn exhausted_and_permanent_llm_errors_are_reported_without_redelivery() {
 
     env.wait_queue_empty().await;
     frames.expect_silence(Duration::from_millis(300)).await;
-    assert!(env.history(&req.session_id).await.is_empty());
+    assert!(env.history(&req).await.is_empty());
 }
 
 #[tokio::test]
@@ -138,7 +138,7 @@ async fn a_stream_failing_after_tokens_is_a_retryable_error_and_not_retried() {
         assert_eq!(seen.last["code"], "UNAVAILABLE");
         assert_eq!(seen.last["retryable"], true);
         assert_eq!(env.llm.request_count(), before + 1, "no retry after tokens");
-        assert!(env.history(&req.session_id).await.is_empty());
+        assert!(env.history(&req).await.is_empty());
     }
     // Acked: nothing comes back after the ack wait.
     env.wait_queue_empty().await;
@@ -260,7 +260,7 @@ async fn the_worker_recovers_from_a_nats_restart() {
     env.publish(&req).await;
     let seen = frames.until_end().await;
     assert_eq!(seen.kind(), "chat.complete", "{:?}", seen.last);
-    assert_eq!(env.history(&req.session_id).await.len(), 2);
+    assert_eq!(env.history(&req).await.len(), 2);
 }
 
 #[tokio::test]
@@ -298,7 +298,7 @@ async fn a_reply_that_ended_while_nats_was_down_is_echoed_to_late_subscribers() 
         "{echoed}"
     );
     assert_eq!(echoed["content"], reply.text());
-    assert_eq!(env.history(&req.session_id).await.len(), 2, "recorded once");
+    assert_eq!(env.history(&req).await.len(), 2, "recorded once");
     let m = w.metrics().await;
     assert!(
         m.contains(r#"switchboard_worker_echoes_total{result="sent"} 1"#),

@@ -33,7 +33,7 @@ async fn shutdown_finishes_in_flight_requests_and_takes_no_new_ones() {
     tokio::time::timeout(Duration::from_secs(3), w.join())
         .await
         .expect("run returns once in-flight work is done");
-    assert_eq!(env.history(&req.session_id).await.len(), 2);
+    assert_eq!(env.history(&req).await.len(), 2);
     assert_eq!(env.llm.request_count(), 1);
 
     // The next worker gets the later request, and not the finished one again.
@@ -72,7 +72,7 @@ async fn requests_still_running_after_the_grace_period_are_given_back() {
         env.llm.wait_for(WAIT, |s| s.disconnects() == 1).await,
         "the abandoned stream is closed"
     );
-    assert!(env.history(&req.session_id).await.is_empty());
+    assert!(env.history(&req).await.is_empty());
 
     let started = Instant::now();
     let _b = env.worker(|c| c.ack_wait_secs = Some(30)).await;
@@ -88,5 +88,5 @@ async fn requests_still_running_after_the_grace_period_are_given_back() {
         started.elapsed() < Duration::from_secs(10),
         "redelivered at once, not after the 30 s ack wait"
     );
-    assert_eq!(env.history(&req.session_id).await.len(), 2);
+    assert_eq!(env.history(&req).await.len(), 2);
 }
