@@ -347,24 +347,10 @@ impl Node {
 
     /// Takes revocations told over NATS at once.
     async fn revocation_notice_loop(&self) {
-        use futures_util::StreamExt;
-        let Some(mut sub) = self
-            .subscribe_until_stopped(self.subjects.revocations(), None)
-            .await
-        else {
-            return;
-        };
-        loop {
-            let msg = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => break,
-                m = sub.next() => match m { Some(m) => m, None => break },
-            };
-            match serde_json::from_slice::<crate::revocations::Revocation>(&msg.payload) {
-                Ok(r) => self.revocations.add(r),
-                Err(e) => tracing::warn!(error = %e, "malformed revocation notice"),
-            }
-        }
+        self.control_messages(self.subjects.revocations(), "revocation notice", |r| {
+            self.revocations.add(r)
+        })
+        .await;
     }
 
     async fn heartbeat_loop(&self) {
@@ -477,11 +463,27 @@ impl Node {
     /// Applies `sb.ctl.disconnect` kicks to local connections. The subscription is
     /// re-sent by the client after NATS reconnects.
     async fn control_loop(&self) {
+        self.control_messages(
+            self.subjects.ctl_disconnect(),
+            "disconnect command",
+            |cmd: shared::protocol::DisconnectCommand| {
+                let n = self.hub.disconnect(&cmd);
+                tracing::info!(closed = n, code = cmd.code, "disconnect command");
+            },
+        )
+        .await;
+    }
+
+    /// Hands each JSON message of a control subject to `apply` until the node stops;
+    /// a malformed one is logged and skipped.
+    async fn control_messages<T: serde::de::DeserializeOwned>(
+        &self,
+        subject: String,
+        what: &'static str,
+        apply: impl Fn(T),
+    ) {
         use futures_util::StreamExt;
-        let Some(mut sub) = self
-            .subscribe_until_stopped(self.subjects.ctl_disconnect(), None)
-            .await
-        else {
+        let Some(mut sub) = self.subscribe_until_stopped(subject, None).await else {
             return;
         };
         loop {
@@ -490,12 +492,9 @@ impl Node {
                 _ = self.stop.cancelled() => break,
                 m = sub.next() => match m { Some(m) => m, None => break },
             };
-            match serde_json::from_slice::<shared::protocol::DisconnectCommand>(&msg.payload) {
-                Ok(cmd) => {
-                    let n = self.hub.disconnect(&cmd);
-                    tracing::info!(closed = n, code = cmd.code, "disconnect command");
-                }
-                Err(e) => tracing::warn!(error = %e, "malformed disconnect command"),
+            match serde_json::from_slice::<T>(&msg.payload) {
+                Ok(v) => apply(v),
+                Err(e) => tracing::warn!(error = %e, what, "malformed control message"),
             }
         }
     }

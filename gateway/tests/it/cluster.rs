@@ -231,42 +231,21 @@ async fn a_revocation_reaches_every_gateway() {
         .await
         .unwrap();
     assert_eq!(r.status(), 200);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
-    loop {
-        let (mut ws, _) = connect(&b.url(), Hs::bearer(&sign("t-1"))).await.unwrap();
-        let f = next_json(&mut ws).await;
-        if f["type"] == "error" {
-            assert_eq!(f["code"], "TOKEN_INVALID");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "not refused on the other node"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    refused_within(
+        &b,
+        &sign("t-1"),
+        std::time::Duration::from_secs(2),
+        "the notice",
+    )
+    .await;
 
     // Written to Redis only (as a node that missed the notice sees it).
     let key = shared::keys::Keys::new("sb").revoked("t-2");
     deps.redis
         .command(&["ZADD", &key, &exp.to_string(), "t-2"])
         .unwrap();
-    let deadline = std::time::Instant::now()
-        + gateway::revocations::SYNC_INTERVAL
-        + std::time::Duration::from_secs(3);
-    loop {
-        let (mut ws, _) = connect(&a.url(), Hs::bearer(&sign("t-2"))).await.unwrap();
-        let f = next_json(&mut ws).await;
-        if f["type"] == "error" {
-            assert_eq!(f["code"], "TOKEN_INVALID");
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the sync never read it"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
-    }
+    let bound = gateway::revocations::SYNC_INTERVAL + std::time::Duration::from_secs(3);
+    refused_within(&a, &sign("t-2"), bound, "the background read").await;
     let bad = api()
         .post(a.http("/v1/revoke"))
         .bearer_auth(API_KEY)
@@ -275,4 +254,22 @@ async fn a_revocation_reaches_every_gateway() {
         .await
         .unwrap();
     assert_eq!(bad.status(), 400);
+}
+
+/// Connects with `token` until the gateway refuses it `TOKEN_INVALID`, within `bound`.
+async fn refused_within(gw: &Gw, token: &str, bound: std::time::Duration, via: &str) {
+    let deadline = std::time::Instant::now() + bound;
+    loop {
+        let (mut ws, _) = connect(&gw.url(), Hs::bearer(token)).await.unwrap();
+        let f = next_json(&mut ws).await;
+        if f["type"] == "error" {
+            assert_eq!(f["code"], "TOKEN_INVALID");
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "not refused within {bound:?} ({via})"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
 }
