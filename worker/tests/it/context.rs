@@ -97,8 +97,9 @@ async fn backend_down_serves_the_cache_degraded_and_the_breaker_bounds_calls() {
 
     env.backend.set_failing(true);
     let before = env.backend.calls();
+    // `fresh`: a recent answer would be shared for a moment without asking.
     for _ in 0..10 {
-        let ctx = ask(&env, &user, "t").await;
+        let ctx = ask_with(&env, &user, "t", true).await;
         assert!(ctx.degraded);
         assert_eq!(ctx.teams, fresh.teams, "the cached teams");
         assert_eq!(ctx.tasks, fresh.tasks);
@@ -115,10 +116,10 @@ async fn backend_down_serves_the_cache_degraded_and_the_breaker_bounds_calls() {
     // Recovery: after the cool-down one probe goes through and closes the breaker.
     env.backend.set_failing(false);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let ctx = ask(&env, &user, "t").await;
+    let ctx = ask_with(&env, &user, "t", true).await;
     assert!(!ctx.degraded, "the probe succeeded");
     assert_eq!(w.readyz().await.1["breaker"], "closed");
-    assert!(!ask(&env, &user, "t").await.degraded);
+    assert!(!ask_with(&env, &user, "t", true).await.degraded);
     let m = w.metrics().await;
     assert!(m.contains("switchboard_worker_breaker_state 0"), "{m}");
     assert!(m.contains("switchboard_worker_backend_calls_total"), "{m}");
