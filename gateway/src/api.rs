@@ -94,7 +94,11 @@ async fn dispatch(
         }
         (Method::GET, ["nodes"]) => nodes(node).await,
         (Method::GET, ["users", user, "connections"]) => user_connections(node, user).await,
-        (_, ["disconnect"]) | (_, ["publish"]) | (_, ["revoke"]) => {
+        (Method::POST, ["users", user, "refresh-context"]) => refresh_context(node, user).await,
+        (_, ["disconnect"])
+        | (_, ["publish"])
+        | (_, ["revoke"])
+        | (_, ["users", _, "refresh-context"]) => {
             Err(ApiError::MethodNotAllowed("use POST".into()))
         }
         (_, ["nodes"])
@@ -257,6 +261,38 @@ async fn revoke(node: &Node, req: Request<Incoming>) -> Result<Response<Body>, A
         metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "revoke").increment(1);
     }
     Ok(json_response(StatusCode::OK, &json!({"ok": true})))
+}
+
+/// `POST /v1/users/<id>/refresh-context`: every gateway holding connections of the
+/// user fetches the user's context again, bypassing caches, and applies it (channels
+/// the user lost end with `unsubscribed {reason: FORBIDDEN}`; each connection gets a
+/// `context` frame). Answers once the command is on the bus to every gateway.
+async fn refresh_context(node: &Node, user: &str) -> Result<Response<Body>, ApiError> {
+    if !valid_name(user) {
+        return Err(ApiError::BadRequest(format!(
+            "{user:?} is not a valid user id"
+        )));
+    }
+    let cmd = shared::protocol::RefreshContextCommand {
+        user_id: user.to_owned(),
+    };
+    let payload = serde_json::to_vec(&cmd).unwrap_or_default();
+    // Published and flushed: every gateway subscribed to the subject gets it.
+    let published = tokio::time::timeout(PUBLISH_TIMEOUT, async {
+        node.nats
+            .publish(node.subjects.ctl_refresh_context(), payload.into())
+            .await
+            .map_err(|e| e.to_string())?;
+        node.nats.flush().await.map_err(|e| e.to_string())
+    })
+    .await;
+    match published {
+        Ok(Ok(())) => Ok(json_response(StatusCode::OK, &json!({"ok": true}))),
+        _ => {
+            metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "refresh_context").increment(1);
+            Err(ApiError::Unavailable("message bus"))
+        }
+    }
 }
 
 /// A token id longer than this is not one any issuer makes.

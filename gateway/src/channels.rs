@@ -450,7 +450,11 @@ pub async fn unsubscribe(
     node.hub.leave_channel(conn_id, &key);
     metrics::gauge!(shared::metrics::SUBSCRIPTIONS).decrement(1.0);
     leave_presence(node, perms, conn_id, &ch).await;
-    Ok(ServerFrame::Unsubscribed { channel: key, id })
+    Ok(ServerFrame::Unsubscribed {
+        channel: key,
+        reason: None,
+        id,
+    })
 }
 
 /// Drops every subscription of a closing connection (presence and `leave` events).
@@ -463,7 +467,7 @@ pub async fn leave_all(node: &Node, conn_id: &str, perms: &Perms, subs: &mut Sub
 }
 
 /// Drops subscriptions the user may no longer hold (after a context refresh took a
-/// team away); returns `unsubscribed` frames for them.
+/// team away); returns `unsubscribed {reason: FORBIDDEN}` frames for them.
 pub async fn revoke_lost(
     node: &Node,
     conn_id: &str,
@@ -478,7 +482,10 @@ pub async fn revoke_lost(
         .collect();
     let mut out = Vec::new();
     for ch in lost {
-        if let Ok(f) = unsubscribe(node, conn_id, perms, subs, &ch.to_string(), None).await {
+        if let Ok(mut f) = unsubscribe(node, conn_id, perms, subs, &ch.to_string(), None).await {
+            if let ServerFrame::Unsubscribed { reason, .. } = &mut f {
+                *reason = Some(shared::protocol::ErrorCode::Forbidden);
+            }
             out.push(f.to_bytes());
         }
     }

@@ -42,6 +42,9 @@ pub const DEFAULT_CONNECT_BURST_PER_IP: u32 = 50;
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
 /// DESIGN.md: the user-context RPC waits about 2 s before answering degraded.
 pub const DEFAULT_USER_CONTEXT_TIMEOUT_MS: u64 = 2000;
+/// Live connections' teams and tasks are checked again this often: a user removed
+/// from a team loses its channels within five minutes even if nobody says so.
+pub const DEFAULT_CONTEXT_REVALIDATE_SECS: u64 = 300;
 /// Chat requests per user per minute, cluster-wide: LLM calls are costly, and a
 /// person types a few messages a minute.
 pub const DEFAULT_CHAT_RATE_PER_MINUTE: u32 = 20;
@@ -181,6 +184,9 @@ pub struct RawConfig {
     pub outbound_queue: Option<usize>,
     #[arg(long, env = "SB_USER_CONTEXT_TIMEOUT_MS")]
     pub user_context_timeout_ms: Option<u64>,
+    /// Period of the re-check of every live connection's teams and tasks.
+    #[arg(long, env = "SB_CONTEXT_REVALIDATE_SECS")]
+    pub context_revalidate_secs: Option<u64>,
     /// Chat requests per user per minute, cluster-wide.
     #[arg(long, env = "SB_CHAT_RATE_PER_MINUTE")]
     pub chat_rate_per_minute: Option<u32>,
@@ -259,6 +265,7 @@ pub struct Config {
     pub connect_burst_per_ip: u32,
     pub outbound_queue: usize,
     pub user_context_timeout: Duration,
+    pub context_revalidate: Duration,
     pub chat_rate_per_minute: u32,
     pub max_files: usize,
     pub max_files_bytes: usize,
@@ -461,6 +468,11 @@ impl RawConfig {
                 "SB_USER_CONTEXT_TIMEOUT_MS",
                 self.user_context_timeout_ms
                     .unwrap_or(DEFAULT_USER_CONTEXT_TIMEOUT_MS),
+            )?),
+            context_revalidate: Duration::from_secs(cfg::positive(
+                "SB_CONTEXT_REVALIDATE_SECS",
+                self.context_revalidate_secs
+                    .unwrap_or(DEFAULT_CONTEXT_REVALIDATE_SECS),
             )?),
             chat_rate_per_minute: cfg::positive(
                 "SB_CHAT_RATE_PER_MINUTE",

@@ -23,8 +23,8 @@ use crate::channels::{self, Perms, Subscriptions};
 use crate::chat;
 use crate::credentials::Source;
 use crate::error::SessionError;
-use crate::hub::{CloseReason, Closer, Member, Outbound, Registration};
-use crate::limits::{MessageLimiter, MessageVerdict};
+use crate::hub::{CloseReason, Closer, Member, Outbound, Registration, TokenSlot};
+use crate::limits::{Bucket, MessageLimiter, MessageVerdict};
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::transport::{self, Inbound, ReadError, WsReader, WsWriter};
@@ -39,6 +39,16 @@ const OUTBOUND_BATCH: usize = 64;
 /// Bytes waiting for a slow peer before the connection stops taking more work:
 /// beyond this, the outbound queue fills and the hub closes the connection 4008.
 pub const MAX_PENDING_BYTES: usize = 64 * 1024;
+/// A history replay waits for the peer to drain the write buffer below
+/// [`MAX_PENDING_BYTES`] before the next page; a peer that takes nothing for this
+/// long is a slow consumer (closed 4008). The same bound as a stuck write.
+pub const REPLAY_STALL_TIMEOUT: Duration = transport::WRITE_TIMEOUT;
+/// `refresh` frames a connection may send at once: a client retrying a refresh a
+/// couple of times is fine; each costs a token check and a context fetch.
+pub const REFRESH_BURST: f64 = 3.0;
+/// Sustained `refresh` frames per second per connection: tokens live minutes to
+/// hours, so one every 30 s is far more than any client needs.
+pub const REFRESH_PER_SEC: f64 = 1.0 / 30.0;
 
 /// What the upgrade request decided before the socket existed.
 pub struct Upgrade {
@@ -113,7 +123,10 @@ pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up
 /// An authenticated identity on this connection.
 struct Authed {
     claims: Claims,
-    token: String,
+    /// The current token, shared with the hub (context re-checks use it).
+    token: TokenSlot,
+    /// Allowance of `refresh` frames.
+    refreshes: Bucket,
     /// Close 4001 at this instant (exp + leeway).
     expires: Instant,
     /// Send `token_expiring` at this instant, once.
@@ -333,6 +346,7 @@ impl Session {
                 let frames = channels::on_publication(&mut a.subs, &channel, at, frame);
                 self.write_all(&frames)
             }
+            Outbound::Context(ctx) => self.apply_context(&ctx).await,
             Outbound::Event {
                 channel,
                 skip_user,
@@ -351,6 +365,66 @@ impl Session {
                 }
             }
         }
+    }
+
+    /// Applies a context fetched again for this user: subscriptions the user may no
+    /// longer hold end with `unsubscribed {reason: FORBIDDEN}`, then the client gets
+    /// the new teams and tasks in a `context` frame.
+    async fn apply_context(&mut self, ctx: &shared::protocol::UserContext) {
+        let (node, conn_id) = (self.node.clone(), self.conn_id.clone());
+        let Some(a) = self.auth.as_mut() else {
+            return;
+        };
+        a.perms.teams = channels::teams_of(ctx);
+        let revoked = channels::revoke_lost(&node, &conn_id, &a.perms, &mut a.subs).await;
+        self.write_all(&revoked);
+        self.send(&ServerFrame::Context {
+            teams: ctx.teams.clone(),
+            tasks: ctx.tasks.clone(),
+            degraded: ctx.degraded,
+        });
+    }
+
+    /// Writes a history replay (then the `subscribed` that follows it) within the
+    /// same outbound budget as live traffic: frames go to the write buffer while it
+    /// holds less than [`MAX_PENDING_BYTES`]; past that, the next page waits for the
+    /// peer to drain it. A peer that takes nothing for [`REPLAY_STALL_TIMEOUT`] is a
+    /// slow consumer. Nothing beyond the budget (and the replay itself, bounded by
+    /// the channel's history) is ever held for a peer that does not read.
+    async fn write_paced(&mut self, frames: Vec<Bytes>) -> Result<(), SessionError> {
+        let mut progress_at = Instant::now();
+        for f in frames {
+            while self.writer.pending() >= MAX_PENDING_BYTES {
+                let before = self.writer.pending();
+                if self.writer.try_flush().is_err() {
+                    // The socket failed: the loop finds out on its next flush.
+                    return Ok(());
+                }
+                let after = self.writer.pending();
+                if after < MAX_PENDING_BYTES {
+                    break;
+                }
+                if after < before {
+                    progress_at = Instant::now();
+                }
+                let deadline = progress_at + REPLAY_STALL_TIMEOUT;
+                tokio::select! {
+                    biased;
+                    // Closing anyway: the loop takes the reason.
+                    _ = self.closer.closed() => return Ok(()),
+                    r = tokio::time::timeout_at(deadline.into(), self.writer.writable()) => match r {
+                        Ok(Ok(())) => {}
+                        Ok(Err(_)) => return Ok(()),
+                        Err(_) => {
+                            metrics::counter!(m::SLOW_CONSUMERS).increment(1);
+                            return Err(SessionError::SlowConsumer);
+                        }
+                    },
+                }
+            }
+            self.writer.queue_text(&f);
+        }
+        Ok(())
     }
 
     fn write_all(&mut self, frames: &[Bytes]) {
@@ -472,7 +546,10 @@ impl Session {
                     }
                     None => Ok(Vec::new()),
                 };
-                r.map(|frames| self.write_all(&frames))
+                match r {
+                    Ok(frames) => self.write_paced(frames).await,
+                    Err(e) => Err(e),
+                }
             }
             ClientFrame::Unsubscribe { channel } => {
                 let node = self.node.clone();
@@ -593,6 +670,7 @@ impl Session {
         }
         // From here on the Redis record exists: `finish` removes it on every path.
         let registry: Arc<str> = rec.member().into();
+        let token_slot: TokenSlot = Arc::new(std::sync::Mutex::new(token.as_str().into()));
         let user: Arc<str> = claims.user_id.as_str().into();
         let registration = match node
             .hub
@@ -602,6 +680,7 @@ impl Session {
                 outbox: self.outbox.clone(),
                 closer: self.closer.clone(),
                 registry: registry.clone(),
+                token: token_slot.clone(),
             })
             .await
         {
@@ -613,7 +692,7 @@ impl Session {
                 return Err(SessionError::AuthUnavailable("message bus"));
             }
         };
-        let ctx = node.user_context(&claims.user_id, &token).await;
+        let ctx = node.user_context(&claims.user_id, &token, false).await;
         tracing::Span::current().record("user", claims.user_id.as_str());
         let ctx_for_perms = ctx.clone();
         let user_id_str = claims.user_id.clone();
@@ -636,7 +715,8 @@ impl Session {
         let perms = Perms::new(&claims.user_id, &ctx_for_perms);
         self.auth = Some(Authed {
             claims,
-            token,
+            token: token_slot,
+            refreshes: Bucket::new(REFRESH_PER_SEC, REFRESH_BURST, Instant::now()),
             expires,
             warn_at,
             perms,
@@ -678,6 +758,12 @@ impl Session {
 
     /// Replaces the token of a live connection (same user only).
     async fn refresh(&mut self, token: String, id: Option<FrameId>) -> Result<(), SessionError> {
+        if let Some(a) = &mut self.auth
+            && !a.refreshes.try_take(Instant::now())
+        {
+            metrics::counter!(m::RATE_LIMITED, "scope" => "refresh").increment(1);
+            return Err(SessionError::RefreshRateLimited(a.refreshes.wait_time()));
+        }
         let claims = self.node.validator.validate(&token).map_err(|e| {
             metrics::counter!(m::AUTH_FAILURES, "reason" => e.reason()).increment(1);
             SessionError::RefreshRejected(e)
@@ -696,12 +782,12 @@ impl Session {
         let exp = claims.exp;
         // The user's teams may have changed: refresh them, and drop subscriptions
         // to teams the user left.
-        let ctx = self.node.user_context(&claims.user_id, &token).await;
+        let ctx = self.node.user_context(&claims.user_id, &token, false).await;
         let (node, conn_id) = (self.node.clone(), self.conn_id.clone());
         let mut revoked = Vec::new();
         if let Some(a) = &mut self.auth {
             a.claims = claims;
-            a.token = token;
+            *a.token.lock().unwrap_or_else(|p| p.into_inner()) = token.into();
             a.expires = expires;
             a.warn_at = warn_at;
             if !ctx.degraded {

@@ -38,6 +38,9 @@ pub enum SessionError {
     /// the connection closes so the client recovers them with `since`.
     #[error("channel delivery interrupted; resubscribe with since to recover")]
     DeliveryGap,
+    /// The client did not take a history replay within the outbound budget.
+    #[error("the client did not read fast enough")]
+    SlowConsumer,
 
     // --- not fatal: an error frame, the connection stays open ---
     /// A `refresh` with a bad token: the current token stays in force until it expires.
@@ -51,6 +54,9 @@ pub enum SessionError {
     NotFound(String),
     #[error("message rate exceeded")]
     RateLimited(Duration),
+    /// More `refresh` frames than the per-connection allowance.
+    #[error("refresh rate exceeded")]
+    RefreshRateLimited(Duration),
     #[error("{0} unavailable")]
     Unavailable(&'static str),
 }
@@ -84,10 +90,12 @@ impl SessionError {
             E::WrongUser => (ErrorCode::Forbidden, self.to_string(), None),
             E::ConnectionLimit => (ErrorCode::ConnectionLimit, self.to_string(), None),
             E::Overloaded => (ErrorCode::Overloaded, self.to_string(), None),
-            E::ConnectRateLimited(d) | E::Abusive(d) | E::RateLimited(d) => {
-                (ErrorCode::RateLimited, self.to_string(), Some(*d))
-            }
+            E::ConnectRateLimited(d)
+            | E::Abusive(d)
+            | E::RateLimited(d)
+            | E::RefreshRateLimited(d) => (ErrorCode::RateLimited, self.to_string(), Some(*d)),
             E::TooLarge(_) => (ErrorCode::TooLarge, self.to_string(), None),
+            E::SlowConsumer => (ErrorCode::SlowConsumer, self.to_string(), None),
             E::Binary => {
                 return Wire {
                     error: None,
@@ -118,6 +126,7 @@ impl SessionError {
                 | SessionError::Forbidden(_)
                 | SessionError::NotFound(_)
                 | SessionError::RateLimited(_)
+                | SessionError::RefreshRateLimited(_)
                 | SessionError::Unavailable(_)
                 | SessionError::RefreshRejected(_)
         )
@@ -256,6 +265,16 @@ mod tests {
                 SessionError::RateLimited(Duration::from_millis(5)),
                 None,
                 Some(ErrorCode::RateLimited),
+            ),
+            (
+                SessionError::RefreshRateLimited(Duration::from_millis(5)),
+                None,
+                Some(ErrorCode::RateLimited),
+            ),
+            (
+                SessionError::SlowConsumer,
+                Some(4008),
+                Some(ErrorCode::SlowConsumer),
             ),
         ];
         for (e, close, code) in cases {

@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use shared::protocol::{Channel, CloseCode, DisconnectCommand, ErrorBody, ErrorCode, ServerFrame};
+use shared::protocol::{
+    Channel, CloseCode, DisconnectCommand, ErrorBody, ErrorCode, ServerFrame, UserContext,
+};
 use shared::store::Position;
 use shared::subjects::Subjects;
 use tokio_util::sync::CancellationToken;
@@ -104,6 +106,9 @@ pub enum Outbound {
         at: Position,
         frame: Bytes,
     },
+    /// The user's teams and tasks, fetched again (context refresh or re-check): the
+    /// connection applies them to its permissions and tells the client.
+    Context(Arc<UserContext>),
     /// An ephemeral channel event (join, leave, typing, read); never stored.
     Event {
         channel: Arc<str>,
@@ -124,6 +129,21 @@ pub struct Member {
     pub closer: Arc<Closer>,
     /// The connection's member of the user's Redis registry, for its refresh.
     pub registry: Arc<str>,
+    /// The connection's current token (replaced on `refresh`): the node fetches the
+    /// user's context again with it.
+    pub token: TokenSlot,
+}
+
+/// A connection's current token, shared between the connection and the hub.
+pub type TokenSlot = Arc<Mutex<Arc<str>>>;
+
+/// Which of `slots` re-check slots a user falls in: stable for a user, spread evenly
+/// over users, so each is checked once per period and the checks are spread out.
+pub fn slot_of(user: &str, slots: u64) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    user.hash(&mut h);
+    h.finish() % slots.max(1)
 }
 
 struct ConnEntry {
@@ -461,6 +481,42 @@ impl Hub {
                 offer(&e.member, Outbound::Frame(payload.clone()));
             }
         }
+    }
+
+    /// Queues a fetched context for every local connection of `user`; returns how
+    /// many got it.
+    pub fn deliver_context(&self, user: &str, ctx: Arc<UserContext>) -> usize {
+        let st = self.lock();
+        let Some(interest) = st.users.get(user) else {
+            return 0;
+        };
+        let mut n = 0;
+        for id in &interest.conns {
+            if let Some(e) = st.conns.get(id) {
+                offer(&e.member, Outbound::Context(ctx.clone()));
+                n += 1;
+            }
+        }
+        n
+    }
+
+    /// A current token of one of `user`'s local connections, if it has any.
+    pub fn token_of(&self, user: &str) -> Option<Arc<str>> {
+        let st = self.lock();
+        let id = st.users.get(user)?.conns.first()?;
+        let e = st.conns.get(id)?;
+        let token = e.member.token.lock().unwrap_or_else(|p| p.into_inner());
+        Some(token.clone())
+    }
+
+    /// Users with local connections in re-check slot `slot` of `slots`.
+    pub fn users_in_slot(&self, slot: u64, slots: u64) -> Vec<Arc<str>> {
+        let st = self.lock();
+        st.users
+            .keys()
+            .filter(|u| slot_of(u, slots) == slot)
+            .cloned()
+            .collect()
     }
 
     /// A worker's chat frame for `user`: a request's first final frame is delivered

@@ -18,6 +18,7 @@ pub mod mux;
 pub mod node;
 pub mod outbox;
 pub mod proxy;
+pub mod revalidate;
 pub mod revocations;
 pub mod server;
 pub mod transport;

@@ -44,6 +44,11 @@ pub struct Node {
     pub connect_limiter: ConnectLimiter,
     /// Failed API-key attempts per client address (`api::authorize`).
     pub api_key_failures: FailureLimiter,
+    /// User-context fetches in flight, by (user, fresh): concurrent connects and
+    /// refreshes of one user on this node share one request.
+    context_flights: shared::coalesce::Coalescer<(String, bool), UserContext>,
+    /// Users whose context is to be fetched again for their live connections.
+    pub refresher: crate::revalidate::Refresher,
     /// Revoked token ids, kept in memory (see `revocations`).
     pub revocations: crate::revocations::Revocations,
     /// Every upgraded socket (authenticated or not), so the drain can reach them all;
@@ -107,6 +112,8 @@ impl Node {
             validator,
             store,
             revocations: Default::default(),
+            context_flights: Default::default(),
+            refresher: Default::default(),
             jetstream: async_nats::jetstream::new(nats.clone()),
             chat_stream_ok: AtomicBool::new(false),
             chat_stream_lock: tokio::sync::Mutex::new(()),
@@ -220,13 +227,24 @@ impl Node {
     }
 
     /// Teams and tasks from a worker over NATS; on timeout or no responders, the last
-    /// cached context (or nothing), marked degraded.
-    pub async fn user_context(&self, user_id: &str, token: &str) -> UserContext {
+    /// cached context (or nothing), marked degraded. Concurrent calls for the same
+    /// user (and `fresh`) share one request. `fresh` asks the worker to call the team
+    /// backend even when it holds a recent answer.
+    pub async fn user_context(&self, user_id: &str, token: &str, fresh: bool) -> UserContext {
+        self.context_flights
+            .run((user_id.to_owned(), fresh), || {
+                self.fetch_user_context(user_id, token, fresh)
+            })
+            .await
+    }
+
+    async fn fetch_user_context(&self, user_id: &str, token: &str, fresh: bool) -> UserContext {
         let timeout = self.config.user_context_timeout;
         if self.nats_connected() {
             let body = serde_json::to_vec(&UserContextRequest {
                 user_id: user_id.to_owned(),
                 token: token.to_owned(),
+                fresh,
             })
             .unwrap_or_default();
             let req = async_nats::Request::new()
@@ -314,6 +332,12 @@ impl Node {
         let node = self.clone();
         self.background
             .spawn(async move { crate::finals::follow_loop(&node).await });
+        let node = self.clone();
+        self.background
+            .spawn(async move { node.refresh_context_loop().await });
+        self.background.spawn(crate::revalidate::run(self.clone()));
+        self.background
+            .spawn(crate::revalidate::wheel(self.clone()));
     }
 
     /// Reads the whole revocation list every [`revocations::SYNC_INTERVAL`]: what a
@@ -497,6 +521,21 @@ impl Node {
                 Err(e) => tracing::warn!(error = %e, what, "malformed control message"),
             }
         }
+    }
+
+    /// Takes `sb.ctl.refresh_context` commands: users with connections here get their
+    /// context fetched again (see `revalidate`).
+    async fn refresh_context_loop(&self) {
+        self.control_messages(
+            self.subjects.ctl_refresh_context(),
+            "refresh-context command",
+            |cmd: shared::protocol::RefreshContextCommand| {
+                if self.hub.token_of(&cmd.user_id).is_some() {
+                    self.refresher.push(cmd.user_id.into());
+                }
+            },
+        )
+        .await;
     }
 
     /// Keeps this node's presence entries alive; a dead node's expire, and the sweep

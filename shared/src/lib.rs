@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod auth;
 pub mod bus;
+pub mod coalesce;
 pub mod config;
 pub mod keys;
 pub mod metrics;

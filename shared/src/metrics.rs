@@ -27,8 +27,12 @@ pub const NATS_ERRORS: &str = "switchboard_nats_errors_total";
 pub const REDIS_ERRORS: &str = "switchboard_redis_errors_total";
 /// Histogram: TCP accept to `authenticated` sent, seconds.
 pub const HANDSHAKE_SECONDS: &str = "switchboard_handshake_seconds";
-/// Counter: connections closed because their outbound queue was full.
+/// Counter: connections closed because their outbound queue was full, or a history
+/// replay stalled past the outbound budget.
 pub const SLOW_CONSUMERS: &str = "switchboard_slow_consumer_closes_total";
+/// Counter by `result` (applied, degraded, dropped): fresh user-context fetches for
+/// live connections (refresh-context and the periodic re-check).
+pub const CONTEXT_REVALIDATIONS: &str = "switchboard_context_revalidations_total";
 /// Gauge: channel subscriptions on this node.
 pub const SUBSCRIPTIONS: &str = "switchboard_subscriptions";
 /// Counter by `source` (client, api, nats): publications accepted into channels.

@@ -546,8 +546,20 @@ pub enum ServerFrame {
     #[serde(rename = "unsubscribed")]
     Unsubscribed {
         channel: String,
+        /// Set when the server ended the subscription (not a reply to `unsubscribe`):
+        /// `FORBIDDEN` when the user may no longer hold the channel.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<ErrorCode>,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         id: Option<FrameId>,
+    },
+    /// The user's teams and tasks changed or were checked again (a context refresh
+    /// or the periodic re-check); never a direct reply.
+    #[serde(rename = "context")]
+    Context {
+        teams: Vec<ContextItem>,
+        tasks: Vec<ContextItem>,
+        degraded: bool,
     },
     #[serde(rename = "ack")]
     Ack {
@@ -681,6 +693,7 @@ impl ServerFrame {
             ServerFrame::TokenExpiring { .. } => "token_expiring",
             ServerFrame::Subscribed { .. } => "subscribed",
             ServerFrame::Unsubscribed { .. } => "unsubscribed",
+            ServerFrame::Context { .. } => "context",
             ServerFrame::Ack { .. } => "ack",
             ServerFrame::History { .. } => "history",
             ServerFrame::Message { .. } => "message",
@@ -706,6 +719,10 @@ pub struct UserContextRequest {
     pub user_id: String,
     /// The user's bearer token, forwarded to the team backend unless the worker has its own.
     pub token: String,
+    /// Ask the team backend even when the worker holds a recent answer for the user
+    /// (a context refresh after a membership change must not see the old one).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub fresh: bool,
 }
 
 /// `sb.rpc.user_context` reply, also the cached value in `sb:user:<uid>:ctx`.
@@ -729,6 +746,13 @@ pub struct DisconnectCommand {
     pub code: u16,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+}
+
+/// `sb.ctl.refresh_context` payload: every gateway holding connections of `user_id`
+/// fetches the user's context again (bypassing caches) and applies it to them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RefreshContextCommand {
+    pub user_id: String,
 }
 
 /// `sb.chat.requests` payload: one chat turn for a worker. Published to JetStream
@@ -868,6 +892,27 @@ mod tests {
             serde_json::from_slice::<Value>(&f.to_bytes()).unwrap(),
             json!({"type":"ack","offset":3})
         );
+        let f = ServerFrame::Unsubscribed {
+            channel: "team:a".into(),
+            reason: Some(ErrorCode::Forbidden),
+            id: None,
+        };
+        assert_eq!(
+            serde_json::from_slice::<Value>(&f.to_bytes()).unwrap(),
+            json!({"type":"unsubscribed","channel":"team:a","reason":"FORBIDDEN"})
+        );
+        let f = ServerFrame::Context {
+            teams: vec![json!({"id": "t1"})],
+            tasks: vec![],
+            degraded: false,
+        };
+        assert_eq!(
+            serde_json::from_slice::<Value>(&f.to_bytes()).unwrap(),
+            json!({"type":"context","teams":[{"id":"t1"}],"tasks":[],"degraded":false})
+        );
+        // Old workers read a request without `fresh`; new ones default it.
+        let r: UserContextRequest = serde_json::from_str(r#"{"user_id":"u","token":"t"}"#).unwrap();
+        assert!(!r.fresh);
     }
 
     #[test]

@@ -87,6 +87,12 @@ impl Subjects {
         format!("{}.ctl.disconnect", self.prefix)
     }
 
+    /// `sb.ctl.refresh_context`: core, to every gateway: fetch these users' contexts
+    /// again, bypassing caches, and apply them to their live connections.
+    pub fn ctl_refresh_context(&self) -> String {
+        format!("{}.ctl.refresh_context", self.prefix)
+    }
+
     /// `sb.ctl.revoked`: core, to every gateway: a token id revoked just now.
     pub fn revocations(&self) -> String {
         format!("{}.ctl.revoked", self.prefix)
@@ -106,6 +112,7 @@ mod tests {
         assert_eq!(s.user("u1"), "sb.user.u1");
         assert_eq!(s.channel("team", "a"), "sb.ch.team.a");
         assert_eq!(s.ctl_disconnect(), "sb.ctl.disconnect");
+        assert_eq!(s.ctl_refresh_context(), "sb.ctl.refresh_context");
         assert_eq!(s.chat_events("u1"), "sb.chat.events.u1");
         assert_eq!(s.chat_events_all(), "sb.chat.events.>");
         assert_eq!(s.chat_events_user("sb.chat.events.u1"), Some("u1"));

@@ -4,7 +4,7 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -21,6 +21,8 @@ struct State {
     teams: Mutex<Value>,
     tasks: Mutex<Value>,
     failing: AtomicBool,
+    /// When not 0, every call answers this HTTP status (a 403 for a removed user).
+    status: AtomicU16,
     /// Probability that a call fails (503) even when not `failing`.
     fail_rate: Mutex<f64>,
     latency: Mutex<Duration>,
@@ -70,6 +72,7 @@ impl BackendStub {
             teams: Mutex::new(json!([{"id": "team-1", "name": "Team One"}])),
             tasks: Mutex::new(json!([{"id": "task-1", "title": "Write tests"}])),
             failing: AtomicBool::new(false),
+            status: AtomicU16::new(0),
             fail_rate: Mutex::new(0.0),
             latency: Mutex::new(Duration::ZERO),
             calls: AtomicUsize::new(0),
@@ -114,6 +117,11 @@ impl BackendStub {
     /// While failing, every call answers 503.
     pub fn set_failing(&self, failing: bool) {
         self.state.failing.store(failing, Ordering::SeqCst);
+    }
+
+    /// Every call answers `code` (0: back to normal answers).
+    pub fn set_status(&self, code: u16) {
+        self.state.status.store(code, Ordering::SeqCst);
     }
 
     /// Each call fails (503) with this probability.
@@ -170,6 +178,13 @@ async fn handle(
     let unlucky = rand::random::<f64>() < *lock(&state.fail_rate);
     if state.failing.load(Ordering::SeqCst) || unlucky {
         return Ok(reply(503, r#"{"error":"backend down"}"#.into()));
+    }
+    let status = state.status.load(Ordering::SeqCst);
+    if status != 0 {
+        return Ok(reply(
+            status,
+            r#"{"error":"status set by the test"}"#.into(),
+        ));
     }
     let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
     let body = match parts.as_slice() {

@@ -3,6 +3,15 @@
 //! backend when it answers (then kept in Redis, written only when it changed);
 //! otherwise the kept value, or empty lists, marked `degraded: true`. A circuit
 //! breaker keeps a dead backend from being called for every login.
+//!
+//! A backend 401, 403 or 404 for the user is a denial: no teams, no tasks, not
+//! degraded, and the kept copy is overwritten with that (an old copy must not hand
+//! back teams the user lost). Only outages (5xx, 429, timeouts, connection errors,
+//! invalid bodies) are answered from the kept copy.
+//!
+//! Concurrent requests for one user share one backend call, and a fresh answer is
+//! shared for [`CONTEXT_SHARE_FOR`] with requests that do not ask for `fresh`: a
+//! burst of connects and token refreshes of one user costs one call per worker.
 
 use std::collections::HashMap;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -10,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use shared::coalesce::Coalescer;
 use shared::protocol::{UserContext, UserContextRequest, valid_name};
 use shared::subjects::WORKER_QUEUE_GROUP;
 use tokio::sync::Semaphore;
@@ -18,7 +28,56 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::Worker;
-use crate::backend::Endpoint;
+use crate::backend::{BackendError, Endpoint};
+
+/// How long a fresh answer is shared with later non-`fresh` requests for the same
+/// user: covers a burst (a page load opening tabs, a refresh storm), short enough
+/// that a membership change shows on the next login; `fresh` requests never use it.
+pub const CONTEXT_SHARE_FOR: Duration = Duration::from_secs(2);
+/// Users whose recent answer one worker keeps; past this it starts over (each
+/// forgotten user costs at most one more backend call).
+pub const CONTEXT_SHARED_MAX: usize = 10_000;
+
+/// Recent answers and in-flight backend calls, per user.
+#[derive(Debug, Default)]
+pub struct Shared {
+    recent: Mutex<HashMap<String, (Instant, UserContext)>>,
+    /// Keyed by (user, fresh): a `fresh` request never joins a call that may have
+    /// started before the change it is asked to see, only another fresh one.
+    flights: Coalescer<(String, bool), UserContext>,
+}
+
+impl Shared {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, UserContext)>> {
+        // A panic while holding it cannot leave the map half-written.
+        self.recent.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn recent(&self, user: &str) -> Option<UserContext> {
+        let recent = self.lock();
+        match recent.get(user) {
+            Some((at, ctx)) if at.elapsed() < CONTEXT_SHARE_FOR => Some(ctx.clone()),
+            _ => None,
+        }
+    }
+
+    fn remember(&self, user: &str, ctx: &UserContext) {
+        let mut recent = self.lock();
+        if recent.len() >= CONTEXT_SHARED_MAX && !recent.contains_key(user) {
+            recent.retain(|_, (at, _)| at.elapsed() < CONTEXT_SHARE_FOR);
+            if recent.len() >= CONTEXT_SHARED_MAX {
+                recent.clear();
+            }
+        }
+        recent.insert(user.to_owned(), (Instant::now(), ctx.clone()));
+    }
+}
+
+/// Whether a backend error says "this user has no access" rather than "the backend
+/// is unwell": the user's teams are then none, not the last kept ones.
+fn is_denial(e: &BackendError) -> bool {
+    matches!(e, BackendError::Status(401 | 403 | 404))
+}
 
 /// A context this worker already wrote is written again after this long even when
 /// unchanged, so the kept copy (TTL `shared::store::CONTEXT_TTL`) never lapses for a
@@ -156,10 +215,30 @@ pub async fn serve(worker: Arc<Worker>, stop: CancellationToken) {
     while tasks.join_next().await.is_some() {}
 }
 
-/// The context for one user: fresh, else cached, else empty.
+/// The context for one user: a recent shared answer (unless `fresh`), else fresh
+/// from the backend (one call per user at a time), else cached, else empty.
 pub async fn answer(worker: &Worker, req: &UserContextRequest) -> UserContext {
-    let Some(backend) = &worker.backend else {
+    if worker.backend.is_none() {
         metrics::counter!(shared::metrics::WORKER_CONTEXT_REPLIES, "result" => "none").increment(1);
+        return UserContext::default();
+    }
+    if !req.fresh
+        && let Some(ctx) = worker.context_shared.recent(&req.user_id)
+    {
+        metrics::counter!(shared::metrics::WORKER_CONTEXT_REPLIES, "result" => "shared")
+            .increment(1);
+        return ctx;
+    }
+    worker
+        .context_shared
+        .flights
+        .run((req.user_id.clone(), req.fresh), || fetch(worker, req))
+        .await
+}
+
+/// One backend round for a user (both lists), with the cache as the fallback.
+async fn fetch(worker: &Worker, req: &UserContextRequest) -> UserContext {
+    let Some(backend) = &worker.backend else {
         return UserContext::default();
     };
     if let Some(permit) = worker.breaker.try_call(Instant::now()) {
@@ -167,37 +246,50 @@ pub async fn answer(worker: &Worker, req: &UserContextRequest) -> UserContext {
             backend.list(&req.user_id, &req.token, Endpoint::Teams),
             backend.list(&req.user_id, &req.token, Endpoint::Tasks),
         );
-        match (teams, tasks) {
+        let outcome = match (teams, tasks) {
             (Ok(teams), Ok(tasks)) => {
                 permit.success();
-                let ctx = UserContext {
-                    teams,
-                    tasks,
-                    degraded: false,
-                };
-                if worker.context_written.needs_write(&req.user_id, &ctx) {
-                    match worker.store.cache_context(&req.user_id, &ctx).await {
-                        Ok(()) => worker.context_written.wrote(&req.user_id, &ctx),
-                        Err(e) => {
-                            metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "cache_context")
-                                .increment(1);
-                            tracing::debug!(error = %e, "cannot cache user context");
-                        }
-                    }
-                }
-                metrics::counter!(shared::metrics::WORKER_CONTEXT_REPLIES, "result" => "fresh")
-                    .increment(1);
-                return ctx;
+                Some((
+                    UserContext {
+                        teams,
+                        tasks,
+                        degraded: false,
+                    },
+                    "fresh",
+                ))
+            }
+            (Err(e), _) | (_, Err(e)) if is_denial(&e) => {
+                // The backend is up and says this user has no access.
+                permit.success();
+                tracing::debug!(error = %e, "team backend denied the user");
+                Some((UserContext::default(), "denied"))
             }
             (Err(e), _) | (_, Err(e)) => {
                 if e.is_outage() {
                     permit.failure(Instant::now());
                 } else {
-                    // The backend is up; it refused this user or token.
+                    // The backend is up; it refused the request for another reason.
                     permit.success();
                 }
                 tracing::debug!(error = %e, "team backend call failed");
+                None
             }
+        };
+        if let Some((ctx, result)) = outcome {
+            if worker.context_written.needs_write(&req.user_id, &ctx) {
+                match worker.store.cache_context(&req.user_id, &ctx).await {
+                    Ok(()) => worker.context_written.wrote(&req.user_id, &ctx),
+                    Err(e) => {
+                        metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "cache_context")
+                            .increment(1);
+                        tracing::debug!(error = %e, "cannot cache user context");
+                    }
+                }
+            }
+            worker.context_shared.remember(&req.user_id, &ctx);
+            metrics::counter!(shared::metrics::WORKER_CONTEXT_REPLIES, "result" => result)
+                .increment(1);
+            return ctx;
         }
     }
     let cached = match worker.store.cached_context(&req.user_id).await {

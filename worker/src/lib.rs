@@ -91,6 +91,8 @@ pub struct Worker {
     pub link: link::Link,
     /// What this worker last wrote of each user's context (see `context::Written`).
     pub context_written: context::Written,
+    /// Recent fresh answers and in-flight backend calls per user (see `context`).
+    pub context_shared: context::Shared,
     /// PDF text extraction, in bounded child processes.
     pub pdf: pdf::PdfReader,
 }
@@ -193,6 +195,7 @@ pub async fn run(
         shutting_down: AtomicBool::new(false),
         link,
         context_written: context::Written::default(),
+        context_shared: context::Shared::default(),
     });
 
     // Owned here, so aborting `run` aborts all of it.

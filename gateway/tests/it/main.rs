@@ -12,6 +12,7 @@ mod channels;
 mod chat;
 mod cluster;
 mod connect;
+mod context;
 mod e2e_chat;
 mod faults;
 mod hostile;

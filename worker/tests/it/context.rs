@@ -9,9 +9,14 @@ use shared::protocol::{UserContext, UserContextRequest};
 use crate::common::*;
 
 async fn ask(env: &Env, user_id: &str, token: &str) -> UserContext {
+    ask_with(env, user_id, token, false).await
+}
+
+async fn ask_with(env: &Env, user_id: &str, token: &str, fresh: bool) -> UserContext {
     let body = serde_json::to_vec(&UserContextRequest {
         user_id: user_id.into(),
         token: token.into(),
+        fresh,
     })
     .unwrap();
     let reply = tokio::time::timeout(
@@ -92,8 +97,9 @@ async fn backend_down_serves_the_cache_degraded_and_the_breaker_bounds_calls() {
 
     env.backend.set_failing(true);
     let before = env.backend.calls();
+    // `fresh`: a recent answer would be shared for a moment without asking.
     for _ in 0..10 {
-        let ctx = ask(&env, &user, "t").await;
+        let ctx = ask_with(&env, &user, "t", true).await;
         assert!(ctx.degraded);
         assert_eq!(ctx.teams, fresh.teams, "the cached teams");
         assert_eq!(ctx.tasks, fresh.tasks);
@@ -110,10 +116,10 @@ async fn backend_down_serves_the_cache_degraded_and_the_breaker_bounds_calls() {
     // Recovery: after the cool-down one probe goes through and closes the breaker.
     env.backend.set_failing(false);
     tokio::time::sleep(Duration::from_millis(700)).await;
-    let ctx = ask(&env, &user, "t").await;
+    let ctx = ask_with(&env, &user, "t", true).await;
     assert!(!ctx.degraded, "the probe succeeded");
     assert_eq!(w.readyz().await.1["breaker"], "closed");
-    assert!(!ask(&env, &user, "t").await.degraded);
+    assert!(!ask_with(&env, &user, "t", true).await.degraded);
     let m = w.metrics().await;
     assert!(m.contains("switchboard_worker_breaker_state 0"), "{m}");
     assert!(m.contains("switchboard_worker_backend_calls_total"), "{m}");
@@ -137,4 +143,55 @@ async fn without_a_backend_users_have_no_teams_and_are_not_degraded() {
     let ctx = ask(&env, &unique("u"), "t").await;
     assert_eq!(ctx, UserContext::default());
     assert_eq!(env.backend.calls(), 0);
+}
+
+/// Issue 2: a backend 401/403/404 says the user has no access: no teams and not
+/// degraded, and the kept copy no longer hands the old teams back in an outage.
+#[tokio::test]
+async fn a_backend_denial_is_no_teams_not_the_cached_ones() {
+    let env = Env::start().await;
+    let _w = env.worker(|_| {}).await;
+    let user = unique("u");
+    let before = ask(&env, &user, "t").await;
+    assert!(!before.degraded && !before.teams.is_empty());
+    for code in [403, 401, 404] {
+        env.backend.set_status(code);
+        let ctx = ask_with(&env, &user, "t", true).await;
+        assert!(!ctx.degraded, "{code} is a denial, not an outage");
+        assert!(
+            ctx.teams.is_empty() && ctx.tasks.is_empty(),
+            "{code}: {ctx:?}"
+        );
+    }
+    let cached = env.store.cached_context(&user).await.unwrap().unwrap();
+    assert!(cached.teams.is_empty(), "the kept copy says no teams too");
+    // An outage afterwards serves the kept copy: still no teams.
+    env.backend.set_status(503);
+    let ctx = ask_with(&env, &user, "t", true).await;
+    assert!(ctx.degraded && ctx.teams.is_empty(), "{ctx:?}");
+}
+
+/// Issue 4: concurrent requests for one user share one backend round, a recent
+/// answer is shared for a moment, and `fresh` bypasses it.
+#[tokio::test]
+async fn requests_for_one_user_share_backend_calls_unless_fresh() {
+    let env = Env::start().await;
+    env.backend.set_latency(Duration::from_millis(300));
+    let _w = env.worker(|_| {}).await;
+    let user = unique("u");
+    let asks: Vec<_> = (0..10).map(|_| ask(&env, &user, "t")).collect();
+    for ctx in futures_util::future::join_all(asks).await {
+        assert!(!ctx.degraded);
+    }
+    assert_eq!(
+        env.backend.calls(),
+        2,
+        "one round (teams + tasks) for ten requests"
+    );
+    assert!(!ask(&env, &user, "t").await.degraded);
+    assert_eq!(env.backend.calls(), 2, "a recent answer is shared");
+    env.backend.set_teams(json!([{"id": "t-new"}]));
+    let ctx = ask_with(&env, &user, "t", true).await;
+    assert_eq!(env.backend.calls(), 4, "fresh goes to the backend");
+    assert_eq!(ctx.teams, vec![json!({"id": "t-new"})]);
 }
