@@ -166,6 +166,10 @@ pub struct RawConfig {
     /// Expect a PROXY protocol (v1/v2) header from trusted peers.
     #[arg(long, env = "SB_PROXY_PROTOCOL")]
     pub proxy_protocol: Option<bool>,
+    /// Send the user's token with user-context requests (for a team backend that
+    /// authorizes as the user); off: only the user id travels on NATS.
+    #[arg(long, env = "SB_FORWARD_USER_TOKEN")]
+    pub forward_user_token: Option<bool>,
     #[arg(long, env = "SB_AUTH_TIMEOUT_SECS")]
     pub auth_timeout_secs: Option<u64>,
     #[arg(long, env = "SB_PING_INTERVAL_SECS")]
@@ -256,6 +260,8 @@ pub struct Config {
     pub drain: Duration,
     pub trusted_proxies: TrustedProxies,
     pub proxy_protocol: bool,
+    /// `SB_FORWARD_USER_TOKEN`: user-context requests carry the user's token.
+    pub forward_user_token: bool,
     pub auth_timeout: Duration,
     pub ping_interval: Duration,
     pub idle_timeout: Duration,
@@ -453,6 +459,7 @@ impl RawConfig {
             drain: Duration::from_secs(self.drain_secs.unwrap_or(DEFAULT_DRAIN_SECS)),
             trusted_proxies,
             proxy_protocol,
+            forward_user_token: self.forward_user_token.unwrap_or(false),
             auth_timeout: Duration::from_secs(cfg::positive(
                 "SB_AUTH_TIMEOUT_SECS",
                 self.auth_timeout_secs.unwrap_or(DEFAULT_AUTH_TIMEOUT_SECS),

@@ -243,7 +243,7 @@ impl Node {
         if self.nats_connected() {
             let body = serde_json::to_vec(&UserContextRequest {
                 user_id: user_id.to_owned(),
-                token: token.to_owned(),
+                token: self.config.forward_user_token.then(|| token.to_owned()),
                 fresh,
             })
             .unwrap_or_default();

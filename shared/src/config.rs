@@ -24,6 +24,7 @@ pub const KNOWN_ENV: &[&str] = &[
     "SB_REDIS_CLUSTER",
     "SB_REDIS_TLS_CA",
     "SB_NATS_CREDS",
+    "SB_FORWARD_USER_TOKEN",
     "SB_NATS_TLS_CA",
     "SB_PREFIX",
     "SB_LOG_FORMAT",

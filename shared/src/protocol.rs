@@ -717,8 +717,12 @@ impl ServerFrame {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct UserContextRequest {
     pub user_id: String,
-    /// The user's bearer token, forwarded to the team backend unless the worker has its own.
-    pub token: String,
+    /// The user's bearer token, only when the gateway forwards it
+    /// (`SB_FORWARD_USER_TOKEN`: a team backend that authorizes as the user); the
+    /// worker then sends it unless it has its own `SB_BACKEND_TOKEN`. Off by default, so
+    /// no raw token travels on NATS.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token: Option<String>,
     /// Ask the team backend even when the worker holds a recent answer for the user
     /// (a context refresh after a membership change must not see the old one).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]

@@ -243,8 +243,16 @@ async fn fetch(worker: &Worker, req: &UserContextRequest) -> UserContext {
     };
     if let Some(permit) = worker.breaker.try_call(Instant::now()) {
         let (teams, tasks) = tokio::join!(
-            backend.list(&req.user_id, &req.token, Endpoint::Teams),
-            backend.list(&req.user_id, &req.token, Endpoint::Tasks),
+            backend.list(
+                &req.user_id,
+                req.token.as_deref().unwrap_or(""),
+                Endpoint::Teams
+            ),
+            backend.list(
+                &req.user_id,
+                req.token.as_deref().unwrap_or(""),
+                Endpoint::Tasks
+            ),
         );
         let outcome = match (teams, tasks) {
             (Ok(teams), Ok(tasks)) => {

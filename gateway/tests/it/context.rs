@@ -271,3 +271,56 @@ async fn a_replay_to_a_client_that_does_not_read_is_closed_4008() {
         "{received} of {history} bytes were queued for a client that does not read"
     );
 }
+
+/// No raw token on NATS unless the deployment's backend needs it: by default the
+/// user-context request carries the user id only (the backend is called without the
+/// user's token), and with `SB_FORWARD_USER_TOKEN` the token reaches the backend.
+#[tokio::test]
+async fn the_users_token_crosses_nats_only_when_forwarding_is_on() {
+    let deps = Deps::start();
+    let llm = LlmStub::start().await;
+    let backend = BackendStub::start().await;
+    backend.set_teams(json!([{"id": "t1", "name": "Core"}]));
+    let _w = worker(&deps, &llm, &backend).await;
+
+    // What crosses NATS, seen by a listener on the request subject.
+    let spy = async_nats::connect(deps.nats.url()).await.unwrap();
+    let mut requests = spy.subscribe("sb.rpc.user_context").await.unwrap();
+    spy.flush().await.unwrap();
+
+    let plain = gateway(&deps, |_| {}).await;
+    let (_ws, a) = authed(&plain, "tina").await;
+    assert_eq!(a["degraded"], false);
+    let seen = tokio::time::timeout(WAIT, requests.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let body: Value = serde_json::from_slice(&seen.payload).unwrap();
+    assert_eq!(body["user_id"], "tina");
+    assert!(body.get("token").is_none(), "a token crossed NATS: {body}");
+    assert!(
+        backend.authorizations().iter().all(Option::is_none),
+        "{:?}",
+        backend.authorizations()
+    );
+
+    let forwarding = gateway(&deps, |c| c.forward_user_token = Some(true)).await;
+    let token = tokens::token("uma", 600);
+    let (mut ws, _) = connect(&forwarding.url(), Hs::bearer(&token))
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut ws).await["type"], "authenticated");
+    let seen = tokio::time::timeout(WAIT, requests.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let body: Value = serde_json::from_slice(&seen.payload).unwrap();
+    assert_eq!(body["token"], token.as_str());
+    assert!(
+        backend
+            .authorizations()
+            .contains(&Some(format!("Bearer {token}"))),
+        "{:?}",
+        backend.authorizations()
+    );
+}

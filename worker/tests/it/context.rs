@@ -15,7 +15,7 @@ async fn ask(env: &Env, user_id: &str, token: &str) -> UserContext {
 async fn ask_with(env: &Env, user_id: &str, token: &str, fresh: bool) -> UserContext {
     let body = serde_json::to_vec(&UserContextRequest {
         user_id: user_id.into(),
-        token: token.into(),
+        token: (!token.is_empty()).then(|| token.into()),
         fresh,
     })
     .unwrap();
