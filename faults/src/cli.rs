@@ -16,6 +16,8 @@ pub const SCENARIOS: &[&str] = &[
     "upstream-faults",
     "slow-client",
     "soak",
+    // Last: it runs on a cluster started again with Redis Cluster.
+    "redis-failover",
 ];
 
 #[derive(Debug, Clone, Parser)]
@@ -28,7 +30,8 @@ pub struct Cli {
     #[arg(long, value_enum, default_value = "ci")]
     pub size: Size,
     /// `all`, or scenario names separated by commas (gateway-kill, worker-kill,
-    /// nats-restart, redis-restart, rolling-restart, upstream-faults, slow-client, soak).
+    /// nats-restart, redis-restart, rolling-restart, upstream-faults, slow-client, soak,
+    /// redis-failover).
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Directory for report.json, report.md and the component logs.

@@ -24,10 +24,19 @@ use anyhow::{Context, Result, bail};
 
 use cli::Cli;
 use client::Env;
-use cluster::{Bins, Cluster};
+use cluster::{Bins, Cluster, RedisMode};
 use plan::Plan;
 use report::RunReport;
 use scenario::Ctx;
+
+/// Component logs of a cluster with one Redis go to `logs/`, those of a cluster
+/// on Redis Cluster to `logs/redis-cluster/` (the same component names).
+fn log_dir(logs: &std::path::Path, mode: RedisMode) -> std::path::PathBuf {
+    match mode {
+        RedisMode::Single => logs.to_path_buf(),
+        RedisMode::Cluster => logs.join("redis-cluster"),
+    }
+}
 
 /// Runs the scenarios the command line asks for. `Ok(true)`: all passed.
 pub async fn run(cli: Cli) -> Result<bool> {
@@ -54,7 +63,16 @@ pub async fn run(cli: Cli) -> Result<bool> {
         dir: cli.bin_dir.clone(),
     };
     tracing::info!(size = ?plan.size, scenarios = ?names, report = %dir.display(), "starting the cluster");
-    let cluster = Cluster::start(&bins, &logs, plan.cluster.clone()).await?;
+    let first_mode = names
+        .first()
+        .map_or(RedisMode::Single, |n| scenario::redis_mode(n));
+    let cluster = Cluster::start(
+        &bins,
+        &log_dir(&logs, first_mode),
+        plan.cluster.clone(),
+        first_mode,
+    )
+    .await?;
     let env = Arc::new(Env {
         lb: cluster.lb_addr(),
         url: cluster.ws_url(),
@@ -75,6 +93,21 @@ pub async fn run(cli: Cli) -> Result<bool> {
         pass: false,
     };
     for name in names {
+        let mode = scenario::redis_mode(name);
+        if ctx.cluster.redis_mode != mode {
+            // Redis runs one way per cluster: the whole cluster is started again
+            // the other way (`all` lists the Redis Cluster scenarios last, so this
+            // happens once per run).
+            tracing::info!(?mode, "starting the cluster again with another Redis");
+            ctx.cluster.stop().await;
+            ctx.cluster =
+                Cluster::start(&bins, &log_dir(&logs, mode), plan.cluster.clone(), mode).await?;
+            ctx.env = Arc::new(Env {
+                lb: ctx.cluster.lb_addr(),
+                url: ctx.cluster.ws_url(),
+                secret: ctx.cluster.secret.clone(),
+            });
+        }
         tracing::info!(scenario = name, "running");
         let r = scenario::run(&mut ctx, name).await;
         tracing::info!(

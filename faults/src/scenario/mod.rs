@@ -4,6 +4,7 @@
 
 mod gateway_kill;
 mod nats_restart;
+mod redis_failover;
 mod redis_restart;
 mod rolling_restart;
 mod slow_client;
@@ -17,7 +18,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 use crate::client::Env;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, RedisMode};
 use crate::fleet::{ChatRun, Fleet};
 use crate::plan::Plan;
 use crate::report::ScenarioReport;
@@ -55,9 +56,7 @@ impl Ctx {
         if !c.nats.alive() {
             c.start_nats_again().await?;
         }
-        if !c.redis.alive() {
-            c.start_redis_again().await?;
-        }
+        c.heal_redis().await?;
         if !c.backend.alive() {
             c.start_backend_again().await?;
         }
@@ -86,6 +85,15 @@ impl Ctx {
     }
 }
 
+/// The Redis a scenario needs: a Redis Cluster for the failover, one server for
+/// the rest (`redis-restart` restarts that server empty).
+pub fn redis_mode(name: &str) -> RedisMode {
+    match name {
+        "redis-failover" => RedisMode::Cluster,
+        _ => RedisMode::Single,
+    }
+}
+
 /// Runs one scenario by name; harness errors end up in the report, not in a panic.
 pub async fn run(ctx: &mut Ctx, name: &str) -> ScenarioReport {
     let started = Instant::now();
@@ -95,6 +103,7 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> ScenarioReport {
         "worker-kill" => worker_kill::run(ctx, &mut r).await,
         "nats-restart" => nats_restart::run(ctx, &mut r).await,
         "redis-restart" => redis_restart::run(ctx, &mut r).await,
+        "redis-failover" => redis_failover::run(ctx, &mut r).await,
         "rolling-restart" => rolling_restart::run(ctx, &mut r).await,
         "upstream-faults" => upstream::run(ctx, &mut r).await,
         "slow-client" => slow_client::run(ctx, &mut r).await,
