@@ -33,11 +33,16 @@ use crate::stats::Summary;
 const RECOVER: Duration = Duration::from_secs(15);
 /// Probes keep going this long at most, so a slow recovery is measured, not cut.
 const PROBE_LIMIT: Duration = Duration::from_secs(30);
-/// Probe period of each probe loop (one per gateway and kind).
+/// A probe loop starts an attempt this often (one loop per gateway and kind).
 const PROBE_EVERY: Duration = Duration::from_millis(100);
 /// Consecutive successes that make a probe loop call its gateway recovered (one
 /// success between failures is not a recovery).
 const PROBE_STREAK: usize = 5;
+/// Logins in the other primaries' slots are watched at least this long after the
+/// kill (measured, not bounded): past the node timeout, the election and the slot
+/// map refresh (about 4 s here), where a cluster requiring full slot coverage
+/// refuses every slot for a moment.
+const OTHER_SLOTS_WATCH: Duration = Duration::from_secs(8);
 /// Window in which every connected subscriber must receive new publications after
 /// the recovery.
 const DELIVERY_WINDOW: Duration = Duration::from_secs(4);
@@ -51,9 +56,14 @@ struct ProbeRun {
     gateway: String,
     attempts: u64,
     failures: u64,
-    /// From the kill to the first success of the final unbroken streak.
+    /// From the kill to the answer of the first attempt after the last failure:
+    /// from then on every attempt succeeds.
     recovered_ms: Option<u64>,
-    /// Failures after the first success (flapping while slot maps settle).
+    /// From the kill to the start of that attempt (it may have waited inside the
+    /// gateway for the promotion).
+    recovered_attempt_started_ms: Option<u64>,
+    /// Failed attempts started after the first one that succeeded (flapping while
+    /// slot maps settle).
     failures_after_first_success: u64,
     answer_ms: Summary,
     causes: BTreeMap<String, u64>,
@@ -188,7 +198,7 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
         let name = id.clone();
         probes.spawn(async move {
             let mut n = 0;
-            let run = probe_loop(&name, t_kill, || {
+            let run = probe_loop(&name, t_kill, Duration::ZERO, || {
                 let env = env.clone();
                 n += 1;
                 let user = users[n % users.len()].clone();
@@ -206,7 +216,7 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
         let channel = probe_channel.clone();
         let key = ctx.cluster.api_key.clone();
         probes.spawn(async move {
-            let run = probe_loop(&id, t_kill, || {
+            let run = probe_loop(&id, t_kill, Duration::ZERO, || {
                 let (http, channel, key) = (http.clone(), channel.clone(), key.clone());
                 async move { publish_with(&http, port, &key, &channel).await }
             })
@@ -218,7 +228,7 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
         let env = ctx.env.clone();
         probes.spawn(async move {
             let mut n = 0;
-            let run = probe_loop("lb", t_kill, || {
+            let run = probe_loop("lb", t_kill, OTHER_SLOTS_WATCH, || {
                 let env = env.clone();
                 n += 1;
                 let user = other_users[n % other_users.len()].clone();
@@ -418,12 +428,18 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     let t = fleet.chat_tally(&run);
     let h = fleet.verify_history(&run).await;
     let ms = |d: Option<u64>| d.map_or("never".to_owned(), |m| format!("{m} ms"));
+    let other = by_kind
+        .get("connect_other_slots")
+        .and_then(|v| v.first())
+        .map_or((0, 0), |p| (p.failures, p.attempts));
     r.headline(format!(
-        "replica promoted after {}; connects back after {}, publications after {} (slowest gateway, bound {} s)",
+        "replica promoted after {}; connects back after {}, publications after {} (slowest gateway, bound {} s); logins in other slots meanwhile: {} of {} failed",
         ms(promoted.map(|d| d.as_millis() as u64)),
         ms(recovered["connect"]),
         ms(recovered["publish"]),
-        RECOVER.as_secs()
+        RECOVER.as_secs(),
+        other.0,
+        other.1
     ));
     r.headline(format!(
         "{} of {} chats in flight complete, history {} once / {} duplicated; {} of {} channels got a new epoch, {} notices; {} clients closed; lost {}, dup {}",
@@ -442,57 +458,102 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     Ok(())
 }
 
-/// Repeats `attempt` every [`PROBE_EVERY`] until [`PROBE_STREAK`] successes in a
-/// row or [`PROBE_LIMIT`] after the kill.
-async fn probe_loop<F, Fut>(gateway: &str, t_kill: Instant, mut attempt: F) -> ProbeRun
+/// Starts `attempt` every [`PROBE_EVERY`] without waiting for the earlier ones (a
+/// request hanging until the gateway's Redis timeout must not hide when the next one
+/// would have worked), until the attempts started after the last failure include
+/// [`PROBE_STREAK`] successes in a row (and `at_least` after the kill), or
+/// [`PROBE_LIMIT`] after the kill. Recovered
+/// = the answer to the first attempt after the last failure.
+async fn probe_loop<F, Fut>(
+    gateway: &str,
+    t_kill: Instant,
+    at_least: Duration,
+    mut attempt: F,
+) -> ProbeRun
 where
     F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = Result<(), String>>,
+    Fut: std::future::Future<Output = Result<(), String>> + Send + 'static,
 {
     let mut p = ProbeRun {
         gateway: gateway.to_owned(),
         ..ProbeRun::default()
     };
-    let (mut streak, mut streak_start, mut first_ok) = (0, None, None);
+    let mut starts: Vec<Instant> = Vec::new();
+    let mut ends: Vec<Option<Instant>> = Vec::new();
+    let mut results: Vec<Option<Result<(), String>>> = Vec::new();
     let mut answers = Vec::new();
-    while t_kill.elapsed() < PROBE_LIMIT {
-        let started = Instant::now();
-        let res = tokio::time::timeout(REQUEST_TIMEOUT, attempt()).await;
-        answers.push(started.elapsed().as_secs_f64() * 1000.0);
-        p.attempts += 1;
-        match res {
-            Ok(Ok(())) => {
-                first_ok.get_or_insert(started);
-                if streak == 0 {
-                    streak_start = Some(started);
+    let mut running: JoinSet<(usize, Result<(), String>, f64)> = JoinSet::new();
+    let mut tick = tokio::time::interval(PROBE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Skip);
+    let mut launching = true;
+    loop {
+        if !launching && running.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = tick.tick(), if launching => {
+                if t_kill.elapsed() >= PROBE_LIMIT {
+                    launching = false;
+                    continue;
                 }
-                streak += 1;
-                if streak >= PROBE_STREAK {
-                    break;
-                }
+                let k = starts.len();
+                starts.push(Instant::now());
+                results.push(None);
+                ends.push(None);
+                let fut = attempt();
+                running.spawn(async move {
+                    let t = Instant::now();
+                    let r = match tokio::time::timeout(REQUEST_TIMEOUT, fut).await {
+                        Ok(r) => r,
+                        Err(_) => Err("no answer".to_owned()),
+                    };
+                    (k, r, t.elapsed().as_secs_f64() * 1000.0)
+                });
             }
-            other => {
-                let cause = match other {
-                    Ok(Err(e)) => e,
-                    _ => "no answer".to_owned(),
-                };
-                *p.causes.entry(simplify(&cause)).or_insert(0) += 1;
-                p.failures += 1;
-                if first_ok.is_some() {
-                    p.failures_after_first_success += 1;
+            done = running.join_next(), if !running.is_empty() => {
+                if let Some(Ok((k, r, ms))) = done {
+                    results[k] = Some(r);
+                    ends[k] = Some(Instant::now());
+                    answers.push(ms);
+                    if recovered_from(&results).is_some() && t_kill.elapsed() >= at_least {
+                        launching = false;
+                    }
                 }
-                streak = 0;
-                streak_start = None;
             }
         }
-        tokio::time::sleep(PROBE_EVERY.saturating_sub(started.elapsed())).await;
     }
-    if streak >= PROBE_STREAK {
-        p.recovered_ms =
-            streak_start.map(|s| s.saturating_duration_since(t_kill).as_millis() as u64);
+    let first_ok = results.iter().position(|r| matches!(r, Some(Ok(()))));
+    for (k, r) in results.iter().enumerate() {
+        p.attempts += 1;
+        if let Some(Err(cause)) = r {
+            p.failures += 1;
+            *p.causes.entry(simplify(cause)).or_insert(0) += 1;
+            if first_ok.is_some_and(|f| k > f) {
+                p.failures_after_first_success += 1;
+            }
+        }
+    }
+    let since_kill = |t: Instant| t.saturating_duration_since(t_kill).as_millis() as u64;
+    if let Some(k) = recovered_from(&results) {
+        p.recovered_ms = ends[k].map(since_kill);
+        p.recovered_attempt_started_ms = Some(since_kill(starts[k]));
     }
     p.answer_ms = Summary::of(&answers);
     p
+}
+
+/// The first attempt after the last failure, when it and the [`PROBE_STREAK`] - 1
+/// attempts started after it all succeeded.
+fn recovered_from(results: &[Option<Result<(), String>>]) -> Option<usize> {
+    let after_fail = results
+        .iter()
+        .rposition(|r| matches!(r, Some(Err(_))))
+        .map_or(0, |f| f + 1);
+    let streak = results.get(after_fail..after_fail + PROBE_STREAK)?;
+    streak
+        .iter()
+        .all(|r| matches!(r, Some(Ok(()))))
+        .then_some(after_fail)
 }
 
 fn simplify(cause: &str) -> String {
@@ -523,10 +584,10 @@ async fn publish_with(
         Ok(resp) if resp.status().is_success() => Ok(()),
         Ok(resp) => {
             let status = resp.status().as_u16();
-            let v: serde_json::Value = resp.json().await.unwrap_or_default();
+            let body = resp.text().await.unwrap_or_default();
             Err(format!(
                 "{status} {}",
-                v["code"].as_str().or(v["error"].as_str()).unwrap_or("")
+                body.chars().take(80).collect::<String>()
             ))
         }
         Err(e) => Err(if e.is_timeout() {
@@ -575,5 +636,34 @@ fn top_id(v: &redis::Value) -> Option<String> {
         redis::Value::BulkString(b) => String::from_utf8(b.clone()).ok(),
         redis::Value::SimpleString(s) => Some(s.clone()),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn recovery_is_the_first_attempt_after_the_last_failure() {
+        let ok = || Some(Ok(()));
+        let err = || Some(Err("x".to_owned()));
+        let mut r = vec![err(), ok(), err(), None];
+        assert_eq!(
+            recovered_from(&r),
+            None,
+            "nothing after the last failure yet"
+        );
+        r = vec![err(), ok(), err(), ok(), ok(), ok(), ok()];
+        assert_eq!(recovered_from(&r), None, "4 of 5");
+        r.push(ok());
+        assert_eq!(recovered_from(&r), Some(3));
+        r[5] = None;
+        assert_eq!(
+            recovered_from(&r),
+            None,
+            "an attempt of the streak still running"
+        );
+        let clean: Vec<_> = (0..PROBE_STREAK).map(|_| ok()).collect();
+        assert_eq!(recovered_from(&clean), Some(0));
     }
 }
