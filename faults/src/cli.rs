@@ -16,9 +16,10 @@ pub const SCENARIOS: &[&str] = &[
     "upstream-faults",
     "slow-client",
     "soak",
-    // Last: it runs on a cluster of its own (three NATS nodes), started once the
-    // single-NATS scenarios are done.
+    // Last: each runs on a cluster of its own shape (three NATS nodes; a Redis
+    // Cluster), started once the scenarios on one server of each are done.
     "nats-node-kill",
+    "redis-failover",
 ];
 
 #[derive(Debug, Clone, Parser)]
@@ -32,7 +33,7 @@ pub struct Cli {
     pub size: Size,
     /// `all`, or scenario names separated by commas (gateway-kill, worker-kill,
     /// nats-restart, redis-restart, rolling-restart, upstream-faults, slow-client, soak,
-    /// nats-node-kill).
+    /// nats-node-kill, redis-failover).
     #[arg(long, default_value = "all")]
     pub scenario: String,
     /// Directory for report.json, report.md and the component logs.

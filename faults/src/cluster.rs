@@ -1,6 +1,7 @@
 //! The whole cluster on loopback, as separate processes on free ports: NATS with
 //! JetStream (one server, or a three-node cluster with replicated streams for the
-//! scenarios that kill a node), Redis without persistence, three gateways behind
+//! scenarios that kill a node), Redis without persistence (one server, or a Redis
+//! Cluster of three primaries with one replica each), three gateways behind
 //! HAProxy, two workers, the STUB `mock-llm` (behind the LLM tap) and the STUB
 //! `mock-backend`. Each piece
 //! can be crashed, stopped and started again on its own ports (and, for NATS, its
@@ -42,6 +43,37 @@ const NATS_CLUSTER_NAME: &str = "sbfaults";
 /// A JetStream meta leader (elected and agreed on by every running node) within
 /// this at start: elections take seconds, more on a loaded two-core machine.
 pub const NATS_ELECTION_LIMIT: Duration = Duration::from_secs(45);
+
+/// Redis Cluster shape: three primaries (the fewest `redis-cli --cluster create`
+/// accepts) with one replica each, so any one primary can die and be replaced.
+pub const REDIS_PRIMARIES: usize = 3;
+pub const REDIS_REPLICAS_EACH: usize = 1;
+/// How long a Redis Cluster primary may be unreachable before its replica is
+/// promoted: short so a failover scenario takes seconds (production runs 5-15 s).
+pub const REDIS_NODE_TIMEOUT_MS: u64 = 2000;
+/// Forming a Redis Cluster (slot assignment, gossip, replica sync) on a loaded
+/// machine takes seconds; this is the give-up point.
+pub const REDIS_FORM_LIMIT: Duration = Duration::from_secs(60);
+/// One Redis command of the harness (readiness, slot map, stream tops) over loopback.
+pub const REDIS_CMD_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// How the cluster runs Redis.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RedisMode {
+    /// One redis-server (the product's default deployment).
+    Single,
+    /// A Redis Cluster, [`REDIS_PRIMARIES`] primaries with [`REDIS_REPLICAS_EACH`]
+    /// replica each; gateways and workers get `SB_REDIS_CLUSTER=true` and every
+    /// node as a seed.
+    Cluster,
+}
+
+/// One redis-server process and its port.
+pub struct RedisNode {
+    pub proc: Proc,
+    pub port: u16,
+}
 
 /// Where the binaries are.
 #[derive(Debug, Clone)]
@@ -117,8 +149,10 @@ pub struct Cluster {
     nats_monitor: u16,
     /// The other NATS nodes in cluster mode (empty with one server).
     pub nats_peers: Vec<NatsPeer>,
-    pub redis: Proc,
-    pub redis_port: u16,
+    pub redis_mode: RedisMode,
+    /// One node, or every node of the Redis Cluster (primaries and replicas; which
+    /// is which changes with failovers: ask [`Cluster::redis_primaries`]).
+    pub redis: Vec<RedisNode>,
     pub gateways: Vec<Node>,
     pub workers: Vec<Node>,
     pub llm: Proc,
@@ -146,7 +180,12 @@ fn secret_hex(bytes: usize) -> String {
 impl Cluster {
     /// Starts everything and waits until every piece is ready and HAProxy sees all
     /// three gateways up.
-    pub async fn start(bins: &Bins, log_dir: &Path, settings: Settings) -> Result<Cluster> {
+    pub async fn start(
+        bins: &Bins,
+        log_dir: &Path,
+        settings: Settings,
+        mode: RedisMode,
+    ) -> Result<Cluster> {
         std::fs::create_dir_all(log_dir)?;
         let store = tempfile::tempdir().context("JetStream store directory")?;
         let http = reqwest::Client::builder()
@@ -210,22 +249,7 @@ impl Cluster {
             let spec = nats_spec("nats", nats_port, nats_monitor, "js")?;
             (Proc::start(spec, log_dir)?, Vec::new())
         };
-        let redis_port = port();
-        let redis = Proc::start(
-            Spec::new("redis", system_binary("redis-server")?)
-                .arg("--port")
-                .arg(redis_port.to_string())
-                .arg("--bind")
-                .arg("127.0.0.1")
-                .arg("--save")
-                .arg("")
-                .arg("--appendonly")
-                .arg("no")
-                .arg("--dir")
-                .arg(store.path().display().to_string()),
-            log_dir,
-        )?;
-
+        let redis = start_redis(mode, store.path(), log_dir)?;
         let (llm_port, tap_port, backend_port) = (port(), port(), port());
         let llm_normal_args = vec![
             "--listen".to_owned(),
@@ -256,8 +280,8 @@ impl Cluster {
             nats_port,
             nats_monitor,
             nats_peers,
+            redis_mode: mode,
             redis,
-            redis_port,
             gateways: Vec::new(),
             workers: Vec::new(),
             llm,
@@ -272,6 +296,9 @@ impl Cluster {
             _store: store,
         };
         c.wait_nats().await?;
+        if mode == RedisMode::Cluster {
+            c.form_redis_cluster().await?;
+        }
         c.wait_redis().await?;
         wait_port(llm_port).await?;
         wait_port(backend_port).await?;
@@ -285,6 +312,7 @@ impl Cluster {
                 .env("SB_ADMIN_LISTEN", format!("127.0.0.1:{a}"))
                 .env("SB_NATS_URL", c.nats_url())
                 .env("SB_REDIS_URL", c.redis_url())
+                .env("SB_REDIS_CLUSTER", c.redis_cluster_flag())
                 .env("SB_JWT_SECRET", &c.secret)
                 .env("SB_API_KEY", &c.api_key)
                 .env("SB_TRUSTED_PROXIES", "127.0.0.1/32")
@@ -308,6 +336,7 @@ impl Cluster {
                 .env("SB_ADMIN_LISTEN", format!("127.0.0.1:{a}"))
                 .env("SB_NATS_URL", c.nats_url())
                 .env("SB_REDIS_URL", c.redis_url())
+                .env("SB_REDIS_CLUSTER", c.redis_cluster_flag())
                 .env("SB_LLM_BASE_URL", format!("http://127.0.0.1:{tap_port}/v1"))
                 .env("SB_BACKEND_URL", format!("http://127.0.0.1:{backend_port}"))
                 .env("SB_ACK_WAIT_SECS", c.settings.ack_wait_secs.to_string())
@@ -499,8 +528,21 @@ backend gateways
         (self.http.clone(), self.nats_running())
     }
 
+    /// `SB_REDIS_URL`: the server, or every cluster node as a seed.
     pub fn redis_url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.redis_port)
+        self.redis
+            .iter()
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// `SB_REDIS_CLUSTER`.
+    pub fn redis_cluster_flag(&self) -> &'static str {
+        match self.redis_mode {
+            RedisMode::Single => "false",
+            RedisMode::Cluster => "true",
+        }
     }
 
     /// The load balancer (HAProxy) address clients connect to.
@@ -649,13 +691,123 @@ backend gateways
         }
     }
 
+    /// Single: the server answers PING. Cluster: every running node sees all slots
+    /// served, and every primary has a replica in sync (so a failover scenario
+    /// always has a replica to promote, also after a repair).
     async fn wait_redis(&self) -> Result<()> {
         let start = Instant::now();
-        while !redis_ping(self.redis_port).await {
-            if start.elapsed() > START_LIMIT {
-                bail!("redis-server not ready (see its log)");
+        let limit = match self.redis_mode {
+            RedisMode::Single => START_LIMIT,
+            RedisMode::Cluster => REDIS_FORM_LIMIT,
+        };
+        loop {
+            let ok = match self.redis_mode {
+                RedisMode::Single => redis_ping(self.redis[0].port).await,
+                RedisMode::Cluster => self.redis_cluster_healthy().await,
+            };
+            if ok {
+                return Ok(());
             }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            if start.elapsed() > limit {
+                bail!("redis not ready within {limit:?} (see the redis logs)");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    async fn redis_cluster_healthy(&self) -> bool {
+        let (mut primaries, mut synced_replicas) = (0, 0);
+        for n in &self.redis {
+            let Ok(info) = redis_text(n.port, &["CLUSTER", "INFO"]).await else {
+                return false;
+            };
+            if !(info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")) {
+                return false;
+            }
+            let Ok(repl) = redis_text(n.port, &["INFO", "replication"]).await else {
+                return false;
+            };
+            if repl.contains("role:master") {
+                primaries += 1;
+            } else if repl.contains("master_link_status:up") {
+                synced_replicas += 1;
+            }
+        }
+        primaries == REDIS_PRIMARIES && synced_replicas == REDIS_PRIMARIES * REDIS_REPLICAS_EACH
+    }
+
+    /// Joins the fresh nodes into one cluster (`redis-cli --cluster create`).
+    async fn form_redis_cluster(&self) -> Result<()> {
+        for n in &self.redis {
+            let start = Instant::now();
+            while !redis_ping(n.port).await {
+                if start.elapsed() > START_LIMIT {
+                    bail!("redis-server on port {} not up (see its log)", n.port);
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        let mut cmd = tokio::process::Command::new(system_binary("redis-cli")?);
+        cmd.arg("--cluster").arg("create");
+        for n in &self.redis {
+            cmd.arg(format!("127.0.0.1:{}", n.port));
+        }
+        cmd.args([
+            "--cluster-replicas",
+            &REDIS_REPLICAS_EACH.to_string(),
+            "--cluster-yes",
+        ])
+        .stdin(std::process::Stdio::null())
+        .kill_on_drop(true);
+        let out = tokio::time::timeout(REDIS_FORM_LIMIT, cmd.output())
+            .await
+            .context("redis-cli --cluster create timed out")?
+            .context("running redis-cli --cluster create")?;
+        if !out.status.success() {
+            bail!(
+                "redis-cli --cluster create failed: {}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// The Redis Cluster's primaries now with the slot ranges each serves (by node
+    /// index), as the first node that answers sees them; failed nodes left out.
+    pub async fn redis_primaries(&self) -> Vec<(usize, Vec<(u16, u16)>)> {
+        for n in &self.redis {
+            if let Ok(view) = redis_text(n.port, &["CLUSTER", "NODES"]).await {
+                return parse_primaries(&view)
+                    .into_iter()
+                    .filter_map(|(port, slots)| {
+                        let i = self.redis.iter().position(|n| n.port == port)?;
+                        Some((i, slots))
+                    })
+                    .collect();
+            }
+        }
+        Vec::new()
+    }
+
+    /// A command on one Redis node (by index).
+    pub async fn redis_command(&self, node: usize, args: &[&str]) -> Result<redis::Value> {
+        redis_query(self.redis[node].port, args).await
+    }
+
+    /// Restarts every Redis node that is down (same port and directory: a cluster
+    /// node rejoins as a replica of whoever took over its slots) and waits until
+    /// Redis is whole again.
+    pub async fn heal_redis(&mut self) -> Result<()> {
+        let mut restarted = false;
+        for n in &mut self.redis {
+            if !n.proc.alive() {
+                n.proc.restart()?;
+                restarted = true;
+            }
+        }
+        if restarted || self.redis_mode == RedisMode::Cluster {
+            self.wait_redis().await?;
         }
         Ok(())
     }
@@ -676,9 +828,9 @@ backend gateways
         self.wait_nats().await
     }
 
-    /// Starts Redis again (empty: no persistence, as run here).
+    /// Starts the single Redis again (empty: no persistence, as run here).
     pub async fn start_redis_again(&mut self) -> Result<()> {
-        self.redis.restart()?;
+        self.redis[0].proc.restart()?;
         self.wait_redis().await
     }
 
@@ -717,7 +869,11 @@ backend gateways
         for p in &mut self.nats_peers {
             let _ = p.proc.term(grace).await;
         }
-        let _ = self.redis.term(grace).await;
+        for n in &mut self.redis {
+            if n.proc.alive() {
+                let _ = n.proc.term(grace).await;
+            }
+        }
     }
 }
 
@@ -777,6 +933,140 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// Starts one Redis server, or the nodes of a Redis Cluster (each in its own
+/// directory: a node's `nodes.conf` is its identity when it is started again).
+fn start_redis(mode: RedisMode, store: &Path, log_dir: &Path) -> Result<Vec<RedisNode>> {
+    let count = match mode {
+        RedisMode::Single => 1,
+        RedisMode::Cluster => REDIS_PRIMARIES * (1 + REDIS_REPLICAS_EACH),
+    };
+    let mut nodes = Vec::with_capacity(count);
+    for i in 0..count {
+        let port = port();
+        let (name, dir) = match mode {
+            RedisMode::Single => ("redis".to_owned(), store.to_path_buf()),
+            RedisMode::Cluster => {
+                let dir = store.join(format!("redis{}", i + 1));
+                std::fs::create_dir_all(&dir)?;
+                (format!("redis{}", i + 1), dir)
+            }
+        };
+        let mut spec = Spec::new(&name, system_binary("redis-server")?)
+            .arg("--port")
+            .arg(port.to_string())
+            .arg("--bind")
+            .arg("127.0.0.1")
+            .arg("--save")
+            .arg("")
+            .arg("--appendonly")
+            .arg("no")
+            .arg("--dir")
+            .arg(dir.display().to_string());
+        if mode == RedisMode::Cluster {
+            spec = spec
+                .arg("--cluster-enabled")
+                .arg("yes")
+                .arg("--cluster-node-timeout")
+                .arg(REDIS_NODE_TIMEOUT_MS.to_string())
+                .arg("--cluster-config-file")
+                .arg("nodes.conf")
+                // A replica may take over however long its link was down: the
+                // scenarios kill primaries at will.
+                .arg("--cluster-replica-validity-factor")
+                .arg("0");
+        }
+        nodes.push(RedisNode {
+            proc: Proc::start(spec, log_dir)?,
+            port,
+        });
+    }
+    Ok(nodes)
+}
+
+/// The primaries of a `CLUSTER NODES` view: (port, slot ranges), failed ones left
+/// out (their slots are being taken over).
+pub fn parse_primaries(view: &str) -> Vec<(u16, Vec<(u16, u16)>)> {
+    let mut out = Vec::new();
+    for line in view.lines() {
+        let f: Vec<&str> = line.split(' ').collect();
+        if f.len() < 8 || !f[2].contains("master") || f[2].contains("fail") {
+            continue;
+        }
+        let Some(port) = f[1]
+            .split('@')
+            .next()
+            .and_then(|a| a.rsplit(':').next())
+            .and_then(|p| p.parse::<u16>().ok())
+        else {
+            continue;
+        };
+        // Fields after the 8th are slot ranges (`a-b` or `a`); `[...]` are slots
+        // being migrated, not served.
+        let slots = f[8..]
+            .iter()
+            .filter(|r| !r.starts_with('['))
+            .filter_map(|r| match r.trim().split_once('-') {
+                Some((a, b)) => Some((a.parse().ok()?, b.parse().ok()?)),
+                None => {
+                    let a = r.trim().parse().ok()?;
+                    Some((a, a))
+                }
+            })
+            .collect();
+        out.push((port, slots));
+    }
+    out
+}
+
+/// The Redis Cluster hash slot of a key (CRC16/XMODEM of the hash tag, or of the
+/// whole key when it has none, modulo 16384).
+pub fn key_slot(key: &str) -> u16 {
+    let b = key.as_bytes();
+    let tagged = b.iter().position(|&c| c == b'{').and_then(|open| {
+        let close = b[open + 1..].iter().position(|&c| c == b'}')?;
+        (close > 0).then(|| &b[open + 1..open + 1 + close])
+    });
+    crc16(tagged.unwrap_or(b)) % 16384
+}
+
+fn crc16(data: &[u8]) -> u16 {
+    let mut crc: u16 = 0;
+    for &byte in data {
+        crc ^= (byte as u16) << 8;
+        for _ in 0..8 {
+            crc = if crc & 0x8000 != 0 {
+                (crc << 1) ^ 0x1021
+            } else {
+                crc << 1
+            };
+        }
+    }
+    crc
+}
+
+/// One command on one Redis node, bounded by [`REDIS_CMD_TIMEOUT`].
+pub async fn redis_query(port: u16, args: &[&str]) -> Result<redis::Value> {
+    let attempt = async {
+        let client = redis::Client::open(format!("redis://127.0.0.1:{port}"))?;
+        let mut c = client.get_multiplexed_async_connection().await?;
+        let mut cmd = redis::cmd(args[0]);
+        for a in &args[1..] {
+            cmd.arg(*a);
+        }
+        let v: redis::Value = cmd.query_async(&mut c).await?;
+        anyhow::Ok(v)
+    };
+    tokio::time::timeout(REDIS_CMD_TIMEOUT, attempt)
+        .await
+        .with_context(|| format!("redis {args:?} on port {port} timed out"))?
+}
+
+/// As [`redis_query`], for commands answering text (`INFO`, `CLUSTER NODES`).
+pub async fn redis_text(port: u16, args: &[&str]) -> Result<String> {
+    let v = redis_query(port, args).await?;
+    Ok(redis::from_redis_value(v)?)
+}
+
 async fn redis_ping(port: u16) -> bool {
     let attempt = async {
         let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
@@ -813,6 +1103,28 @@ pub async fn wait_port(port: u16) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn key_slots_match_redis() {
+        // Values from `CLUSTER KEYSLOT`.
+        assert_eq!(key_slot("foo"), 12182);
+        assert_eq!(key_slot("123456789"), 12739);
+        assert_eq!(key_slot("sb:{u:alice}:conns"), key_slot("u:alice"));
+        // An empty tag is no tag: the whole key is hashed.
+        assert_eq!(key_slot("a{}b"), crc16(b"a{}b") % 16384);
+    }
+
+    #[test]
+    fn primaries_are_read_from_cluster_nodes() {
+        let view = "a 127.0.0.1:7000@17000 myself,master - 0 0 1 connected 0-5460\n\
+                    b 127.0.0.1:7001@17001 master - 0 0 2 connected 5461-10922 [10923->-c]\n\
+                    c 127.0.0.1:7002@17002 master,fail - 0 0 3 connected 10923-16383\n\
+                    d 127.0.0.1:7003@17003 slave a 0 0 1 connected\n";
+        assert_eq!(
+            parse_primaries(view),
+            vec![(7000, vec![(0, 5460)]), (7001, vec![(5461, 10922)])]
+        );
+    }
 
     #[test]
     fn metric_sum_adds_every_series_and_only_that_name() {

@@ -25,10 +25,19 @@ use anyhow::{Context, Result, bail};
 
 use cli::Cli;
 use client::Env;
-use cluster::{Bins, Cluster};
+use cluster::{Bins, Cluster, RedisMode};
 use plan::Plan;
 use report::RunReport;
 use scenario::Ctx;
+
+/// Component logs of a cluster with one Redis go to `logs/`, those of a cluster
+/// on Redis Cluster to `logs/redis-cluster/` (the same component names).
+fn log_dir(logs: &std::path::Path, mode: RedisMode) -> std::path::PathBuf {
+    match mode {
+        RedisMode::Single => logs.to_path_buf(),
+        RedisMode::Cluster => logs.join("redis-cluster"),
+    }
+}
 
 /// Runs the scenarios the command line asks for. `Ok(true)`: all passed.
 pub async fn run(cli: Cli) -> Result<bool> {
@@ -64,17 +73,16 @@ pub async fn run(cli: Cli) -> Result<bool> {
     };
     let mut ctx: Option<Ctx> = None;
     for name in names {
-        // A scenario that needs another NATS shape gets a cluster of its own; the
-        // list runs them last, so a whole run starts at most two clusters.
-        let nats_nodes = scenario::nats_nodes(name);
-        if ctx
-            .as_ref()
-            .is_none_or(|c| c.cluster.settings.nats_nodes != nats_nodes)
-        {
+        // A scenario that needs another shape (three NATS nodes, a Redis Cluster) gets
+        // a cluster of its own; the list runs them last, so a run starts few clusters.
+        let shape = (scenario::nats_nodes(name), scenario::redis_mode(name));
+        if ctx.as_ref().is_none_or(|c| {
+            (c.cluster.settings.nats_nodes, c.cluster.redis_mode) != shape
+        }) {
             if let Some(mut old) = ctx.take() {
                 old.cluster.stop().await;
             }
-            ctx = Some(start_ctx(&bins, &logs, &plan, nats_nodes).await?);
+            ctx = Some(start_ctx(&bins, &logs, &plan, shape).await?);
         }
         let ctx = ctx.as_mut().context("no cluster")?;
         tracing::info!(scenario = name, "running");
@@ -102,18 +110,23 @@ pub async fn run(cli: Cli) -> Result<bool> {
     Ok(report.pass)
 }
 
-/// Starts a cluster with `nats_nodes` NATS servers. A NATS cluster's logs go to
-/// their own directory: its gateways and workers have the same names as the first
-/// cluster's.
-async fn start_ctx(bins: &Bins, logs: &Path, plan: &Plan, nats_nodes: usize) -> Result<Ctx> {
+/// Starts a cluster of one shape: `nats_nodes` NATS servers and Redis as one server or
+/// a cluster. Each shape logs to its own directory: its gateways and workers have
+/// the same names as the first cluster's.
+async fn start_ctx(
+    bins: &Bins,
+    logs: &Path,
+    plan: &Plan,
+    (nats_nodes, mode): (usize, RedisMode),
+) -> Result<Ctx> {
     let mut settings = plan.cluster.clone();
     settings.nats_nodes = nats_nodes;
     let logs = match nats_nodes {
-        1 => logs.to_path_buf(),
-        n => logs.join(format!("nats-{n}-nodes")),
+        1 => log_dir(logs, mode),
+        n => log_dir(&logs.join(format!("nats-{n}-nodes")), mode),
     };
-    tracing::info!(size = ?plan.size, nats_nodes, logs = %logs.display(), "starting the cluster");
-    let cluster = Cluster::start(bins, &logs, settings).await?;
+    tracing::info!(size = ?plan.size, nats_nodes, ?mode, logs = %logs.display(), "starting the cluster");
+    let cluster = Cluster::start(bins, &logs, settings, mode).await?;
     let env = Arc::new(Env {
         lb: cluster.lb_addr(),
         url: cluster.ws_url(),

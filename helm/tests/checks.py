@@ -9,9 +9,12 @@ Checks, in order:
   lint       helm lint (strict) per value set; every finding is an error except the one
              that says the optional sub-charts are not vendored
   render     helm-python-sdk renders each value set in values/ (default, production,
-             minimal, publickey)
+             minimal, publickey, ha)
   invariants selectors, probes, security context, drain arithmetic, env sources of the
              rendered objects
+  env        a value set's `# expect-env: NAME=value` / `# expect-no-env: NAME` lines
+             hold for the resolved env of every gateway and worker container (ha:
+             Redis Cluster seeds + SB_REDIS_CLUSTER, NATS cluster URLs, R3)
   k8s        kubernetes-validate --strict against the newest Kubernetes it bundles;
              ServiceMonitor/PrometheusRule/HTTPRoute are custom resources it has no
              schema for: skipped by name, their content is checked here instead
@@ -341,6 +344,43 @@ def admin_exposure(name: str, docs) -> None:
             problems.append(f"ConfigMap {cm['metadata']['name']}: SB_ADMIN_LISTEN {listen} is not the admin container port")
     R.check(not problems, f"admin port private {name}",
             f"admin port {sorted(admin_numbers)} only on headless internal Services", "; ".join(problems))
+
+
+def expected_env(name: str) -> tuple[dict[str, str], list[str]]:
+    """`# expect-env: NAME=value` and `# expect-no-env: NAME` lines of a value set."""
+    path = TESTS / "values" / f"{name}.yaml"
+    if not path.exists():
+        return {}, []
+    text = path.read_text()
+    want = dict(m.split("=", 1) for m in re.findall(r"^# expect-env: (\S+=.*)$", text, re.M))
+    absent = re.findall(r"^# expect-no-env: (\S+)$", text, re.M)
+    return want, absent
+
+
+def env_expectations(name: str, docs) -> None:
+    want, absent = expected_env(name)
+    if not want and not absent:
+        return
+    problems, seen = [], 0
+    for d in by_kind(docs, "Deployment"):
+        pod = d["spec"]["template"]["spec"]
+        for c in pod["containers"]:
+            if c["name"] not in ("gateway", "worker"):
+                continue
+            seen += 1
+            tmp = Path(tempfile.mkdtemp(prefix="sb-env-"))
+            try:
+                env, _ = resolve_env(docs, c, pod, tmp)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+            for k, v in want.items():
+                if env.get(k) != v:
+                    problems.append(f"{c['name']}: {k}={env.get(k)!r}, expected {v!r}")
+            for k in absent:
+                if k in env:
+                    problems.append(f"{c['name']}: {k}={env[k]!r} set, expected absent")
+    R.check(not problems and seen > 0, f"env {name}",
+            f"{len(want)} expected, {len(absent)} absent, in {seen} containers", "; ".join(problems) or "no containers")
 
 
 def k8s_version() -> str:
@@ -694,10 +734,10 @@ def check_config(name: str, docs, binaries: dict[str, Path], known: dict[str, se
 
 # SB_* settings the chart sets itself rather than through gateway.config / worker.config.
 CHART_MANAGED = {
-    "gateway": {"SB_CONFIG", "SB_LISTEN", "SB_ADMIN_LISTEN", "SB_NODE_ID", "SB_NATS_URL", "SB_REDIS_URL", "SB_PREFIX",
+    "gateway": {"SB_CONFIG", "SB_LISTEN", "SB_ADMIN_LISTEN", "SB_NODE_ID", "SB_NATS_URL", "SB_REDIS_URL", "SB_REDIS_CLUSTER", "SB_PREFIX",
                 "SB_LOG_FORMAT", "SB_LOG", "SB_JETSTREAM_REPLICAS", "SB_JWT_SECRET", "SB_JWT_PUBLIC_KEY_FILE",
                 "SB_JWT_JWKS_FILE", "SB_JWT_ALGORITHM", "SB_JWT_AUDIENCE", "SB_JWT_ISSUER", "SB_JWT_LEEWAY_SECS", "SB_JWT_MAX_LIFETIME_SECS", "SB_API_KEY"},
-    "worker": {"SB_CONFIG", "SB_ADMIN_LISTEN", "SB_NODE_ID", "SB_NATS_URL", "SB_REDIS_URL", "SB_PREFIX", "SB_LOG_FORMAT",
+    "worker": {"SB_CONFIG", "SB_ADMIN_LISTEN", "SB_NODE_ID", "SB_NATS_URL", "SB_REDIS_URL", "SB_REDIS_CLUSTER", "SB_PREFIX", "SB_LOG_FORMAT",
                "SB_LOG", "SB_JETSTREAM_REPLICAS", "SB_LLM_API_KEY", "SB_BACKEND_TOKEN"},
 }
 
@@ -1214,6 +1254,7 @@ def main() -> int:
         rendered[name] = docs
         guarded(f"invariants {name}", invariants, name, docs, values)
         guarded(f"admin port private {name}", admin_exposure, name, docs)
+        guarded(f"env {name}", env_expectations, name, docs)
         guarded(f"kubernetes-validate {name}", k8s_validate, name, docs)
 
     section("values that must fail")

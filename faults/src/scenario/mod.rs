@@ -5,6 +5,7 @@
 mod gateway_kill;
 mod nats_node_kill;
 mod nats_restart;
+mod redis_failover;
 mod redis_restart;
 mod rolling_restart;
 mod slow_client;
@@ -18,7 +19,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 use crate::client::Env;
-use crate::cluster::Cluster;
+use crate::cluster::{Cluster, RedisMode};
 use crate::fleet::{ChatRun, Fleet};
 use crate::plan::Plan;
 use crate::report::ScenarioReport;
@@ -56,9 +57,7 @@ impl Ctx {
         if c.nats_down() {
             c.start_nats_again().await?;
         }
-        if !c.redis.alive() {
-            c.start_redis_again().await?;
-        }
+        c.heal_redis().await?;
         if !c.backend.alive() {
             c.start_backend_again().await?;
         }
@@ -96,6 +95,15 @@ pub fn nats_nodes(name: &str) -> usize {
     }
 }
 
+/// The Redis a scenario needs: a Redis Cluster for the failover, one server for
+/// the rest (`redis-restart` restarts that server empty).
+pub fn redis_mode(name: &str) -> RedisMode {
+    match name {
+        "redis-failover" => RedisMode::Cluster,
+        _ => RedisMode::Single,
+    }
+}
+
 /// Runs one scenario by name; harness errors end up in the report, not in a panic.
 pub async fn run(ctx: &mut Ctx, name: &str) -> ScenarioReport {
     let started = Instant::now();
@@ -106,6 +114,7 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> ScenarioReport {
         "nats-restart" => nats_restart::run(ctx, &mut r).await,
         "nats-node-kill" => nats_node_kill::run(ctx, &mut r).await,
         "redis-restart" => redis_restart::run(ctx, &mut r).await,
+        "redis-failover" => redis_failover::run(ctx, &mut r).await,
         "rolling-restart" => rolling_restart::run(ctx, &mut r).await,
         "upstream-faults" => upstream::run(ctx, &mut r).await,
         "slow-client" => slow_client::run(ctx, &mut r).await,

@@ -39,7 +39,10 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     );
 
     let t_stop = Instant::now();
-    ctx.cluster.redis.term(Duration::from_secs(10)).await?;
+    ctx.cluster.redis[0]
+        .proc
+        .term(Duration::from_secs(10))
+        .await?;
     tokio::time::sleep(Duration::from_millis(300)).await;
 
     // New logins.

@@ -202,7 +202,8 @@ annotations:
 {{- end }}
 {{- end }}
 
-{{/* SB_NATS_URL and SB_REDIS_URL entries, shared by gateway and worker. */}}
+{{/* SB_NATS_URL, SB_REDIS_URL and SB_REDIS_CLUSTER entries, shared by gateway and
+     worker. */}}
 {{- define "switchboard.connectionEnv" -}}
 {{- $v := .Values -}}
 {{- if $v.nats.enabled }}
@@ -235,6 +236,10 @@ annotations:
     secretKeyRef:
       name: {{ $v.externalRedis.existingSecret | default (include "switchboard.secretName" .) }}
       key: {{ ternary $v.externalRedis.existingSecretKey "redis-url" (not (empty $v.externalRedis.existingSecret)) }}
+{{- if $v.externalRedis.cluster }}
+- name: SB_REDIS_CLUSTER
+  value: "true"
+{{- end }}
 {{- end }}
 {{- end }}
 

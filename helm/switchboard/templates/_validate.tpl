@@ -118,6 +118,13 @@ validate.yaml.
 {{- fail "\n\nnats.config.jetstream.enabled must be true: chat requests go through a JetStream work queue" -}}
 {{- end -}}
 {{- end -}}
+{{/* Redis Cluster versus one server: caught here rather than by a crash-looping pod. */}}
+{{- if and $v.redis.enabled $v.externalRedis.cluster -}}
+{{- fail "\n\nexternalRedis.cluster is true but redis.enabled installs a standalone Redis: turn one off" -}}
+{{- end -}}
+{{- if and (not $v.redis.enabled) (not $v.externalRedis.existingSecret) (not $v.externalRedis.cluster) (contains "," ($v.externalRedis.url | default "")) -}}
+{{- fail "\n\nexternalRedis.url lists several servers: set externalRedis.cluster: true for a Redis Cluster (a single Redis takes one URL)" -}}
+{{- end -}}
 {{- if and $v.httpRoute.enabled (not $v.httpRoute.parentRefs) -}}
 {{- fail "\n\nhttpRoute.parentRefs: name at least one Gateway to attach the route to" -}}
 {{- end -}}
