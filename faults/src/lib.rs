@@ -76,9 +76,10 @@ pub async fn run(cli: Cli) -> Result<bool> {
         // A scenario that needs another shape (three NATS nodes, a Redis Cluster) gets
         // a cluster of its own; the list runs them last, so a run starts few clusters.
         let shape = (scenario::nats_nodes(name), scenario::redis_mode(name));
-        if ctx.as_ref().is_none_or(|c| {
-            (c.cluster.settings.nats_nodes, c.cluster.redis_mode) != shape
-        }) {
+        if ctx
+            .as_ref()
+            .is_none_or(|c| (c.cluster.settings.nats_nodes, c.cluster.redis_mode) != shape)
+        {
             if let Some(mut old) = ctx.take() {
                 old.cluster.stop().await;
             }

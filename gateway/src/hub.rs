@@ -184,6 +184,8 @@ pub struct Hub {
     /// Requests whose final frame local connections got (see `finals`). Locked
     /// after `state`, never before.
     finals: Mutex<RecentFinals>,
+    /// Signalled when the subscription connection came back (see `Node::catch_up`).
+    pub resubscribed: tokio::sync::Notify,
     tasks: TaskTracker,
     shutdown: CancellationToken,
 }
@@ -222,6 +224,7 @@ impl Hub {
             subjects,
             state: Mutex::new(State::default()),
             finals: Mutex::new(RecentFinals::default()),
+            resubscribed: tokio::sync::Notify::new(),
             tasks,
             shutdown,
         })
@@ -558,7 +561,8 @@ impl Hub {
         }
     }
 
-    fn deliver_to_channel(&self, channel: &Arc<str>, msg: Msg) {
+    /// A publication for a channel's local subscribers, as if it came from NATS.
+    pub(crate) fn deliver_to_channel(&self, channel: &Arc<str>, msg: Msg) {
         let h = msg.headers;
         let item = match h.offset {
             Some(offset) => {
@@ -678,6 +682,10 @@ impl Hub {
 }
 
 impl Deliver for Hub {
+    fn resubscribed(&self) {
+        self.resubscribed.notify_one();
+    }
+
     fn deliver(&self, topic: &Topic, msg: Msg) {
         match topic {
             Topic::User(user) => {

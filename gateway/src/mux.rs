@@ -73,6 +73,9 @@ pub struct Msg {
 /// Where messages go: the hub.
 pub trait Deliver: Send + Sync + 'static {
     fn deliver(&self, topic: &Topic, msg: Msg);
+    /// The connection came back and every subscription was sent again: what was
+    /// published meanwhile never arrived here.
+    fn resubscribed(&self) {}
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -340,6 +343,7 @@ impl Mux {
         }
         self.connected.store(true, Ordering::Release);
         self.wake.notify_one();
+        sink.resubscribed();
         tokio::select! {
             r = self.read_loop(rd, max_payload, sink) => r,
             r = self.write_loop(wr) => r,

@@ -70,6 +70,9 @@ pub struct Node {
     pub background: TaskTracker,
 }
 
+/// Channels whose last publication is read at once after a resubscription.
+const CATCH_UP_CONCURRENCY: usize = 32;
+
 /// Keeps a socket in the drain registry while alive.
 pub struct SocketGuard {
     node: Arc<Node>,
@@ -325,6 +328,9 @@ impl Node {
             .spawn(async move { node.publish_rpc_loop().await });
         let node = self.clone();
         self.background
+            .spawn(async move { node.catch_up_loop().await });
+        let node = self.clone();
+        self.background
             .spawn(async move { node.revocation_sync_loop().await });
         let node = self.clone();
         self.background
@@ -338,6 +344,69 @@ impl Node {
         self.background.spawn(crate::revalidate::run(self.clone()));
         self.background
             .spawn(crate::revalidate::wheel(self.clone()));
+    }
+
+    /// After the subscription connection came back (a NATS restart or node loss),
+    /// hands every channel's last publication to its local subscribers: one that
+    /// missed publications made meanwhile then sees the gap and repairs it from
+    /// history, even when the channel has gone quiet and no later publication would
+    /// have shown it. A subscriber that missed nothing drops it as a duplicate.
+    async fn catch_up_loop(&self) {
+        use futures_util::StreamExt;
+        loop {
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => break,
+                _ = self.hub.resubscribed.notified() => {}
+            }
+            // The server has the subscriptions once it answered a PING sent after
+            // them: what is read from Redis after that cannot also be missed live.
+            if self.hub.barrier().await.is_err() {
+                continue;
+            }
+            let channels: Vec<shared::protocol::Channel> = self
+                .hub
+                .channel_counts()
+                .into_keys()
+                .filter_map(|c| shared::protocol::Channel::parse(&c).ok())
+                // A connection's own `user:` channel is mostly a hidden subscription
+                // that has not read its position: the last publication would reach
+                // the client as news.
+                .filter(|c| c.namespace != crate::channels::USER_NAMESPACE)
+                .collect();
+            let mut tops = futures_util::stream::iter(channels)
+                .map(|ch| async move {
+                    let top = self.store.channel_top(&ch).await;
+                    (ch, top)
+                })
+                .buffer_unordered(CATCH_UP_CONCURRENCY);
+            while let Some((ch, top)) = tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => None,
+                t = tops.next() => t,
+            } {
+                match top {
+                    Ok(Some((at, frame))) => {
+                        let mut headers = crate::mux::Headers::default();
+                        headers.offset = Some(at.offset);
+                        headers.epoch = Some(at.epoch);
+                        self.hub.deliver_to_channel(
+                            &ch.to_string().into(),
+                            crate::mux::Msg {
+                                payload: frame.into(),
+                                headers,
+                            },
+                        );
+                    }
+                    Ok(None) => {}
+                    Err(e) => {
+                        metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "catch_up")
+                            .increment(1);
+                        tracing::debug!(error = %e, channel = %ch, "channel not caught up");
+                    }
+                }
+            }
+        }
     }
 
     /// Reads the whole revocation list every [`revocations::SYNC_INTERVAL`]: what a

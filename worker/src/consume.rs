@@ -45,9 +45,7 @@ pub const RETRY_MIN: Duration = Duration::from_millis(100);
 /// seconds, and pulls retried each second find the new leader within a second of
 /// it (the fault suite's `nats-node-kill` measured 14 s with a 5 s cap).
 pub const RETRY_MAX: Duration = Duration::from_secs(1);
-/// The server sends a heartbeat this often while a pull waits: two missed ones end
-/// the pull at once when the consumer's leader died, instead of waiting it out.
-pub const PULL_HEARTBEAT: Duration = Duration::from_secs(1);
+
 /// After the grace period: time given to abandoned requests to nak before they are
 /// dropped (un-acked, redelivered after the ack wait).
 pub const ABANDON_TIMEOUT: Duration = Duration::from_secs(2);
@@ -106,7 +104,6 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
                 .batch()
                 .max_messages(permits.len())
                 .expires(PULL_EXPIRES)
-                .heartbeat(PULL_HEARTBEAT)
                 .messages();
             let mut batch = tokio::select! {
                 _ = shutdown.cancelled() => break 'setup,

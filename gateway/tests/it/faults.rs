@@ -98,7 +98,10 @@ async fn a_worker_answer_fills_the_context_and_a_cache_serves_degraded() {
         let msg = futures_util::StreamExt::next(&mut sub).await.unwrap();
         let req: serde_json::Value = serde_json::from_slice(&msg.payload).unwrap();
         assert_eq!(req["user_id"], "wes");
-        assert!(req.get("token").is_none(), "no token on NATS by default: {req}");
+        assert!(
+            req.get("token").is_none(),
+            "no token on NATS by default: {req}"
+        );
         let reply = json!({"teams": [{"id": "t1", "name": "Core"}], "tasks": [{"id": "k1"}], "degraded": false});
         responder
             .publish(msg.reply.unwrap(), reply.to_string().into())

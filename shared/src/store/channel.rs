@@ -382,6 +382,39 @@ impl SessionStore {
         .await
     }
 
+    /// The channel's last publication and its position, without starting a position:
+    /// `None` for a channel without one or without publications. One command. A node
+    /// whose subscriptions were away hands it to its subscribers, who then see any
+    /// gap before it and repair it from history.
+    pub async fn channel_top(
+        &self,
+        ch: &Channel,
+    ) -> Result<Option<(Position, String)>, StoreError> {
+        let key = self.keys.channel_log(&ch.namespace, &ch.name);
+        bounded(async {
+            let mut c = self.conn().await?;
+            let reply: redis::streams::StreamRangeReply = redis::cmd("XREVRANGE")
+                .arg(&key)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut c)
+                .await?;
+            let Some(entry) = reply.ids.into_iter().next() else {
+                return Ok(None);
+            };
+            let at = parse_id(&key, &entry.id)?;
+            let (Some(head), Some(tail)) = (entry.get::<String>("h"), entry.get::<String>("t"))
+            else {
+                // The position marker of a channel nobody published to yet.
+                return Ok(None);
+            };
+            Ok(Some((at, format!("{head}{}{tail}", at.offset))))
+        })
+        .await
+    }
+
     /// Frames with `from < offset < to` of `epoch`, for repairing a gap seen in live
     /// delivery; `None` when the channel has moved to another epoch. Epoch 0 (not
     /// known) reads whatever the channel has.
