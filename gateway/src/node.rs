@@ -387,9 +387,11 @@ impl Node {
             } {
                 match top {
                     Ok(Some((at, frame))) => {
-                        let mut headers = crate::mux::Headers::default();
-                        headers.offset = Some(at.offset);
-                        headers.epoch = Some(at.epoch);
+                        let headers = crate::mux::Headers {
+                            offset: Some(at.offset),
+                            epoch: Some(at.epoch),
+                            ..Default::default()
+                        };
                         self.hub.deliver_to_channel(
                             &ch.to_string().into(),
                             crate::mux::Msg {
