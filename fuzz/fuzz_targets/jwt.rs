@@ -31,12 +31,19 @@ static CASES: LazyLock<[Case; 2]> = LazyLock::new(|| {
     let claims = serde_json::json!({
         "sub": "fuzz-user", "exp": FAR_FUTURE, "jti": "j1", "email": "f@example.com"
     });
-    let hs = Validator::new(&JwtSettings::new(
+    // The genuine tokens live until 2100: no lifetime cap here (this fuzzes parsing
+    // and verification; the cap has its own tests in shared/src/auth.rs).
+    let settings = |algorithm, key| {
+        let mut s = JwtSettings::new(algorithm, key);
+        s.max_lifetime_secs = 0;
+        s
+    };
+    let hs = Validator::new(&settings(
         JwtAlgorithm::Hs256,
         KeySource::Secret(SECRET.to_vec()),
     ))
     .expect("HS256 settings");
-    let rs = Validator::new(&JwtSettings::new(
+    let rs = Validator::new(&settings(
         JwtAlgorithm::Rs256,
         KeySource::Jwks(JWKS.to_vec()),
     ))
