@@ -391,7 +391,10 @@ fn edit() -> impl Strategy<Value = Edit> {
 }
 
 fn apply(token: &str, edit: &Edit, claims: &Value) -> String {
-    let parts: Vec<&str> = token.split('.').collect();
+    // An earlier edit may have removed a dot: a missing part is empty (the token stays
+    // broken, and must still be refused).
+    let split: Vec<&str> = token.split('.').collect();
+    let parts: [&str; 3] = std::array::from_fn(|i| split.get(i).copied().unwrap_or(""));
     match edit {
         Edit::Replace(i, c) | Edit::Insert(i, c) => {
             let mut chars: Vec<char> = token.chars().collect();
