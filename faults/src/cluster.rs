@@ -28,6 +28,8 @@ pub const WORKERS: usize = 2;
 pub const ROOM_NAMESPACE: &str = "room";
 /// A component not ready after this long at start is a broken setup, not a finding.
 pub const START_LIMIT: Duration = Duration::from_secs(30);
+/// Log lines quoted when a node does not start: enough to show its last retries.
+const LOG_TAIL_LINES: usize = 30;
 /// One admin or API HTTP call over loopback.
 pub const HTTP_TIMEOUT: Duration = Duration::from_secs(3);
 /// HAProxy health-check period: failure detection is `FALL` of these.
@@ -355,11 +357,8 @@ impl Cluster {
                 admin: a,
             });
         }
-        for i in 0..GATEWAYS {
-            c.wait_ready(c.gateways[i].admin, true, START_LIMIT).await?;
-        }
-        for i in 0..WORKERS {
-            c.wait_ready(c.workers[i].admin, true, START_LIMIT).await?;
+        for node in c.gateways.iter().chain(&c.workers) {
+            c.wait_started(node).await?;
         }
 
         let cfg = c.haproxy_config();
@@ -589,6 +588,24 @@ backend gateways
                 bail!("readyz on admin port {admin} never became {code} within {limit:?}");
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits for a freshly started node to report ready; when it does not, the error
+    /// carries what it reported and the end of its log, since a CI run keeps neither.
+    async fn wait_started(&self, node: &Node) -> Result<Duration> {
+        match self.wait_ready(node.admin, true, START_LIMIT).await {
+            Ok(d) => Ok(d),
+            Err(e) => {
+                let readiness = self.readyz_json(node.admin).await;
+                let log = std::fs::read_to_string(node.proc.log_path()).unwrap_or_default();
+                let lines: Vec<&str> = log.lines().collect();
+                let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
+                bail!(
+                    "{e}: {} reported {readiness:?}; the end of its log:\n{tail}",
+                    node.id
+                )
+            }
         }
     }
 

@@ -24,12 +24,29 @@ use anyhow::{Context, bail};
 /// Both servers are ready in well under a second; this is the give-up point.
 pub const START_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A port nobody listens on right now (the OS picks it; a tiny race is acceptable).
+/// Ports handed to servers that a test starts as separate processes come from below
+/// Linux's ephemeral range (32768-60999): a port picked there could be taken, before
+/// the server binds it, by any outgoing connection of a test running in parallel (the
+/// suites open thousands), and the server would then fail to start.
+const PICK_PORTS: std::ops::Range<u16> = 12_000..22_000;
+/// A Redis Cluster node also binds its bus port, its own port plus this.
+const REDIS_BUS_OFFSET: u16 = 10_000;
+/// Random tries before giving up: nearly all of the range is free on a test machine.
+const PICK_TRIES: usize = 1_000;
+
+/// A port nobody listens on right now, for a server started as another process (the
+/// server binds it a moment later; another picker taking the same one meanwhile is
+/// a one-in-ten-thousand race). Its Redis Cluster bus port is free too, and neither
+/// is in the ephemeral range, so outgoing connections never take them.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("no free port on 127.0.0.1")
+    for _ in 0..PICK_TRIES {
+        let p = rand::random_range(PICK_PORTS);
+        let free = |p: u16| TcpListener::bind(("127.0.0.1", p)).is_ok();
+        if free(p) && free(p + REDIS_BUS_OFFSET) {
+            return p;
+        }
+    }
+    panic!("no free port on 127.0.0.1 in {PICK_PORTS:?}")
 }
 
 pub(crate) fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
