@@ -22,7 +22,8 @@ pub const DEFAULT_ADMIN_LISTEN: &str = "0.0.0.0:9090";
 pub const DEFAULT_MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// A few devices and tabs per user; more is usually a client reconnect bug.
 pub const DEFAULT_MAX_CONNECTIONS_PER_USER: u32 = 10;
-/// Drain window (PROTOCOL.md / DESIGN.md): reconnects spread over 10 s stay gentle.
+/// Drain window (docs/PROTOCOL.md section 4, close 1012; docs/DESIGN.md#failure-semantics):
+/// reconnects spread over 10 s stay gentle.
 pub const DEFAULT_DRAIN_SECS: u64 = 10;
 /// PROTOCOL.md section 1: `auth` must arrive within 10 s.
 pub const DEFAULT_AUTH_TIMEOUT_SECS: u64 = 10;
@@ -40,7 +41,8 @@ pub const DEFAULT_CONNECT_BURST_PER_IP: u32 = 50;
 /// Frames queued per connection before it counts as a slow consumer: absorbs a
 /// streamed reply's burst; memory is only used while frames are queued.
 pub const DEFAULT_OUTBOUND_QUEUE: usize = 256;
-/// DESIGN.md: the user-context RPC waits about 2 s before answering degraded.
+/// The user-context RPC waits about 2 s before answering degraded (docs/PROTOCOL.md
+/// section 3; docs/DESIGN.md#user-context-and-permissions).
 pub const DEFAULT_USER_CONTEXT_TIMEOUT_MS: u64 = 2000;
 /// Live connections' teams and tasks are checked again this often: a user removed
 /// from a team loses its channels within five minutes even if nobody says so.
@@ -50,11 +52,12 @@ pub const DEFAULT_CONTEXT_REVALIDATE_SECS: u64 = 300;
 pub const DEFAULT_CHAT_RATE_PER_MINUTE: u32 = 20;
 /// Attachments per chat message.
 pub const DEFAULT_MAX_FILES: usize = 5;
-/// Decoded attachment bytes per chat message (the issue's 1 MiB).
+/// Decoded attachment bytes per chat message: 1 MiB (docs/PROTOCOL.md, "Chat in detail").
 pub const DEFAULT_MAX_FILES_BYTES: usize = 1024 * 1024;
 /// JetStream replicas of the chat stream: 1 for a single NATS, 3 for a cluster.
 pub const DEFAULT_JETSTREAM_REPLICAS: usize = 1;
-/// Subscriptions per connection (issue 3): enough for a chat UI's channels.
+/// Subscriptions per connection (docs/PROTOCOL.md, "Channels in detail"): enough for a
+/// chat UI's channels.
 pub const DEFAULT_MAX_SUBSCRIPTIONS: usize = 100;
 /// Publications kept per channel for recovery.
 pub const DEFAULT_HISTORY_SIZE: usize = 100;

@@ -1,4 +1,4 @@
-//! Property tests for the gateway's parsers of untrusted input (issue 8): the
+//! Property tests for the gateway's parsers of untrusted input (docs/fuzzing.md): the
 //! WebSocket frame decoder, handshake credential extraction, the PROXY protocol
 //! header decoder and the forwarded-address walk. Bounded to a few seconds in CI;
 //! the cargo-fuzz targets in `fuzz/` run the same surfaces for longer

@@ -1,4 +1,4 @@
-//! NATS subject names (DESIGN.md "NATS subjects"). Every subject is built here, from
+//! NATS subject names (docs/DESIGN.md#nats-subjects). Every subject is built here, from
 //! one configurable prefix, so gateways and workers can never disagree about a name.
 
 /// JetStream stream that holds chat requests as a work queue.

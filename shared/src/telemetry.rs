@@ -22,7 +22,8 @@ pub enum LogFormat {
 }
 
 /// Histogram samples are buffered until upkeep drains them; without it memory grows
-/// while nobody scrapes (`../shared/research/crates.md` section 6).
+/// while nobody scrapes: a recorder installed without the exporter's HTTP listener
+/// gets no upkeep task of its own (docs/DESIGN.md#crate-pins-and-traps).
 pub const UPKEEP_INTERVAL: Duration = Duration::from_secs(5);
 
 static HANDLE: OnceLock<PrometheusHandle> = OnceLock::new();

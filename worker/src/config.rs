@@ -38,11 +38,13 @@ pub const DEFAULT_BREAKER_FAILURES: u32 = 5;
 pub const DEFAULT_BREAKER_COOLDOWN_MS: u64 = 10_000;
 /// User-context RPCs handled at once: each is two short HTTP calls.
 pub const DEFAULT_CONTEXT_MAX_IN_FLIGHT: usize = 128;
-/// Chat requests streamed at once per worker (issue 4: default 64).
+/// Chat requests streamed at once per worker (README, "Configuration": default 64).
 pub const DEFAULT_MAX_IN_FLIGHT: usize = 64;
-/// Messages of history loaded per request (DESIGN.md: the message window, 100).
+/// Messages of history loaded per request: the session's message window, 100
+/// (docs/DESIGN.md#redis-keys).
 pub const DEFAULT_HISTORY_WINDOW: usize = shared::store::DEFAULT_HISTORY_WINDOW;
-/// Estimated prompt tokens (chars / 4) the history may use (issue 4: 32,000).
+/// Estimated prompt tokens (chars / 4) the history may use (README, "Configuration":
+/// default 32,000).
 pub const DEFAULT_TOKEN_BUDGET: usize = 32_000;
 /// Redelivery after a worker died: progress acks keep live streams well inside it.
 pub const DEFAULT_ACK_WAIT_SECS: u64 = 30;
@@ -51,13 +53,14 @@ pub const DEFAULT_ACK_WAIT_SECS: u64 = 30;
 pub const DEFAULT_MAX_DELIVER: i64 = 5;
 /// Under Kubernetes' default 30 s termination grace period.
 pub const DEFAULT_SHUTDOWN_GRACE_SECS: u64 = 25;
-/// DESIGN.md: chunks coalesced about every 20 ms.
+/// Chunks coalesced about every 20 ms (docs/DESIGN.md#chat-request-end-to-end).
 pub const DEFAULT_CHUNK_INTERVAL_MS: u64 = 20;
-/// Issue 4: or every 64 characters, whichever comes first.
+/// Or every 64 characters, whichever comes first (docs/DESIGN.md#chat-request-end-to-end).
 pub const DEFAULT_CHUNK_CHARS: usize = 64;
 /// Attachments per request: a handful of documents per question.
 pub const DEFAULT_MAX_FILES: usize = 5;
-/// Issue 4: 1 MiB of decoded attachments per request.
+/// 1 MiB of decoded attachments per request, as the gateway allows (docs/PROTOCOL.md,
+/// "Chat in detail").
 pub const DEFAULT_MAX_FILES_BYTES: usize = 1024 * 1024;
 /// Characters of attachment text per request, all files together: about 16,000
 /// tokens (chars / 4), half the default token budget, so one message cannot crowd

@@ -1,10 +1,10 @@
-//! One chat request, start to end (DESIGN.md "Chat request, end to end"): check the
+//! One chat request, start to end (docs/DESIGN.md#chat-request-end-to-end): check the
 //! attachments, load the history window, answer a request that already completed
 //! from history, else stream the LLM's reply as coalesced chunks, record user message
 //! and reply once, publish `chat.complete`. The caller acks according to the returned
 //! [`Outcome`]; nothing here acks.
 //!
-//! Choices where the issue was silent:
+//! Choices the client protocol leaves open (docs/PROTOCOL.md, "Chat in detail"):
 //! - Cancel: the stream stops, the text generated so far is recorded in history and
 //!   sent as `chat.complete` (possibly empty), so every connection and history agree.
 //! - A failure after text reached the user: `chat.error {retryable: true}` and ack;

@@ -1,6 +1,6 @@
-//! Keeping live connections' permissions in step with the team backend (issue 2),
-//! refresh limits and context coalescing (issue 4), and history replays within the
-//! outbound budget (issue 3).
+//! Keeping live connections' permissions in step with the team backend
+//! (docs/PROTOCOL.md, "Context changes"), refresh limits and context coalescing, and
+//! history replays within the outbound budget (docs/PROTOCOL.md, "Channels in detail").
 
 use std::time::Duration;
 
@@ -34,7 +34,7 @@ fn team_ids(v: &Value) -> Vec<String> {
         .collect()
 }
 
-/// Issue 2: `POST /v1/users/<id>/refresh-context` reaches the user's connections on
+/// Context changes: `POST /v1/users/<id>/refresh-context` reaches the user's connections on
 /// every node: the team channel the user lost ends with `unsubscribed {reason:
 /// FORBIDDEN}`, each connection gets the new context, and publishing there is
 /// refused. The worker holds a recent answer from the connect: the refresh bypasses it.
@@ -97,7 +97,7 @@ async fn refresh_context_ends_lost_team_channels_on_every_node() {
     assert_eq!(r.status(), 401);
 }
 
-/// Issue 2: without anyone calling the API, the periodic re-check finds that the
+/// Context changes: without anyone calling the API, the periodic re-check finds that the
 /// backend now denies the user (403: a denial, not an outage served from the cache)
 /// and ends the team channel. The user's two connections on one node share one fetch.
 #[tokio::test]
@@ -129,7 +129,7 @@ async fn the_periodic_recheck_applies_a_backend_denial() {
     );
 }
 
-/// Issue 4: a burst of `refresh` frames is limited per connection (`RATE_LIMITED`
+/// Refresh limits: a burst of `refresh` frames is limited per connection (`RATE_LIMITED`
 /// with `retry_after_ms`, the connection stays), and the refreshes that pass share
 /// context fetches across the user's connections and nodes: 4 connections x 40
 /// refreshes cost at most two backend rounds, not 320 calls.
@@ -180,9 +180,10 @@ async fn refresh_bursts_are_limited_and_share_backend_calls() {
     );
 }
 
-/// Issue 3: a client that never reads subscribes with `since: 0` to a channel with a
-/// large history. The replay goes out only within the outbound budget; the client is
-/// closed 4008 (`SLOW_CONSUMER`) and never got more than a fraction of the history.
+/// Outbound budget: a client that never reads subscribes with `since: 0` to a channel
+/// with a large history. The replay goes out only within the outbound budget; the
+/// client is closed 4008 (`SLOW_CONSUMER`) and never got more than a fraction of the
+/// history.
 #[tokio::test]
 async fn a_replay_to_a_client_that_does_not_read_is_closed_4008() {
     const PUBLICATIONS: usize = 150;

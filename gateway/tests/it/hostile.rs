@@ -1,9 +1,10 @@
-//! Malformed traffic (issue 8). While a legitimate client keeps a conversation going
-//! (pings, and publishing to a channel it is subscribed to), the same gateway is
-//! attacked at once with garbage before and after the upgrade, half-open sockets, a
-//! handshake flood from one address, oversized headers and slowloris. The gateway
-//! must stay ready, answer each attack as PROTOCOL.md says, never disconnect or
-//! stall the legitimate client, still take new clients, and give back every socket.
+//! Malformed traffic (docs/security.md, "Attack matrix"). While a legitimate client
+//! keeps a conversation going (pings, and publishing to a channel it is subscribed
+//! to), the same gateway is attacked at once with garbage before and after the
+//! upgrade, half-open sockets, a handshake flood from one address, oversized headers
+//! and slowloris. The gateway must stay ready, answer each attack as PROTOCOL.md
+//! says, never disconnect or stall the legitimate client, still take new clients,
+//! and give back every socket.
 //!
 //! Attackers connect from their own loopback addresses (127.0.x.y; Linux routes all
 //! of 127/8 to `lo`), so only the flood shares an address and the per-address

@@ -1,5 +1,5 @@
 //! The LLM client: one streaming chat completion per call, OpenAI-compatible SSE or
-//! Ollama NDJSON, with the timeouts and retry rules of `../shared/research/llm.md` A9.
+//! Ollama NDJSON, with the timeouts and retry rules of docs/DESIGN.md#llm-streaming.
 //!
 //! - Retries (429, 5xx, connection errors, a stream that breaks) happen only before the
 //!   first generated text: once text reached the user, a retry would repeat it.
@@ -535,7 +535,7 @@ impl LlmStream {
             }
             if self.eof {
                 // Ended without [DONE]: whole if the model said why it stopped
-                // (llm.md A5 policy), otherwise cut short.
+                // (the usage chunk may be lost, the text is not), otherwise cut short.
                 if self.finish_reason.is_some() {
                     self.done = true;
                     self.response = None;

@@ -1,4 +1,4 @@
-//! Ollama's native `POST /api/chat` dialect (`../shared/research/llm.md` A8): one JSON
+//! Ollama's native `POST /api/chat` dialect (docs/DESIGN.md#llm-streaming): one JSON
 //! object per line (NDJSON), `message.content` carries text, the last line has
 //! `done: true` with token counts, and an `{"error": ".."}` line reports a failure
 //! after output has started.

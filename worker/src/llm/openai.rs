@@ -1,6 +1,6 @@
 //! The OpenAI-compatible Chat Completions dialect: the streaming request body and the
 //! meaning of each SSE event, tolerant of how real servers differ
-//! (`../shared/research/llm.md` A3, A5): `delta.content` absent, null or empty, the
+//! (docs/DESIGN.md#llm-streaming): `delta.content` absent, null or empty, the
 //! usage chunk with `choices` empty, null or missing, `error` objects or strings in a
 //! 200 stream.
 

@@ -1,5 +1,5 @@
 //! When and how long to wait before retrying an LLM request, the way the OpenAI SDKs
-//! do it (`../shared/research/llm.md` A6): `retry-after-ms`, then `retry-after` as
+//! do it (docs/DESIGN.md#llm-streaming): `retry-after-ms`, then `retry-after` as
 //! seconds or an HTTP date; otherwise exponential backoff with jitter. Retries happen
 //! only before the first token (the caller's rule).
 

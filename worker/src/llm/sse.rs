@@ -1,8 +1,8 @@
 //! Server-Sent Events decoding (the WHATWG rules, as openai-python applies them):
 //! events end at a blank line, `data:` lines of one event are joined with `\n`, one
 //! leading space after the colon is dropped, `:` lines are comments (keep-alives),
-//! unknown fields are ignored. Two extras for LLM servers (`../shared/research/llm.md`
-//! A2, A5): llama.cpp builds before 2025-09 sent errors as a non-standard `error:`
+//! unknown fields are ignored. Two extras for LLM servers (docs/DESIGN.md#llm-streaming):
+//! llama.cpp builds before 2025-09 sent errors as a non-standard `error:`
 //! field, which becomes an `error` event, and an event left open at EOF is still
 //! dispatched (some servers omit the blank line after `[DONE]`).
 

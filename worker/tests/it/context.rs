@@ -145,7 +145,7 @@ async fn without_a_backend_users_have_no_teams_and_are_not_degraded() {
     assert_eq!(env.backend.calls(), 0);
 }
 
-/// Issue 2: a backend 401/403/404 says the user has no access: no teams and not
+/// Denial, not outage: a backend 401/403/404 says the user has no access: no teams and not
 /// degraded, and the kept copy no longer hands the old teams back in an outage.
 #[tokio::test]
 async fn a_backend_denial_is_no_teams_not_the_cached_ones() {
@@ -171,7 +171,7 @@ async fn a_backend_denial_is_no_teams_not_the_cached_ones() {
     assert!(ctx.degraded && ctx.teams.is_empty(), "{ctx:?}");
 }
 
-/// Issue 4: concurrent requests for one user share one backend round, a recent
+/// Coalescing: concurrent requests for one user share one backend round, a recent
 /// answer is shared for a moment, and `fresh` bypasses it.
 #[tokio::test]
 async fn requests_for_one_user_share_backend_calls_unless_fresh() {
