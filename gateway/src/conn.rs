@@ -19,7 +19,7 @@ use shared::store::{Admission, ConnRecord, now_ms};
 use tokio::time::sleep_until;
 use tracing::Instrument;
 
-use crate::channels::{self, Perms, Subscriptions};
+use crate::channels::{self, Announce, Perms, SubscribeOptions, Subscriptions};
 use crate::chat;
 use crate::credentials::Source;
 use crate::error::SessionError;
@@ -531,18 +531,13 @@ impl Session {
                 let conn_id = self.conn_id.clone();
                 let r = match self.auth.as_mut() {
                     Some(a) => {
-                        channels::subscribe(
-                            &node,
-                            &conn_id,
-                            &a.perms,
-                            &mut a.subs,
-                            &channel,
+                        let opts = SubscribeOptions {
                             since,
-                            epoch.as_deref(),
-                            id.clone(),
-                            true,
-                        )
-                        .await
+                            epoch: epoch.as_deref(),
+                            announce: Some(Announce { id: id.clone() }),
+                        };
+                        channels::subscribe(&node, &conn_id, &a.perms, &mut a.subs, &channel, opts)
+                            .await
                     }
                     None => Ok(Vec::new()),
                 };
@@ -734,10 +729,7 @@ impl Session {
                 &a.perms,
                 &mut a.subs,
                 &own,
-                None,
-                None,
-                None,
-                false,
+                SubscribeOptions::default(),
             )
             .await
         {
