@@ -14,16 +14,17 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use bytes::Bytes;
 use shared::auth::Claims;
 use shared::metrics as m;
-use shared::protocol::{ClientFrame, ClientMessage, CloseCode, FrameId, ServerFrame, UserInfo};
+use shared::protocol::{ClientFrame, ClientMessage, FrameId, ServerFrame, UserInfo};
 use shared::store::{Admission, ConnRecord, now_ms};
 use tokio::time::sleep_until;
 use tracing::Instrument;
 
 use crate::channels::{self, Announce, Perms, SubscribeOptions, Subscriptions};
 use crate::chat;
+use crate::close::{CloseCause, CloseSignal};
 use crate::credentials::Source;
 use crate::error::SessionError;
-use crate::hub::{CloseReason, Closer, Member, Outbound, Registration, TokenSlot};
+use crate::hub::{Closer, Member, Outbound, Registration, TokenSlot};
 use crate::limits::{Bucket, MessageLimiter, MessageVerdict};
 use crate::node::Node;
 use crate::outbox::Outbox;
@@ -158,8 +159,8 @@ struct Session {
 
 /// How the loop ended.
 enum End {
-    /// We close with this reason, after sending its frame.
-    Close(Box<CloseReason>),
+    /// We close with this signal, after sending its frame.
+    Close(Box<CloseSignal>),
     /// The peer sent a close frame (echoed already) or vanished.
     PeerGone,
 }
@@ -241,11 +242,10 @@ impl Session {
                     _ = sleep_until(deadline.into()) => Event::Timer,
                 };
                 let step = match ev {
-                    Event::Kill => Some(End::Close(Box::new(
-                        self.closer.reason().cloned().unwrap_or_else(|| {
-                            CloseReason::new(CloseCode::GoingAway, None, "closing")
-                        }),
-                    ))),
+                    Event::Kill => Some(match self.closer.cause() {
+                        Some(cause) => end_with(cause),
+                        None => end_with(&CloseCause::Unexplained),
+                    }),
                     Event::Read(res) => Box::pin(self.on_read(res, self.started)).await,
                     Event::Outbound(first) => Box::pin(self.on_outbound(first)).await,
                     Event::Timer => Box::pin(self.on_timer()).await,
@@ -307,12 +307,7 @@ impl Session {
             _ => {}
         }
         if now >= self.last_heard + cfg.idle_timeout {
-            tracing::debug!("idle timeout");
-            return Some(End::Close(Box::new(CloseReason::new(
-                CloseCode::GoingAway,
-                None,
-                "idle timeout",
-            ))));
+            return Some(end_with(&CloseCause::IdleTimeout));
         }
         if now >= self.next_ping {
             self.next_ping = now + cfg.ping_interval;
@@ -444,17 +439,15 @@ impl Session {
             }
             Ok(Inbound::Pong) => None,
             Ok(Inbound::Close(code, _)) => {
+                // The peer closes: echo its code (RFC 6455 section 5.5.1); no cause of ours.
                 self.writer.queue_close(code.unwrap_or(1000), "");
                 let _ = tokio::time::timeout(transport::CLOSE_LINGER, self.writer.flush()).await;
                 Some(End::PeerGone)
             }
-            Err(ReadError::TooLarge(n)) => self.fail(SessionError::TooLarge(n), None).await,
-            Err(e) => match e.close_code() {
-                Some(code) => Some(End::Close(Box::new(CloseReason::new(
-                    code,
-                    None,
-                    "protocol error",
-                )))),
+            Err(e) => match e.close_cause() {
+                // An oversized message counts as a failed handshake like other errors.
+                Some(CloseCause::Error { error, id }) => self.fail(error, id).await,
+                Some(cause) => Some(end_with(&cause)),
                 None => Some(End::PeerGone),
             },
         }
@@ -837,27 +830,17 @@ impl Session {
         self.writer.queue_text(&frame.to_bytes());
     }
 
-    /// Answers an error: an `error` frame, and for fatal errors the close that follows.
+    /// Answers an error: an `error` frame, or for fatal errors the close (its
+    /// [`CloseCause`] carries the error frame).
     async fn fail(&mut self, e: SessionError, id: Option<FrameId>) -> Option<End> {
-        let wire = e.to_wire(id);
-        if self.auth.is_none() && wire.close.is_some() {
+        if !e.is_fatal() {
+            self.send(&ServerFrame::Error(e.to_body(id)));
+            return None;
+        }
+        if self.auth.is_none() {
             metrics::counter!(m::CONNECTS, "result" => e.connect_result()).increment(1);
         }
-        match wire.close {
-            Some(code) => {
-                tracing::debug!(error = %e, %code, "closing");
-                Some(End::Close(Box::new(CloseReason::new(
-                    code,
-                    wire.error.map(ServerFrame::Error),
-                    close_text(code),
-                ))))
-            }
-            None => {
-                let frame = wire.error.map(ServerFrame::Error)?;
-                self.send(&frame);
-                None
-            }
-        }
+        Some(end_with(&CloseCause::Error { error: e, id }))
     }
 
     async fn unregister(&self, user_id: &str, registry: &str) {
@@ -872,14 +855,14 @@ impl Session {
     /// peer's close, then releases everything the connection held.
     async fn finish(mut self, end: End) {
         self.outbox.close();
-        if let End::Close(reason) = &end {
-            metrics::counter!(m::CLOSES, "code" => reason.code.label()).increment(1);
+        if let End::Close(signal) = &end {
+            metrics::counter!(m::CLOSES, "code" => signal.code.label()).increment(1);
             // What is already queued goes first; a slow peer gets the linger time to
             // drain it and see the close.
-            if let Some(f) = &reason.frame {
+            if let Some(f) = &signal.frame {
                 self.send(f);
             }
-            self.writer.queue_close(reason.code.as_u16(), reason.text);
+            self.writer.queue_close(signal.code.as_u16(), signal.text);
             let flushed = tokio::time::timeout(transport::CLOSE_LINGER, self.writer.flush()).await;
             if matches!(flushed, Ok(Ok(()))) {
                 // Wait a moment for the peer's close; anything else it says no
@@ -900,17 +883,9 @@ impl Session {
     }
 }
 
-fn close_text(code: CloseCode) -> &'static str {
-    match code {
-        CloseCode::AuthTimeout => "auth timeout",
-        CloseCode::TokenExpired => "token expired",
-        CloseCode::Forbidden => "forbidden",
-        CloseCode::ConnectionLimit => "connection limit",
-        CloseCode::RateLimited => "rate limited",
-        CloseCode::TryAgainLater => "try again later",
-        CloseCode::TooLarge => "message too large",
-        CloseCode::Unsupported => "binary frames not supported",
-        CloseCode::SlowConsumer => "slow consumer",
-        _ => "closing",
-    }
+/// The one way the loop ends on our side: the cause's signal, sent by `finish`.
+fn end_with(cause: &CloseCause) -> End {
+    let signal = cause.signal();
+    tracing::debug!(?cause, code = %signal.code, "closing");
+    End::Close(Box::new(signal))
 }

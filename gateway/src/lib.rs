@@ -6,6 +6,7 @@
 pub mod api;
 pub mod channels;
 pub mod chat;
+pub mod close;
 pub mod config;
 pub mod conn;
 pub mod credentials;
