@@ -8,7 +8,6 @@ pub mod channels;
 pub mod chat;
 pub mod close;
 pub mod config;
-pub mod conn;
 pub mod credentials;
 pub mod drain;
 pub mod error;
@@ -22,6 +21,7 @@ pub mod proxy;
 pub mod revalidate;
 pub mod revocations;
 pub mod server;
+pub mod session;
 pub mod transport;
 
 use std::sync::Arc;
