@@ -11,6 +11,9 @@ use crate::error::SessionError;
 const GENERIC_TEXT: &str = "closing";
 /// Error message of a kick that names no reason.
 const KICK_MESSAGE: &str = "disconnected by the server";
+/// Close code of a kick that names none: "do not reconnect; sign in again"
+/// (PROTOCOL.md "Kicks"), the safe reading of an operator removing a session.
+pub const DEFAULT_KICK_CODE: CloseCode = CloseCode::Forbidden;
 
 /// Why the server ends a connection.
 #[derive(Debug)]
@@ -93,7 +96,7 @@ impl CloseCause {
             ),
             CloseCause::Kicked { code, reason } => {
                 let code = CloseCode::from_u16(*code);
-                let frame = (code == CloseCode::Forbidden).then(|| {
+                let frame = (code == DEFAULT_KICK_CODE).then(|| {
                     ServerFrame::Error(ErrorBody::new(
                         ErrorCode::Forbidden,
                         reason.as_deref().unwrap_or(KICK_MESSAGE),
