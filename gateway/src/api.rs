@@ -15,6 +15,7 @@ use serde::Deserialize;
 use serde_json::json;
 use shared::protocol::{CloseCode, DisconnectCommand, valid_name};
 
+use crate::close::DEFAULT_KICK_CODE;
 use crate::error::ApiError;
 use crate::node::Node;
 use crate::server::{Body, json_response};
@@ -206,7 +207,7 @@ async fn disconnect(node: &Node, req: Request<Incoming>) -> Result<Response<Body
             return Err(ApiError::BadRequest(format!("{v:?} is not a valid id")));
         }
     }
-    let code = b.code.unwrap_or(CloseCode::Forbidden.as_u16());
+    let code = b.code.unwrap_or(DEFAULT_KICK_CODE.as_u16());
     if !CloseCode::is_valid_kick_code(code) {
         return Err(ApiError::BadRequest(
             "`code` must be 1000, 1012 or within 4000-4999".into(),

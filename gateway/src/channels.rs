@@ -257,30 +257,77 @@ impl Subscriptions {
     }
 }
 
+/// How a `subscribe` goes beyond joining the channel. The default is a hidden
+/// subscription without recovery: the connection's own `user:` channel at connect.
+#[derive(Debug, Default)]
+pub struct SubscribeOptions<'a> {
+    /// Replay what was published after this offset (the client's `since`).
+    pub since: Option<u64>,
+    /// The epoch `since` counts in, as the client sent it.
+    pub epoch: Option<&'a str>,
+    /// Answer with `subscribed`. Without it the subscription is hidden: no answer,
+    /// and no position is read from Redis until the client subscribes itself.
+    pub announce: Option<Announce>,
+}
+
+/// The `subscribed` answer a client asked for.
+#[derive(Debug, Default)]
+pub struct Announce {
+    /// The id of the `subscribe` frame, echoed.
+    pub id: Option<FrameId>,
+}
+
+impl Announce {
+    fn subscribed(
+        self,
+        ch: &Channel,
+        at: Position,
+        recovered: bool,
+        read_offset: Option<u64>,
+    ) -> Bytes {
+        ServerFrame::Subscribed {
+            channel: ch.to_string(),
+            offset: at.offset,
+            epoch: at.epoch.to_string(),
+            recovered,
+            read_offset,
+            id: self.id,
+        }
+        .to_bytes()
+    }
+}
+
+/// The client's `since` with its epoch already parsed.
+struct Recovery {
+    since: Option<u64>,
+    epoch: Option<u64>,
+}
+
 /// Subscribes a connection. Returns the frames to write, in order: the replay (when
 /// `since` is given and history reaches back that far), then `subscribed`. The hub
 /// interest exists (and NATS has the subscription) before history is read, so a
 /// publication is either in the replay or arrives live; live duplicates of replayed
 /// offsets are dropped by [`on_publication`].
-#[allow(clippy::too_many_arguments)]
 pub async fn subscribe(
     node: &Node,
     conn_id: &str,
     perms: &Perms,
     subs: &mut Subscriptions,
     channel: &str,
-    since: Option<u64>,
-    epoch: Option<&str>,
-    id: Option<FrameId>,
-    announce: bool,
+    opts: SubscribeOptions<'_>,
 ) -> Result<Vec<Bytes>, SessionError> {
+    let SubscribeOptions {
+        since,
+        epoch,
+        announce,
+    } = opts;
     let ch = parse(channel)?;
     check(node, perms, &ch, Access::Subscribe)?;
     // An epoch that is not a number is nobody's: `since` cannot be recovered in it.
     let epoch = epoch.map(|e| e.parse::<u64>().unwrap_or(0));
     let key: Arc<str> = ch.to_string().into();
     if let Some(sub) = subs.subs.get_mut(&key) {
-        if (sub.epoch == 0 || !sub.positioned) && announce {
+        if (sub.epoch == 0 || !sub.positioned) && announce.is_some() {
             // A hidden subscription that has no position yet: the client is about to
             // hold an offset, so it gets an epoch with it.
             let at = node
@@ -300,7 +347,8 @@ pub async fn subscribe(
             epoch: sub.epoch,
             offset: sub.last,
         };
-        return resubscribe(node, &perms.user_id, &ch, at, since, epoch, id, announce).await;
+        let wanted = Recovery { since, epoch };
+        return resubscribe(node, &perms.user_id, &ch, at, wanted, announce).await;
     }
     let max = node.config.channels.max_subscriptions;
     if subs.len() >= max {
@@ -343,7 +391,7 @@ pub async fn subscribe(
             };
             (at, h.complete)
         }
-        None if !announce => {
+        None if announce.is_none() => {
             // Hidden (the connection's own channel): no Redis at connect.
             subs.subs.insert(key.clone(), Sub::unpositioned(ch.clone()));
             metrics::gauge!(shared::metrics::SUBSCRIPTIONS).increment(1.0);
@@ -365,18 +413,8 @@ pub async fn subscribe(
     subs.subs.insert(key.clone(), Sub::new(ch.clone(), at));
     metrics::gauge!(shared::metrics::SUBSCRIPTIONS).increment(1.0);
     join_presence(node, perms, conn_id, &ch).await;
-    if announce {
-        out.push(
-            ServerFrame::Subscribed {
-                channel: key.to_string(),
-                offset: at.offset,
-                epoch: at.epoch.to_string(),
-                recovered,
-                read_offset,
-                id,
-            }
-            .to_bytes(),
-        );
+    if let Some(a) = announce {
+        out.push(a.subscribed(&ch, at, recovered, read_offset));
     }
     Ok(out)
 }
@@ -384,17 +422,15 @@ pub async fn subscribe(
 /// `subscribe` to a channel the connection already has (its own `user:` channel,
 /// or a client that lost track): answers `subscribed` again and, with `since`,
 /// replays what this connection was already given after `since` (in its epoch).
-#[allow(clippy::too_many_arguments)]
 async fn resubscribe(
     node: &Node,
     user_id: &str,
     ch: &Channel,
     at: Position,
-    since: Option<u64>,
-    epoch: Option<u64>,
-    id: Option<FrameId>,
-    announce: bool,
+    wanted: Recovery,
+    announce: Option<Announce>,
 ) -> Result<Vec<Bytes>, SessionError> {
+    let Recovery { since, epoch } = wanted;
     let mut out = Vec::new();
     let mut recovered = false;
     let last = at.offset;
@@ -417,18 +453,8 @@ async fn resubscribe(
         .read_offset(user_id, &ch.to_string())
         .await
         .map_err(|e| store_down("read_offset", e))?;
-    if announce {
-        out.push(
-            ServerFrame::Subscribed {
-                channel: ch.to_string(),
-                offset: last,
-                epoch: at.epoch.to_string(),
-                recovered,
-                read_offset,
-                id,
-            }
-            .to_bytes(),
-        );
+    if let Some(a) = announce {
+        out.push(a.subscribed(ch, at, recovered, read_offset));
     }
     Ok(out)
 }

@@ -6,9 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use shared::protocol::{CloseCode, ServerFrame};
-
-use crate::hub::CloseReason;
+use crate::close::CloseCause;
 use crate::node::Node;
 
 /// How long after its `reconnect` a client should wait at most (jitter ceiling): the
@@ -39,13 +37,8 @@ pub async fn run(node: Arc<Node>, window: Duration) {
     let start = tokio::time::Instant::now();
     for (i, closer) in sockets.into_iter().enumerate() {
         tokio::time::sleep_until(start + step * i as u32).await;
-        closer.close(CloseReason::new(
-            CloseCode::Restart,
-            Some(ServerFrame::Reconnect {
-                reason: "node draining".into(),
-                retry_after_ms: RECONNECT_JITTER_MS,
-            }),
-            "node draining",
-        ));
+        closer.close(CloseCause::Draining {
+            retry_after_ms: RECONNECT_JITTER_MS,
+        });
     }
 }

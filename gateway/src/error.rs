@@ -1,10 +1,11 @@
-//! Gateway errors and the one place where they become wire signals: an `error` frame,
-//! a close code, or both. Nothing else in the gateway picks codes.
+//! Gateway errors and the one place where they become `error` frames. A fatal error
+//! closes the connection as a [`CloseCause`](crate::close::CloseCause), whose close
+//! code and text are chosen in `close.rs`; nothing else in the gateway picks codes.
 
 use std::time::Duration;
 
 use shared::auth::AuthError;
-use shared::protocol::{CloseCode, ErrorBody, ErrorCode, FrameId};
+use shared::protocol::{ErrorBody, ErrorCode, FrameId};
 
 /// Everything that can go wrong while serving one connection.
 #[derive(Debug, thiserror::Error)]
@@ -61,17 +62,11 @@ pub enum SessionError {
     Unavailable(&'static str),
 }
 
-/// What to put on the wire for an error.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Wire {
-    pub error: Option<ErrorBody>,
-    pub close: Option<CloseCode>,
-}
-
 impl SessionError {
-    /// The single mapping from errors to `error` frames and close codes
-    /// (PROTOCOL.md section 4).
-    pub fn to_wire(&self, id: Option<FrameId>) -> Wire {
+    /// The single mapping from errors to `error` frames (PROTOCOL.md section 4),
+    /// answering the client frame `id`. A binary frame closes without one (the
+    /// close code says it all, see `close.rs`), so its body is never sent.
+    pub fn to_body(&self, id: Option<FrameId>) -> ErrorBody {
         use SessionError as E;
         let (code, message, retry): (ErrorCode, String, Option<Duration>) = match self {
             E::Auth(e) if e.is_expired() => (ErrorCode::TokenExpired, e.to_string(), None),
@@ -96,12 +91,7 @@ impl SessionError {
             | E::RefreshRateLimited(d) => (ErrorCode::RateLimited, self.to_string(), Some(*d)),
             E::TooLarge(_) => (ErrorCode::TooLarge, self.to_string(), None),
             E::SlowConsumer => (ErrorCode::SlowConsumer, self.to_string(), None),
-            E::Binary => {
-                return Wire {
-                    error: None,
-                    close: Some(CloseCode::Unsupported),
-                };
-            }
+            E::Binary => (ErrorCode::BadRequest, self.to_string(), None),
             E::AuthUnavailable(_) | E::Unavailable(_) | E::DeliveryGap => {
                 (ErrorCode::Unavailable, self.to_string(), None)
             }
@@ -113,10 +103,7 @@ impl SessionError {
         if let Some(d) = retry {
             body = body.retry_after(d.as_millis().max(1) as u64);
         }
-        Wire {
-            close: self.is_fatal().then(|| code.close_code()),
-            error: Some(body),
-        }
+        body
     }
 
     pub fn is_fatal(&self) -> bool {
@@ -174,7 +161,7 @@ pub enum ApiError {
 }
 
 impl ApiError {
-    /// HTTP status and error code: the HTTP counterpart of [`SessionError::to_wire`].
+    /// HTTP status and error code: the HTTP counterpart of [`SessionError::to_body`].
     pub fn status_and_code(&self) -> (http::StatusCode, &'static str) {
         use http::StatusCode as S;
         match self {
@@ -196,6 +183,7 @@ impl ApiError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::close::CloseCause;
 
     #[test]
     fn fatal_errors_carry_the_table_codes() {
@@ -278,13 +266,25 @@ mod tests {
             ),
         ];
         for (e, close, code) in cases {
-            let w = e.to_wire(None);
-            assert_eq!(w.close.map(|c| c.as_u16()), close, "{e:?}");
-            assert_eq!(w.error.as_ref().map(|b| b.code), code, "{e:?}");
+            // What the client gets: the close signal of a fatal error, the error
+            // frame alone otherwise.
+            let desc = format!("{e:?}");
+            let (got_close, got_code) = if e.is_fatal() {
+                let signal = CloseCause::from(e).signal();
+                let code = match signal.frame {
+                    Some(shared::protocol::ServerFrame::Error(b)) => Some(b.code),
+                    _ => None,
+                };
+                (Some(signal.code.as_u16()), code)
+            } else {
+                (None, Some(e.to_body(None).code))
+            };
+            assert_eq!(got_close, close, "{desc}");
+            assert_eq!(got_code, code, "{desc}");
         }
-        let w = SessionError::Auth(AuthError::Expired).to_wire(None);
-        assert!(w.error.unwrap().action.is_some());
-        let w = SessionError::RateLimited(Duration::from_millis(250)).to_wire(None);
-        assert_eq!(w.error.unwrap().retry_after_ms, Some(250));
+        let b = SessionError::Auth(AuthError::Expired).to_body(None);
+        assert!(b.action.is_some());
+        let b = SessionError::RateLimited(Duration::from_millis(250)).to_body(None);
+        assert_eq!(b.retry_after_ms, Some(250));
     }
 }

@@ -10,13 +10,13 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
-use shared::protocol::{
-    Channel, CloseCode, DisconnectCommand, ErrorBody, ErrorCode, ServerFrame, UserContext,
-};
+use shared::protocol::{Channel, DisconnectCommand, UserContext};
 use shared::store::Position;
 use shared::subjects::Subjects;
 use tokio_util::sync::CancellationToken;
 
+use crate::close::CloseCause;
+use crate::error::SessionError;
 use crate::finals::RecentFinals;
 use crate::mux::{Deliver, Msg, Mux, Topic};
 use crate::outbox::{OfferError, Outbox};
@@ -44,41 +44,17 @@ pub const USER_NAMESPACE: &str = "user";
 
 // === Closer ===
 
-/// Why the server ends a connection, decided once by whoever gets there first.
-#[derive(Debug, Clone)]
-pub struct CloseReason {
-    pub code: CloseCode,
-    /// Sent before the close frame.
-    pub frame: Option<ServerFrame>,
-    /// Close frame reason text (short, for humans reading captures).
-    pub text: &'static str,
-}
-
-impl CloseReason {
-    pub fn new(code: CloseCode, frame: Option<ServerFrame>, text: &'static str) -> CloseReason {
-        CloseReason { code, frame, text }
-    }
-
-    pub fn error(code: ErrorCode, message: &str, text: &'static str) -> CloseReason {
-        CloseReason::new(
-            code.close_code(),
-            Some(ServerFrame::Error(ErrorBody::new(code, message))),
-            text,
-        )
-    }
-}
-
-/// Asks a connection's task to close; the first reason wins.
+/// Asks a connection's task to close; the first cause wins.
 #[derive(Debug, Default)]
 pub struct Closer {
     token: CancellationToken,
-    /// Boxed: the reason is rare, the closer lives as long as the connection.
-    reason: OnceLock<Box<CloseReason>>,
+    /// Boxed: the cause is rare, the closer lives as long as the connection.
+    cause: OnceLock<Box<CloseCause>>,
 }
 
 impl Closer {
-    pub fn close(&self, reason: CloseReason) {
-        if self.reason.set(Box::new(reason)).is_ok() {
+    pub fn close(&self, cause: CloseCause) {
+        if self.cause.set(Box::new(cause)).is_ok() {
             self.token.cancel();
         }
     }
@@ -87,8 +63,8 @@ impl Closer {
         self.token.cancelled().await
     }
 
-    pub fn reason(&self) -> Option<&CloseReason> {
-        self.reason.get().map(|r| &**r)
+    pub fn cause(&self) -> Option<&CloseCause> {
+        self.cause.get().map(|r| &**r)
     }
 }
 
@@ -602,17 +578,9 @@ impl Hub {
     /// Applies a kick from `sb.ctl.disconnect` to the local connections it names.
     pub fn disconnect(&self, cmd: &DisconnectCommand) -> usize {
         let st = self.lock();
-        let code = CloseCode::from_u16(cmd.code);
-        let reason = || {
-            let frame = (code == CloseCode::Forbidden).then(|| {
-                ServerFrame::Error(ErrorBody::new(
-                    ErrorCode::Forbidden,
-                    cmd.reason
-                        .as_deref()
-                        .unwrap_or("disconnected by the server"),
-                ))
-            });
-            CloseReason::new(code, frame, "disconnected")
+        let reason = || CloseCause::Kicked {
+            code: cmd.code,
+            reason: cmd.reason.clone(),
         };
         let mut n = 0;
         if let Some(c) = &cmd.conn_id
@@ -735,14 +703,10 @@ pub fn offer(m: &Member, item: Outbound) {
     match m.outbox.offer(item) {
         Ok(()) => {}
         Err(OfferError::Full) => {
-            if m.closer.reason().is_none() {
+            if m.closer.cause().is_none() {
                 metrics::counter!(shared::metrics::SLOW_CONSUMERS).increment(1);
             }
-            m.closer.close(CloseReason::error(
-                ErrorCode::SlowConsumer,
-                "the client did not read fast enough",
-                "slow consumer",
-            ));
+            m.closer.close(SessionError::SlowConsumer.into());
         }
         // The connection is closing; its frames no longer matter.
         Err(OfferError::Closed) => {}

@@ -6,8 +6,8 @@
 pub mod api;
 pub mod channels;
 pub mod chat;
+pub mod close;
 pub mod config;
-pub mod conn;
 pub mod credentials;
 pub mod drain;
 pub mod error;
@@ -21,6 +21,7 @@ pub mod proxy;
 pub mod revalidate;
 pub mod revocations;
 pub mod server;
+pub mod session;
 pub mod transport;
 
 use std::sync::Arc;

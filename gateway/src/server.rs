@@ -16,11 +16,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use shared::protocol::SUBPROTOCOL;
 use tokio::net::{TcpListener, TcpStream};
 
-use crate::conn::{self, Upgrade};
 use crate::credentials;
 use crate::error::{ApiError, SessionError};
 use crate::limits::ConnectVerdict;
 use crate::node::Node;
+use crate::session::{self, Upgrade};
 use crate::{api, proxy};
 
 /// Slowloris guard: the request head must arrive within this time.
@@ -158,7 +158,7 @@ fn ws_upgrade(
             return resp;
         }
     };
-    // The slot is held from here; `conn::serve` (or the failure below) releases it.
+    // The slot is held from here; `session::serve` (or the failure below) releases it.
     if !node.reserve_socket() {
         // Over capacity we still upgrade so the client learns 1013 and backs off; the
         // socket is short-lived and does not count against the cap.
@@ -182,7 +182,7 @@ fn ws_upgrade(
     });
     let node2 = node.clone();
     node.tasks
-        .spawn(async move { conn::serve(node2, fut, up).await });
+        .spawn(async move { session::serve(node2, fut, up).await });
 
     let (mut parts, _) = resp.into_parts();
     if hs.select_subprotocol {

@@ -20,6 +20,9 @@ use shared::protocol::CloseCode;
 use tokio::net::TcpStream;
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 
+use crate::close::CloseCause;
+use crate::error::SessionError;
+
 /// A write that cannot complete in this time means the peer stopped reading; the
 /// connection is dead weight and is dropped.
 pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -51,14 +54,20 @@ pub enum ReadError {
 }
 
 impl ReadError {
-    /// The close code to send, or `None` when the peer is gone and nothing can be sent.
-    pub fn close_code(&self) -> Option<CloseCode> {
+    /// Why the server closes after this, or `None` when the peer is gone and nothing
+    /// can be sent.
+    pub fn close_cause(&self) -> Option<CloseCause> {
         match self {
-            ReadError::Protocol(_) => Some(CloseCode::ProtocolError),
-            ReadError::InvalidUtf8 => Some(CloseCode::InvalidPayload),
-            ReadError::TooLarge(_) => Some(CloseCode::TooLarge),
+            ReadError::Protocol(_) => Some(CloseCause::ProtocolViolation),
+            ReadError::InvalidUtf8 => Some(CloseCause::InvalidUtf8),
+            ReadError::TooLarge(n) => Some(SessionError::TooLarge(*n).into()),
             ReadError::Eof | ReadError::Io(_) => None,
         }
+    }
+
+    /// The close code the server sends for this (see [`ReadError::close_cause`]).
+    pub fn close_code(&self) -> Option<CloseCode> {
+        self.close_cause().map(|c| c.signal().code)
     }
 }
 
