@@ -1,7 +1,7 @@
 //! The WebSocket transport: RFC 6455 framing for the gateway's connections (and the
 //! Autobahn echo harness, which runs on exactly this code). fastwebsockets answers
 //! the upgrade handshake; framing is ours, because the gateway needs what the crate
-//! does not give (see `../shared/research/crates.md` section 2): an aggregate cap on
+//! does not give (docs/DESIGN.md#crate-pins-and-traps): an aggregate cap on
 //! fragmented messages checked before their bytes are buffered, a close frame with
 //! the right code on every protocol error, refusal of unmasked client frames,
 //! control-frame checks, incremental UTF-8 validation of fragments, cancel-safe

@@ -216,7 +216,8 @@ fn unix_now() -> u64 {
 
 /// Close and warning instants for a token's `exp`: the connection lives until
 /// exp + leeway, the same leeway the validator granted, so a token that was just
-/// accepted is never closed at once (the seeds' expired-token loop).
+/// accepted is never closed at once (closing at `exp` would close 4001 a token
+/// accepted within the leeway, and the client would reconnect with it in a loop).
 fn timers_for(node: &Node, exp: u64) -> (Instant, Option<Instant>) {
     let now = Instant::now();
     let left = Duration::from_secs((exp + node.config.jwt.leeway_secs).saturating_sub(unix_now()));
