@@ -15,6 +15,7 @@ pub mod nats;
 /// The wire protocol lives in its own crate (no I/O, for clients too); this path
 /// stays for the code that names it through `shared`.
 pub use ::protocol;
+pub mod scaffold;
 pub mod service;
 pub mod store;
 pub mod subjects;
