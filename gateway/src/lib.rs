@@ -25,10 +25,10 @@ pub mod session;
 pub mod transport;
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use shared::auth::Validator;
 use shared::keys::Keys;
+use shared::scaffold::Scaffold;
 use shared::store::SessionStore;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -38,18 +38,6 @@ use hub::Wire;
 use mux::Mux;
 use node::Node;
 
-/// NATS connect attempt timeout; reconnects go on forever in the background.
-pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// NATS keepalive: detects a dead server within two intervals.
-pub const NATS_PING_INTERVAL: Duration = Duration::from_secs(10);
-/// Messages buffered per NATS subscription before the client drops (and reports)
-/// them: per-user subjects carry at most a streamed reply at a time.
-pub const NATS_SUBSCRIPTION_CAPACITY: usize = 4096;
-/// Pending NATS commands before publishers wait: bounded, see crates.md section 3.
-pub const NATS_CLIENT_CAPACITY: usize = 8192;
-/// Time allowed to flush NATS and clean Redis after the drain.
-pub const SHUTDOWN_CLEANUP_TIMEOUT: Duration = Duration::from_secs(3);
-
 /// Why the gateway could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -57,10 +45,8 @@ pub enum StartError {
     Jwt(#[from] shared::auth::KeyError),
     #[error("SB_REDIS_URL: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("SB_NATS_URL: {0}")]
-    Nats(#[from] async_nats::ConnectError),
     #[error("{0}")]
-    NatsSetup(#[from] shared::nats::NatsSetupError),
+    Nats(#[from] shared::nats::NatsStartError),
 }
 
 /// The two ports a gateway serves.
@@ -78,31 +64,22 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     shared::auth::install_crypto_provider();
-    let metrics = shared::telemetry::metrics_handle();
+    let scaffold = Scaffold::new("gateway");
     let validator = Validator::new(&config.jwt)?;
     let store = SessionStore::open_tls(
         shared::config::redis_target(&config.redis_url, config.redis_cluster),
         config.security.redis_tls_ca.clone(),
         Keys::new(&config.prefix),
     )?;
-    let nats = shared::nats::connect_options(
+    let nats = shared::nats::connect(
         format!("gateway-{}", config.node_id),
         &config.nats_servers,
         &config.security,
+        |options| options.request_timeout(Some(config.user_context_timeout)),
     )
-    .await?
-    .retry_on_initial_connect()
-    .max_reconnects(None)
-    .connection_timeout(NATS_CONNECT_TIMEOUT)
-    .ping_interval(NATS_PING_INTERVAL)
-    .request_timeout(Some(config.user_context_timeout))
-    .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
-    .client_capacity(NATS_CLIENT_CAPACITY)
-    .connect(config.nats_servers.clone())
     .await?;
     let drain_window = config.drain;
     tracing::info!(config = %config.summary(), "gateway starting");
-    metrics::gauge!(shared::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
     // The multiplexer speaks plain `nats://` with URL credentials; `.creds` (nkey
     // signatures) and TLS stay with async-nats.
@@ -117,21 +94,25 @@ pub async fn run(
         )),
         None => Wire::Client,
     };
-    let node = Node::new(config, validator, store, nats, wire, shutdown.clone());
+    let node = Node::new(
+        config,
+        validator,
+        store,
+        nats,
+        wire,
+        shutdown.clone(),
+        &scaffold,
+    );
     node.hub.start();
     // Before the first connection: a token is checked against the list in memory.
     node.sync_revocations().await;
     node.spawn_background();
-    node.background.spawn(shared::telemetry::upkeep(
-        metrics.clone(),
-        node.stop.clone(),
-    ));
-    let admin = tokio::spawn(shared::admin::serve(
+    let health = node.clone();
+    scaffold.watch_health(node.store.clone(), move || health.nats_connected());
+    scaffold.serve_admin(
         listeners.admin,
         node.clone() as Arc<dyn shared::admin::Health>,
-        metrics,
-        node.stop.clone(),
-    ));
+    );
     let accept = tokio::spawn(server::accept_loop(node.clone(), listeners.public));
 
     shutdown.cancelled().await;
@@ -145,16 +126,7 @@ pub async fn run(
     {
         tracing::warn!("connections still open after the drain window; closing anyway");
     }
-    node.stop.cancel();
-    node.background.close();
-    let _ = tokio::time::timeout(SHUTDOWN_CLEANUP_TIMEOUT, async {
-        node.deregister().await;
-        let _ = node.nats.flush().await;
-        node.background.wait().await;
-    })
-    .await;
-    let _ = admin.await;
-    tracing::info!("gateway stopped");
+    scaffold.finish(&node.nats, node.deregister()).await;
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The gateway node: the state every connection and endpoint shares (config, JWT
 //! validator, NATS, Redis, hub, limits, the socket registry used by the drain) and
-//! the node's background loops (heartbeat, connection refresh, dependency health).
+//! the node's background loops (heartbeat, connection refresh, presence); the
+//! dependency health loop is the scaffold's (`shared::scaffold`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -10,6 +11,7 @@ use std::time::{Duration, Instant};
 use shared::auth::Validator;
 use shared::keys::Keys;
 use shared::protocol::{UserContext, UserContextRequest};
+use shared::scaffold::Scaffold;
 use shared::store::{NodeRecord, SessionStore, now_ms};
 use shared::subjects::Subjects;
 use tokio_util::sync::CancellationToken;
@@ -22,9 +24,9 @@ use crate::limits::{ConnectLimiter, FailureLimiter};
 /// A node missing this many heartbeats is gone (30 s by default, well inside the
 /// 90 s promise).
 pub const HEARTBEATS_TO_EXPIRE: u32 = 3;
-/// How often readiness re-checks Redis: fast enough that `/readyz` follows an outage
-/// within a couple of seconds.
-pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
+/// The scaffold's readiness interval, here also the pause between subscription
+/// retries.
+pub use shared::scaffold::HEALTH_INTERVAL;
 /// How often idle per-address limiter entries are swept.
 pub const LIMITER_SWEEP_INTERVAL: Duration = Duration::from_secs(60);
 
@@ -58,15 +60,17 @@ pub struct Node {
     /// Upgraded sockets, authenticated or not (the per-node cap counts these).
     pub open_sockets: AtomicU64,
     pub draining: AtomicBool,
-    pub redis_up: AtomicBool,
+    /// The scaffold's Redis health, for readiness.
+    pub redis_up: Arc<AtomicBool>,
     pub started_at: u64,
     /// Cancelled on SIGTERM: starts the drain (accepting stops, readiness fails).
     pub shutdown: CancellationToken,
-    /// Cancelled after the drain: ends background loops and subscriptions.
+    /// The scaffold's: cancelled after the drain, ends background loops and
+    /// subscriptions.
     pub stop: CancellationToken,
     /// HTTP and WebSocket connection tasks, awaited during the drain.
     pub tasks: TaskTracker,
-    /// Background loops and subscription tasks, awaited last.
+    /// The scaffold's background tracker: loops and subscription tasks, awaited last.
     pub background: TaskTracker,
 }
 
@@ -94,10 +98,11 @@ impl Node {
         nats: async_nats::Client,
         wire: crate::hub::Wire,
         shutdown: CancellationToken,
+        scaffold: &Scaffold,
     ) -> Arc<Node> {
         let subjects = Subjects::new(&config.prefix);
-        let stop = CancellationToken::new();
-        let background = TaskTracker::new();
+        let stop = scaffold.stop.clone();
+        let background = scaffold.background.clone();
         let hub = Hub::new(
             nats.clone(),
             wire,
@@ -127,7 +132,7 @@ impl Node {
             next_socket: AtomicU64::new(1),
             open_sockets: AtomicU64::new(0),
             draining: AtomicBool::new(false),
-            redis_up: AtomicBool::new(false),
+            redis_up: scaffold.redis_up.clone(),
             started_at: now_ms(),
             shutdown,
             stop,
@@ -310,9 +315,6 @@ impl Node {
             .spawn(async move { node.refresh_loop().await });
         let node = self.clone();
         self.background
-            .spawn(async move { node.health_loop().await });
-        let node = self.clone();
-        self.background
             .spawn(async move { node.sweep_loop().await });
         let node = self.clone();
         self.background
@@ -489,27 +491,6 @@ impl Node {
                 metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "refresh").increment(1);
                 tracing::warn!(error = %e, conns = conns.len(), "connection refresh failed");
             }
-        }
-    }
-
-    async fn health_loop(&self) {
-        let mut tick = tokio::time::interval(HEALTH_INTERVAL);
-        loop {
-            tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let up = self.store.ping().await.is_ok();
-            let was = self.redis_up.swap(up, Ordering::AcqRel);
-            match (was, up) {
-                (true, false) => tracing::warn!("redis unreachable"),
-                (false, true) => tracing::info!("redis reachable"),
-                _ => {}
-            }
-            metrics::gauge!(shared::metrics::REDIS_UP).set(if up { 1.0 } else { 0.0 });
-            metrics::gauge!(shared::metrics::NATS_CONNECTED, "binary" => "gateway")
-                .set(if self.nats_connected() { 1.0 } else { 0.0 });
         }
     }
 

@@ -1,6 +1,7 @@
-//! Switchboard's shared vocabulary: wire protocol types, JWT validation, config
-//! loading, NATS subject and Redis key names, the Redis session store, metric names
-//! and what every binary does around its library.
+//! Switchboard's server-side vocabulary: JWT validation, config loading, NATS
+//! subject and Redis key names, the Redis session store, metric names and what every
+//! binary does around its library. The wire protocol is the `switchboard-protocol`
+//! crate, re-exported here as [`protocol`].
 #![forbid(unsafe_code)]
 
 pub mod admin;
@@ -11,7 +12,10 @@ pub mod config;
 pub mod keys;
 pub mod metrics;
 pub mod nats;
-pub mod protocol;
+/// The wire protocol lives in its own crate (no I/O, for clients too); this path
+/// stays for the code that names it through `shared`.
+pub use ::protocol;
+pub mod scaffold;
 pub mod service;
 pub mod store;
 pub mod subjects;

@@ -1,17 +1,59 @@
 //! How every binary reaches NATS: the servers of `SB_NATS_URL`, its credentials (a
 //! `.creds` file, or a user and password or a token in the URL) and TLS (`tls://`
 //! servers, a CA). async-nats reads no credentials from URLs, so they are taken out
-//! of the first URL that has any and given to it as options.
+//! of the first URL that has any and given to it as options. [`connect`] is the
+//! connection both binaries make: reconnecting forever, with one set of timeouts.
+
+use std::time::Duration;
 
 use async_nats::{ConnectOptions, ServerAddr};
 
 use crate::config::Security;
+
+/// NATS connect attempt timeout; reconnects go on forever in the background.
+pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+/// NATS keepalive: detects a dead server within two intervals.
+pub const NATS_PING_INTERVAL: Duration = Duration::from_secs(10);
+/// Messages buffered per subscription before the client drops (and reports) them:
+/// far above what a gateway's per-user subjects or a worker's RPCs and pull batches
+/// hold between polls.
+pub const NATS_SUBSCRIPTION_CAPACITY: usize = 4096;
+/// Pending NATS commands before publishers wait: bounded, see crates.md section 3.
+pub const NATS_CLIENT_CAPACITY: usize = 8192;
 
 /// Why the NATS options could not be made.
 #[derive(Debug, thiserror::Error)]
 pub enum NatsSetupError {
     #[error("SB_NATS_CREDS: {0}")]
     Creds(std::io::Error),
+}
+
+/// Why a binary could not connect to NATS.
+#[derive(Debug, thiserror::Error)]
+pub enum NatsStartError {
+    #[error("SB_NATS_URL: {0}")]
+    Connect(#[from] async_nats::ConnectError),
+    #[error("{0}")]
+    Setup(#[from] NatsSetupError),
+}
+
+/// Connects as `name` with the shared timeouts and capacities, retrying the first
+/// connection and every reconnect forever (readiness reports the outage meanwhile).
+/// `tune` adds what only one binary sets (a request timeout, an event callback).
+pub async fn connect(
+    name: String,
+    servers: &[ServerAddr],
+    security: &Security,
+    tune: impl FnOnce(ConnectOptions) -> ConnectOptions,
+) -> Result<async_nats::Client, NatsStartError> {
+    let options = tune(connect_options(name, servers, security).await?)
+        .retry_on_initial_connect()
+        .max_reconnects(None)
+        .connection_timeout(NATS_CONNECT_TIMEOUT)
+        .ping_interval(NATS_PING_INTERVAL)
+        .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
+        .client_capacity(NATS_CLIENT_CAPACITY);
+    Ok(options.connect(servers.to_vec()).await?)
 }
 
 /// Options with the connection's name, credentials and TLS set; callers add their

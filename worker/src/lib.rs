@@ -25,10 +25,10 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use shared::keys::Keys;
+use shared::scaffold::Scaffold;
 use shared::store::SessionStore;
 use shared::subjects::Subjects;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, RawConfig};
@@ -38,31 +38,16 @@ use breaker::Breaker;
 use cancel::CancelRegistry;
 use llm::LlmClient;
 
-/// NATS connect attempt timeout; reconnects go on forever in the background.
-pub const NATS_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
-/// NATS keepalive: detects a dead server within two intervals.
-pub const NATS_PING_INTERVAL: Duration = Duration::from_secs(10);
-/// Messages buffered per subscription (cancels, user-context RPCs, pull batches)
-/// before the client drops them: far above what a worker receives between polls.
-pub const NATS_SUBSCRIPTION_CAPACITY: usize = 4096;
-/// Pending NATS commands before publishers wait: bounded, see crates.md section 3.
-pub const NATS_CLIENT_CAPACITY: usize = 8192;
 /// A publish (chunk, reply, ack) that cannot be queued within this long fails.
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
-/// How often readiness re-checks Redis and refreshes the dependency gauges.
-pub const HEALTH_INTERVAL: Duration = Duration::from_secs(1);
-/// Time allowed to flush NATS and stop background loops after the drain.
-pub const SHUTDOWN_CLEANUP_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("SB_REDIS_URL: {0}")]
     Redis(#[from] redis::RedisError),
-    #[error("SB_NATS_URL: {0}")]
-    Nats(#[from] async_nats::ConnectError),
     #[error("{0}")]
-    NatsSetup(#[from] shared::nats::NatsSetupError),
+    Nats(#[from] shared::nats::NatsStartError),
     #[error("SB_LLM_BASE_URL: {0}")]
     Llm(#[from] llm::BuildError),
     #[error("SB_BACKEND_URL: {0}")]
@@ -83,8 +68,8 @@ pub struct Worker {
     pub cancels: CancelRegistry,
     /// The chat consumer is set up and pulling.
     pub consumer_up: AtomicBool,
-    /// The last Redis check succeeded.
-    pub redis_up: AtomicBool,
+    /// The last Redis check succeeded (the scaffold's health loop).
+    pub redis_up: Arc<AtomicBool>,
     /// SIGTERM received: no new work.
     pub shutting_down: AtomicBool,
     /// Connection losses, and echoes of replies that ended across one.
@@ -140,7 +125,7 @@ pub async fn run(
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
-    let metrics = shared::telemetry::metrics_handle();
+    let scaffold = Scaffold::new("worker");
     let store = SessionStore::open_tls(
         shared::config::redis_target(&config.redis_url, config.redis_cluster),
         config.security.redis_tls_ca.clone(),
@@ -150,30 +135,23 @@ pub async fn run(
     let backend = BackendClient::new(&config.backend).map_err(StartError::Backend)?;
     let link = link::Link::default();
     let on_event = link.clone();
-    let nats = shared::nats::connect_options(
+    let nats = shared::nats::connect(
         format!("worker-{}", config.node_id),
         &config.nats_servers,
         &config.security,
+        |options| {
+            options.event_callback(move |event| {
+                on_event.on_event(&event);
+                async {}
+            })
+        },
     )
-    .await?
-    .event_callback(move |event| {
-        on_event.on_event(&event);
-        async {}
-    })
-    .retry_on_initial_connect()
-    .max_reconnects(None)
-    .connection_timeout(NATS_CONNECT_TIMEOUT)
-    .ping_interval(NATS_PING_INTERVAL)
-    .subscription_capacity(NATS_SUBSCRIPTION_CAPACITY)
-    .client_capacity(NATS_CLIENT_CAPACITY)
-    .connect(config.nats_servers.clone())
     .await?;
     let js = async_nats::jetstream::new(nats.clone());
     tracing::info!(config = %config.summary(), "worker starting");
     if backend.is_none() {
         tracing::info!("no team backend configured (SB_BACKEND_URL): users have no teams or tasks");
     }
-    metrics::gauge!(shared::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
     let pdf = pdf::PdfReader::new(config.pdf_extractor.clone());
     let worker = Arc::new(Worker {
@@ -191,28 +169,23 @@ pub async fn run(
         backend,
         cancels: CancelRegistry::default(),
         consumer_up: AtomicBool::new(false),
-        redis_up: AtomicBool::new(false),
+        redis_up: scaffold.redis_up.clone(),
         shutting_down: AtomicBool::new(false),
         link,
         context_written: context::Written::default(),
         context_shared: context::Shared::default(),
     });
 
-    // Owned here, so aborting `run` aborts all of it.
-    let stop = CancellationToken::new();
-    let rpc_stop = CancellationToken::new();
-    let mut background = JoinSet::new();
-    background.spawn(shared::admin::serve(
-        admin,
-        worker.clone() as Arc<dyn shared::admin::Health>,
-        metrics.clone(),
-        stop.clone(),
-    ));
-    background.spawn(shared::telemetry::upkeep(metrics, stop.clone()));
-    background.spawn(health_loop(worker.clone(), stop.clone()));
-    background.spawn(backlog::poll(worker.clone(), stop.clone()));
-    background.spawn(cancel::listen(worker.clone(), stop.clone()));
-    background.spawn(context::serve(worker.clone(), rpc_stop.clone()));
+    // Owned here, so aborting `run` aborts all of it (the scaffold aborts its tasks
+    // when dropped).
+    let stop = scaffold.stop.clone();
+    let rpc_stop = stop.child_token();
+    scaffold.serve_admin(admin, worker.clone() as Arc<dyn shared::admin::Health>);
+    let health = worker.clone();
+    scaffold.watch_health(worker.store.clone(), move || health.nats_connected());
+    scaffold.spawn(backlog::poll(worker.clone(), stop.clone()));
+    scaffold.spawn(cancel::listen(worker.clone(), stop.clone()));
+    scaffold.spawn(context::serve(worker.clone(), rpc_stop.clone()));
 
     let on_shutdown = async {
         shutdown.cancelled().await;
@@ -222,33 +195,7 @@ pub async fn run(
     };
     tokio::join!(consume::run(worker.clone(), shutdown.clone()), on_shutdown);
 
-    stop.cancel();
     worker.link.stop();
-    let _ = tokio::time::timeout(SHUTDOWN_CLEANUP_TIMEOUT, async {
-        let _ = worker.nats.flush().await;
-        while background.join_next().await.is_some() {}
-    })
-    .await;
-    background.abort_all();
-    tracing::info!("worker stopped");
+    scaffold.finish(&worker.nats, async {}).await;
     Ok(())
-}
-
-/// Follows Redis and NATS health for readiness and the gauges.
-async fn health_loop(worker: Arc<Worker>, stop: CancellationToken) {
-    let mut tick = tokio::time::interval(HEALTH_INTERVAL);
-    loop {
-        tokio::select! {
-            biased;
-            _ = stop.cancelled() => break,
-            _ = tick.tick() => {}
-        }
-        let up = worker.store.ping().await.is_ok();
-        if worker.redis_up.swap(up, Ordering::AcqRel) != up {
-            tracing::warn!(up, "redis availability changed");
-        }
-        metrics::gauge!(shared::metrics::REDIS_UP).set(if up { 1.0 } else { 0.0 });
-        metrics::gauge!(shared::metrics::NATS_CONNECTED, "binary" => "worker")
-            .set(if worker.nats_connected() { 1.0 } else { 0.0 });
-    }
 }

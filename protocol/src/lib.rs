@@ -1,9 +1,15 @@
-//! The client wire protocol (`docs/PROTOCOL.md`): every frame as a serde type, plus
-//! the close codes and error codes with their retry rules.
+//! Switchboard's client wire protocol (`docs/PROTOCOL.md`), for clients and servers
+//! alike: every frame as a serde type, the close codes and error codes with their
+//! retry rules, and the channel-name grammar.
+//!
+//! No I/O and nothing async: the crate depends on serde and serde_json only, so a
+//! client (or a fuzz target) that needs the frames does not build the gateway's
+//! HTTP, NATS and Redis stacks. Servers reach it as `shared::protocol` too.
 //!
 //! Client frames are parsed leniently about extra fields (forward compatibility) but
 //! strictly about the fields they need; a frame that cannot be parsed is answered with
 //! `BAD_REQUEST` carrying the frame's `id` when one could be read.
+#![forbid(unsafe_code)]
 
 use std::fmt;
 

@@ -2,7 +2,7 @@
 //! what they accept is well-formed.
 
 use proptest::prelude::*;
-use shared::protocol::{CLIENT_FRAME_TYPES, Channel, ClientMessage};
+use protocol::{CLIENT_FRAME_TYPES, Channel, ClientMessage};
 
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(4000))]
