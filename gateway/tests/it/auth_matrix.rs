@@ -311,15 +311,7 @@ async fn numeric_and_string_user_ids_are_one_user() {
         assert_eq!(a["user"]["id"], "42", "{claims}: {a}");
         open.push(ws);
     }
-    let r: serde_json::Value = api()
-        .get(gw.http("/v1/users/42/connections"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let r: serde_json::Value = api_get(&gw, "/v1/users/42/connections").await;
     assert_eq!(r["connections"].as_array().map(Vec::len), Some(3), "{r}");
     // A publication to `user:42` reaches every one of them.
     let r = api()

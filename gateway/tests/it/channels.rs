@@ -724,15 +724,7 @@ async fn http_publish_and_channel_listing() {
     assert_eq!(next_json(&mut ws).await["offset"], 2);
 
     eventually("channel counts", || async {
-        let v: Value = c
-            .get(gw.http("/v1/channels"))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = api_get(&gw, "/v1/channels").await;
         v["channels"]
             .as_array()
             .unwrap()

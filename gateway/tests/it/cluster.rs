@@ -108,17 +108,8 @@ async fn nodes_and_user_connections_are_listed() {
     let (_w1, _) = authed(&a, "olga").await;
     let (_w2, _) = authed(&b, "olga").await;
     let (_w3, _) = authed(&b, "pete").await;
-    let c = api();
     eventually("both nodes with counts", || async {
-        let v: Value = c
-            .get(a.http("/v1/nodes"))
-            .bearer_auth(API_KEY)
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = api_get(&a, "/v1/nodes").await;
         let nodes = v["nodes"].as_array().unwrap().clone();
         let count = |id: &str| {
             nodes
@@ -129,15 +120,7 @@ async fn nodes_and_user_connections_are_listed() {
         count(&a.node_id) == Some(1) && count(&b.node_id) == Some(2)
     })
     .await;
-    let v: Value = c
-        .get(b.http("/v1/users/olga/connections"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = api_get(&b, "/v1/users/olga/connections").await;
     let conns = v["connections"].as_array().unwrap();
     assert_eq!(conns.len(), 2, "{v}");
     let nodes: Vec<_> = conns
@@ -154,15 +137,7 @@ async fn nodes_and_user_connections_are_listed() {
     // A node that stops cleanly leaves the list at once.
     let b_id = b.node_id.clone();
     b.stop().await;
-    let v: Value = c
-        .get(a.http("/v1/nodes"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = api_get(&a, "/v1/nodes").await;
     assert!(
         v["nodes"]
             .as_array()
@@ -171,15 +146,7 @@ async fn nodes_and_user_connections_are_listed() {
             .all(|n| n["node"] != b_id.as_str()),
         "{v}"
     );
-    let v: Value = c
-        .get(a.http("/v1/users/olga/connections"))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = api_get(&a, "/v1/users/olga/connections").await;
     assert_eq!(v["connections"].as_array().unwrap().len(), 1, "{v}");
 }
 

@@ -270,6 +270,19 @@ pub fn api() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// GET on a gateway's API with the API key; the JSON body, whatever the status.
+pub async fn api_get(gw: &Gw, path: &str) -> Value {
+    api()
+        .get(gw.http(path))
+        .bearer_auth(API_KEY)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
 pub async fn eventually<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,

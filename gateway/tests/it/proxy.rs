@@ -8,15 +8,7 @@ use tokio::io::AsyncWriteExt;
 use crate::common::*;
 
 async fn ip_of(gw: &Gw, user: &str) -> String {
-    let v: Value = api()
-        .get(gw.http(&format!("/v1/users/{user}/connections")))
-        .bearer_auth(API_KEY)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v: Value = api_get(gw, &format!("/v1/users/{user}/connections")).await;
     v["connections"][0]["ip"].as_str().unwrap().to_owned()
 }
 
