@@ -3,8 +3,12 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use clap::builder::PossibleValuesParser;
 
 use crate::plan::Size;
+
+/// The `--scenario` value that runs every scenario.
+pub const ALL: &str = "all";
 
 /// Every scenario, in the order `all` runs them.
 pub const SCENARIOS: &[&str] = &[
@@ -34,8 +38,13 @@ pub struct Cli {
     /// `all`, or scenario names separated by commas (gateway-kill, worker-kill,
     /// nats-restart, redis-restart, rolling-restart, upstream-faults, slow-client, soak,
     /// nats-node-kill, redis-failover).
-    #[arg(long, default_value = "all")]
-    pub scenario: String,
+    #[arg(
+        long,
+        default_value = ALL,
+        value_delimiter = ',',
+        value_parser = PossibleValuesParser::new(std::iter::once(ALL).chain(SCENARIOS.iter().copied())),
+    )]
+    pub scenario: Vec<String>,
     /// Directory for report.json, report.md and the component logs.
     #[arg(long, default_value = "target/faults")]
     pub report: PathBuf,
@@ -51,25 +60,14 @@ pub struct Cli {
 }
 
 impl Cli {
-    /// The scenarios asked for, validated.
-    pub fn scenarios(&self) -> Result<Vec<&'static str>, String> {
-        if self.scenario == "all" {
-            return Ok(SCENARIOS.to_vec());
+    /// The scenarios asked for (clap has checked the names), in the order given.
+    pub fn scenarios(&self) -> Vec<&'static str> {
+        if self.scenario.iter().any(|s| s == ALL) {
+            return SCENARIOS.to_vec();
         }
         self.scenario
-            .split(',')
-            .map(|s| {
-                SCENARIOS
-                    .iter()
-                    .find(|n| **n == s.trim())
-                    .copied()
-                    .ok_or_else(|| {
-                        format!(
-                            "unknown scenario `{s}`; known: all, {}",
-                            SCENARIOS.join(", ")
-                        )
-                    })
-            })
+            .iter()
+            .filter_map(|s| SCENARIOS.iter().find(|n| **n == s).copied())
             .collect()
     }
 }
@@ -80,17 +78,20 @@ mod tests {
 
     #[test]
     fn scenario_lists_are_validated() {
-        let cli = |s: &str| Cli::parse_from(["faults", "--scenario", s]);
-        assert_eq!(cli("all").scenarios().unwrap().len(), SCENARIOS.len());
+        let cli = |s: &str| Cli::try_parse_from(["faults", "--scenario", s]);
+        assert_eq!(cli("all").unwrap().scenarios().len(), SCENARIOS.len());
         assert_eq!(
-            cli("soak,gateway-kill").scenarios().unwrap(),
+            Cli::parse_from(["faults"]).scenarios().len(),
+            SCENARIOS.len()
+        );
+        assert_eq!(
+            cli("soak,gateway-kill").unwrap().scenarios(),
             vec!["soak", "gateway-kill"]
         );
+        let err = cli("soak,nope").unwrap_err().to_string();
         assert!(
-            cli("nope")
-                .scenarios()
-                .unwrap_err()
-                .contains("unknown scenario `nope`")
+            err.contains("'nope'") && err.contains("--scenario"),
+            "{err}"
         );
     }
 }

@@ -41,7 +41,7 @@ fn log_dir(logs: &std::path::Path, mode: RedisMode) -> std::path::PathBuf {
 
 /// Runs the scenarios the command line asks for. `Ok(true)`: all passed.
 pub async fn run(cli: Cli) -> Result<bool> {
-    let names = cli.scenarios().map_err(anyhow::Error::msg)?;
+    let names = cli.scenarios();
     let mut plan = Plan::new(cli.size);
     if let Some(s) = cli.soak_secs {
         plan.soak = Duration::from_secs(s);

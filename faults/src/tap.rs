@@ -15,10 +15,9 @@ use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioExecutor;
 use serde_json::Value;
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 /// Requests remembered; a soak run sends far fewer.
 const MAX_RECORDS: usize = 200_000;
@@ -63,26 +62,8 @@ impl LlmTap {
         let client: Client<HttpConnector, Full<Bytes>> =
             Client::builder(TokioExecutor::new()).build_http();
         let recs = records.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                let (stream, _) = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(_) => continue,
-                    },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-                };
-                let (client, recs) = (client.clone(), recs.clone());
-                conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| {
-                        forward(client.clone(), recs.clone(), upstream, req)
-                    });
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
+        let task = testkit::server::serve(listener, move |req| {
+            forward(client.clone(), recs.clone(), upstream, req)
         });
         Ok(LlmTap {
             records,

@@ -27,7 +27,7 @@ async fn gateway_kill_scenario_passes_at_reduced_size() {
     let report = tempfile::tempdir().expect("temp dir");
     let cli = faults::cli::Cli {
         size: faults::plan::Size::Ci,
-        scenario: "gateway-kill".into(),
+        scenario: vec!["gateway-kill".into()],
         report: report.path().to_path_buf(),
         bin_dir: target.join("debug"),
         soak_secs: None,

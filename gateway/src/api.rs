@@ -13,6 +13,8 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
+use subtle::ConstantTimeEq;
+
 use shared::protocol::{CloseCode, DisconnectCommand, valid_name};
 
 use crate::close::DEFAULT_KICK_CODE;
@@ -142,12 +144,13 @@ fn key_matches<B>(req: &Request<B>, expected: &str) -> bool {
         .and_then(|s| s.strip_prefix("Bearer "))
         .map(str::trim)
         .unwrap_or("");
-    let (a, b) = (presented.as_bytes(), expected.as_bytes());
-    let mut diff = a.len() ^ b.len();
-    for (i, x) in b.iter().enumerate() {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ x);
-    }
-    diff == 0
+    // Padded to the expected length: `ct_eq` returns early on a length mismatch, and
+    // the time taken must not tell an attacker how long the key is.
+    let padded: Vec<u8> = (presented.bytes().chain(std::iter::repeat(0)))
+        .take(expected.len())
+        .collect();
+    let same_len = (presented.len() as u64).ct_eq(&(expected.len() as u64));
+    (same_len & padded.ct_eq(expected.as_bytes())).into()
 }
 
 async fn read_body(req: Request<Incoming>) -> Result<Bytes, ApiError> {
@@ -321,4 +324,31 @@ async fn user_connections(node: &Node, user: &str) -> Result<Response<Body>, Api
         StatusCode::OK,
         &json!({ "user_id": user, "connections": conns }),
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_exact_key_matches() {
+        let req = |auth: Option<&str>| {
+            let mut b = Request::builder();
+            if let Some(a) = auth {
+                b = b.header(AUTHORIZATION, a);
+            }
+            b.body(()).unwrap()
+        };
+        assert!(key_matches(&req(Some("Bearer s3cret")), "s3cret"));
+        assert!(key_matches(&req(Some("Bearer  s3cret ")), "s3cret"));
+        for wrong in [
+            None,
+            Some("Bearer s3cre"),
+            Some("Bearer s3cretx"),
+            Some("Bearer s3creT"),
+            Some("s3cret"),
+        ] {
+            assert!(!key_matches(&req(wrong), "s3cret"), "{wrong:?}");
+        }
+    }
 }

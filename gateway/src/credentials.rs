@@ -94,36 +94,12 @@ fn query_token(query: Option<&str>) -> Option<String> {
     })
 }
 
+/// Form decoding: `+` is a space, then `%XX` sequences; a `%` without two hex digits
+/// stays as it is.
 fn percent_decode(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        match bytes[i] {
-            b'%' if i + 2 < bytes.len() => {
-                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                    Some(b) => {
-                        out.push(b);
-                        i += 3;
-                    }
-                    None => {
-                        out.push(b'%');
-                        i += 1;
-                    }
-                }
-            }
-            b'+' => {
-                out.push(b' ');
-                i += 1;
-            }
-            b => {
-                out.push(b);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    percent_encoding::percent_decode_str(&s.replace('+', " "))
+        .decode_utf8_lossy()
+        .into_owned()
 }
 
 #[cfg(test)]
@@ -155,6 +131,8 @@ mod tests {
         assert!(hs.select_subprotocol);
         let hs = extract(&HeaderMap::new(), Some("a=1&token=Q%2Eb"));
         assert_eq!(hs.token, Some(Ok(("Q.b".into(), Source::Query))));
+        let hs = extract(&HeaderMap::new(), Some("token=a+b%2Bc%zz"));
+        assert_eq!(hs.token, Some(Ok(("a b+c%zz".into(), Source::Query))));
         assert!(!hs.select_subprotocol);
         assert_eq!(extract(&HeaderMap::new(), Some("a=1")).token, None);
         assert_eq!(extract(&HeaderMap::new(), None).token, None);

@@ -18,9 +18,10 @@ use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
 
 use crate::client::{self, Failure, Stage, Ws};
-use crate::scenario::{Clock, bump, drop_one};
+use crate::clock::Clock;
 use crate::stats::{EventSeries, GapSummary, GaugeSeries, Histogram, HistogramSeries};
 use crate::stats::{OffsetTracker, Shards, Tally};
+use crate::stats::{bump, drop_one};
 use crate::target;
 
 /// Path of mock-llm's description of itself (first-token delay, token rate).

@@ -7,6 +7,7 @@
 pub mod chat;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod payload;
 pub mod probe;
 pub mod progress;
@@ -26,7 +27,12 @@ use std::sync::Arc;
 use anyhow::{Result, bail};
 
 use cli::{Cli, ScenarioName};
-use scenario::connect::{self, Outputs, Plan};
+use report::Outputs;
+use report::broadcast::BroadcastReport;
+use report::chat::ChatReport;
+use report::connect::ConnectReport;
+use report::soak::SoakReport;
+use scenario::connect::{self, Plan};
 use scenario::population;
 use spawn::{WorkerLink, WorkerMsg};
 
@@ -59,7 +65,10 @@ async fn run_parent(mut cli: Cli, fd_limit: u64, mut args: Vec<OsString>) -> Res
         let plan = Arc::new(Plan::from_cli(&cli, fd_limit)?);
         let probe = probe::Probe::new(cli.pid.first().copied(), cli.metrics_url.as_deref())?;
         let worker_args = worker_args(args, plan.epoch_ms);
-        return connect::run(plan, probe, outputs, worker_args).await;
+        let facts = connect::run(Arc::clone(&plan), probe, worker_args).await?;
+        let r = ConnectReport::build(&plan, facts);
+        report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
+        return Ok(r.head.goal_met);
     }
     if let Some(url) = cli.llm_stub.clone() {
         // Read once here; workers get the figures as flags, so that all agree.
@@ -93,7 +102,25 @@ async fn run_parent(mut cli: Cli, fd_limit: u64, mut args: Vec<OsString>) -> Res
         workers,
     };
     let worker_args = worker_args(args, plan.epoch_ms);
-    population::run(plan, watch, outputs, worker_args).await
+    let result = population::execute(Arc::clone(&plan), &watch, worker_args).await?;
+    let goal_met = match plan.scenario {
+        ScenarioName::Broadcast => {
+            let r = BroadcastReport::build(&plan, &result);
+            report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
+            r.head.goal_met
+        }
+        ScenarioName::Chat => {
+            let r = ChatReport::build(&plan, &result);
+            report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
+            r.head.goal_met
+        }
+        _ => {
+            let r = SoakReport::build(&plan, &result);
+            report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
+            r.head.goal_met
+        }
+    };
+    Ok(goal_met)
 }
 
 async fn run_worker(cli: &Cli, fd_limit: u64, index: u32, count: u32) -> Result<bool> {

@@ -250,6 +250,56 @@ pub fn metric_value(text: &str, name: &str) -> Option<f64> {
     total
 }
 
+/// CPU used from the start of the window (publishing, chatting) to the end of the
+/// drain.
+#[derive(Debug, Clone, Serialize)]
+pub struct CpuUse {
+    pub window_s: f64,
+    /// The `--pid` processes (gateways, nats-server, redis-server, ...).
+    pub processes: Vec<ProcessCpu>,
+    /// The parent: the publisher, and the subscribers too when they run in-process.
+    pub loadtest_parent: Option<CpuSeconds>,
+    /// Worker processes together (`None` when the subscribers ran in the parent).
+    pub loadtest_workers: Option<CpuSeconds>,
+    pub loadtest: Option<CpuSeconds>,
+    pub loadtest_cores: Option<f64>,
+}
+
+impl CpuUse {
+    pub fn new(window_s: f64, processes: Vec<ProcessCpu>, parent: Option<CpuSeconds>) -> CpuUse {
+        CpuUse {
+            window_s,
+            processes,
+            loadtest_parent: parent,
+            loadtest_workers: None,
+            loadtest: parent,
+            loadtest_cores: parent.map(|c| c.total() / window_s.max(1e-3)),
+        }
+    }
+
+    /// Adds the worker processes' own CPU time.
+    pub fn add_workers(&mut self, workers: Option<CpuSeconds>) {
+        self.loadtest_workers = workers;
+        if let Some(w) = workers {
+            let mut total = self.loadtest_parent.unwrap_or_default();
+            total.add(&w);
+            self.loadtest = Some(total);
+            self.loadtest_cores = Some(total.total() / self.window_s.max(1e-3));
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ProcessCpu {
+    pub pid: u32,
+    pub name: String,
+    pub cpu: Option<CpuSeconds>,
+    /// CPU seconds per second of the window.
+    pub cores: Option<f64>,
+    /// Resident memory at the end of the window.
+    pub rss_bytes: Option<u64>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -21,8 +21,8 @@ use tokio_util::task::TaskTracker;
 
 use crate::cli::PublishVia;
 use crate::client;
+use crate::clock::Clock;
 use crate::payload;
-use crate::scenario::Clock;
 use crate::stats::{EventSeries, Histogram, Tally};
 use crate::target::{self, Target};
 use crate::tokens::TokenSource;

@@ -1,13 +1,12 @@
 //! Credentials for the simulated clients: HS256 tokens minted from the gateway's shared
-//! secret (claims `sub`, `exp`, `iat`, `jti`), or tokens read from a file, one a line.
+//! secret (claims `sub`, `exp`, `iat`, `jti`; signed by `testkit::tokens`, the one
+//! minter of the repository), or tokens read from a file, one a line.
 
 use std::path::Path;
 use std::sync::Arc;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use jsonwebtoken::{Algorithm, EncodingKey, Header};
-use serde::Serialize;
+use serde_json::json;
 
 /// Prefix of minted user ids (`lt-0`, `lt-1`, ...): recognisable in gateway logs.
 pub const USER_PREFIX: &str = "lt-";
@@ -76,19 +75,11 @@ fn parse_token_lines(text: &str) -> Result<Vec<String>> {
 
 /// Mints HS256 tokens for users `lt-0 .. lt-(users-1)`.
 pub struct Minter {
-    key: EncodingKey,
+    secret: String,
     users: u64,
     ttl_secs: u64,
     /// Distinguishes this run's `jti`s from other runs'.
     run_id: u64,
-}
-
-#[derive(Serialize)]
-struct Claims<'a> {
-    sub: &'a str,
-    exp: u64,
-    iat: u64,
-    jti: &'a str,
 }
 
 impl Minter {
@@ -107,9 +98,8 @@ impl Minter {
         if ttl_secs == 0 {
             bail!("--ttl must be at least 1 second");
         }
-        shared::auth::install_crypto_provider();
         Ok(Minter {
-            key: EncodingKey::from_secret(secret.as_bytes()),
+            secret: secret.to_owned(),
             users,
             ttl_secs,
             run_id,
@@ -122,27 +112,21 @@ impl Minter {
     }
 
     pub fn mint(&self, index: u64) -> Result<String> {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        let sub = self.user_for(index);
-        let jti = format!("{}-{index}", self.run_id);
-        let claims = Claims {
-            sub: &sub,
-            exp: now.saturating_add(self.ttl_secs),
-            iat: now,
-            jti: &jti,
-        };
-        jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &self.key)
-            .context("minting a token")
+        let now = testkit::tokens::now();
+        let claims = json!({
+            "sub": self.user_for(index),
+            "exp": now.saturating_add(self.ttl_secs),
+            "iat": now,
+            "jti": format!("{}-{index}", self.run_id),
+        });
+        Ok(testkit::tokens::hs256(&self.secret, &claims))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use jsonwebtoken::{DecodingKey, Validation, decode};
+    use jsonwebtoken::{Algorithm, DecodingKey, Validation, decode};
     use serde_json::Value;
 
     const SECRET: &str = "0123456789abcdef0123456789abcdef";

@@ -17,7 +17,6 @@ use bytes::Bytes;
 use futures_util::{SinkExt, StreamExt};
 use http_body_util::{BodyExt, Full};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
@@ -106,19 +105,9 @@ async fn mock(ws_listeners: usize) -> Mock {
     }
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((stream, _)) = listener.accept().await {
-            let hub = Arc::clone(&hub);
-            tokio::spawn(async move {
-                let service = hyper::service::service_fn(move |req| {
-                    let hub = Arc::clone(&hub);
-                    async move { Ok::<_, Infallible>(api_request(req, &hub).await) }
-                });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
-            });
-        }
+    testkit::server::serve(listener, move |req| {
+        let hub = Arc::clone(&hub);
+        async move { Ok::<_, Infallible>(api_request(req, &hub).await) }
     });
     Mock { ws, api, accepted }
 }

@@ -13,6 +13,8 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::jwk::{
     AlgorithmParameters, EllipticCurve, Jwk, JwkSet, KeyAlgorithm, KeyOperations, PublicKeyUse,
@@ -759,42 +761,10 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 /// Strict unpadded base64url (RFC 7515 section 2): no padding, whitespace or stray
-/// low bits. Used for the header and JWK coordinates; jsonwebtoken decodes the rest.
+/// low bits (the engine's defaults). Used for the header and JWK coordinates;
+/// jsonwebtoken decodes the rest.
 fn b64url_decode(input: &str) -> Option<Vec<u8>> {
-    fn sextet(c: u8) -> Option<u32> {
-        let value = match c {
-            b'A'..=b'Z' => c - b'A',
-            b'a'..=b'z' => c - b'a' + 26,
-            b'0'..=b'9' => c - b'0' + 52,
-            b'-' => 62,
-            b'_' => 63,
-            _ => return None,
-        };
-        Some(u32::from(value))
-    }
-    let mut out = Vec::with_capacity(input.len() / 4 * 3 + 2);
-    for chunk in input.as_bytes().chunks(4) {
-        let mut acc = 0u32;
-        for &c in chunk {
-            acc = acc << 6 | sextet(c)?;
-        }
-        match chunk.len() {
-            4 => {
-                let [_, a, b, c] = acc.to_be_bytes();
-                out.extend_from_slice(&[a, b, c]);
-            }
-            3 if acc & 0b11 == 0 => {
-                let [_, _, a, b] = (acc >> 2).to_be_bytes();
-                out.extend_from_slice(&[a, b]);
-            }
-            2 if acc & 0b1111 == 0 => {
-                let [.., a] = (acc >> 4).to_be_bytes();
-                out.push(a);
-            }
-            _ => return None,
-        }
-    }
-    Some(out)
+    URL_SAFE_NO_PAD.decode(input).ok()
 }
 
 // === claim normalisation ===
@@ -961,18 +931,7 @@ mod tests {
     }
 
     fn b64url(bytes: &[u8]) -> String {
-        const ALPHABET: &[u8; 64] =
-            b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
-        let mut out = String::new();
-        for chunk in bytes.chunks(3) {
-            let mut buf = [0u8; 3];
-            buf[..chunk.len()].copy_from_slice(chunk);
-            let n = u32::from_be_bytes([0, buf[0], buf[1], buf[2]]);
-            for i in 0..=chunk.len() {
-                out.push(ALPHABET[(n >> (18 - 6 * i) & 63) as usize] as char);
-            }
-        }
-        out
+        URL_SAFE_NO_PAD.encode(bytes)
     }
 
     /// `header.payload.signature` from JSON parts, for tokens jsonwebtoken will not build.

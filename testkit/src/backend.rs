@@ -12,10 +12,8 @@ use bytes::Bytes;
 use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
-use tokio::task::JoinSet;
 
 struct State {
     teams: Mutex<Value>,
@@ -80,25 +78,7 @@ impl BackendStub {
             paths: Mutex::new(Vec::new()),
         });
         let st = state.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                let (stream, _) = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(_) => continue,
-                    },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-                };
-                let st = st.clone();
-                conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let task = crate::server::serve(listener, move |req| handle(st.clone(), req));
         BackendStub { addr, state, task }
     }
 

@@ -19,11 +19,9 @@ use bytes::Bytes;
 use http_body_util::BodyExt;
 use hyper::body::{Body, Frame, Incoming};
 use hyper::{Request, Response, StatusCode};
-use hyper_util::rt::TokioIo;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 use tokio::sync::{Notify, mpsc};
-use tokio::task::JoinSet;
 
 /// How a stream ends once its tokens (or the first `stop_after` of them) are sent.
 #[derive(Debug, Clone, PartialEq)]
@@ -210,25 +208,7 @@ impl LlmStub {
         let state = Arc::new(State::default());
         *lock(&state.default) = Some(Script::Reply(Reply::new(["Hello", ",", " world", "!"])));
         let st = state.clone();
-        let task = tokio::spawn(async move {
-            let mut conns = JoinSet::new();
-            loop {
-                let (stream, _) = tokio::select! {
-                    r = listener.accept() => match r {
-                        Ok(x) => x,
-                        Err(_) => continue,
-                    },
-                    Some(_) = conns.join_next(), if !conns.is_empty() => continue,
-                };
-                let st = st.clone();
-                conns.spawn(async move {
-                    let svc = hyper::service::service_fn(move |req| handle(st.clone(), req));
-                    let _ = hyper::server::conn::http1::Builder::new()
-                        .serve_connection(TokioIo::new(stream), svc)
-                        .await;
-                });
-            }
-        });
+        let task = crate::server::serve(listener, move |req| handle(st.clone(), req));
         LlmStub { addr, state, task }
     }
 

@@ -1,9 +1,9 @@
 // Helpers for tests against a running local cluster (scripts/cluster up --detach):
 // its URLs and run dir, sign-in, token minting, the ops API, and a WebSocket that
 // records what the client sends and can be told to duplicate what it receives.
-import { createHmac, randomUUID } from 'node:crypto';
+import { randomUUID } from 'node:crypto';
 import { readFileSync } from 'node:fs';
-import { execFile } from 'node:child_process';
+import { execFile, execFileSync } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import path from 'node:path';
 
@@ -58,17 +58,14 @@ export function api(method, p, body) {
   return http(method, `${BASE_URL}${p}`, { body, headers: { authorization: `Bearer ${runFile('api_key')}` } });
 }
 
-function b64url(buf) {
-  return Buffer.from(buf).toString('base64url');
-}
-
-/** An HS256 JWT signed with the cluster's secret; `ttlSecs` may be tiny or negative. */
-export function mintToken(user, ttlSecs, extra = {}) {
-  const now = Math.floor(Date.now() / 1000);
-  const header = b64url(JSON.stringify({ alg: 'HS256', typ: 'JWT' }));
-  const claims = b64url(JSON.stringify({ sub: user, iat: now, exp: now + ttlSecs, jti: randomUUID(), ...extra }));
-  const sig = createHmac('sha256', runFile('secret')).update(`${header}.${claims}`).digest();
-  return `${header}.${claims}.${b64url(sig)}`;
+/**
+ * An HS256 JWT signed with the cluster's secret; `ttlSecs` may be tiny or negative.
+ * Minted by the repository's one minter (`mint-token`, built by scripts/cluster).
+ */
+export function mintToken(user, ttlSecs) {
+  const bin = path.join(REPO, 'target/release/mint-token');
+  const args = [user, '--ttl', String(ttlSecs), '--secret-file', path.join(RUN, 'secret')];
+  return execFileSync(bin, args, { encoding: 'utf8' }).trim();
 }
 
 /**

@@ -7,14 +7,14 @@
 use serde::Serialize;
 
 use super::broadcast::{
-    CpuUse, GatewayMemory, Layout, connection_findings, gateway_memory, head, render_machine,
+    GatewayMemory, Layout, connection_findings, gateway_memory, head, render_machine,
 };
 use super::{
     Finding, Head, Latency, ReasonCount, kv, latency_of, latency_text, level_chart, millis,
     p50_p99_chart, percentile_curves, rate_chart, reason_table, reasons, rss_chart, thousands,
 };
 use crate::chat::{ChatTallies, LlmTiming, Pacing};
-use crate::probe::GatewaySample;
+use crate::probe::{CpuUse, GatewaySample};
 use crate::scenario::population::{Plan, ProcessSeries, RunResult, Tallies};
 use crate::stats::Histogram;
 use crate::stats::series::SLOT_MS;

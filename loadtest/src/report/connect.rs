@@ -2,8 +2,6 @@
 //! gateway readings, then rendered as the human summary, as JSON (`--json`) and as a
 //! self-contained HTML page with inline SVG charts (`--html`).
 
-use std::time::Duration;
-
 use serde::Serialize;
 
 pub use super::{Finding, Latency, ReasonCount};
@@ -13,7 +11,7 @@ use super::{
 };
 use crate::client::Limit;
 use crate::probe::GatewaySample;
-use crate::scenario::connect::{Plan, Tallies};
+use crate::scenario::connect::{Plan, RunFacts};
 use crate::stats::Histogram;
 
 /// Shortest connect phase used to compute a rate: below a millisecond the quotient
@@ -22,29 +20,6 @@ const MIN_RATE_SPAN_MS: u64 = 1;
 /// Growth per connection below which the figure cannot be real: a connection's socket
 /// buffers and state alone take more, so the allocator reused memory of earlier runs.
 const IMPLAUSIBLE_RSS_PER_CONNECTION: f64 = 512.0;
-
-/// What the parent knows at the end of a run.
-pub struct RunFacts<'a> {
-    pub plan: &'a Plan,
-    pub tallies: &'a Tallies,
-    pub interrupted: bool,
-    pub errors: Vec<String>,
-    /// How long the connections were held (None: the hold never started).
-    pub held_for: Option<Duration>,
-    /// Open connections when the hold ended.
-    pub open_when_held: u64,
-    /// Gateway readings before, at the end of the hold and after; `None` without a probe.
-    #[allow(clippy::type_complexity)]
-    pub gateway: Option<(
-        Option<GatewaySample>,
-        Option<GatewaySample>,
-        Option<GatewaySample>,
-    )>,
-    pub gateway_series: Vec<GatewaySample>,
-    /// Growth of the kernel's listen-queue overflow counter during the run.
-    pub listen_overflows: Option<u64>,
-    pub finished_ms: u64,
-}
 
 #[derive(Debug, Serialize)]
 pub struct ConnectReport {
@@ -176,9 +151,8 @@ fn gateway_of(
 }
 
 impl ConnectReport {
-    pub fn build(f: RunFacts<'_>) -> ConnectReport {
-        let plan = f.plan;
-        let t = f.tallies;
+    pub fn build(plan: &Plan, f: RunFacts) -> ConnectReport {
+        let t = &f.tallies;
 
         let span_ms = match (t.first_attempt_ms, t.last_outcome_ms) {
             (Some(a), Some(b)) => b.saturating_sub(a).max(MIN_RATE_SPAN_MS),
@@ -518,8 +492,11 @@ fn gateway_text(g: &Gateway) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
     use crate::cli::Cli;
     use crate::client::Failure;
+    use crate::scenario::connect::Tallies;
     use clap::Parser;
 
     fn plan(extra: &[&str]) -> Plan {
@@ -563,10 +540,9 @@ mod tests {
         t
     }
 
-    fn facts<'a>(plan: &'a Plan, t: &'a Tallies) -> RunFacts<'a> {
+    fn facts(t: &Tallies) -> RunFacts {
         RunFacts {
-            plan,
-            tallies: t,
+            tallies: t.clone(),
             interrupted: false,
             errors: vec![],
             held_for: Some(Duration::from_secs(5)),
@@ -594,7 +570,7 @@ mod tests {
     fn a_clean_run_meets_its_goal() {
         let p = plan(&[]);
         let t = tallies(100, 0);
-        let r = ConnectReport::build(facts(&p, &t));
+        let r = ConnectReport::build(&p, facts(&t));
         assert!(r.head.goal_met, "{}", r.head.verdict);
         assert!(r.head.stopped_by.is_empty());
         assert_eq!(r.connect_rate.achieved_per_s, 200.0);
@@ -616,7 +592,7 @@ mod tests {
     fn failures_miss_the_goal_and_name_the_limit() {
         let p = plan(&[]);
         let t = tallies(90, 10);
-        let r = ConnectReport::build(facts(&p, &t));
+        let r = ConnectReport::build(&p, facts(&t));
         assert!(!r.head.goal_met);
         assert_eq!(r.head.stopped_by[0].limit, "per_user_limit");
         assert_eq!(
@@ -626,32 +602,32 @@ mod tests {
         let text = r.render_text();
         assert!(text.contains("SB_MAX_CONNECTIONS_PER_USER"), "{text}");
         assert!(!text.contains("Listen queue"));
-        let mut f = facts(&p, &t);
+        let mut f = facts(&t);
         f.listen_overflows = Some(12);
-        let text = ConnectReport::build(f).render_text();
+        let text = ConnectReport::build(&p, f).render_text();
         assert!(text.contains("12 SYNs dropped"), "{text}");
         // Tolerated with --allow-failures 10.
         let p = plan(&["--allow-failures", "10"]);
-        assert!(ConnectReport::build(facts(&p, &t)).head.goal_met);
+        assert!(ConnectReport::build(&p, facts(&t)).head.goal_met);
     }
 
     #[test]
     fn interrupted_or_broken_runs_miss_the_goal() {
         let p = plan(&[]);
         let t = tallies(100, 0);
-        let mut f = facts(&p, &t);
+        let mut f = facts(&t);
         f.interrupted = true;
-        assert!(!ConnectReport::build(f).head.goal_met);
-        let mut f = facts(&p, &t);
+        assert!(!ConnectReport::build(&p, f).head.goal_met);
+        let mut f = facts(&t);
         f.errors.push("worker 1 ended without results".into());
-        assert!(!ConnectReport::build(f).head.goal_met);
+        assert!(!ConnectReport::build(&p, f).head.goal_met);
     }
 
     #[test]
     fn json_and_html_render() {
         let p = plan(&[]);
         let t = tallies(100, 3);
-        let r = ConnectReport::build(facts(&p, &t));
+        let r = ConnectReport::build(&p, facts(&t));
         let json: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(json["connections"]["ok"], 100);
         assert!(json["latency_ms"]["p99"].as_f64().unwrap() > 1.0);
@@ -675,10 +651,10 @@ mod tests {
     fn empty_run_renders() {
         let p = plan(&[]);
         let t = Tallies::default();
-        let mut f = facts(&p, &t);
+        let mut f = facts(&t);
         f.gateway = None;
         f.held_for = None;
-        let r = ConnectReport::build(f);
+        let r = ConnectReport::build(&p, f);
         assert!(!r.head.goal_met);
         assert!(r.latency_ms.is_none());
         assert!(r.render_text().contains("no connection succeeded"));

@@ -8,12 +8,13 @@ pub mod connect;
 pub mod soak;
 pub mod svg;
 
+use std::path::PathBuf;
+
 use anyhow::Context;
 use serde::Serialize;
 
 use crate::client::Limit;
 use crate::probe::GatewaySample;
-use crate::scenario::connect::Outputs;
 use crate::stats::{Histogram, Tally};
 use svg::{Chart, Series, XTicks};
 
@@ -430,6 +431,12 @@ pub fn page(
          {started_at_unix_ms} · raw data: run with --json</p></body></html>\n",
         escape(env!("CARGO_PKG_VERSION")),
     )
+}
+
+/// Where the parent writes its results.
+pub struct Outputs {
+    pub json: Option<PathBuf>,
+    pub html: Option<PathBuf>,
 }
 
 /// Prints the summary on stdout and writes the JSON and HTML outputs asked for.

@@ -8,10 +8,10 @@
 use serde::Serialize;
 
 use super::broadcast::{
-    CpuUse, Deliveries, GatewayMemory, Layout, Offsets, Publications, Timeline,
-    connection_findings, deliveries, delivery_chart, delivery_findings, gateway_memory, head,
-    latency_over_time_chart, offsets, open_chart, publication_chart, publications, render_delivery,
-    render_machine, timeline,
+    Deliveries, GatewayMemory, Layout, Offsets, Publications, Timeline, connection_findings,
+    deliveries, delivery_chart, delivery_findings, gateway_memory, head, latency_over_time_chart,
+    offsets, open_chart, publication_chart, publications, render_delivery, render_machine,
+    timeline,
 };
 use super::chat::{
     ChatSection, ChatTimeline, Users, render_reasons, rss_series, setup_latency_text,
@@ -20,7 +20,7 @@ use super::{
     Head, Latency, bytes, kv, latency_of, percentile_chart, rate_chart, rss_chart, thousands,
 };
 use crate::client::Limit;
-use crate::probe::GatewaySample;
+use crate::probe::{CpuUse, GatewaySample};
 use crate::scenario::population::{Plan, ProcessSeries, RunResult};
 use crate::stats::Histogram;
 use crate::stats::trend::{self, Trend};

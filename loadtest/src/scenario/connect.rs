@@ -7,7 +7,6 @@
 use std::ffi::OsString;
 use std::net::IpAddr;
 use std::ops::Range;
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -21,17 +20,17 @@ use tokio_util::task::TaskTracker;
 
 use crate::cli::Cli;
 use crate::client::{self, Failure};
+use crate::clock::{Clock, unix_ms};
 use crate::probe::{self, GatewaySample, Probe};
 use crate::progress::{ProgressLine, Snapshot};
-use crate::report::connect::{ConnectReport, RunFacts};
 use crate::scenario::{
-    self, Clock, Spread, bump, check_common, credentials, dispatch, drop_one, layout_warnings,
-    min_some, progress_ticker, slot_ticker, unix_ms,
+    self, Spread, check_common, credentials, dispatch, layout_warnings, min_some, progress_ticker,
+    slot_ticker,
 };
 use crate::source::SourcePlan;
 use crate::spawn::{self, Control, Event, WorkerLink, WorkerMsg, Workers};
 use crate::stats::series::SLOT_MS;
-use crate::stats::{EventSeries, GaugeSeries, Histogram, Tally};
+use crate::stats::{EventSeries, GaugeSeries, Histogram, Tally, bump, drop_one};
 use crate::target::Target;
 use crate::tokens::TokenSource;
 
@@ -477,10 +476,26 @@ async fn connection(index: u64, shared: &Shared, permit: tokio::sync::OwnedSemap
 
 // === parent ===
 
-/// Where the parent writes its results.
-pub struct Outputs {
-    pub json: Option<PathBuf>,
-    pub html: Option<PathBuf>,
+/// What the parent knows at the end of a run.
+pub struct RunFacts {
+    pub tallies: Tallies,
+    pub interrupted: bool,
+    pub errors: Vec<String>,
+    /// How long the connections were held (None: the hold never started).
+    pub held_for: Option<Duration>,
+    /// Open connections when the hold ended.
+    pub open_when_held: u64,
+    /// Gateway readings before, at the end of the hold and after; `None` without a probe.
+    #[allow(clippy::type_complexity)]
+    pub gateway: Option<(
+        Option<GatewaySample>,
+        Option<GatewaySample>,
+        Option<GatewaySample>,
+    )>,
+    pub gateway_series: Vec<GatewaySample>,
+    /// Growth of the kernel's listen-queue overflow counter during the run.
+    pub listen_overflows: Option<u64>,
+    pub finished_ms: u64,
 }
 
 /// The phase of the whole run, as the parent sees it.
@@ -501,14 +516,12 @@ impl Phase {
     }
 }
 
-/// Runs the scenario with its workers, prints progress and the summary, writes the
-/// outputs. Returns whether the run met its goal.
+/// Runs the scenario with its workers and prints progress. Returns what it measured.
 pub async fn run(
     plan: Arc<Plan>,
     probe: Option<Probe>,
-    outputs: Outputs,
     worker_args: Vec<OsString>,
-) -> Result<bool> {
+) -> Result<RunFacts> {
     let clock = Clock::from_unix_ms(plan.epoch_ms);
     let mut line = ProgressLine::new();
     line.note(&format!(
@@ -660,9 +673,8 @@ pub async fn run(
         (Some(b), Some(a)) => Some(a.saturating_sub(b)),
         _ => None,
     };
-    let report = ConnectReport::build(RunFacts {
-        plan: &plan,
-        tallies: &merged,
+    Ok(RunFacts {
+        tallies: merged,
         interrupted,
         errors,
         held_for,
@@ -671,19 +683,7 @@ pub async fn run(
         gateway_series,
         listen_overflows,
         finished_ms: clock.now_ms(),
-    });
-    print!("{}", report.render_text());
-    if let Some(path) = &outputs.json {
-        let json = serde_json::to_vec_pretty(&report).context("encoding the JSON report")?;
-        std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    if let Some(path) = &outputs.html {
-        std::fs::write(path, report.render_html())
-            .with_context(|| format!("writing {}", path.display()))?;
-        eprintln!("wrote {}", path.display());
-    }
-    Ok(report.head.goal_met)
+    })
 }
 
 #[cfg(test)]

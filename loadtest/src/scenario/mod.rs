@@ -1,7 +1,6 @@
-//! The scenarios and the run clock they share: `connect` on its own, `broadcast`,
-//! `chat` and `soak` on the population engine. Every worker counts time from the same
-//! epoch (passed to worker processes with `--epoch-ms`), so their per-second series
-//! line up when the parent merges them.
+//! The scenarios and what they share (pacing, tickers, credentials, the process
+//! layout): `connect` on its own, `broadcast`, `chat` and `soak` on the population
+//! engine. Each returns what it measured; the caller builds the report from it.
 
 pub mod connect;
 pub mod population;
@@ -10,8 +9,7 @@ use std::future::Future;
 use std::net::IpAddr;
 use std::ops::Range;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{Result, bail};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -20,6 +18,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::cli::Cli;
+use crate::clock::Clock;
 use crate::progress::{ProgressLine, TICK};
 use crate::source::{self, SourcePlan};
 use crate::spawn;
@@ -33,44 +32,6 @@ const MAX_TIMEOUT_SECS: u64 = 600;
 const PROGRESS_LAG_MS: u64 = 50;
 /// Exit status after a second Ctrl-C: the shell convention for death by SIGINT.
 const EXIT_INTERRUPTED: i32 = 130;
-
-/// Milliseconds since the unix epoch, now.
-pub fn unix_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
-/// Time since the run's epoch.
-#[derive(Debug, Clone, Copy)]
-pub struct Clock {
-    epoch: Instant,
-    epoch_unix_ms: u64,
-}
-
-impl Clock {
-    /// A clock whose zero is `epoch_unix_ms` (in the past or now).
-    pub fn from_unix_ms(epoch_unix_ms: u64) -> Clock {
-        let behind = Duration::from_millis(unix_ms().saturating_sub(epoch_unix_ms));
-        let now = Instant::now();
-        Clock {
-            epoch: now.checked_sub(behind).unwrap_or(now),
-            epoch_unix_ms,
-        }
-    }
-
-    pub fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    pub fn elapsed(&self) -> Duration {
-        self.epoch.elapsed()
-    }
-
-    pub fn epoch_unix_ms(&self) -> u64 {
-        self.epoch_unix_ms
-    }
-}
 
 /// Starts one task per index in `range`, at most `concurrency` holding a permit at
 /// once, paced to `rate` starts per second (0 = as fast as permits allow), until
@@ -260,29 +221,5 @@ pub(crate) fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
     match (a, b) {
         (Some(x), Some(y)) => Some(x.min(y)),
         (x, y) => x.or(y),
-    }
-}
-
-pub(crate) fn bump(a: &AtomicU64) {
-    a.fetch_add(1, Ordering::Relaxed);
-}
-
-pub(crate) fn drop_one(a: &AtomicU64) {
-    a.fetch_sub(1, Ordering::Relaxed);
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn clock_counts_from_its_epoch() {
-        let c = Clock::from_unix_ms(unix_ms() - 5_000);
-        let ms = c.now_ms();
-        assert!((4_900..6_000).contains(&ms), "{ms}");
-        let fresh = Clock::from_unix_ms(unix_ms());
-        assert!(fresh.now_ms() < 1_000);
-        // An epoch in the future does not underflow.
-        assert!(Clock::from_unix_ms(unix_ms() + 60_000).now_ms() < 1_000);
     }
 }

@@ -37,21 +37,21 @@ use tokio_util::task::TaskTracker;
 use crate::chat::{self, ChatProgress, ChatTallies, LlmTiming, Pacing};
 use crate::cli::{Cli, PublishVia, ScenarioName};
 use crate::client::{self, Failure, Stage};
+use crate::clock::{Clock, unix_ms};
 use crate::payload::{self, Frame};
-use crate::probe::{self, CpuSeconds, GatewaySample, Probe};
+use crate::probe::{self, CpuSeconds, CpuUse, GatewaySample, Probe, ProcessCpu};
 use crate::progress::{self, ProgressLine};
 use crate::publish::{self, Live, PublishTallies, Route, Schedule};
-use crate::report::broadcast::{CpuUse, ProcessCpu};
-use crate::scenario::connect::Outputs;
 use crate::scenario::{
-    self, Clock, Spread, bump, check_common, credentials, dispatch, drop_one, layout_warnings,
-    min_some, progress_ticker, slot_ticker, unix_ms,
+    self, Spread, check_common, credentials, dispatch, layout_warnings, min_some, progress_ticker,
+    slot_ticker,
 };
 use crate::source::SourcePlan;
 use crate::spawn::{self, Control, Event, WorkerLink, WorkerMsg, Workers};
 use crate::stats::series::SLOT_MS;
 use crate::stats::{
     EventSeries, GapSummary, GaugeSeries, Histogram, HistogramSeries, OffsetTracker, Shards, Tally,
+    bump, drop_one,
 };
 use crate::target::Target;
 use crate::threshold::{self, Threshold};
@@ -1802,34 +1802,6 @@ pub async fn execute(
         cpu,
         finished_ms: clock.now_ms(),
     })
-}
-
-/// Runs the scenario, prints its summary, writes the outputs. Returns whether the run
-/// met its goal.
-pub async fn run(
-    plan: Arc<Plan>,
-    watch: Watch,
-    outputs: Outputs,
-    worker_args: Vec<OsString>,
-) -> Result<bool> {
-    let result = execute(Arc::clone(&plan), &watch, worker_args).await?;
-    match plan.scenario {
-        ScenarioName::Broadcast => {
-            let r = crate::report::broadcast::BroadcastReport::build(&plan, &result);
-            crate::report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
-            Ok(r.head.goal_met)
-        }
-        ScenarioName::Chat => {
-            let r = crate::report::chat::ChatReport::build(&plan, &result);
-            crate::report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
-            Ok(r.head.goal_met)
-        }
-        _ => {
-            let r = crate::report::soak::SoakReport::build(&plan, &result);
-            crate::report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
-            Ok(r.head.goal_met)
-        }
-    }
 }
 
 fn add_progress(total: &mut Progress, p: &Progress) {

@@ -1,25 +1,27 @@
-//! A log-linear latency histogram (HdrHistogram's bucket layout, no dependency):
-//! constant memory, relative error under 0.4 %, exact min/max/count, mergeable and
-//! serialisable so that worker processes can ship their raw data to the parent.
+//! A latency histogram: the `hdrhistogram` crate plus the exact min, max and sum it
+//! does not keep, mergeable and serialisable so that worker processes can ship their
+//! raw data to the parent.
 
+use hdrhistogram::Histogram as Hdr;
 use serde::{Deserialize, Serialize};
 
-/// Bits of precision per power of two: 2^(8-1) = 128 sub-buckets, so a bucket is at
-/// most 1/128 of its value wide and the midpoint is within 0.4 % of any value in it.
+/// Two significant digits give 256 sub-buckets per power of two: a bucket is at most
+/// 1/128 of its value wide, so the midpoint is within 0.4 % of any value in it.
+const SIGNIFICANT_DIGITS: u8 = 2;
+/// The same layout as bits: the wire form's bucket indices and its version number.
 const PRECISION_BITS: u32 = 8;
 /// Sub-buckets per power of two in the logarithmic part.
 const HALF: u64 = 1 << (PRECISION_BITS - 1);
 /// Values below this are stored exactly, one bucket each.
 const LINEAR_LIMIT: u64 = HALF * 2;
 /// Number of buckets needed to cover every `u64` (the top power of two is 2^63).
-pub const BUCKETS: usize = ((64 - PRECISION_BITS) as u64 * HALF + LINEAR_LIMIT) as usize;
+const BUCKETS: usize = ((64 - PRECISION_BITS) as u64 * HALF + LINEAR_LIMIT) as usize;
 
 /// Counts of `u64` values (the load generator records microseconds).
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub struct Histogram {
-    /// Dense bucket counts, grown to the highest bucket used.
-    counts: Vec<u64>,
-    total: u64,
+    /// Auto-resizing, so memory grows only to the highest value recorded.
+    hdr: Hdr<u64>,
     min: u64,
     max: u64,
     sum: u128,
@@ -31,34 +33,51 @@ impl Default for Histogram {
     }
 }
 
-/// Index of the bucket holding `value`.
+impl PartialEq for Histogram {
+    /// Same values recorded, whatever size each side's counts grew to.
+    fn eq(&self, other: &Histogram) -> bool {
+        self.count() == other.count()
+            && self.min() == other.min()
+            && self.max() == other.max()
+            && self.sum == other.sum
+            && self.buckets().eq(other.buckets())
+    }
+}
+
+impl Eq for Histogram {}
+
+/// Index of the bucket holding `value` in the wire form (HdrHistogram's counts index).
 fn bucket_of(value: u64) -> usize {
     if value < LINEAR_LIMIT {
         return value as usize;
     }
     let msb = 63 - value.leading_zeros();
     let shift = msb - (PRECISION_BITS - 1);
-    let mantissa = value >> shift;
-    (u64::from(shift) * HALF + mantissa) as usize
+    (u64::from(shift) * HALF + (value >> shift)) as usize
 }
 
-/// Lowest and highest value that land in bucket `index` (`index < BUCKETS`).
-fn bucket_bounds(index: usize) -> (u64, u64) {
+/// Lowest value that lands in bucket `index` (`index < BUCKETS`).
+fn bucket_low(index: usize) -> u64 {
     let index = index as u64;
     if index < LINEAR_LIMIT {
-        return (index, index);
+        return index;
     }
     let shift = index / HALF - 1;
-    let mantissa = index - shift * HALF;
-    let low = mantissa << shift;
-    (low, low + ((1u64 << shift) - 1))
+    (index - shift * HALF) << shift
+}
+
+/// Counts `n` at `value`, growing the counts as needed (the clamping record of the
+/// crate does not grow them); past what they can ever index, the top bucket takes it.
+fn count_into(hdr: &mut Hdr<u64>, value: u64, n: u64) {
+    if hdr.record_n(value, n).is_err() {
+        hdr.saturating_record_n(value, n);
+    }
 }
 
 impl Histogram {
     pub fn new() -> Histogram {
         Histogram {
-            counts: Vec::new(),
-            total: 0,
+            hdr: Hdr::new(SIGNIFICANT_DIGITS).expect("2 significant digits is a valid precision"),
             min: u64::MAX,
             max: 0,
             sum: 0,
@@ -75,12 +94,7 @@ impl Histogram {
         if n == 0 {
             return;
         }
-        let index = bucket_of(value);
-        if self.counts.len() <= index {
-            self.counts.resize(index + 1, 0);
-        }
-        self.counts[index] = self.counts[index].saturating_add(n);
-        self.total = self.total.saturating_add(n);
+        count_into(&mut self.hdr, value, n);
         self.min = self.min.min(value);
         self.max = self.max.max(value);
         self.sum = self.sum.saturating_add(u128::from(value) * u128::from(n));
@@ -88,47 +102,43 @@ impl Histogram {
 
     /// Adds every value recorded in `other` (as if it had been recorded here).
     pub fn merge(&mut self, other: &Histogram) {
-        if other.total == 0 {
+        if other.is_empty() {
             return;
         }
-        if self.counts.len() < other.counts.len() {
-            self.counts.resize(other.counts.len(), 0);
+        for (low, _, count) in other.buckets() {
+            count_into(&mut self.hdr, low, count);
         }
-        for (mine, theirs) in self.counts.iter_mut().zip(&other.counts) {
-            *mine = mine.saturating_add(*theirs);
-        }
-        self.total = self.total.saturating_add(other.total);
         self.min = self.min.min(other.min);
         self.max = self.max.max(other.max);
         self.sum = self.sum.saturating_add(other.sum);
     }
 
     pub fn count(&self) -> u64 {
-        self.total
+        self.hdr.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.total == 0
+        self.hdr.is_empty()
     }
 
     pub fn min(&self) -> Option<u64> {
-        (self.total > 0).then_some(self.min)
+        (!self.is_empty()).then_some(self.min)
     }
 
     pub fn max(&self) -> Option<u64> {
-        (self.total > 0).then_some(self.max)
+        (!self.is_empty()).then_some(self.max)
     }
 
     /// Exact arithmetic mean.
     pub fn mean(&self) -> Option<f64> {
-        (self.total > 0).then(|| self.sum as f64 / self.total as f64)
+        (!self.is_empty()).then(|| self.sum as f64 / self.count() as f64)
     }
 
     /// The value at quantile `q` (0.0..=1.0; clamped): the smallest recorded value such
     /// that at least `q` of all values are at or below it, to within the bucket
-    /// precision. `q = 0` gives the exact minimum, `q = 1` the exact maximum.
+    /// precision (its midpoint). `q = 0` gives the exact minimum, `q = 1` the maximum.
     pub fn quantile(&self, q: f64) -> Option<u64> {
-        if self.total == 0 {
+        if self.is_empty() {
             return None;
         }
         let q = if q.is_nan() { 0.0 } else { q.clamp(0.0, 1.0) };
@@ -138,30 +148,20 @@ impl Histogram {
         if q >= 1.0 {
             return Some(self.max);
         }
-        // Rank of the wanted value, 1-based: ceil(q * n), at least 1.
-        let rank = ((q * self.total as f64).ceil() as u64).clamp(1, self.total);
-        let mut seen = 0u64;
-        for (index, &count) in self.counts.iter().enumerate() {
-            seen += count;
-            if seen >= rank {
-                let (low, high) = bucket_bounds(index);
-                let mid = low + (high - low) / 2;
-                return Some(mid.clamp(self.min, self.max));
-            }
-        }
-        Some(self.max)
+        let value = self.hdr.value_at_quantile(q);
+        Some(self.hdr.median_equivalent(value).clamp(self.min, self.max))
     }
 
     /// Non-empty buckets as `(lowest value, highest value, count)`, ascending.
     pub fn buckets(&self) -> impl Iterator<Item = (u64, u64, u64)> + '_ {
-        self.counts
-            .iter()
-            .enumerate()
-            .filter(|(_, c)| **c > 0)
-            .map(|(i, &c)| {
-                let (low, high) = bucket_bounds(i);
-                (low, high, c)
-            })
+        self.hdr.iter_recorded().map(|v| {
+            let value = v.value_iterated_to();
+            (
+                self.hdr.lowest_equivalent(value),
+                self.hdr.highest_equivalent(value),
+                v.count_at_value(),
+            )
+        })
     }
 }
 
@@ -181,16 +181,13 @@ impl Serialize for Histogram {
     fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
         HistogramData {
             precision_bits: PRECISION_BITS,
-            count: self.total,
+            count: self.count(),
             min: self.min().unwrap_or(0),
             max: self.max,
             sum: self.sum,
             buckets: self
-                .counts
-                .iter()
-                .enumerate()
-                .filter(|(_, c)| **c > 0)
-                .map(|(i, c)| (i, *c))
+                .buckets()
+                .map(|(low, _, count)| (bucket_of(low), count))
                 .collect(),
         }
         .serialize(s)
@@ -208,27 +205,22 @@ impl<'de> Deserialize<'de> for Histogram {
             )));
         }
         let mut h = Histogram::new();
-        let mut total = 0u64;
         for (index, count) in data.buckets {
             if index >= BUCKETS {
                 return Err(D::Error::custom(format!(
                     "histogram bucket {index} out of range"
                 )));
             }
-            if h.counts.len() <= index {
-                h.counts.resize(index + 1, 0);
-            }
-            h.counts[index] = h.counts[index].saturating_add(count);
-            total = total.saturating_add(count);
+            count_into(&mut h.hdr, bucket_low(index), count);
         }
-        if total != data.count {
+        if h.count() != data.count {
             return Err(D::Error::custom(format!(
-                "histogram count {} does not match its buckets ({total})",
-                data.count
+                "histogram count {} does not match its buckets ({})",
+                data.count,
+                h.count()
             )));
         }
-        if total > 0 {
-            h.total = total;
+        if !h.is_empty() {
             h.min = data.min;
             h.max = data.max;
             h.sum = data.sum;
@@ -246,26 +238,15 @@ mod tests {
     }
 
     #[test]
-    fn bucket_layout_is_contiguous_and_covers_u64() {
-        let mut previous_high = None;
-        for index in 0..BUCKETS {
-            let (low, high) = bucket_bounds(index);
-            assert!(low <= high);
-            if let Some(p) = previous_high {
-                assert_eq!(low, p + 1, "gap before bucket {index}");
-            }
-            assert_eq!(bucket_of(low), index);
-            assert_eq!(bucket_of(high), index);
-            previous_high = Some(high);
+    fn wire_indices_match_the_buckets() {
+        let mut h = Histogram::new();
+        for v in [0u64, 1, 255, 256, 257, 1_000, 12_345, 1 << 20, 987_654_321] {
+            h.record(v);
         }
-        assert_eq!(previous_high, Some(u64::MAX));
-    }
-
-    #[test]
-    fn bucket_width_is_within_precision() {
-        for v in [300u64, 1_000, 12_345, 1 << 20, 987_654_321, u64::MAX / 3] {
-            let (low, high) = bucket_bounds(bucket_of(v));
-            assert!(((high - low) as f64) <= low as f64 / HALF as f64, "{v}");
+        for (low, high, _) in h.buckets() {
+            assert_eq!(bucket_low(bucket_of(low)), low);
+            assert_eq!(bucket_of(high), bucket_of(low));
+            assert!(((high - low) as f64) <= low as f64 / HALF as f64, "{low}");
         }
     }
 

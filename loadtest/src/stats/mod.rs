@@ -16,3 +16,15 @@ pub use series::{EventSeries, GaugeSeries, HistogramSeries};
 pub use shards::Shards;
 pub use tally::Tally;
 pub use trend::Trend;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// One more of a live count (open connections, streams in flight).
+pub(crate) fn bump(a: &AtomicU64) {
+    a.fetch_add(1, Ordering::Relaxed);
+}
+
+/// One fewer of a live count.
+pub(crate) fn drop_one(a: &AtomicU64) {
+    a.fetch_sub(1, Ordering::Relaxed);
+}
