@@ -20,7 +20,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use crate::process::{Proc, Spec};
 use crate::tap::LlmTap;
 
-/// Gateways behind the load balancer (the cluster shape).
+/// Gateways behind the load balancer: three, the cluster shape of docs/faults.md ("What runs").
 pub const GATEWAYS: usize = 3;
 /// Workers consuming chat requests.
 pub const WORKERS: usize = 2;

@@ -1,7 +1,7 @@
-//! Switchboard's fault-injection suite (issue 8): starts the real cluster on
+//! Switchboard's fault-injection suite (docs/faults.md): starts the real cluster on
 //! loopback (NATS with JetStream, Redis, three gateways behind HAProxy, two workers,
 //! the STUB mock-llm and mock-backend), loads it with simulated users, injects one
-//! fault at a time and checks the promises of DESIGN.md "Failure semantics" from the
+//! fault at a time and checks the promises of docs/DESIGN.md#failure-semantics from the
 //! clients' side. Each run writes `report.json` and `report.md` plus every
 //! component's log to the report directory. `main.rs` only parses the command line.
 #![forbid(unsafe_code)]

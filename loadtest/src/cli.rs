@@ -20,7 +20,7 @@ pub const DEFAULT_PUBLISH_RATE: f64 = 10.0;
 /// Default subscriber count of `broadcast`: the README's smoke size.
 pub const DEFAULT_SUBSCRIBERS: u64 = 1000;
 /// Default channel count of `broadcast`: every subscriber on one channel, the fan-out
-/// case the issue measures.
+/// case the broadcast target of docs/benchmarks.md measures.
 pub const DEFAULT_CHANNELS: u64 = 1;
 /// Default window of `broadcast` and `chat` (publishing, chatting), seconds.
 pub const DEFAULT_DURATION_SECS: u64 = 10;
@@ -46,8 +46,8 @@ pub const DEFAULT_ALLOW_FAILURES_PCT: f64 = 0.0;
 /// Default hold: long enough for the gateway's memory to settle after the connect
 /// burst, short enough for a smoke run.
 pub const DEFAULT_HOLD_SECS: u64 = 5;
-/// Default chat users of `chat`: a hundred concurrent conversations, the issue's
-/// smaller benchmark point.
+/// Default chat users of `chat`: a hundred concurrent conversations, the smaller
+/// benchmark point of docs/benchmarks.md ("Chat").
 pub const DEFAULT_CHAT_USERS: u64 = 100;
 /// Default chat users of `soak`: a steady trickle of streams beside the subscribers.
 pub const DEFAULT_SOAK_CHAT_USERS: u64 = 10;

@@ -1,4 +1,4 @@
-//! Property tests for the protocol's hostile-input surfaces (issue 8): channel names
+//! Property tests for the protocol's hostile-input surfaces (docs/fuzzing.md): channel names
 //! against the documented grammar, and client frame parsing (valid frames come back
 //! exactly, bad ones are refused with a reason and their `id`). Bounded to a few
 //! seconds; the cargo-fuzz targets in `fuzz/` run the same surfaces for longer.

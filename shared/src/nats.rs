@@ -18,7 +18,8 @@ pub const NATS_PING_INTERVAL: Duration = Duration::from_secs(10);
 /// far above what a gateway's per-user subjects or a worker's RPCs and pull batches
 /// hold between polls.
 pub const NATS_SUBSCRIPTION_CAPACITY: usize = 4096;
-/// Pending NATS commands before publishers wait: bounded, see crates.md section 3.
+/// Pending NATS commands before publishers wait: async-nats queues outbound commands
+/// up to this bound (its default is 2048), see docs/DESIGN.md#crate-pins-and-traps.
 pub const NATS_CLIENT_CAPACITY: usize = 8192;
 
 /// Why the NATS options could not be made.

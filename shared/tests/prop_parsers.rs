@@ -1,4 +1,4 @@
-//! Property tests for the hostile-input surfaces in `shared` (issue 8): channel names
+//! Property tests for the hostile-input surfaces in `shared` (docs/fuzzing.md): channel names
 //! as NATS subjects, and the JWT validator (never panics, never accepts a token that
 //! was not signed with the key, user ids always safe for subjects and keys). The
 //! frame and channel-name parsers have theirs in `protocol/tests/prop_parsers.rs`.
