@@ -12,12 +12,15 @@ pub mod credentials;
 pub mod drain;
 pub mod error;
 pub mod finals;
+pub mod headers;
 pub mod hub;
 pub mod limits;
 pub mod mux;
 pub mod node;
 pub mod outbox;
 pub mod proxy;
+pub mod recent_finals;
+pub mod refresher;
 pub mod revalidate;
 pub mod revocations;
 pub mod server;
@@ -121,6 +124,19 @@ pub async fn run(
     // Before the first connection: a token is checked against the list in memory.
     node.sync_revocations().await;
     node.spawn_background();
+    // The loops that reach into other modules start here, at the top, so that the
+    // node's module depends on none of the modules that depend on it.
+    let n = node.clone();
+    node.background
+        .spawn(async move { channels::presence_loop(&n).await });
+    let n = node.clone();
+    node.background
+        .spawn(async move { api::publish_rpc_loop(&n).await });
+    let n = node.clone();
+    node.background
+        .spawn(async move { finals::follow_loop(&n).await });
+    node.background.spawn(revalidate::run(node.clone()));
+    node.background.spawn(revalidate::wheel(node.clone()));
     node.background.spawn(shared::telemetry::upkeep(
         metrics.clone(),
         node.stop.clone(),

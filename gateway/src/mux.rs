@@ -48,7 +48,7 @@ pub enum Topic {
     Channel(Arc<str>),
 }
 
-/// The headers the gateway reads from a message (see `hub::HEADER_*`).
+/// The headers the gateway reads from a message (see `headers.rs`).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Headers {
     pub offset: Option<u64>,
@@ -577,7 +577,7 @@ fn num(s: &str, line: &str) -> Result<u64, MuxError> {
 
 /// Reads the gateway's headers from a `NATS/1.0` header block; others are ignored.
 pub fn parse_headers(block: &[u8]) -> Headers {
-    use crate::hub::{
+    use crate::headers::{
         HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
     };
     use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
@@ -611,7 +611,7 @@ pub fn parse_headers(block: &[u8]) -> Headers {
 
 /// The same headers from an async-nats message (the per-subscription fallback).
 pub fn headers_of(msg: &async_nats::Message) -> Headers {
-    use crate::hub::{
+    use crate::headers::{
         HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
     };
     use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
