@@ -467,7 +467,7 @@ fn find_crlf(b: &[u8]) -> Option<usize> {
 }
 
 /// What the server sent.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Msg { sid: u64, msg: Msg },
     Ping,
@@ -495,12 +495,17 @@ impl Parser {
     /// The next complete frame in `buf` (consumed), or `None` when more bytes are
     /// needed.
     pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, MuxError> {
+        // The same limit whether the line's CRLF came in this read or a later one: a
+        // trailing `\r` may be the start of the CRLF, so it does not count yet.
         let Some(pos) = find_crlf(buf) else {
-            if buf.len() > MAX_CONTROL_LINE {
+            if buf.len() - usize::from(buf.ends_with(b"\r")) > MAX_CONTROL_LINE {
                 return Err(MuxError::Protocol("control line too long".into()));
             }
             return Ok(None);
         };
+        if pos > MAX_CONTROL_LINE {
+            return Err(MuxError::Protocol("control line too long".into()));
+        }
         let line = std::str::from_utf8(&buf[..pos])
             .map_err(|_| MuxError::Protocol("control line is not UTF-8".into()))?;
         let (op, args) = line.split_once(' ').unwrap_or((line, ""));
