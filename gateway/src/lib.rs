@@ -63,6 +63,8 @@ pub enum StartError {
     Nats(#[from] async_nats::ConnectError),
     #[error("{0}")]
     NatsSetup(#[from] shared::nats::NatsSetupError),
+    #[error("SB_NATS_TLS_CA: {0}")]
+    MuxTls(#[from] mux::MuxError),
 }
 
 /// The two ports a gateway serves.
@@ -106,17 +108,25 @@ pub async fn run(
     tracing::info!(config = %config.summary(), "gateway starting");
     metrics::gauge!(shared::metrics::BUILD_INFO, "version" => env!("CARGO_PKG_VERSION")).set(1.0);
 
-    // The multiplexer speaks plain `nats://` with URL credentials; `.creds` (nkey
-    // signatures) and TLS stay with async-nats.
+    // The multiplexer speaks `nats://` and `tls://` with URL credentials; `.creds`
+    // (nkey signatures) stay with async-nats.
     let mux_servers = match config.security.nats_creds {
         Some(_) => None,
         None => mux::servers_from(&config.nats_servers),
     };
     let wire = match mux_servers {
-        Some(servers) => Wire::Mux(Mux::new(
-            servers,
-            format!("gateway-{}-subs", config.node_id),
-        )),
+        Some(servers) => {
+            let tls = if servers.iter().any(|s| s.tls) {
+                Some(mux::tls_connector(config.security.nats_tls_ca.as_deref())?)
+            } else {
+                None
+            };
+            Wire::Mux(Mux::new(
+                servers,
+                format!("gateway-{}-subs", config.node_id),
+                tls,
+            ))
+        }
         None => Wire::Client,
     };
     let node = Node::new(config, validator, store, nats, wire, shutdown.clone());
