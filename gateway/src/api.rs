@@ -13,6 +13,7 @@ use http_body_util::{BodyExt, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::json;
+use shared::admin::{Body, json_response};
 use subtle::ConstantTimeEq;
 
 use shared::protocol::{CloseCode, DisconnectCommand, valid_name};
@@ -20,7 +21,6 @@ use shared::protocol::{CloseCode, DisconnectCommand, valid_name};
 use crate::close::DEFAULT_KICK_CODE;
 use crate::error::ApiError;
 use crate::node::Node;
-use crate::server::{Body, json_response};
 
 /// Largest API request body: commands are tiny; anything bigger is a mistake.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -189,6 +189,37 @@ pub async fn publish_body(node: &Node, body: &[u8]) -> Result<u64, ApiError> {
             tracing::warn!(error = %e, "server publish failed");
             ApiError::Unavailable("session store")
         })
+}
+
+/// Serves `sb.rpc.publish` for backends that speak NATS: the same as
+/// `POST /v1/publish` (offset, history, fan-out), one gateway per request.
+pub async fn publish_rpc_loop(node: &Node) {
+    use futures_util::StreamExt;
+    let subject = node.subjects.publish_rpc();
+    let Some(mut sub) = node
+        .subscribe_until_stopped(subject, Some(shared::subjects::GATEWAY_QUEUE_GROUP))
+        .await
+    else {
+        return;
+    };
+    loop {
+        let msg = tokio::select! {
+            biased;
+            _ = node.stop.cancelled() => break,
+            m = sub.next() => match m { Some(m) => m, None => break },
+        };
+        let reply = publish_body(node, &msg.payload).await;
+        if let Some(to) = msg.reply {
+            let body = match reply {
+                Ok(offset) => serde_json::json!({ "offset": offset }),
+                Err(e) => {
+                    let (_, code) = e.status_and_code();
+                    serde_json::json!({"error": {"code": code, "message": e.to_string()}})
+                }
+            };
+            let _ = node.nats.publish(to, body.to_string().into()).await;
+        }
+    }
 }
 
 #[derive(Deserialize)]

@@ -13,7 +13,7 @@ use shared::protocol::{Channel, FrameId, PresenceUser, ServerFrame, UserContext}
 use shared::store::{ChannelSettings, MAX_READ_OFFSET, Position, StoreError, now_ms};
 
 use crate::error::SessionError;
-use crate::hub::{
+use crate::headers::{
     HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
 };
 use crate::node::Node;
@@ -811,10 +811,49 @@ async fn leave_presence(node: &Node, perms: &Perms, conn_id: &str, ch: &Channel)
     }
 }
 
+/// Keeps this node's presence entries alive; a dead node's expire, and the sweep
+/// after each refresh announces their users' `leave`.
+pub async fn presence_loop(node: &Node) {
+    let period = node.config.channels.presence_ttl / 3;
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        tokio::select! {
+            biased;
+            _ = node.stop.cancelled() => break,
+            _ = tick.tick() => {}
+        }
+        let entries: Vec<_> = node
+            .hub
+            .subscriptions()
+            .into_iter()
+            .filter_map(|(ch, user, conn)| {
+                shared::protocol::Channel::parse(&ch)
+                    .ok()
+                    .filter(keeps_presence)
+                    .map(|c| (c, user.to_string(), conn.to_string()))
+            })
+            .collect();
+        if let Err(e) = node
+            .store
+            .presence_touch(&entries, node.config.channels.presence_ttl)
+            .await
+        {
+            metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "presence").increment(1);
+            tracing::warn!(error = %e, "presence refresh failed");
+        }
+        // Users of dead nodes leave the channels this node has subscribers in
+        // (nobody else needs to hear it).
+        let mut channels: Vec<_> = entries.into_iter().map(|(c, _, _)| c).collect();
+        channels.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
+        channels.dedup();
+        sweep_presence(node, &channels).await;
+    }
+}
+
 /// Announces `leave` for users whose last connection in one of `channels` expired
 /// without a goodbye (their gateway died): the sweep removes each such user
 /// atomically, so of all nodes sweeping a channel exactly one announces them. Called
-/// by every node for the channels it has subscribers in (`Node::presence_loop`), so a
+/// by every node for the channels it has subscribers in ([`presence_loop`]), so a
 /// dead node's users leave within the presence TTL plus one refresh period.
 pub async fn sweep_presence(node: &Node, channels: &[Channel]) {
     let namespaces = &node.config.channels.presence_namespaces;

@@ -17,28 +17,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::close::CloseCause;
 use crate::error::SessionError;
-use crate::finals::RecentFinals;
 use crate::mux::{Deliver, Msg, Mux, Topic};
 use crate::outbox::{OfferError, Outbox};
+use crate::recent_finals::RecentFinals;
 use tokio_util::task::TaskTracker;
 
 /// A NATS subscribe that takes longer than this means the client is wedged; the
 /// request is answered `UNAVAILABLE` rather than left without deliveries.
 pub const SUBSCRIBE_TIMEOUT: Duration = Duration::from_secs(2);
-/// NATS header carrying a publication's channel offset.
-pub const HEADER_OFFSET: &str = "Sb-Offset";
-/// NATS header carrying the epoch a publication's offset counts in.
-pub const HEADER_EPOCH: &str = "Sb-Epoch";
-/// NATS header carrying the publish time (unix ms), for the fan-out latency metric.
-pub const HEADER_TS: &str = "Sb-Ts";
-/// NATS header naming the user an ephemeral event comes from (typing, read...).
-pub const HEADER_FROM: &str = "Sb-From";
-/// NATS header marking an event the sender's own connections should not get.
-pub const HEADER_SKIP_SENDER: &str = "Sb-Skip-Sender";
-/// NATS header naming the channel of a publication or event carried on a user
-/// subject: a user's own `user:<id>` channel rides on `sb.user.<id>`, so a node needs
-/// one subscription per user, not two.
-pub const HEADER_CHANNEL: &str = "Sb-Channel";
 /// The namespace whose channels ride on user subjects.
 pub const USER_NAMESPACE: &str = "user";
 

@@ -12,12 +12,15 @@ pub mod credentials;
 pub mod drain;
 pub mod error;
 pub mod finals;
+pub mod headers;
 pub mod hub;
 pub mod limits;
 pub mod mux;
 pub mod node;
 pub mod outbox;
 pub mod proxy;
+pub mod recent_finals;
+pub mod refresher;
 pub mod revalidate;
 pub mod revocations;
 pub mod server;
@@ -47,6 +50,8 @@ pub enum StartError {
     Redis(#[from] redis::RedisError),
     #[error("{0}")]
     Nats(#[from] shared::nats::NatsStartError),
+    #[error("SB_NATS_TLS_CA: {0}")]
+    MuxTls(#[from] mux::MuxError),
 }
 
 /// The two ports a gateway serves.
@@ -81,17 +86,25 @@ pub async fn run(
     let drain_window = config.drain;
     tracing::info!(config = %config.summary(), "gateway starting");
 
-    // The multiplexer speaks plain `nats://` with URL credentials; `.creds` (nkey
-    // signatures) and TLS stay with async-nats.
+    // The multiplexer speaks `nats://` and `tls://` with URL credentials; `.creds`
+    // (nkey signatures) stay with async-nats.
     let mux_servers = match config.security.nats_creds {
         Some(_) => None,
         None => mux::servers_from(&config.nats_servers),
     };
     let wire = match mux_servers {
-        Some(servers) => Wire::Mux(Mux::new(
-            servers,
-            format!("gateway-{}-subs", config.node_id),
-        )),
+        Some(servers) => {
+            let tls = if servers.iter().any(|s| s.tls) {
+                Some(mux::tls_connector(config.security.nats_tls_ca.as_deref())?)
+            } else {
+                None
+            };
+            Wire::Mux(Mux::new(
+                servers,
+                format!("gateway-{}-subs", config.node_id),
+                tls,
+            ))
+        }
         None => Wire::Client,
     };
     let node = Node::new(
@@ -107,6 +120,19 @@ pub async fn run(
     // Before the first connection: a token is checked against the list in memory.
     node.sync_revocations().await;
     node.spawn_background();
+    // The loops that reach into other modules start here, at the top, so that the
+    // node's module depends on none of the modules that depend on it.
+    let n = node.clone();
+    node.background
+        .spawn(async move { channels::presence_loop(&n).await });
+    let n = node.clone();
+    node.background
+        .spawn(async move { api::publish_rpc_loop(&n).await });
+    let n = node.clone();
+    node.background
+        .spawn(async move { finals::follow_loop(&n).await });
+    node.background.spawn(revalidate::run(node.clone()));
+    node.background.spawn(revalidate::wheel(node.clone()));
     let health = node.clone();
     scaffold.watch_health(node.store.clone(), move || health.nats_connected());
     scaffold.serve_admin(

@@ -1,4 +1,4 @@
-//! The subscription multiplexer: one plain NATS connection of the node's own that
+//! The subscription multiplexer: one NATS connection of the node's own that
 //! carries every per-user and per-channel `SUB` and hands each `MSG` straight to the
 //! hub. async-nats gives every subscription its own channel (a 32-slot block, about
 //! 6 KiB, allocated up front) and the hub needed a task per subject to drain it; with
@@ -9,17 +9,25 @@
 //! again, so a `SUB` queued while NATS was away is never lost. Core NATS messages
 //! published while the connection was down are lost, as they are for any NATS client;
 //! channels repair that from history by offset.
+//!
+//! `tls://` servers (and servers whose `INFO` requires TLS) get TLS after `INFO`, as
+//! the NATS protocol orders it, verified against `SB_NATS_TLS_CA` or else the
+//! system's roots.
 
 use std::collections::{HashMap, VecDeque};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use bytes::{Buf, Bytes, BytesMut};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::sync::{Notify, oneshot};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, ServerName};
+use tokio_rustls::rustls::{ClientConfig, RootCertStore};
 use tokio_util::sync::CancellationToken;
 
 /// Time to open the TCP connection and finish the CONNECT/PING/PONG handshake.
@@ -40,6 +48,12 @@ pub const RECONNECT_MAX: Duration = Duration::from_secs(2);
 pub const MAX_CONTROL_LINE: usize = 16 * 1024;
 /// Read buffer growth step.
 const READ_CHUNK: usize = 64 * 1024;
+/// `max_payload` when a server's `INFO` leaves it out: the NATS server's default.
+const DEFAULT_MAX_PAYLOAD: usize = 1 << 20;
+
+/// The connection's halves, plain or TLS.
+type Reader = Box<dyn AsyncRead + Send + Unpin>;
+type Writer = Box<dyn AsyncWrite + Send + Unpin>;
 
 /// What a subscription delivers to; the multiplexer only carries it.
 #[derive(Debug, Clone)]
@@ -48,7 +62,7 @@ pub enum Topic {
     Channel(Arc<str>),
 }
 
-/// The headers the gateway reads from a message (see `hub::HEADER_*`).
+/// The headers the gateway reads from a message (see `headers.rs`).
 #[derive(Debug, Default, Clone, PartialEq)]
 pub struct Headers {
     pub offset: Option<u64>,
@@ -90,6 +104,8 @@ pub enum MuxError {
     Timeout,
     #[error("NATS connection lost before the server confirmed")]
     Lost,
+    #[error("NATS TLS: {0}")]
+    Tls(String),
 }
 
 /// A server address from `SB_NATS_URL` with its credentials.
@@ -100,16 +116,18 @@ pub struct Server {
     pub user: Option<String>,
     pub pass: Option<String>,
     pub token: Option<String>,
+    /// `tls://`: TLS even when the server's `INFO` does not ask for it.
+    pub tls: bool,
 }
 
 /// The multiplexer's servers from `SB_NATS_URL` as parsed once by
 /// `shared::config::parse_nats_servers`, in order: the whole list, so the
 /// subscription connection fails over between the servers of a NATS cluster like the
-/// async-nats client does. A user without password is a token. Other schemes (tls,
-/// ws) are not spoken here: `None` tells the caller to keep async-nats subscriptions
-/// for them.
+/// async-nats client does. A user without password is a token. Other schemes (ws)
+/// are not spoken here: `None` tells the caller to keep async-nats subscriptions for
+/// them.
 pub fn servers_from(addrs: &[async_nats::ServerAddr]) -> Option<Vec<Server>> {
-    if addrs.is_empty() || addrs.iter().any(|a| a.scheme() != "nats") {
+    if addrs.is_empty() || addrs.iter().any(|a| !matches!(a.scheme(), "nats" | "tls")) {
         return None;
     }
     let servers = addrs
@@ -126,6 +144,7 @@ pub fn servers_from(addrs: &[async_nats::ServerAddr]) -> Option<Vec<Server>> {
                 user,
                 pass,
                 token,
+                tls: a.scheme() == "tls",
             }
         })
         .collect();
@@ -152,6 +171,8 @@ struct State {
 pub struct Mux {
     servers: Vec<Server>,
     name: String,
+    /// For `tls://` servers and servers that require TLS; `None` refuses them.
+    tls: Option<TlsConnector>,
     state: Mutex<State>,
     wake: Notify,
     connected: AtomicBool,
@@ -159,10 +180,11 @@ pub struct Mux {
 }
 
 impl Mux {
-    pub fn new(servers: Vec<Server>, name: String) -> Arc<Mux> {
+    pub fn new(servers: Vec<Server>, name: String, tls: Option<TlsConnector>) -> Arc<Mux> {
         Arc::new(Mux {
             servers,
             name,
+            tls,
             state: Mutex::new(State::default()),
             wake: Notify::new(),
             connected: AtomicBool::new(false),
@@ -270,28 +292,34 @@ impl Mux {
         self.lock().inflight.clear();
     }
 
-    async fn handshake(
-        &self,
-        server: &Server,
-    ) -> Result<(OwnedReadHalf, OwnedWriteHalf, usize), MuxError> {
+    async fn handshake(&self, server: &Server) -> Result<(Reader, Writer, usize), MuxError> {
         let fut = async {
-            let stream = TcpStream::connect((server.host.as_str(), server.port)).await?;
+            let mut stream = TcpStream::connect((server.host.as_str(), server.port)).await?;
             stream.set_nodelay(true)?;
-            let (mut rd, mut wr) = stream.into_split();
             let mut buf = BytesMut::with_capacity(4096);
-            let info = read_line(&mut rd, &mut buf).await?;
+            let info = read_line(&mut stream, &mut buf).await?;
             let info = info
                 .strip_prefix("INFO ")
                 .ok_or_else(|| MuxError::Protocol(format!("expected INFO, got {info:?}")))?;
             let info: serde_json::Value =
                 serde_json::from_str(info).map_err(|e| MuxError::Protocol(format!("INFO: {e}")))?;
-            if info.get("tls_required").and_then(|v| v.as_bool()) == Some(true) {
-                return Err(MuxError::Refused("the server requires TLS".into()));
-            }
+            let tls_required = info.get("tls_required").and_then(|v| v.as_bool()) == Some(true);
+            let (mut rd, mut wr): (Reader, Writer) = if server.tls || tls_required {
+                let Some(connector) = &self.tls else {
+                    return Err(MuxError::Refused("the server requires TLS".into()));
+                };
+                let name = ServerName::try_from(server.host.clone())
+                    .map_err(|e| MuxError::Tls(format!("server name {:?}: {e}", server.host)))?;
+                let (r, w) = tokio::io::split(connector.connect(name, stream).await?);
+                (Box::new(r), Box::new(w))
+            } else {
+                let (r, w) = stream.into_split();
+                (Box::new(r), Box::new(w))
+            };
             let max_payload = info
                 .get("max_payload")
                 .and_then(|v| v.as_u64())
-                .unwrap_or(1 << 20) as usize;
+                .map_or(DEFAULT_MAX_PAYLOAD, |v| v as usize);
             let mut connect = serde_json::json!({
                 "verbose": false, "pedantic": false, "lang": "rust-switchboard",
                 "version": env!("CARGO_PKG_VERSION"), "protocol": 1, "headers": true,
@@ -327,8 +355,8 @@ impl Mux {
 
     async fn session(
         &self,
-        rd: OwnedReadHalf,
-        wr: OwnedWriteHalf,
+        rd: Reader,
+        wr: Writer,
         max_payload: usize,
         sink: &dyn Deliver,
     ) -> Result<(), MuxError> {
@@ -350,7 +378,7 @@ impl Mux {
         }
     }
 
-    async fn write_loop(&self, mut wr: OwnedWriteHalf) -> Result<(), MuxError> {
+    async fn write_loop(&self, mut wr: Writer) -> Result<(), MuxError> {
         loop {
             let woken = tokio::time::timeout(PING_INTERVAL, self.wake.notified())
                 .await
@@ -381,7 +409,7 @@ impl Mux {
 
     async fn read_loop(
         &self,
-        mut rd: OwnedReadHalf,
+        mut rd: Reader,
         max_payload: usize,
         sink: &dyn Deliver,
     ) -> Result<(), MuxError> {
@@ -447,7 +475,10 @@ fn itoa_u64(mut n: u64, buf: &mut [u8; 20]) -> &str {
     std::str::from_utf8(&buf[i..]).unwrap_or("0")
 }
 
-async fn read_line(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<String, MuxError> {
+async fn read_line(
+    rd: &mut (impl AsyncRead + Unpin),
+    buf: &mut BytesMut,
+) -> Result<String, MuxError> {
     loop {
         if let Some(pos) = find_crlf(buf) {
             let line = buf.split_to(pos + 2);
@@ -462,12 +493,41 @@ async fn read_line(rd: &mut OwnedReadHalf, buf: &mut BytesMut) -> Result<String,
     }
 }
 
+/// The TLS client for `tls://` servers: trusts the PEM certificates in `ca` (the
+/// `SB_NATS_TLS_CA` file), or the system's roots without one, as async-nats does.
+pub fn tls_connector(ca: Option<&Path>) -> Result<TlsConnector, MuxError> {
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            let pem = std::fs::read(path)
+                .map_err(|e| MuxError::Tls(format!("{}: {e}", path.display())))?;
+            for cert in CertificateDer::pem_slice_iter(&pem) {
+                let cert = cert.map_err(|e| MuxError::Tls(format!("{}: {e}", path.display())))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| MuxError::Tls(format!("{}: {e}", path.display())))?;
+            }
+        }
+        None => {
+            let native = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(native.certs);
+        }
+    }
+    if roots.is_empty() {
+        return Err(MuxError::Tls("no trusted root certificate".into()));
+    }
+    let config = ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    Ok(TlsConnector::from(Arc::new(config)))
+}
+
 fn find_crlf(b: &[u8]) -> Option<usize> {
     b.windows(2).position(|w| w == b"\r\n")
 }
 
 /// What the server sent.
-#[derive(Debug, PartialEq)]
+#[derive(Debug, Clone, PartialEq)]
 pub enum Frame {
     Msg { sid: u64, msg: Msg },
     Ping,
@@ -495,12 +555,17 @@ impl Parser {
     /// The next complete frame in `buf` (consumed), or `None` when more bytes are
     /// needed.
     pub fn next(&mut self, buf: &mut BytesMut) -> Result<Option<Frame>, MuxError> {
+        // The same limit whether the line's CRLF came in this read or a later one: a
+        // trailing `\r` may be the start of the CRLF, so it does not count yet.
         let Some(pos) = find_crlf(buf) else {
-            if buf.len() > MAX_CONTROL_LINE {
+            if buf.len() - usize::from(buf.ends_with(b"\r")) > MAX_CONTROL_LINE {
                 return Err(MuxError::Protocol("control line too long".into()));
             }
             return Ok(None);
         };
+        if pos > MAX_CONTROL_LINE {
+            return Err(MuxError::Protocol("control line too long".into()));
+        }
         let line = std::str::from_utf8(&buf[..pos])
             .map_err(|_| MuxError::Protocol("control line is not UTF-8".into()))?;
         let (op, args) = line.split_once(' ').unwrap_or((line, ""));
@@ -577,7 +642,7 @@ fn num(s: &str, line: &str) -> Result<u64, MuxError> {
 
 /// Reads the gateway's headers from a `NATS/1.0` header block; others are ignored.
 pub fn parse_headers(block: &[u8]) -> Headers {
-    use crate::hub::{
+    use crate::headers::{
         HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
     };
     use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
@@ -611,7 +676,7 @@ pub fn parse_headers(block: &[u8]) -> Headers {
 
 /// The same headers from an async-nats message (the per-subscription fallback).
 pub fn headers_of(msg: &async_nats::Message) -> Headers {
-    use crate::hub::{
+    use crate::headers::{
         HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
     };
     use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
@@ -737,8 +802,9 @@ HMSG sb.user.u 9 47 49\r\nNATS/1.0\r\nSb-Offset: 42\r\nSb-Channel: team:x\r\n\r\
         assert_eq!((s[2].host.as_str(), s[2].port), ("h2", 5));
         let v6 = servers_from(&parse("nats://[::1]:4222")).unwrap();
         assert_eq!((v6[0].host.as_str(), v6[0].port), ("::1", 4222));
-        assert!(servers_from(&parse("tls://h:4222")).is_none());
-        assert!(servers_from(&parse("nats://a:1,tls://h:4222")).is_none());
+        let tls = servers_from(&parse("nats://a:1,tls://h:4222")).unwrap();
+        assert_eq!((tls[0].tls, tls[1].tls), (false, true));
+        assert!(servers_from(&parse("ws://h:4222")).is_none());
         assert!(servers_from(&[]).is_none());
     }
 }

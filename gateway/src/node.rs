@@ -50,7 +50,7 @@ pub struct Node {
     /// refreshes of one user on this node share one request.
     context_flights: shared::coalesce::Coalescer<(String, bool), UserContext>,
     /// Users whose context is to be fetched again for their live connections.
-    pub refresher: crate::revalidate::Refresher,
+    pub refresher: crate::refresher::Refresher,
     /// Revoked token ids, kept in memory (see `revocations`).
     pub revocations: crate::revocations::Revocations,
     /// Every upgraded socket (authenticated or not), so the drain can reach them all;
@@ -324,12 +324,6 @@ impl Node {
             .spawn(async move { node.chat_stream_loop().await });
         let node = self.clone();
         self.background
-            .spawn(async move { node.presence_loop().await });
-        let node = self.clone();
-        self.background
-            .spawn(async move { node.publish_rpc_loop().await });
-        let node = self.clone();
-        self.background
             .spawn(async move { node.catch_up_loop().await });
         let node = self.clone();
         self.background
@@ -339,13 +333,7 @@ impl Node {
             .spawn(async move { node.revocation_notice_loop().await });
         let node = self.clone();
         self.background
-            .spawn(async move { crate::finals::follow_loop(&node).await });
-        let node = self.clone();
-        self.background
             .spawn(async move { node.refresh_context_loop().await });
-        self.background.spawn(crate::revalidate::run(self.clone()));
-        self.background
-            .spawn(crate::revalidate::wheel(self.clone()));
     }
 
     /// After the subscription connection came back (a NATS restart or node loss),
@@ -374,7 +362,7 @@ impl Node {
                 // A connection's own `user:` channel is mostly a hidden subscription
                 // that has not read its position: the last publication would reach
                 // the client as news.
-                .filter(|c| c.namespace != crate::channels::USER_NAMESPACE)
+                .filter(|c| c.namespace != crate::hub::USER_NAMESPACE)
                 .collect();
             let mut tops = futures_util::stream::iter(channels)
                 .map(|ch| async move {
@@ -509,7 +497,7 @@ impl Node {
 
     /// Subscribes (in a queue group when given), retrying while NATS refuses, until
     /// the node stops. The client re-sends the subscription after reconnects.
-    async fn subscribe_until_stopped(
+    pub(crate) async fn subscribe_until_stopped(
         &self,
         subject: String,
         queue: Option<&str>,
@@ -588,76 +576,6 @@ impl Node {
             },
         )
         .await;
-    }
-
-    /// Keeps this node's presence entries alive; a dead node's expire, and the sweep
-    /// after each refresh announces their users' `leave`.
-    async fn presence_loop(&self) {
-        let period = self.config.channels.presence_ttl / 3;
-        let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        loop {
-            tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => break,
-                _ = tick.tick() => {}
-            }
-            let entries: Vec<_> = self
-                .hub
-                .subscriptions()
-                .into_iter()
-                .filter_map(|(ch, user, conn)| {
-                    shared::protocol::Channel::parse(&ch)
-                        .ok()
-                        .filter(crate::channels::keeps_presence)
-                        .map(|c| (c, user.to_string(), conn.to_string()))
-                })
-                .collect();
-            if let Err(e) = self
-                .store
-                .presence_touch(&entries, self.config.channels.presence_ttl)
-                .await
-            {
-                metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "presence").increment(1);
-                tracing::warn!(error = %e, "presence refresh failed");
-            }
-            // Users of dead nodes leave the channels this node has subscribers in
-            // (nobody else needs to hear it).
-            let mut channels: Vec<_> = entries.into_iter().map(|(c, _, _)| c).collect();
-            channels.sort_by(|a, b| (&a.namespace, &a.name).cmp(&(&b.namespace, &b.name)));
-            channels.dedup();
-            crate::channels::sweep_presence(self, &channels).await;
-        }
-    }
-
-    /// Serves `sb.rpc.publish` for backends that speak NATS: the same as
-    /// `POST /v1/publish` (offset, history, fan-out), one gateway per request.
-    async fn publish_rpc_loop(&self) {
-        use futures_util::StreamExt;
-        let subject = self.subjects.publish_rpc();
-        let Some(mut sub) = self
-            .subscribe_until_stopped(subject, Some(shared::subjects::GATEWAY_QUEUE_GROUP))
-            .await
-        else {
-            return;
-        };
-        loop {
-            let msg = tokio::select! {
-                biased;
-                _ = self.stop.cancelled() => break,
-                m = sub.next() => match m { Some(m) => m, None => break },
-            };
-            let reply = crate::api::publish_body(self, &msg.payload).await;
-            if let Some(to) = msg.reply {
-                let body = match reply {
-                    Ok(offset) => serde_json::json!({ "offset": offset }),
-                    Err(e) => {
-                        let (_, code) = e.status_and_code();
-                        serde_json::json!({"error": {"code": code, "message": e.to_string()}})
-                    }
-                };
-                let _ = self.nats.publish(to, body.to_string().into()).await;
-            }
-        }
     }
 
     /// Forgets this node in Redis after a clean shutdown.

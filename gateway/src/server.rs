@@ -13,6 +13,7 @@ use http_body_util::Full;
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use shared::admin::Body;
 use shared::protocol::SUBPROTOCOL;
 use tokio::net::{TcpListener, TcpStream};
 
@@ -32,8 +33,6 @@ pub const MAX_HEADER_BYTES: usize = 64 * 1024;
 pub const PROXY_HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// Pause after an accept error (EMFILE and friends) so the loop does not spin.
 const ACCEPT_ERROR_BACKOFF: Duration = Duration::from_millis(50);
-
-pub use shared::admin::{Body, json_response};
 
 /// Accepts connections until shutdown; each is served on its own task.
 pub async fn accept_loop(node: Arc<Node>, listener: TcpListener) {

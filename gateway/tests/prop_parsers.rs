@@ -1,12 +1,15 @@
 //! Property tests for the gateway's parsers of untrusted input (docs/fuzzing.md): the
 //! WebSocket frame decoder, handshake credential extraction, the PROXY protocol
-//! header decoder and the forwarded-address walk. Bounded to a few seconds in CI;
+//! header decoder, the forwarded-address walk and the NATS server protocol parser of
+//! the subscription multiplexer. Bounded to a few seconds in CI;
 //! the cargo-fuzz targets in `fuzz/` run the same surfaces for longer
 //! (docs/fuzzing.md).
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 
+use bytes::BytesMut;
 use gateway::credentials::{Source, extract};
+use gateway::mux::{Frame, Headers, MAX_CONTROL_LINE, Msg as MuxMsg, MuxError, Parser};
 use gateway::proxy::{TrustedProxies, client_ip, decode_proxy_header};
 use gateway::transport::{FrameDecoder, Inbound, ReadError};
 use http::header::{AUTHORIZATION, SEC_WEBSOCKET_PROTOCOL};
@@ -295,12 +298,8 @@ impl Violation {
 fn decode(max: usize, bytes: &[u8], sizes: &[usize]) -> (Vec<Inbound>, Option<ReadError>) {
     let mut decoder = FrameDecoder::new(max);
     let mut out = Vec::new();
-    let mut rest = bytes;
-    let mut sizes = sizes.iter().cycle();
-    while !rest.is_empty() {
-        let n = (*sizes.next().unwrap_or(&usize::MAX)).clamp(1, rest.len());
-        decoder.push(&rest[..n]);
-        rest = &rest[n..];
+    for piece in pieces(bytes, sizes) {
+        decoder.push(piece);
         loop {
             match decoder.parse() {
                 Ok(Some(msg)) => out.push(msg),
@@ -313,6 +312,19 @@ fn decode(max: usize, bytes: &[u8], sizes: &[usize]) -> (Vec<Inbound>, Option<Re
         }
     }
     (out, None)
+}
+
+/// `bytes` cut into pieces of `sizes` (cycled), as reads from a socket deliver them.
+fn pieces<'a>(bytes: &'a [u8], sizes: &[usize]) -> Vec<&'a [u8]> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    let mut sizes = sizes.iter().cycle();
+    while !rest.is_empty() {
+        let n = (*sizes.next().unwrap_or(&usize::MAX)).clamp(1, rest.len());
+        out.push(&rest[..n]);
+        rest = &rest[n..];
+    }
+    out
 }
 
 fn chunk_sizes() -> impl Strategy<Value = Vec<usize>> {
@@ -729,5 +741,126 @@ proptest! {
             found.unwrap_or(last)
         };
         prop_assert_eq!(client_ip(peer, &headers, &trusted), expected);
+    }
+}
+
+// === NATS server protocol (the subscription multiplexer) ===
+
+/// A frame as a NATS server sends it to a subscriber, with what the parser must
+/// make of it.
+fn nats_frame() -> impl Strategy<Value = (Vec<u8>, Frame)> {
+    let value = "[ -~]{0,20}".prop_map(|s| s.trim().to_owned());
+    let msg = (
+        any::<u64>(),
+        "[a-z0-9_.]{1,30}",
+        proptest::option::of("_INBOX\\.[a-z0-9]{1,10}"),
+        proptest::collection::vec(any::<u8>(), 0..300),
+        proptest::option::of(any::<u64>()),
+        proptest::option::of(value.clone()),
+        any::<bool>(),
+    )
+        .prop_map(|(sid, subject, reply, payload, offset, channel, last)| {
+            let headers = Headers {
+                offset,
+                channel: channel.map(Into::into),
+                last,
+                ..Headers::default()
+            };
+            let mut block = String::new();
+            if headers != Headers::default() {
+                block.push_str("NATS/1.0\r\n");
+                if let Some(o) = offset {
+                    block.push_str(&format!("Sb-Offset: {o}\r\n"));
+                }
+                if let Some(c) = &headers.channel {
+                    block.push_str(&format!("sb-channel:{c}\r\n"));
+                }
+                if last {
+                    block.push_str("Sb-Final: 1\r\nX-Other: ignored\r\n");
+                }
+                block.push_str("\r\n");
+            }
+            let reply = reply.map(|r| format!(" {r}")).unwrap_or_default();
+            let total = block.len() + payload.len();
+            let mut wire = if block.is_empty() {
+                format!("MSG {subject} {sid}{reply} {total}\r\n")
+            } else {
+                format!("HMSG {subject} {sid}{reply} {} {total}\r\n", block.len())
+            }
+            .into_bytes();
+            wire.extend_from_slice(block.as_bytes());
+            wire.extend_from_slice(&payload);
+            wire.extend_from_slice(b"\r\n");
+            let frame = Frame::Msg {
+                sid,
+                msg: MuxMsg {
+                    payload: payload.into(),
+                    headers,
+                },
+            };
+            (wire, frame)
+        });
+    prop_oneof![
+        4 => msg,
+        1 => Just((b"PING\r\n".to_vec(), Frame::Ping)),
+        1 => Just((b"PONG\r\n".to_vec(), Frame::Pong)),
+        1 => Just((b"+OK\r\n".to_vec(), Frame::Other)),
+        1 => "[a-zA-Z ]{0,30}".prop_map(|e| (format!("-ERR '{e}'\r\n").into_bytes(), Frame::Err(e))),
+    ]
+}
+
+/// Parses `bytes` fed in pieces of `sizes`, as the read loop does.
+fn parse_nats(bytes: &[u8], sizes: &[usize]) -> Result<Vec<Frame>, MuxError> {
+    let mut parser = Parser::new(1 << 20);
+    let mut buf = BytesMut::new();
+    let mut out = Vec::new();
+    for piece in pieces(bytes, sizes) {
+        buf.extend_from_slice(piece);
+        while let Some(frame) = parser.next(&mut buf)? {
+            out.push(frame);
+        }
+    }
+    assert!(buf.is_empty(), "left over: {buf:?}");
+    Ok(out)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    /// Whatever way TCP splits a server's bytes, the same frames come out, whole.
+    #[test]
+    fn nats_frames_survive_any_split(
+        frames in proptest::collection::vec(nats_frame(), 1..8),
+        sizes in chunk_sizes(),
+    ) {
+        let wire: Vec<u8> = frames.iter().flat_map(|(w, _)| w.clone()).collect();
+        let expected: Vec<&Frame> = frames.iter().map(|(_, f)| f).collect();
+        let got = parse_nats(&wire, &sizes).expect("valid server bytes");
+        prop_assert_eq!(got.iter().collect::<Vec<_>>(), expected);
+    }
+}
+
+proptest! {
+    // Each case parses a 16 KiB line and the parser looks for the CRLF from the start
+    // on every call: reads of a few KiB, as sockets deliver, and a few cases.
+    #![proptest_config(ProptestConfig::with_cases(12))]
+
+    /// A control line is refused over the limit and parsed within it, however it
+    /// arrives: the decision never depends on where a read ended.
+    #[test]
+    fn nats_control_line_limit_ignores_splits(
+        extra in 0usize..3,
+        under in any::<bool>(),
+        sizes in proptest::collection::vec(256usize..8192, 1..4),
+    ) {
+        let len = if under { MAX_CONTROL_LINE - extra } else { MAX_CONTROL_LINE + 1 + extra };
+        let mut line = vec![b'x'; len];
+        line.extend_from_slice(b"\r\nPING\r\n");
+        let got = parse_nats(&line, &sizes);
+        if under {
+            prop_assert_eq!(got.expect("within the limit"), vec![Frame::Other, Frame::Ping]);
+        } else {
+            prop_assert!(got.is_err());
+        }
     }
 }

@@ -10,7 +10,7 @@ use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 
-use crate::Worker;
+use crate::state::Worker;
 
 /// How often the consumer is asked: alerts look at minutes, and each poll is one
 /// JetStream API request per worker.

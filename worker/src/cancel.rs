@@ -12,7 +12,7 @@ use shared::protocol::ChatCancel;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::Worker;
+use crate::state::Worker;
 
 /// Cancels remembered for requests not (yet) held here: enough for every cancel of
 /// several minutes at a busy cluster's rate, bounded so a flood cannot grow it.

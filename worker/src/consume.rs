@@ -28,8 +28,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::Worker;
 use crate::request::{self, Disposition, Job, Outcome};
+use crate::state::Worker;
 
 /// A pull request waits this long on the server for messages before it is renewed;
 /// short, so a pull lost in a NATS restart is replaced quickly.
@@ -292,7 +292,7 @@ async fn process(
 }
 
 async fn send(msg: &async_nats::jetstream::Message, kind: AckKind, op: &'static str) {
-    match tokio::time::timeout(crate::PUBLISH_TIMEOUT, msg.ack_with(kind)).await {
+    match tokio::time::timeout(crate::state::PUBLISH_TIMEOUT, msg.ack_with(kind)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => {
             metrics::counter!(shared::metrics::WORKER_CONSUMER_ERRORS, "op" => op).increment(1);

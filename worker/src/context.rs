@@ -27,8 +27,8 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::Worker;
 use crate::backend::{BackendError, Endpoint};
+use crate::state::Worker;
 
 /// How long a fresh answer is shared with later non-`fresh` requests for the same
 /// user: covers a burst (a page load opening tabs, a refresh storm), short enough
@@ -152,7 +152,7 @@ pub async fn serve(worker: Arc<Worker>, stop: CancellationToken) {
                 biased;
                 _ = stop.cancelled() => {
                     // Leave the queue group at once so other workers get new requests.
-                    let _ = tokio::time::timeout(crate::PUBLISH_TIMEOUT, sub.unsubscribe()).await;
+                    let _ = tokio::time::timeout(crate::state::PUBLISH_TIMEOUT, sub.unsubscribe()).await;
                     break 'subscribe;
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
@@ -200,7 +200,7 @@ pub async fn serve(worker: Arc<Worker>, stop: CancellationToken) {
                 };
                 let body = serde_json::to_vec(&ctx).unwrap_or_default();
                 if let Err(e) = tokio::time::timeout(
-                    crate::PUBLISH_TIMEOUT,
+                    crate::state::PUBLISH_TIMEOUT,
                     worker.nats.publish(reply, body.into()),
                 )
                 .await

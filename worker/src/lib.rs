@@ -19,10 +19,10 @@ pub mod llm;
 pub mod pdf;
 pub mod reply;
 pub mod request;
+pub mod state;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
 
 use shared::keys::Keys;
 use shared::scaffold::Scaffold;
@@ -32,14 +32,12 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, RawConfig};
+pub use state::{PUBLISH_TIMEOUT, Worker};
 
 use backend::BackendClient;
 use breaker::Breaker;
 use cancel::CancelRegistry;
 use llm::LlmClient;
-
-/// A publish (chunk, reply, ack) that cannot be queued within this long fails.
-pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Why the worker could not start.
 #[derive(Debug, thiserror::Error)]
@@ -52,68 +50,6 @@ pub enum StartError {
     Llm(#[from] llm::BuildError),
     #[error("SB_BACKEND_URL: {0}")]
     Backend(String),
-}
-
-/// State shared by the consumer, the request tasks and the RPC handlers.
-pub struct Worker {
-    pub config: Config,
-    pub nats: async_nats::Client,
-    pub js: async_nats::jetstream::Context,
-    pub store: SessionStore,
-    pub subjects: Subjects,
-    pub llm: LlmClient,
-    /// `None`: no team backend configured.
-    pub backend: Option<BackendClient>,
-    pub breaker: Breaker,
-    pub cancels: CancelRegistry,
-    /// The chat consumer is set up and pulling.
-    pub consumer_up: AtomicBool,
-    /// The last Redis check succeeded (the scaffold's health loop).
-    pub redis_up: Arc<AtomicBool>,
-    /// SIGTERM received: no new work.
-    pub shutting_down: AtomicBool,
-    /// Connection losses, and echoes of replies that ended across one.
-    pub link: link::Link,
-    /// What this worker last wrote of each user's context (see `context::Written`).
-    pub context_written: context::Written,
-    /// Recent fresh answers and in-flight backend calls per user (see `context`).
-    pub context_shared: context::Shared,
-    /// PDF text extraction, in bounded child processes.
-    pub pdf: pdf::PdfReader,
-}
-
-impl Worker {
-    pub fn nats_connected(&self) -> bool {
-        self.nats.connection_state() == async_nats::connection::State::Connected
-    }
-
-    /// Ready for work: NATS connected, Redis answering, consumer pulling, not stopping.
-    pub fn is_ready(&self) -> bool {
-        !self.shutting_down.load(Ordering::Acquire)
-            && self.nats_connected()
-            && self.redis_up.load(Ordering::Acquire)
-            && self.consumer_up.load(Ordering::Acquire)
-    }
-}
-
-impl shared::admin::Health for Worker {
-    fn ready(&self) -> bool {
-        self.is_ready()
-    }
-
-    fn readiness(&self) -> serde_json::Value {
-        serde_json::json!({
-            "ready": self.is_ready(),
-            "shutting_down": self.shutting_down.load(Ordering::Acquire),
-            "nats": self.nats_connected(),
-            "redis": self.redis_up.load(Ordering::Acquire),
-            "consumer": self.consumer_up.load(Ordering::Acquire),
-            "in_flight": self.cancels.len(),
-            "echoes_pending": self.link.pending(),
-            "breaker": self.breaker.state().as_str(),
-            "node": self.config.node_id,
-        })
-    }
 }
 
 /// Runs a worker until `shutdown` is cancelled, then stops pulling, lets in-flight

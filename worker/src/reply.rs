@@ -26,7 +26,7 @@ use shared::protocol::{ErrorCode, ServerFrame, Usage};
 use tokio::time::Instant;
 
 use crate::link::Link;
-use crate::{PUBLISH_TIMEOUT, Worker};
+use crate::state::{PUBLISH_TIMEOUT, Worker};
 
 /// JetStream must confirm a stored final frame within this time, else the request is
 /// nak'd and a later delivery publishes the final again (from history).

@@ -21,12 +21,12 @@ use shared::store::now_ms;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::Worker;
 use crate::attachments;
 use crate::error::UserError;
 use crate::history;
 use crate::llm::LlmError;
 use crate::reply::{Coalescer, Reply};
+use crate::state::Worker;
 
 /// First nak delay after an infrastructure failure; doubles per delivery.
 pub const NAK_DELAY_BASE: Duration = Duration::from_secs(1);

@@ -17,6 +17,7 @@ mod e2e_chat;
 mod faults;
 mod hostile;
 mod limits;
+mod mux_tls;
 mod nats_cluster;
 mod presence_failover;
 mod proxy;

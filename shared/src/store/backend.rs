@@ -13,7 +13,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Cmd, Pipeline, RedisFuture, Value};
 use tokio::sync::OnceCell;
 
-use super::StoreError;
+use super::error::StoreError;
 
 /// Connect timeout: a healthy Redis on the same network answers in milliseconds;
 /// two seconds keeps auth latency bounded when it is down.

@@ -15,10 +15,15 @@ use serde::Serialize;
 
 mod backend;
 mod channel;
+mod channel_model;
+mod error;
 mod presence_sweep;
 
 pub use backend::{CONNECT_TIMEOUT, Conn, RECONNECT_MAX_DELAY, RESPONSE_TIMEOUT, Target};
-pub use channel::{ChannelHistory, ChannelSettings, MAX_READ_OFFSET, Position, PresenceEntry};
+pub use channel_model::{
+    ChannelHistory, ChannelSettings, MAX_READ_OFFSET, Position, PresenceEntry,
+};
+pub use error::StoreError;
 
 use crate::keys::{Keys, REVOCATION_SHARDS};
 use crate::protocol::{HistoryMessage, UserContext};
@@ -40,22 +45,6 @@ pub const CONTEXT_TTL: Duration = Duration::from_secs(3600);
 pub const CHAT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Messages kept per session (the message window, default 100).
 pub const DEFAULT_HISTORY_WINDOW: usize = 100;
-
-/// Errors talking to Redis. Callers answer `UNAVAILABLE`; nothing here is the client's fault.
-#[derive(Debug, thiserror::Error)]
-pub enum StoreError {
-    #[error("redis unavailable: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("redis did not answer within {0:?}")]
-    Timeout(Duration),
-    #[error("corrupt value in {key}: {source}")]
-    Corrupt {
-        key: String,
-        source: serde_json::Error,
-    },
-    #[error("corrupt value in {key}: {value:?}")]
-    CorruptValue { key: String, value: String },
-}
 
 /// A live connection as recorded in Redis.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
@@ -123,7 +112,7 @@ pub enum Admission {
 pub struct SessionStore {
     backend: Arc<Backend>,
     keys: Keys,
-    epochs: Arc<channel::EpochCache>,
+    epochs: Arc<channel_model::EpochCache>,
 }
 
 impl std::fmt::Debug for SessionStore {

@@ -6,8 +6,8 @@
 use serde_json::{Value, json};
 use shared::protocol::Usage;
 
+use super::message::{LlmError, LlmEvent, Message};
 use super::openai::error_message;
-use super::{LlmError, LlmEvent, Message};
 
 /// The request body: streaming (Ollama's default, said explicitly).
 pub fn request_body(model: &str, messages: &[Message], max_tokens: Option<u32>) -> Value {

@@ -7,8 +7,8 @@
 use serde_json::{Value, json};
 use shared::protocol::Usage;
 
+use super::message::{LlmError, LlmEvent, Message};
 use super::sse::SseEvent;
-use super::{LlmError, LlmEvent, Message};
 
 /// The request body: streaming, with the final usage chunk asked for.
 pub fn request_body(model: &str, messages: &[Message], max_tokens: Option<u32>) -> Value {

@@ -1,0 +1,80 @@
+//! What a worker's tasks share: the consumer, the request tasks and the RPC handlers
+//! all hold the same [`Worker`]. Apart from `lib.rs`, which builds it and starts the
+//! tasks, so that the tasks' modules need nothing from the crate root.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use shared::store::SessionStore;
+use shared::subjects::Subjects;
+
+use crate::backend::BackendClient;
+use crate::breaker::Breaker;
+use crate::cancel::CancelRegistry;
+use crate::config::Config;
+use crate::llm::LlmClient;
+
+/// A publish (chunk, reply, ack) that cannot be queued within this long fails.
+pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
+/// State shared by the consumer, the request tasks and the RPC handlers.
+pub struct Worker {
+    pub config: Config,
+    pub nats: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub store: SessionStore,
+    pub subjects: Subjects,
+    pub llm: LlmClient,
+    /// `None`: no team backend configured.
+    pub backend: Option<BackendClient>,
+    pub breaker: Breaker,
+    pub cancels: CancelRegistry,
+    /// The chat consumer is set up and pulling.
+    pub consumer_up: AtomicBool,
+    /// The last Redis check succeeded (the scaffold's health loop).
+    pub redis_up: Arc<AtomicBool>,
+    /// SIGTERM received: no new work.
+    pub shutting_down: AtomicBool,
+    /// Connection losses, and echoes of replies that ended across one.
+    pub link: crate::link::Link,
+    /// What this worker last wrote of each user's context (see `crate::context::Written`).
+    pub context_written: crate::context::Written,
+    /// Recent fresh answers and in-flight backend calls per user (see `context`).
+    pub context_shared: crate::context::Shared,
+    /// PDF text extraction, in bounded child processes.
+    pub pdf: crate::pdf::PdfReader,
+}
+
+impl Worker {
+    pub fn nats_connected(&self) -> bool {
+        self.nats.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Ready for work: NATS connected, Redis answering, consumer pulling, not stopping.
+    pub fn is_ready(&self) -> bool {
+        !self.shutting_down.load(Ordering::Acquire)
+            && self.nats_connected()
+            && self.redis_up.load(Ordering::Acquire)
+            && self.consumer_up.load(Ordering::Acquire)
+    }
+}
+
+impl shared::admin::Health for Worker {
+    fn ready(&self) -> bool {
+        self.is_ready()
+    }
+
+    fn readiness(&self) -> serde_json::Value {
+        serde_json::json!({
+            "ready": self.is_ready(),
+            "shutting_down": self.shutting_down.load(Ordering::Acquire),
+            "nats": self.nats_connected(),
+            "redis": self.redis_up.load(Ordering::Acquire),
+            "consumer": self.consumer_up.load(Ordering::Acquire),
+            "in_flight": self.cancels.len(),
+            "echoes_pending": self.link.pending(),
+            "breaker": self.breaker.state().as_str(),
+            "node": self.config.node_id,
+        })
+    }
+}
