@@ -275,4 +275,107 @@ mod tests {
             assert_eq!(kind(&e.into()), NOT_A_CLOSE);
         }
     }
+
+    #[test]
+    fn fatal_errors_carry_the_table_codes() {
+        let cases = [
+            (
+                SessionError::Auth(AuthError::Expired),
+                Some(4001),
+                Some(ErrorCode::TokenExpired),
+            ),
+            (
+                SessionError::Auth(AuthError::InvalidSignature),
+                Some(4503),
+                Some(ErrorCode::TokenInvalid),
+            ),
+            (
+                SessionError::Revoked,
+                Some(4503),
+                Some(ErrorCode::TokenInvalid),
+            ),
+            (
+                SessionError::AuthTimeout,
+                Some(4000),
+                Some(ErrorCode::AuthTimeout),
+            ),
+            (
+                SessionError::WrongUser,
+                Some(4503),
+                Some(ErrorCode::Forbidden),
+            ),
+            (
+                SessionError::ConnectionLimit,
+                Some(4509),
+                Some(ErrorCode::ConnectionLimit),
+            ),
+            (
+                SessionError::Overloaded,
+                Some(1013),
+                Some(ErrorCode::Overloaded),
+            ),
+            (
+                SessionError::Abusive(Duration::from_millis(5)),
+                Some(4029),
+                Some(ErrorCode::RateLimited),
+            ),
+            (
+                SessionError::TooLarge(1),
+                Some(1009),
+                Some(ErrorCode::TooLarge),
+            ),
+            (SessionError::Binary, Some(1003), None),
+            (
+                SessionError::AuthUnavailable("redis"),
+                Some(1013),
+                Some(ErrorCode::Unavailable),
+            ),
+            (
+                SessionError::BadRequest("x".into()),
+                None,
+                Some(ErrorCode::BadRequest),
+            ),
+            (
+                SessionError::RefreshRejected(AuthError::InvalidSignature),
+                None,
+                Some(ErrorCode::TokenInvalid),
+            ),
+            (
+                SessionError::RateLimited(Duration::from_millis(5)),
+                None,
+                Some(ErrorCode::RateLimited),
+            ),
+            (
+                SessionError::RefreshRateLimited(Duration::from_millis(5)),
+                None,
+                Some(ErrorCode::RateLimited),
+            ),
+            (
+                SessionError::SlowConsumer,
+                Some(4008),
+                Some(ErrorCode::SlowConsumer),
+            ),
+        ];
+        for (e, close, code) in cases {
+            // What the client gets: the close signal of a fatal error, the error
+            // frame alone otherwise.
+            let desc = format!("{e:?}");
+            let (got_close, got_code) = if e.is_fatal() {
+                let signal = CloseCause::from(e).signal();
+                let code = match signal.frame {
+                    Some(shared::protocol::ServerFrame::Error(b)) => Some(b.code),
+                    _ => None,
+                };
+                (Some(signal.code.as_u16()), code)
+            } else {
+                (None, Some(e.to_body(None).code))
+            };
+            assert_eq!(got_close, close, "{desc}");
+            assert_eq!(got_code, code, "{desc}");
+        }
+        let b = SessionError::Auth(AuthError::Expired).to_body(None);
+        assert!(b.action.is_some());
+        let b = SessionError::RateLimited(Duration::from_millis(250)).to_body(None);
+        assert_eq!(b.retry_after_ms, Some(250));
+    }
 }

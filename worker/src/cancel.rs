@@ -12,8 +12,6 @@ use shared::protocol::ChatCancel;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-use crate::state::Worker;
-
 /// Cancels remembered for requests not (yet) held here: enough for every cancel of
 /// several minutes at a busy cluster's rate, bounded so a flood cannot grow it.
 pub const RECENT_CAPACITY: usize = 4096;
@@ -150,9 +148,14 @@ impl CancelRegistry {
 }
 
 /// Applies cancels from every gateway until `stop`.
-pub async fn listen(worker: Arc<Worker>, stop: CancellationToken) {
+pub async fn listen(
+    nats: async_nats::Client,
+    subject: String,
+    registry: CancelRegistry,
+    stop: CancellationToken,
+) {
     loop {
-        let mut sub = match worker.nats.subscribe(worker.subjects.chat_cancel()).await {
+        let mut sub = match nats.subscribe(subject.clone()).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot subscribe to chat cancels");
@@ -171,7 +174,7 @@ pub async fn listen(worker: Arc<Worker>, stop: CancellationToken) {
             let Some(msg) = msg else { break };
             match serde_json::from_slice::<ChatCancel>(&msg.payload) {
                 Ok(c) => {
-                    let outcome = worker.cancels.cancel(&c);
+                    let outcome = registry.cancel(&c);
                     if outcome == CancelOutcome::WrongUser {
                         tracing::warn!("chat cancel from a user who does not own the request");
                     }

@@ -120,7 +120,12 @@ pub async fn run(
     let health = worker.clone();
     scaffold.watch_health(worker.store.clone(), move || health.nats_connected());
     scaffold.spawn(backlog::poll(worker.clone(), stop.clone()));
-    scaffold.spawn(cancel::listen(worker.clone(), stop.clone()));
+    scaffold.spawn(cancel::listen(
+        worker.nats.clone(),
+        worker.subjects.chat_cancel(),
+        worker.cancels.clone(),
+        stop.clone(),
+    ));
     scaffold.spawn(context::serve(worker.clone(), rpc_stop.clone()));
 
     let on_shutdown = async {

@@ -37,10 +37,10 @@ pub struct Worker {
     pub shutting_down: AtomicBool,
     /// Connection losses, and echoes of replies that ended across one.
     pub link: crate::link::Link,
-    /// What this worker last wrote of each user's context (see `crate::context::Written`).
-    pub context_written: crate::context::Written,
+    /// What this worker last wrote of each user's context (see `crate::context::cache::Written`).
+    pub context_written: crate::context::cache::Written,
     /// Recent fresh answers and in-flight backend calls per user (see `context`).
-    pub context_shared: crate::context::Shared,
+    pub context_shared: crate::context::cache::Shared,
     /// PDF text extraction, in bounded child processes.
     pub pdf: crate::pdf::PdfReader,
 }

@@ -11,7 +11,7 @@ use shared::metrics as m;
 use shared::protocol::{FrameId, ServerFrame, UserInfo};
 use shared::store::{Admission, ConnRecord, now_ms};
 
-use super::{Authed, Ctx, EXPIRY_WARNING, REFRESH_BURST, REFRESH_PER_SEC, Reply};
+use super::state::{Authed, Ctx, EXPIRY_WARNING, REFRESH_BURST, REFRESH_PER_SEC, Reply};
 use crate::channels::{self, Perms, SubscribeOptions, Subscriptions, USER_NAMESPACE};
 use crate::credentials::Source;
 use crate::error::SessionError;

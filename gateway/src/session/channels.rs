@@ -4,7 +4,7 @@
 
 use serde_json::Value;
 
-use super::{Authed, Ctx, Reply};
+use super::state::{Authed, Ctx, Reply};
 use crate::channels::{self, Announce, SubscribeOptions};
 use crate::error::SessionError;
 

@@ -3,7 +3,7 @@
 
 use shared::protocol::FileAttachment;
 
-use super::{Authed, Ctx, Reply};
+use super::state::{Authed, Ctx, Reply};
 use crate::error::SessionError;
 
 pub(super) async fn send(

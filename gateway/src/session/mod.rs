@@ -13,32 +13,32 @@
 mod auth;
 mod channels;
 mod chat;
+mod state;
 
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use shared::auth::Claims;
 use shared::metrics as m;
 use shared::protocol::{ClientFrame, ClientMessage, FrameId, ServerFrame};
 use tokio::time::sleep_until;
 use tracing::Instrument;
 
-use crate::channels::{Perms, Subscriptions};
 use crate::close::{CloseCause, CloseSignal};
 use crate::credentials::Source;
 use crate::error::SessionError;
-use crate::hub::{Closer, Outbound, Registration, TokenSlot};
-use crate::limits::{Bucket, MessageLimiter, MessageVerdict};
+use crate::hub::{Closer, Outbound};
+use crate::limits::{MessageLimiter, MessageVerdict};
 use crate::node::Node;
 use crate::outbox::Outbox;
 use crate::transport::{self, Inbound, ReadError, WsReader, WsWriter};
 
+use state::{Authed, Ctx, Reply, State, Unauthed};
+pub use state::{EXPIRY_WARNING, REFRESH_BURST, REFRESH_PER_SEC};
+
 /// The upgrade must complete this quickly after the 101 response.
 pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(10);
-/// `token_expiring` is sent this long before `exp` (PROTOCOL.md: about 60 s).
-pub const EXPIRY_WARNING: Duration = Duration::from_secs(60);
 /// Frames taken from the outbound queue in one go, so a burst of deliveries becomes
 /// one write instead of a select round and a syscall per frame.
 const OUTBOUND_BATCH: usize = 64;
@@ -49,13 +49,6 @@ pub const MAX_PENDING_BYTES: usize = 64 * 1024;
 /// [`MAX_PENDING_BYTES`] before the next page; a peer that takes nothing for this
 /// long is a slow consumer (closed 4008). The same bound as a stuck write.
 pub const REPLAY_STALL_TIMEOUT: Duration = transport::WRITE_TIMEOUT;
-/// `refresh` frames a connection may send at once: a client retrying a refresh a
-/// couple of times is fine; each costs a token check and a context fetch.
-pub const REFRESH_BURST: f64 = 3.0;
-/// Sustained `refresh` frames per second per connection: tokens live minutes to
-/// hours, so one every 30 s is far more than any client needs.
-pub const REFRESH_PER_SEC: f64 = 1.0 / 30.0;
-
 /// What the upgrade request decided before the socket existed.
 pub struct Upgrade {
     pub ip: IpAddr,
@@ -123,59 +116,6 @@ pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up
     .instrument(span)
     .await;
     drop(guard);
-}
-
-/// A connection that has not authenticated yet.
-struct Unauthed {
-    /// Close 4000 at this instant unless credentials arrive.
-    deadline: Instant,
-}
-
-/// An authenticated identity on this connection.
-struct Authed {
-    claims: Claims,
-    /// The current token, shared with the hub (context re-checks use it).
-    token: TokenSlot,
-    /// Allowance of `refresh` frames.
-    refreshes: Bucket,
-    /// Close 4001 at this instant (exp + leeway).
-    expires: Instant,
-    /// Send `token_expiring` at this instant, once.
-    warn_at: Option<Instant>,
-    perms: Perms,
-    subs: Subscriptions,
-    _registration: Registration,
-    /// This connection's member of the user's Redis registry (`ConnRecord::member`).
-    registry: Arc<str>,
-}
-
-/// Where the connection is in its life.
-// Not boxed: nearly every connection lives authenticated, and a box would cost each
-// one an allocation for the sake of the short unauthenticated phase.
-#[allow(clippy::large_enum_variant)]
-enum State {
-    Unauthed(Unauthed),
-    Authed(Authed),
-}
-
-/// What a frame handler of an authenticated connection may use besides its state.
-struct Ctx<'a> {
-    node: &'a Node,
-    conn_id: &'a str,
-    /// The id of the frame being answered, echoed in the answer.
-    id: Option<FrameId>,
-}
-
-/// What a frame handler answers; the session writes it.
-enum Reply {
-    /// Nothing (`typing` is fire-and-forget).
-    Nothing,
-    Frame(ServerFrame),
-    /// A frame, then encoded frames after it (`refreshed`, then the `unsubscribed`
-    /// of channels the user lost).
-    FrameThen(ServerFrame, Vec<Bytes>),
-    /// A history replay and its `subscribed`, written at the peer's pace.
-    Paced(Vec<Bytes>),
 }
 
 struct Session {

@@ -13,13 +13,11 @@
 //! shared for [`CONTEXT_SHARE_FOR`] with requests that do not ask for `fresh`: a
 //! burst of connects and token refreshes of one user costs one call per worker.
 
-use std::collections::HashMap;
-use std::hash::{DefaultHasher, Hash, Hasher};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+pub mod cache;
+
+use std::sync::Arc;
 
 use futures_util::StreamExt;
-use shared::coalesce::Coalescer;
 use shared::protocol::{UserContext, UserContextRequest, valid_name};
 use shared::subjects::WORKER_QUEUE_GROUP;
 use tokio::sync::Semaphore;
@@ -27,99 +25,18 @@ use tokio::task::JoinSet;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+pub use cache::{
+    CONTEXT_REWRITE_AFTER, CONTEXT_SHARE_FOR, CONTEXT_SHARED_MAX, CONTEXT_WRITTEN_MAX, Shared,
+    Written,
+};
+
 use crate::backend::{BackendError, Endpoint};
 use crate::state::Worker;
-
-/// How long a fresh answer is shared with later non-`fresh` requests for the same
-/// user: covers a burst (a page load opening tabs, a refresh storm), short enough
-/// that a membership change shows on the next login; `fresh` requests never use it.
-pub const CONTEXT_SHARE_FOR: Duration = Duration::from_secs(2);
-/// Users whose recent answer one worker keeps; past this it starts over (each
-/// forgotten user costs at most one more backend call).
-pub const CONTEXT_SHARED_MAX: usize = 10_000;
-
-/// Recent answers and in-flight backend calls, per user.
-#[derive(Debug, Default)]
-pub struct Shared {
-    recent: Mutex<HashMap<String, (Instant, UserContext)>>,
-    /// Keyed by (user, fresh): a `fresh` request never joins a call that may have
-    /// started before the change it is asked to see, only another fresh one.
-    flights: Coalescer<(String, bool), UserContext>,
-}
-
-impl Shared {
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, UserContext)>> {
-        // A panic while holding it cannot leave the map half-written.
-        self.recent.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn recent(&self, user: &str) -> Option<UserContext> {
-        let recent = self.lock();
-        match recent.get(user) {
-            Some((at, ctx)) if at.elapsed() < CONTEXT_SHARE_FOR => Some(ctx.clone()),
-            _ => None,
-        }
-    }
-
-    fn remember(&self, user: &str, ctx: &UserContext) {
-        let mut recent = self.lock();
-        if recent.len() >= CONTEXT_SHARED_MAX && !recent.contains_key(user) {
-            recent.retain(|_, (at, _)| at.elapsed() < CONTEXT_SHARE_FOR);
-            if recent.len() >= CONTEXT_SHARED_MAX {
-                recent.clear();
-            }
-        }
-        recent.insert(user.to_owned(), (Instant::now(), ctx.clone()));
-    }
-}
 
 /// Whether a backend error says "this user has no access" rather than "the backend
 /// is unwell": the user's teams are then none, not the last kept ones.
 fn is_denial(e: &BackendError) -> bool {
     matches!(e, BackendError::Status(401 | 403 | 404))
-}
-
-/// A context this worker already wrote is written again after this long even when
-/// unchanged, so the kept copy (TTL `shared::store::CONTEXT_TTL`) never lapses for a
-/// user who keeps connecting.
-pub const CONTEXT_REWRITE_AFTER: Duration = Duration::from_secs(1800);
-/// Users whose last written context one worker remembers; past this it starts over
-/// (each forgotten user costs one write).
-pub const CONTEXT_WRITTEN_MAX: usize = 100_000;
-
-/// What this worker last wrote of each user's context: a connect whose context did
-/// not change costs Redis nothing.
-#[derive(Debug, Default)]
-pub struct Written {
-    users: Mutex<HashMap<String, (u64, Instant)>>,
-}
-
-impl Written {
-    /// Whether `ctx` must be written for `user` (changed, new, or due again).
-    fn needs_write(&self, user: &str, ctx: &UserContext) -> bool {
-        let digest = digest(ctx);
-        let users = self.lock();
-        !matches!(users.get(user), Some((d, at)) if *d == digest && at.elapsed() < CONTEXT_REWRITE_AFTER)
-    }
-
-    fn wrote(&self, user: &str, ctx: &UserContext) {
-        let mut users = self.lock();
-        if users.len() >= CONTEXT_WRITTEN_MAX && !users.contains_key(user) {
-            users.clear();
-        }
-        users.insert(user.to_owned(), (digest(ctx), Instant::now()));
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, (u64, Instant)>> {
-        // A panic while holding it cannot leave the map half-written.
-        self.users.lock().unwrap_or_else(|p| p.into_inner())
-    }
-}
-
-fn digest(ctx: &UserContext) -> u64 {
-    let mut h = DefaultHasher::new();
-    serde_json::to_string(ctx).unwrap_or_default().hash(&mut h);
-    h.finish()
 }
 
 /// Pause before re-subscribing after the subscription failed.
