@@ -39,7 +39,8 @@ use spawn::{WorkerLink, WorkerMsg};
 /// Runs what the command line asks for. `Ok(true)`: the run met its goal.
 pub async fn run(cli: Cli, args: Vec<OsString>) -> Result<bool> {
     let fd_limit = spawn::raise_fd_limit();
-    match spawn::worker_role(cli.worker_index, cli.worker_count)? {
+    let common = cli.scenario.common();
+    match spawn::worker_role(common.worker_index, common.worker_count)? {
         Some((index, count)) => run_worker(&cli, fd_limit, index, count).await,
         None => run_parent(cli, fd_limit, args).await,
     }
@@ -54,27 +55,32 @@ fn worker_args(mut args: Vec<OsString>, epoch_ms: u64) -> Vec<OsString> {
 }
 
 async fn run_parent(mut cli: Cli, fd_limit: u64, mut args: Vec<OsString>) -> Result<bool> {
+    let common = cli.scenario.common();
     let outputs = Outputs {
-        json: cli.json.clone(),
-        html: cli.html.clone(),
+        json: common.json.clone(),
+        html: common.html.clone(),
     };
-    if cli.scenario == ScenarioName::Connect {
-        if cli.pid.len() > 1 {
+    let (pids, metrics_url) = (common.pid.clone(), common.metrics_url.clone());
+    if cli.scenario.name() == ScenarioName::Connect {
+        if pids.len() > 1 {
             bail!("connect takes one --pid (the gateway whose memory per connection it reports)");
         }
         let plan = Arc::new(Plan::from_cli(&cli, fd_limit)?);
-        let probe = probe::Probe::new(cli.pid.first().copied(), cli.metrics_url.as_deref())?;
+        let probe = probe::Probe::new(pids.first().copied(), metrics_url.as_deref())?;
         let worker_args = worker_args(args, plan.epoch_ms);
         let facts = connect::run(Arc::clone(&plan), probe, worker_args).await?;
         let r = ConnectReport::build(&plan, facts);
         report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
         return Ok(r.head.goal_met);
     }
-    if let Some(url) = cli.llm_stub.clone() {
+    let chat_flags = cli.scenario.chat_mut();
+    if let Some((flags, url)) = chat_flags.and_then(|f| f.llm_stub.clone().map(|u| (f, u))) {
         // Read once here; workers get the figures as flags, so that all agree.
         let timing = chat::LlmTiming::from_stub(&url).await?;
-        let first = *cli.llm_first_token_ms.get_or_insert(timing.first_token_ms);
-        let stream = *cli.llm_stream_ms.get_or_insert(timing.stream_ms);
+        let first = *flags
+            .llm_first_token_ms
+            .get_or_insert(timing.first_token_ms);
+        let stream = *flags.llm_stream_ms.get_or_insert(timing.stream_ms);
         eprintln!("LLM stub at {url}: first token after {first} ms, then {stream} ms of tokens");
         for (flag, value) in [("--llm-first-token-ms", first), ("--llm-stream-ms", stream)] {
             args.push(flag.into());
@@ -84,21 +90,26 @@ async fn run_parent(mut cli: Cli, fd_limit: u64, mut args: Vec<OsString>) -> Res
     let plan = Arc::new(population::Plan::from_cli(&cli, fd_limit)?);
     // The first --pid is the gateway whose memory is sampled; every one gets its CPU
     // reported.
-    let gateway = probe::Probe::new(cli.pid.first().copied(), cli.metrics_url.as_deref())?;
-    for &pid in &cli.pid {
+    let gateway = probe::Probe::new(pids.first().copied(), metrics_url.as_deref())?;
+    for &pid in &pids {
         if probe::cpu_seconds(Some(pid)).is_none() {
             bail!("--pid {pid}: no such process");
         }
     }
     let mut workers = Vec::new();
-    for url in &cli.worker_metrics {
+    let worker_metrics = match &cli.scenario {
+        cli::Scenario::Chat(a) => &a.chat.worker_metrics[..],
+        cli::Scenario::Soak(a) => &a.chat.worker_metrics[..],
+        cli::Scenario::Connect(_) | cli::Scenario::Broadcast(_) => &[],
+    };
+    for url in worker_metrics {
         if let Some(p) = probe::Probe::new(None, Some(url))? {
             workers.push((url.clone(), p));
         }
     }
     let watch = population::Watch {
         gateway,
-        pids: cli.pid.clone(),
+        pids,
         workers,
     };
     let worker_args = worker_args(args, plan.epoch_ms);
@@ -127,7 +138,7 @@ async fn run_worker(cli: &Cli, fd_limit: u64, index: u32, count: u32) -> Result<
     // Ctrl-C in a terminal reaches the whole process group; the parent decides what
     // happens (it tells us to abort), so the signal itself is ignored here.
     tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
-    if cli.scenario == ScenarioName::Connect {
+    if cli.scenario.name() == ScenarioName::Connect {
         let link: WorkerLink<connect::Progress, connect::Tallies> = WorkerLink::stdio();
         let Some((plan, link)) = plan_or_fatal(Plan::from_cli(cli, fd_limit), link).await? else {
             return Ok(false);

@@ -262,7 +262,6 @@ async fn api_publishing_over_two_nodes_and_two_processes_meets_its_goal() {
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "ok-1\nok-2\n").unwrap();
     let mut a = args(&[
-        "--scenario",
         "broadcast",
         "--subscribers",
         "40",
@@ -330,7 +329,6 @@ async fn gaps_duplicates_closes_and_refusals_are_reported_and_exit_1() {
     // Ten subscribers, two of each behaviour; the publisher takes token 10 (`ok`).
     std::fs::write(&tokens, "ok\ndup\nskip\nslow\nforbid\n").unwrap();
     let mut a = args(&[
-        "--scenario",
         "broadcast",
         "--subscribers",
         "10",
@@ -394,7 +392,6 @@ async fn gaps_duplicates_closes_and_refusals_are_reported_and_exit_1() {
 async fn a_wrong_api_key_fails_every_publication() {
     let m = mock(1).await;
     let a = args(&[
-        "--scenario",
         "broadcast",
         "--subscribers",
         "3",
@@ -436,12 +433,7 @@ fn binary_refuses_bad_broadcast_flags() {
         (&[][..], "--api-url"),
     ] {
         let output = std::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
-            .args([
-                "--scenario",
-                "broadcast",
-                "--secret",
-                "0123456789abcdef0123456789abcdef",
-            ])
+            .args(["broadcast", "--secret", "0123456789abcdef0123456789abcdef"])
             .args(extra)
             .env_remove("SB_API_KEY")
             .output()

@@ -134,7 +134,6 @@ impl Stack {
     /// The flags every run takes: target, credentials, the stub, the probes.
     fn args(&self, scenario: &str) -> Vec<String> {
         let mut a: Vec<String> = [
-            "--scenario",
             scenario,
             "--secret",
             tokens::TEST_SECRET,

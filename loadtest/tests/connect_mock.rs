@@ -211,7 +211,6 @@ async fn binary_with_worker_processes_meets_its_goal() {
     std::fs::write(&tokens, "ok-1\nok-2\n").unwrap();
     let url = format!("ws://{addr}/ws");
     let args: Vec<String> = [
-        "--scenario",
         "connect",
         "--url",
         &url,
@@ -257,7 +256,6 @@ async fn binary_reports_failures_by_reason_and_exits_1() {
     std::fs::write(&tokens, "ok\nlimit\nbusy\ndrop\n").unwrap();
     let url = format!("ws://{addr}/ws");
     let args: Vec<String> = [
-        "--scenario",
         "connect",
         "--url",
         &url,
@@ -316,7 +314,6 @@ async fn binary_reports_failures_by_reason_and_exits_1() {
 fn binary_refuses_non_loopback_targets() {
     let output = std::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
         .args([
-            "--scenario",
             "connect",
             "--url",
             "ws://192.0.2.1:8080/ws",

@@ -502,7 +502,6 @@ mod tests {
     fn plan(extra: &[&str]) -> Plan {
         let mut args = vec![
             "loadtest",
-            "--scenario",
             "connect",
             "--secret",
             "0123456789abcdef0123456789abcdef",

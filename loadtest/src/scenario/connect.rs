@@ -18,14 +18,13 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cli::Cli;
+use crate::cli::{Cli, Scenario};
 use crate::client::{self, Failure};
 use crate::clock::{Clock, unix_ms};
 use crate::probe::{self, GatewaySample, Probe};
 use crate::progress::{ProgressLine, Snapshot};
 use crate::scenario::{
-    self, Spread, check_common, credentials, dispatch, layout_warnings, min_some, progress_ticker,
-    slot_ticker,
+    self, Spread, credentials, dispatch, layout_warnings, min_some, progress_ticker, slot_ticker,
 };
 use crate::source::SourcePlan;
 use crate::spawn::{self, Control, Event, WorkerLink, WorkerMsg, Workers};
@@ -37,11 +36,6 @@ use crate::tokens::TokenSource;
 /// Capacity of the queue from connection tasks to their worker's bookkeeping: a burst
 /// of completions is absorbed, and a full queue makes connection tasks wait.
 const OUTCOME_QUEUE: usize = 4096;
-/// Largest rate accepted: far beyond what a loopback gateway can accept, so a larger
-/// value is a typo; it also keeps the pacing arithmetic finite.
-const MAX_RATE: f64 = 10_000_000.0;
-/// Longest hold accepted (one day): bounded so that `--hold` cannot overflow a deadline.
-const MAX_HOLD_SECS: u64 = 86_400;
 
 /// Everything a run needs, identical in the parent and every worker (all derive it
 /// from the same command line).
@@ -67,8 +61,13 @@ pub struct Plan {
 }
 
 impl Plan {
+    /// The plan of `loadtest connect`; clap checked each flag's own range.
     pub fn from_cli(cli: &Cli, fd_limit: u64) -> Result<Plan> {
-        let url = match cli.url.as_slice() {
+        let Scenario::Connect(args) = &cli.scenario else {
+            bail!("not a connect command line");
+        };
+        let common = &args.common;
+        let url = match common.url.as_slice() {
             [one] => one.clone(),
             _ => bail!(
                 "connect takes one --url (several gateways: put a load balancer in front, or \
@@ -76,46 +75,35 @@ impl Plan {
             ),
         };
         let target = Target::parse(&url)?;
-        if cli.connections == 0 {
-            bail!("--connections must be at least 1");
-        }
-        let rate = cli.rate.unwrap_or(crate::cli::DEFAULT_RATE);
-        if !rate.is_finite() || !(0.0..=MAX_RATE).contains(&rate) {
-            bail!("--rate must be between 0 (unlimited) and {MAX_RATE}");
-        }
-        if cli.hold > MAX_HOLD_SECS {
-            bail!("--hold must be at most {MAX_HOLD_SECS} s");
-        }
-        check_common(cli)?;
-        let epoch_ms = cli.epoch_ms.unwrap_or_else(unix_ms);
-        let users = cli.users.unwrap_or(cli.connections);
-        let (tokens, tokens_described) = credentials(cli, users, epoch_ms)?;
+        let epoch_ms = common.epoch_ms.unwrap_or_else(unix_ms);
+        let users = common.users.unwrap_or(args.connections);
+        let (tokens, tokens_described) = credentials(common, users, epoch_ms)?;
         let Spread {
             sources,
             ports,
             processes,
         } = Spread::plan(
-            cli,
-            cli.connections,
-            cli.connections,
+            common,
+            args.connections,
+            args.connections,
             target.addr.ip(),
             fd_limit,
         )?;
         Ok(Plan {
             url,
             target,
-            total: cli.connections,
-            rate,
-            concurrency: cli.concurrency,
-            hold: Duration::from_secs(cli.hold),
-            timeout: Duration::from_secs(cli.timeout),
+            total: args.connections,
+            rate: args.rate,
+            concurrency: common.concurrency,
+            hold: Duration::from_secs(args.hold),
+            timeout: Duration::from_secs(common.timeout),
             tokens,
             tokens_described,
             sources,
             processes,
             fd_limit,
             ports,
-            allow_failures_pct: cli.allow_failures,
+            allow_failures_pct: common.allow_failures,
             epoch_ms,
         })
     }
@@ -694,7 +682,7 @@ mod tests {
     const SECRET: &str = "0123456789abcdef0123456789abcdef";
 
     fn cli(extra: &[&str]) -> Cli {
-        let mut args = vec!["loadtest", "--scenario", "connect", "--secret", SECRET];
+        let mut args = vec!["loadtest", "connect", "--secret", SECRET];
         args.extend_from_slice(extra);
         Cli::try_parse_from(args).unwrap()
     }
@@ -725,9 +713,13 @@ mod tests {
                 "ws://127.0.0.1:2/ws",
             ],
         ] {
-            assert!(Plan::from_cli(&cli(bad), 20_000).is_err(), "{bad:?}");
+            let args = [&["connect", "--secret", SECRET][..], bad].concat();
+            assert!(
+                scenario::plan_from_args(&args, Plan::from_cli).is_err(),
+                "{bad:?}"
+            );
         }
-        let no_creds = Cli::try_parse_from(["loadtest", "--scenario", "connect"]).unwrap();
+        let no_creds = Cli::try_parse_from(["loadtest", "connect"]).unwrap();
         if std::env::var_os("SB_JWT_SECRET").is_none() {
             assert!(Plan::from_cli(&no_creds, 20_000).is_err());
         }

@@ -17,7 +17,7 @@ use tokio::time::{Instant, Interval, MissedTickBehavior};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::cli::Cli;
+use crate::cli::CommonArgs;
 use crate::clock::Clock;
 use crate::progress::{ProgressLine, TICK};
 use crate::source::{self, SourcePlan};
@@ -25,8 +25,6 @@ use crate::spawn;
 use crate::stats::series::SLOT_MS;
 use crate::tokens::{Minter, TokenSource};
 
-/// Longest handshake deadline accepted (ten minutes).
-const MAX_TIMEOUT_SECS: u64 = 600;
 /// Delay of the parent's progress line after the workers' reports: time for their
 /// lines to cross the pipes.
 const PROGRESS_LAG_MS: u64 = 50;
@@ -82,23 +80,13 @@ where
     started
 }
 
-/// Checks the flags every scenario shares: concurrency, timeout, tolerance.
-pub(crate) fn check_common(cli: &Cli) -> Result<()> {
-    if cli.concurrency == 0 {
-        bail!("--concurrency must be at least 1");
-    }
-    if cli.timeout == 0 || cli.timeout > MAX_TIMEOUT_SECS {
-        bail!("--timeout must be between 1 and {MAX_TIMEOUT_SECS} s");
-    }
-    if !cli.allow_failures.is_finite() || !(0.0..=100.0).contains(&cli.allow_failures) {
-        bail!("--allow-failures is a percentage, 0 to 100");
-    }
-    Ok(())
-}
-
 /// The clients' tokens: `--token-file`, or minted for `users` users; and how they
 /// are made, for the report.
-pub(crate) fn credentials(cli: &Cli, users: u64, epoch_ms: u64) -> Result<(TokenSource, String)> {
+pub(crate) fn credentials(
+    cli: &CommonArgs,
+    users: u64,
+    epoch_ms: u64,
+) -> Result<(TokenSource, String)> {
     match (&cli.token_file, &cli.secret) {
         (Some(path), _) => {
             let source = TokenSource::from_file(path)?;
@@ -133,7 +121,7 @@ impl Spread {
     /// Plans `connections` connections, at most `per_target` of them to one target
     /// address (`target`), under the open-file limit `fd_limit`.
     pub fn plan(
-        cli: &Cli,
+        cli: &CommonArgs,
         connections: u64,
         per_target: u64,
         target: IpAddr,
@@ -222,4 +210,17 @@ pub(crate) fn min_some(a: Option<u64>, b: Option<u64>) -> Option<u64> {
         (Some(x), Some(y)) => Some(x.min(y)),
         (x, y) => x.or(y),
     }
+}
+
+/// A scenario's plan from a command line (without the program name), for tests: an
+/// error is clap's or the plan's, whichever rejected it.
+#[cfg(test)]
+pub(crate) fn plan_from_args<T>(
+    args: &[&str],
+    from_cli: fn(&crate::cli::Cli, u64) -> Result<T>,
+) -> Result<T> {
+    use clap::Parser;
+    let cli =
+        crate::cli::Cli::try_parse_from(std::iter::once("loadtest").chain(args.iter().copied()))?;
+    from_cli(&cli, 20_000)
 }

@@ -35,7 +35,11 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::chat::{self, ChatProgress, ChatTallies, LlmTiming, Pacing};
-use crate::cli::{Cli, PublishVia, ScenarioName};
+use crate::cli::{
+    ChatFlags, Cli, CommonArgs, DEFAULT_CHANNELS, DEFAULT_DRAIN_SECS, DEFAULT_NAMESPACE,
+    DEFAULT_PAYLOAD_BYTES, DEFAULT_PUBLISHERS, MAX_DURATION_SECS, PublishFlags, PublishVia,
+    Scenario, ScenarioName,
+};
 use crate::client::{self, Failure, Stage};
 use crate::clock::{Clock, unix_ms};
 use crate::payload::{self, Frame};
@@ -43,8 +47,7 @@ use crate::probe::{self, CpuSeconds, CpuUse, GatewaySample, Probe, ProcessCpu};
 use crate::progress::{self, ProgressLine};
 use crate::publish::{self, Live, PublishTallies, Route, Schedule};
 use crate::scenario::{
-    self, Spread, check_common, credentials, dispatch, layout_warnings, min_some, progress_ticker,
-    slot_ticker,
+    self, Spread, credentials, dispatch, layout_warnings, min_some, progress_ticker, slot_ticker,
 };
 use crate::source::SourcePlan;
 use crate::spawn::{self, Control, Event, WorkerLink, WorkerMsg, Workers};
@@ -57,21 +60,6 @@ use crate::target::Target;
 use crate::threshold::{self, Threshold};
 use crate::tokens::TokenSource;
 
-/// Largest publication rate accepted: far beyond a loopback gateway; a larger value is
-/// a typo, and the bound keeps the schedule arithmetic finite.
-const MAX_RATE: f64 = 1_000_000.0;
-/// Longest window and drain accepted (one day); also the window of a `chat` run
-/// bounded by `--messages` alone.
-const MAX_DURATION_SECS: u64 = 86_400;
-/// Largest payload: the gateway's default frame limit is 64 KiB, and the `message`
-/// frame wraps the payload in about 100 bytes more.
-const MAX_PAYLOAD_BYTES: usize = 60 * 1024;
-/// Largest chat message: the gateway's limit is 50,000 characters.
-const MAX_MESSAGE_BYTES: usize = 50_000;
-/// Most publisher connections.
-const MAX_PUBLISHERS: u32 = 1024;
-/// Largest churn rate accepted: beyond any gateway's connect rate on one machine.
-const MAX_CHURN_RATE: f64 = 100_000.0;
 /// Capacity of the queue from connection tasks to their worker's bookkeeping.
 const OUTCOME_QUEUE: usize = 4096;
 /// Latency and chat statistics per worker are split over this many locks (a
@@ -139,19 +127,74 @@ pub struct Plan {
     pub epoch_ms: u64,
 }
 
-/// Checks a rate-like flag: finite, within `0..=max` (or above 0 when `positive`).
-fn check_rate(flag: &str, value: f64, positive: bool, max: f64) -> Result<f64> {
-    let ok = value.is_finite() && value <= max && if positive { value > 0.0 } else { value >= 0.0 };
-    if !ok {
-        let low = if positive { "above 0" } else { "at least 0" };
-        bail!("{flag} must be {low} and at most {max}");
+/// The flags of one population scenario, gathered: which groups it has and the
+/// defaults of what it lacks.
+struct Flags<'a> {
+    common: &'a CommonArgs,
+    subscribers: u64,
+    chat_users: u64,
+    duration_secs: u64,
+    publish: Option<&'a PublishFlags>,
+    chat: Option<&'a ChatFlags>,
+    churn_rate: f64,
+    fail_on: &'a [String],
+    warmup: Option<u64>,
+}
+
+impl<'a> Flags<'a> {
+    fn of(scenario: &'a Scenario) -> Result<Flags<'a>> {
+        let none = Flags {
+            common: scenario.common(),
+            subscribers: 0,
+            chat_users: 0,
+            duration_secs: crate::cli::DEFAULT_DURATION_SECS,
+            publish: None,
+            chat: None,
+            churn_rate: 0.0,
+            fail_on: &[],
+            warmup: None,
+        };
+        Ok(match scenario {
+            Scenario::Connect(_) => bail!("connect is not a population scenario"),
+            Scenario::Broadcast(a) => Flags {
+                subscribers: a.subscribers,
+                duration_secs: a.duration,
+                publish: Some(&a.publish),
+                ..none
+            },
+            Scenario::Chat(a) => Flags {
+                chat_users: a.common.users.unwrap_or(crate::cli::DEFAULT_CHAT_USERS),
+                // `--messages` alone: the window lasts until every user sent them.
+                duration_secs: match (a.duration, a.chat.messages) {
+                    (Some(d), _) => d,
+                    (None, Some(_)) => MAX_DURATION_SECS,
+                    (None, None) => crate::cli::DEFAULT_DURATION_SECS,
+                },
+                chat: Some(&a.chat),
+                ..none
+            },
+            Scenario::Soak(a) => Flags {
+                subscribers: a.connections,
+                chat_users: a.chat_users,
+                duration_secs: a.duration,
+                publish: Some(&a.publish),
+                chat: Some(&a.chat),
+                churn_rate: a.churn_rate,
+                fail_on: &a.fail_on,
+                warmup: a.warmup,
+                ..none
+            },
+        })
     }
-    Ok(value)
 }
 
 impl Plan {
+    /// The plan of `broadcast`, `chat` or `soak`: clap checked each flag's own range;
+    /// what is left are the rules between flags.
     pub fn from_cli(cli: &Cli, fd_limit: u64) -> Result<Plan> {
-        let targets = cli
+        let f = Flags::of(&cli.scenario)?;
+        let common = f.common;
+        let targets = common
             .url
             .iter()
             .map(|u| Target::parse(u))
@@ -159,106 +202,45 @@ impl Plan {
         if targets.is_empty() {
             bail!("give at least one --url");
         }
-        let scenario = cli.scenario;
-        let (subscribers, chat_users) = match scenario {
-            ScenarioName::Broadcast => (cli.subscribers, 0),
-            ScenarioName::Chat => (0, cli.users.unwrap_or(crate::cli::DEFAULT_CHAT_USERS)),
-            _ => (
-                cli.connections,
-                cli.chat_users
-                    .unwrap_or(crate::cli::DEFAULT_SOAK_CHAT_USERS),
-            ),
-        };
-        match scenario {
-            ScenarioName::Broadcast if subscribers == 0 => {
-                bail!("--subscribers must be at least 1")
-            }
-            ScenarioName::Chat if chat_users == 0 => bail!("--users must be at least 1"),
-            ScenarioName::Soak if subscribers == 0 => bail!("--connections must be at least 1"),
-            _ => {}
+        let scenario = cli.scenario.name();
+        let subscribers = f.subscribers;
+        let channels = f.publish.map_or(DEFAULT_CHANNELS, |p| p.channels);
+        if subscribers > 0 && channels > subscribers {
+            bail!("--channels must be between 1 and the number of subscribers ({subscribers})");
         }
-        let channels = if subscribers == 0 { 1 } else { cli.channels };
-        if channels == 0 || channels > subscribers.max(1) {
-            bail!(
-                "--channels must be between 1 and the number of subscribers ({})",
-                subscribers
-            );
-        }
-        shared::protocol::Channel::parse(&format!("{}:0", cli.namespace)).map_err(|e| {
-            anyhow::anyhow!(
-                "--namespace {:?} is not a channel namespace: {e}",
-                cli.namespace
-            )
+        let namespace = f.publish.map_or(DEFAULT_NAMESPACE, |p| &p.namespace);
+        shared::protocol::Channel::parse(&format!("{namespace}:0")).map_err(|e| {
+            anyhow::anyhow!("--namespace {namespace:?} is not a channel namespace: {e}")
         })?;
-        let rate = match scenario {
-            ScenarioName::Chat => {
-                if cli.rate.is_some() {
-                    bail!("chat publishes nothing: use --chat-rate for streams per second");
-                }
-                0.0
+        let rate = f.publish.map_or(0.0, |p| p.rate);
+        let duration_secs = f.duration_secs;
+        let warmup = match f.warmup {
+            Some(w) if w >= duration_secs => {
+                bail!("--warmup must be shorter than --duration ({duration_secs} s)")
             }
-            _ => check_rate(
-                "--rate (publications per second)",
-                cli.rate.unwrap_or(crate::cli::DEFAULT_PUBLISH_RATE),
-                true,
-                MAX_RATE,
-            )?,
-        };
-        let duration_secs = match (cli.duration, scenario, cli.messages) {
-            (Some(d), _, _) => d,
-            // `--messages` alone: the window lasts until every user sent them.
-            (None, ScenarioName::Chat, Some(_)) => MAX_DURATION_SECS,
-            (None, ScenarioName::Soak, _) => crate::cli::DEFAULT_SOAK_DURATION_SECS,
-            (None, _, _) => crate::cli::DEFAULT_DURATION_SECS,
-        };
-        if duration_secs == 0 || duration_secs > MAX_DURATION_SECS {
-            bail!("--duration must be between 1 and {MAX_DURATION_SECS} s");
-        }
-        if cli.drain > MAX_DURATION_SECS {
-            bail!("--drain must be at most {MAX_DURATION_SECS} s");
-        }
-        if cli.payload_bytes > MAX_PAYLOAD_BYTES {
-            bail!(
-                "--payload-bytes must be at most {MAX_PAYLOAD_BYTES} (the gateway's frame limit is 64 KiB)"
-            );
-        }
-        if cli.publishers == 0 || cli.publishers > MAX_PUBLISHERS {
-            bail!("--publishers must be between 1 and {MAX_PUBLISHERS}");
-        }
-        check_common(cli)?;
-        let churn_rate = match scenario {
-            ScenarioName::Soak => check_rate(
-                "--churn-rate",
-                cli.churn_rate.unwrap_or(crate::cli::DEFAULT_CHURN_RATE),
-                false,
-                MAX_CHURN_RATE,
-            )?,
-            _ if cli.churn_rate.is_some() => bail!("--churn-rate belongs to the soak scenario"),
-            _ => 0.0,
-        };
-        let (fail_on, warmup) = match scenario {
-            ScenarioName::Soak => {
-                let warmup = match cli.warmup {
-                    Some(w) if w >= duration_secs => {
-                        bail!("--warmup must be shorter than --duration ({duration_secs} s)")
-                    }
-                    Some(w) => Duration::from_secs(w),
-                    None => Duration::from_secs(duration_secs / 5).min(MAX_DEFAULT_WARMUP),
-                };
-                (threshold::parse_all(&cli.fail_on)?, warmup)
+            Some(w) => Duration::from_secs(w),
+            None if scenario == ScenarioName::Soak => {
+                Duration::from_secs(duration_secs / 5).min(MAX_DEFAULT_WARMUP)
             }
-            _ if !cli.fail_on.is_empty() || cli.warmup.is_some() => {
-                bail!("--fail-on and --warmup belong to the soak scenario")
-            }
-            _ => (Vec::new(), Duration::ZERO),
+            None => Duration::ZERO,
         };
-        let api_urls = cli
-            .api_url
+        let fail_on = match scenario {
+            ScenarioName::Soak => threshold::parse_all(f.fail_on)?,
+            _ => Vec::new(),
+        };
+        let via = f.publish.map_or(PublishVia::Api, |p| p.publish_via);
+        let publishers = f.publish.map_or(DEFAULT_PUBLISHERS, |p| p.publishers);
+        let api_urls = f
+            .publish
+            .map_or(&[][..], |p| &p.api_url)
             .iter()
             .map(|u| publish::publish_url(u))
             .collect::<Result<Vec<_>>>()?;
-        let api_key = cli.api_key.clone().filter(|k| !k.is_empty());
-        if rate > 0.0 && cli.publish_via == PublishVia::Api {
+        let api_key = f
+            .publish
+            .and_then(|p| p.api_key.clone())
+            .filter(|k| !k.is_empty());
+        if rate > 0.0 && via == PublishVia::Api {
             if api_urls.is_empty() {
                 bail!(
                     "--publish-via api needs --api-url (the gateway's public HTTP address, \
@@ -271,49 +253,56 @@ impl Plan {
                 );
             }
         }
-        let chat = match chat_users {
-            0 => None,
-            users => Some(ChatPlan {
-                settings: chat_settings(cli, subscribers, users)?,
+        let chat = match (f.chat, f.chat_users) {
+            (Some(flags), users) if users > 0 => Some(ChatPlan {
+                settings: chat_settings(flags, common, subscribers, users),
             }),
+            _ => None,
         };
-        let epoch_ms = cli.epoch_ms.unwrap_or_else(unix_ms);
+        let chat_users = f.chat_users;
+        let epoch_ms = common.epoch_ms.unwrap_or_else(unix_ms);
         let connections = subscribers + chat_users;
-        let publisher_tokens = match (rate > 0.0, cli.publish_via) {
-            (true, PublishVia::Client) => u64::from(cli.publishers),
+        let publisher_tokens = match (rate > 0.0, via) {
+            (true, PublishVia::Client) => u64::from(publishers),
             _ => 0,
         };
         // `chat`: `--users` is the number of chat users, each its own user.
         let users = match scenario {
             ScenarioName::Chat => connections,
-            _ => cli.users.unwrap_or(connections + publisher_tokens),
+            _ => common.users.unwrap_or(connections + publisher_tokens),
         };
-        let (tokens, tokens_described) = credentials(cli, users, epoch_ms)?;
+        let (tokens, tokens_described) = credentials(common, users, epoch_ms)?;
         // Every URL gets its share of the connections; plan ports for the busiest one.
         let per_target = connections.div_ceil(targets.len() as u64);
         let Spread {
             sources,
             ports,
             processes,
-        } = Spread::plan(cli, connections, per_target, targets[0].addr.ip(), fd_limit)?;
+        } = Spread::plan(
+            common,
+            connections,
+            per_target,
+            targets[0].addr.ip(),
+            fd_limit,
+        )?;
         Ok(Plan {
             scenario,
-            urls: cli.url.clone(),
+            urls: common.url.clone(),
             targets,
             api_urls,
             api_key,
-            via: cli.publish_via,
+            via,
             subscribers,
             channels,
-            namespace: cli.namespace.clone(),
+            namespace: namespace.to_owned(),
             rate,
             duration: Duration::from_secs(duration_secs),
-            payload_bytes: cli.payload_bytes,
-            publishers: cli.publishers,
-            concurrency: cli.concurrency,
-            timeout: Duration::from_secs(cli.timeout),
-            drain: Duration::from_secs(cli.drain),
-            churn_rate,
+            payload_bytes: f.publish.map_or(DEFAULT_PAYLOAD_BYTES, |p| p.payload_bytes),
+            publishers,
+            concurrency: common.concurrency,
+            timeout: Duration::from_secs(common.timeout),
+            drain: Duration::from_secs(f.publish.map_or(DEFAULT_DRAIN_SECS, |p| p.drain)),
+            churn_rate: f.churn_rate,
             chat,
             fail_on,
             warmup,
@@ -323,7 +312,7 @@ impl Plan {
             processes,
             fd_limit,
             ports,
-            allow_failures_pct: cli.allow_failures,
+            allow_failures_pct: common.allow_failures,
             epoch_ms,
         })
     }
@@ -447,31 +436,26 @@ impl Plan {
     }
 }
 
-/// The chat users' behaviour from the flags.
-fn chat_settings(cli: &Cli, first_index: u64, users: u64) -> Result<chat::Settings> {
-    let llm = match (cli.llm_first_token_ms, cli.llm_stream_ms) {
-        (Some(first_token_ms), stream) => Some(LlmTiming {
-            first_token_ms,
-            stream_ms: stream.unwrap_or(0),
-        }),
-        (None, Some(_)) => bail!("--llm-stream-ms needs --llm-first-token-ms"),
-        (None, None) => None,
+/// The chat users' settings; clap checked each flag (and that --think-ms and
+/// --chat-rate exclude one another).
+fn chat_settings(
+    flags: &ChatFlags,
+    common: &CommonArgs,
+    first_index: u64,
+    users: u64,
+) -> chat::Settings {
+    let llm = flags.llm_first_token_ms.map(|first_token_ms| LlmTiming {
+        first_token_ms,
+        stream_ms: flags.llm_stream_ms.unwrap_or(0),
+    });
+    let pacing = match flags.chat_rate {
+        Some(r) => Pacing::Rate(r),
+        None => Pacing::Think(Duration::from_millis(
+            flags.think_ms.unwrap_or(crate::cli::DEFAULT_THINK_MS),
+        )),
     };
-    let think = Duration::from_millis(cli.think_ms.unwrap_or(crate::cli::DEFAULT_THINK_MS));
-    let pacing = match cli.chat_rate {
-        Some(r) => {
-            if cli.think_ms.is_some() {
-                bail!("give --think-ms or --chat-rate, not both");
-            }
-            Pacing::Rate(check_rate("--chat-rate", r, true, MAX_RATE)?)
-        }
-        None => Pacing::Think(think),
-    };
-    let ramp = match cli.ramp {
-        Some(r) if r.is_finite() && (0.0..=MAX_DURATION_SECS as f64).contains(&r) => {
-            Duration::from_secs_f64(r)
-        }
-        Some(_) => bail!("--ramp must be between 0 and {MAX_DURATION_SECS} s"),
+    let ramp = match flags.ramp {
+        Some(r) => Duration::from_secs_f64(r),
         None => {
             llm.map_or(DEFAULT_RAMP, |l| Duration::from_millis(l.expected_ms()))
                 + match pacing {
@@ -480,22 +464,16 @@ fn chat_settings(cli: &Cli, first_index: u64, users: u64) -> Result<chat::Settin
                 }
         }
     };
-    if cli.messages == Some(0) {
-        bail!("--messages must be at least 1");
-    }
-    if cli.message_bytes == 0 || cli.message_bytes > MAX_MESSAGE_BYTES {
-        bail!("--message-bytes must be between 1 and {MAX_MESSAGE_BYTES}");
-    }
-    Ok(chat::Settings {
+    chat::Settings {
         pacing,
         users,
         first_index,
         ramp,
-        messages: cli.messages,
-        message_bytes: cli.message_bytes,
-        timeout: Duration::from_secs(cli.timeout),
+        messages: flags.messages,
+        message_bytes: flags.message_bytes,
+        timeout: Duration::from_secs(common.timeout),
         llm,
-    })
+    }
 }
 
 // === what workers report ===
@@ -1842,7 +1820,7 @@ pub(crate) fn test_plan(scenario: &str, base: &[&str], extra: &[&str]) -> Plan {
 #[cfg(test)]
 fn test_cli(scenario: &str, extra: &[&str]) -> Cli {
     use clap::Parser;
-    let mut args = vec!["loadtest", "--scenario", scenario];
+    let mut args = vec!["loadtest", scenario];
     args.extend_from_slice(&["--secret", "0123456789abcdef0123456789abcdef"]);
     if scenario != "chat" {
         args.extend_from_slice(&["--api-url", "http://127.0.0.1:8080"]);
@@ -1863,8 +1841,14 @@ mod tests {
         test_cli("broadcast", extra)
     }
 
+    /// `scenario`'s plan with a minting secret and `extra`, or why not.
+    fn try_plan(scenario: &str, extra: &[&str]) -> Result<Plan> {
+        let args = [&[scenario, "--secret", SECRET][..], extra].concat();
+        scenario::plan_from_args(&args, Plan::from_cli)
+    }
+
     fn cli_of(scenario: &str, extra: &[&str]) -> Cli {
-        let mut args = vec!["loadtest", "--scenario", scenario, "--secret", SECRET];
+        let mut args = vec!["loadtest", scenario, "--secret", SECRET];
         args.extend_from_slice(extra);
         Cli::try_parse_from(args).unwrap()
     }
@@ -1903,7 +1887,7 @@ mod tests {
             &["--subscribers", "2", "--processes", "3"],
             &["--churn-rate", "5"],
         ] {
-            assert!(Plan::from_cli(&cli(bad), 20_000).is_err(), "{bad:?}");
+            assert!(try_plan("broadcast", bad).is_err(), "{bad:?}");
         }
         // The API route needs its URL and key; the client route does not.
         let no_api = cli_of("broadcast", &[]);
@@ -1982,10 +1966,7 @@ mod tests {
             &["--llm-stream-ms", "100"],
             &["--ramp=-1"],
         ] {
-            assert!(
-                Plan::from_cli(&cli_of("chat", bad), 20_000).is_err(),
-                "{bad:?}"
-            );
+            assert!(try_plan("chat", bad).is_err(), "{bad:?}");
         }
     }
 
@@ -2024,8 +2005,8 @@ mod tests {
             "{}",
             plan.describe()
         );
-        assert!(Plan::from_cli(&cli_of("soak", &["--connections", "0"]), 20_000).is_err());
-        assert!(Plan::from_cli(&cli_of("soak", &["--churn-rate=-1"]), 20_000).is_err());
+        assert!(try_plan("soak", &["--connections", "0"]).is_err());
+        assert!(try_plan("soak", &["--churn-rate=-1"]).is_err());
     }
 
     #[test]
