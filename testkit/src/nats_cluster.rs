@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use serde_json::Value;
 
-use crate::{NotReady, START_ATTEMPTS, find_binary, free_port, http_get_ok, wait_until};
+use crate::process::{NotReady, START_ATTEMPTS, find_binary, free_port, http_get_ok, wait_until};
 
 /// Nodes in the cluster: the smallest that keeps a JetStream quorum with one down.
 pub const CLUSTER_SIZE: usize = 3;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{Redis, find_binary};
+use crate::process::find_binary;
+use crate::redis_server::Redis;
 
 /// How long a primary may be unreachable before its replica is promoted: short, so
 /// failover tests take seconds (production runs 5-15 s).

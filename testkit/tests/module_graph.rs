@@ -22,9 +22,8 @@
 //! child; only code that names the child's items depends on it).
 //!
 //! A cycle fails the test, naming each module on it and the line that makes each
-//! edge. [`TEMPORARY_SKIPS`] lists the cycles that existed when the check arrived in
-//! crates another change is restructuring; it must end up empty, and an entry that
-//! no longer matches a cycle fails too, so it cannot go stale.
+//! edge. There is no allow-list: a cycle is fixed by moving the item that closes it
+//! to where both sides can depend on it.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
@@ -32,57 +31,6 @@ use std::path::{Path, PathBuf};
 
 use proc_macro2::{TokenStream, TokenTree};
 use syn::visit::Visit;
-
-/// Cycles tolerated for now, as (crate directory, the strongly connected component's
-/// modules, sorted). This list MUST BE EMPTY: remove entries, never add. An entry
-/// that matches no cycle any more fails the test, so each goes with its fix.
-const TEMPORARY_SKIPS: &[(&str, &[&str])] = &[
-    // loadtest, faults and testkit: their sources are being restructured in a
-    // parallel change, which is to break these.
-    ("loadtest", &["stats", "stats::series"]),
-    (
-        "loadtest",
-        &[
-            "progress",
-            "report",
-            "report::connect",
-            "report::svg",
-            "scenario",
-            "scenario::connect",
-        ],
-    ),
-    (
-        "loadtest",
-        &[
-            "report::broadcast",
-            "report::chat",
-            "report::soak",
-            "scenario::population",
-        ],
-    ),
-    (
-        "faults",
-        &[
-            "scenario",
-            "scenario::gateway_kill",
-            "scenario::nats_node_kill",
-            "scenario::nats_restart",
-            "scenario::redis_failover",
-            "scenario::redis_restart",
-            "scenario::rolling_restart",
-            "scenario::slow_client",
-            "scenario::soak",
-            "scenario::upstream",
-            "scenario::worker_kill",
-        ],
-    ),
-    ("testkit", &["crate", "nats_cluster", "redis_cluster"]),
-    // worker: `Worker` holds the cancel registry and the context caches while the
-    // loops beside them (`cancel::listen`, `context::serve`) take the `Worker`. The
-    // fix: the registry and caches into modules of their own, as `refresher.rs` and
-    // `recent_finals.rs` did for the gateway's node. Not done yet.
-    ("worker", &["cancel", "context", "state"]),
-];
 
 #[test]
 fn every_workspace_crate_has_an_acyclic_module_graph() {
@@ -96,7 +44,6 @@ fn every_workspace_crate_has_an_acyclic_module_graph() {
         root.display()
     );
     let mut report = Vec::new();
-    let mut skipped = BTreeSet::new();
     let mut roots_seen = 0;
     for member in &members {
         let dir = root.join(member);
@@ -105,28 +52,11 @@ fn every_workspace_crate_has_an_acyclic_module_graph() {
             let graph = Graph::load(&crate_root, &|p| std::fs::read_to_string(p).ok())
                 .unwrap_or_else(|e| panic!("{e}"));
             for cycle in graph.cycles() {
-                let key = (member.as_str(), cycle.sorted_members());
-                let skip = TEMPORARY_SKIPS
-                    .iter()
-                    .position(|(c, m)| *c == key.0 && *m == key.1.as_slice());
-                match skip {
-                    Some(i) => {
-                        eprintln!("TEMPORARY SKIP (must be removed): {member}: {cycle}");
-                        skipped.insert(i);
-                    }
-                    None => report.push(format!("{member}: {cycle}")),
-                }
+                report.push(format!("{member}: {cycle}"));
             }
         }
     }
     assert!(roots_seen >= members.len(), "a member without crate roots");
-    for (i, (krate, modules)) in TEMPORARY_SKIPS.iter().enumerate() {
-        if !skipped.contains(&i) {
-            report.push(format!(
-                "{krate}: TEMPORARY_SKIPS entry {modules:?} matches no cycle any more: remove it"
-            ));
-        }
-    }
     assert!(
         report.is_empty(),
         "module cycles (see the //! header of testkit/tests/module_graph.rs for the rule):\n\n{}",

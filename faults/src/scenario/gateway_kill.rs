@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Result, anyhow};
 
-use super::{Ctx, QUIESCE, check_chats, check_reconnects, pick, wait_mid_stream};
+use super::ctx::{Ctx, QUIESCE, check_chats, check_reconnects, pick, wait_mid_stream};
 use crate::fleet::wait_for;
 use crate::report::ScenarioReport;
 

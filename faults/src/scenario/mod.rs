@@ -2,6 +2,7 @@
 //! plan, a fresh fleet per scenario (so one scenario's damage never leaks into the
 //! next one's numbers) and the repair of the cluster afterwards.
 
+mod ctx;
 mod gateway_kill;
 mod nats_node_kill;
 mod nats_restart;
@@ -13,78 +14,12 @@ mod soak;
 mod upstream;
 mod worker_kill;
 
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
-use anyhow::{Result, bail};
-
-use crate::client::Env;
-use crate::cluster::{Cluster, RedisMode};
-use crate::fleet::{ChatRun, Fleet};
-use crate::plan::Plan;
+use crate::cluster::RedisMode;
 use crate::report::ScenarioReport;
-use crate::stats::Summary;
 
-/// After traffic stops, deliveries in flight settle within this.
-pub const QUIESCE: Duration = Duration::from_millis(1500);
-/// A streaming reply shows its first chunk within this (first token 200 ms).
-pub const FIRST_CHUNK: Duration = Duration::from_secs(10);
-
-pub struct Ctx {
-    pub cluster: Cluster,
-    pub plan: Plan,
-    pub env: Arc<Env>,
-    /// Distinguishes this run's users, channels and sessions from any other's.
-    pub run_id: String,
-}
-
-impl Ctx {
-    /// A fresh fleet of the plan's size, connected and subscribed.
-    pub async fn fleet(&self, short: &str) -> Result<Fleet> {
-        Fleet::start(
-            self.env.clone(),
-            &format!("{short}{}", self.run_id),
-            self.plan.users,
-            self.plan.channels,
-        )
-        .await
-    }
-
-    /// Brings every component back (anything a scenario left dead or faulty) and
-    /// waits until the whole cluster is ready and routed again.
-    pub async fn heal(&mut self) -> Result<()> {
-        let c = &mut self.cluster;
-        if c.nats_down() {
-            c.start_nats_again().await?;
-        }
-        c.heal_redis().await?;
-        if !c.backend.alive() {
-            c.start_backend_again().await?;
-        }
-        if !c.llm.alive() || c.llm.spec.args.iter().any(|a| a.starts_with("--p-")) {
-            c.restart_llm(&[]).await?;
-        }
-        for i in 0..c.gateways.len() {
-            if !c.gateways[i].proc.alive() {
-                c.gateways[i].proc.restart()?;
-            }
-        }
-        for i in 0..c.workers.len() {
-            if !c.workers[i].proc.alive() {
-                c.workers[i].proc.restart()?;
-            }
-        }
-        let limit = crate::cluster::START_LIMIT;
-        for i in 0..c.gateways.len() {
-            c.wait_ready(c.gateways[i].admin, true, limit).await?;
-            c.wait_lb_up(i, limit).await?;
-        }
-        for i in 0..c.workers.len() {
-            c.wait_ready(c.workers[i].admin, true, limit).await?;
-        }
-        Ok(())
-    }
-}
+pub use ctx::{Ctx, FIRST_CHUNK, QUIESCE};
 
 /// NATS servers the scenario needs: a three-node JetStream cluster to kill one
 /// node of, else one server (what the other scenarios stop and start whole).
@@ -135,120 +70,4 @@ pub async fn run(ctx: &mut Ctx, name: &str) -> ScenarioReport {
         r.finish();
     }
     r
-}
-
-/// Waits until every acked chat of `run` has shown at least one chunk: the streams
-/// are in flight when the fault hits.
-pub async fn wait_mid_stream(fleet: &Fleet, run: &ChatRun) -> Result<()> {
-    let ok = crate::fleet::wait_for(FIRST_CHUNK, || {
-        run.sessions.iter().all(|(i, s)| {
-            let st = fleet.users[*i].state();
-            st.chats
-                .get(s)
-                .and_then(|c| c.latest())
-                .is_none_or(|(_, st)| !st.chunks.is_empty() || st.resolved())
-        })
-    })
-    .await;
-    if ok.is_none() {
-        bail!("chat streams did not start within {FIRST_CHUNK:?}");
-    }
-    if run.acked() == 0 {
-        bail!(
-            "no chat request was acked: {:?}",
-            run.answers.values().take(3).collect::<Vec<_>>()
-        );
-    }
-    Ok(())
-}
-
-/// Picks `n` users: first from `prefer`, then the others; skips `avoid`.
-pub fn pick(total: usize, prefer: &[usize], avoid: &[usize], n: usize) -> Vec<usize> {
-    let mut out: Vec<usize> = prefer
-        .iter()
-        .copied()
-        .filter(|i| !avoid.contains(i))
-        .take(n)
-        .collect();
-    for i in 0..total {
-        if out.len() >= n {
-            break;
-        }
-        if !out.contains(&i) && !avoid.contains(&i) {
-            out.push(i);
-        }
-    }
-    out
-}
-
-/// The chat and history checks every scenario with streams makes.
-pub async fn check_chats(r: &mut ScenarioReport, fleet: &Fleet, run: &ChatRun, what: &str) {
-    check_chats_with(r, fleet, run, what, false).await
-}
-
-/// As [`check_chats`]; with `sessions_may_vanish` (Redis restarted empty, as run
-/// here without persistence) a session that no longer exists is measured, not
-/// failed, but a reply recorded twice or differently still fails.
-pub async fn check_chats_with(
-    r: &mut ScenarioReport,
-    fleet: &Fleet,
-    run: &ChatRun,
-    what: &str,
-    sessions_may_vanish: bool,
-) {
-    let t = fleet.chat_tally(run);
-    let h = fleet.verify_history(run).await;
-    r.measure(&format!("{what}_chat"), &t);
-    r.measure(&format!("{what}_history"), &h);
-    r.check(
-        &format!("{what}: acked chats resolved at the client (live or history)"),
-        format!("{} of {}", t.acked, t.acked),
-        format!(
-            "{} of {} (live {}, history after reconnect {}, after stall {}, errors {})",
-            t.acked - t.unresolved,
-            t.acked,
-            t.live,
-            t.filled_reconnect,
-            t.filled_stall,
-            t.errors
-        ),
-        t.unresolved == 0 && t.acked > 0,
-    );
-    r.check_zero(
-        &format!("{what}: chat.error that is not retryable"),
-        t.fatal_errors,
-    );
-    let text = format!(
-        "{} once, {} missing, {} duplicated, {} different, {} unreadable, {} sessions gone",
-        h.exactly_once, h.missing, h.duplicated, h.mismatched, h.unreadable, h.session_not_found
-    );
-    if sessions_may_vanish {
-        r.check(
-            &format!(
-                "{what}: no reply recorded twice or differently (sessions may be gone with Redis)"
-            ),
-            "0 duplicated/different/missing in sessions that exist",
-            text,
-            h.bad() == h.session_not_found,
-        );
-    } else {
-        r.check(
-            &format!("{what}: replies recorded in history exactly once, same text"),
-            "all; 0 missing/duplicated/different",
-            text,
-            h.bad() == 0 && h.exactly_once > 0,
-        );
-    }
-}
-
-/// Reconnect-time checks for a set of clients that the fault disconnected.
-pub fn check_reconnects(r: &mut ScenarioReport, ms: &[f64], bound_ms: u64, what: &str) {
-    let s = Summary::of(ms);
-    r.measure(&format!("{what}_reconnect_ms"), s);
-    r.check_max(
-        &format!("{what}: reconnect time max"),
-        s.max,
-        bound_ms as f64,
-        " ms",
-    );
 }

@@ -16,8 +16,8 @@ use anyhow::{Result, anyhow};
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use super::ctx::{Ctx, QUIESCE, check_chats, wait_mid_stream};
 use super::nats_restart::ReadyLog;
-use super::{Ctx, QUIESCE, check_chats, wait_mid_stream};
 use crate::client::User;
 use crate::fleet::{Fleet, wait_for};
 use crate::report::ScenarioReport;

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::Result;
 use tokio_util::sync::CancellationToken;
 
-use super::{Ctx, QUIESCE, check_chats, wait_mid_stream};
+use super::ctx::{Ctx, QUIESCE, check_chats, wait_mid_stream};
 use crate::fleet::wait_for;
 use crate::report::ScenarioReport;
 

@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use super::{Ctx, QUIESCE, check_chats, wait_mid_stream};
+use super::ctx::{Ctx, QUIESCE, check_chats, wait_mid_stream};
 use crate::client::{Env, now_ms, probe_auth};
 use crate::cluster::{Cluster, RedisMode, key_slot, parse_primaries, redis_text};
 use crate::fleet::{REQUEST_TIMEOUT, src_ip};

@@ -11,7 +11,7 @@ use anyhow::Result;
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use super::{Ctx, QUIESCE, check_chats, check_chats_with, wait_mid_stream};
+use super::ctx::{Ctx, QUIESCE, check_chats, check_chats_with, wait_mid_stream};
 use crate::client::probe_auth;
 use crate::fleet::{REQUEST_TIMEOUT, src_ip};
 use crate::report::ScenarioReport;

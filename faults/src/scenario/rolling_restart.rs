@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use super::{Ctx, QUIESCE, check_chats, check_reconnects, pick, wait_mid_stream};
+use super::ctx::{Ctx, QUIESCE, check_chats, check_reconnects, pick, wait_mid_stream};
 use crate::fleet::ChatRun;
 use crate::report::ScenarioReport;
 use crate::stats::{Summary, peak_rate};

@@ -13,7 +13,7 @@ use anyhow::{Result, bail};
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::{Ctx, QUIESCE};
+use super::ctx::{Ctx, QUIESCE};
 use crate::client::{Profile, now_ms};
 use crate::fleet::{TrafficStats, src_ip, wait_for};
 use crate::report::ScenarioReport;

@@ -12,7 +12,7 @@ use anyhow::Result;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use super::{Ctx, QUIESCE, check_chats};
+use super::ctx::{Ctx, QUIESCE, check_chats};
 use crate::fleet::{ChatRun, REQUEST_TIMEOUT};
 use crate::process::rss_bytes;
 use crate::report::ScenarioReport;

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Result;
 
-use super::{Ctx, check_chats};
+use super::ctx::{Ctx, check_chats};
 use crate::client::probe_auth;
 use crate::fleet::{ChatRun, Fleet, REQUEST_TIMEOUT, src_ip, wait_for};
 use crate::report::ScenarioReport;

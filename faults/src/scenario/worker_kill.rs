@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use anyhow::Result;
 
-use super::{Ctx, check_chats, wait_mid_stream};
+use super::ctx::{Ctx, check_chats, wait_mid_stream};
 use crate::report::ScenarioReport;
 
 pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {

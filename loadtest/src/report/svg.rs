@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use super::escape;
+use super::format::{escape, thousands};
 
 /// Drawing size in SVG user units; the page scales it to its width.
 const WIDTH: f64 = 760.0;
@@ -68,7 +68,7 @@ fn tick_label(v: f64, step: f64) -> String {
         let rounded = v.round();
         if rounded.abs() >= 10_000.0 {
             let sign = if rounded < 0.0 { "-" } else { "" };
-            format!("{sign}{}", super::thousands(rounded.abs() as u64))
+            format!("{sign}{}", thousands(rounded.abs() as u64))
         } else {
             format!("{rounded:.0}")
         }

@@ -5,7 +5,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::Histogram;
+use super::histogram::Histogram;
 
 /// Slot width of every series: one second, the resolution of the progress line and
 /// of the report's plots.
