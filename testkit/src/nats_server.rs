@@ -8,8 +8,7 @@ use std::process::{Child, Command, Stdio};
 use anyhow::{Context, bail};
 
 use crate::process::{
-    NotReady, START_ATTEMPTS, START_TIMEOUT, find_binary, free_port, http_get_ok, signal,
-    wait_until,
+    self, NotReady, START_ATTEMPTS, START_TIMEOUT, find_binary, free_port, http_get_ok, wait_until,
 };
 
 /// A `nats-server -js` on a free port with its own store directory.
@@ -113,18 +112,12 @@ impl Nats {
 
     /// SIGKILL, like a crash.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        process::kill(&mut self.child);
     }
 
     /// Graceful stop (SIGTERM), keeping the JetStream store.
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, "TERM");
-            let _ = c.wait();
-        }
+        process::stop(&mut self.child);
     }
 
     /// Starts again on the same port with the same store.

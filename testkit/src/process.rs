@@ -51,11 +51,27 @@ pub(crate) fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
     bail!("{name} not found: install it (`apt-get install {name}`; scripts/test does this)")
 }
 
-pub(crate) fn signal(child: &Child, sig: &str) {
+fn signal(child: &Child, sig: &str) {
     let _ = Command::new("kill")
         .arg(format!("-{sig}"))
         .arg(child.id().to_string())
         .status();
+}
+
+/// SIGKILL, like a crash, and reap it; nothing when the server is not running.
+pub(crate) fn kill(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+}
+
+/// Graceful stop (SIGTERM), waiting for the exit; nothing when not running.
+pub(crate) fn stop(child: &mut Option<Child>) {
+    if let Some(mut c) = child.take() {
+        signal(&c, "TERM");
+        let _ = c.wait();
+    }
 }
 
 /// Ports are picked free but bound by the server a moment later; a parallel test can

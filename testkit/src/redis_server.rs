@@ -9,7 +9,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 
 use crate::process::{
-    NotReady, START_ATTEMPTS, START_TIMEOUT, find_binary, free_port, signal, wait_until,
+    self, NotReady, START_ATTEMPTS, START_TIMEOUT, find_binary, free_port, wait_until,
 };
 
 /// A `redis-server` on a free port, without persistence (as run here).
@@ -105,17 +105,11 @@ impl Redis {
     }
 
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        process::kill(&mut self.child);
     }
 
     pub fn stop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            signal(&c, "TERM");
-            let _ = c.wait();
-        }
+        process::stop(&mut self.child);
     }
 
     pub fn start_again(&mut self) -> anyhow::Result<()> {
