@@ -298,6 +298,9 @@ impl Cluster {
             _store: store,
         };
         c.wait_nats().await?;
+        for port in std::iter::once(c.nats_port).chain(c.nats_peers.iter().map(|p| p.port)) {
+            wait_port(port).await?;
+        }
         if mode == RedisMode::Cluster {
             c.form_redis_cluster().await?;
         }
@@ -357,8 +360,11 @@ impl Cluster {
                 admin: a,
             });
         }
-        for node in c.gateways.iter().chain(&c.workers) {
-            c.wait_started(node).await?;
+        for i in 0..c.gateways.len() + c.workers.len() {
+            if let Err(e) = c.wait_started(i).await {
+                // A CI run keeps no logs: the error carries what each piece reported.
+                bail!("{e}\n{}", c.processes_report());
+            }
         }
 
         let cfg = c.haproxy_config();
@@ -591,22 +597,53 @@ backend gateways
         }
     }
 
-    /// Waits for a freshly started node to report ready; when it does not, the error
-    /// carries what it reported and the end of its log, since a CI run keeps neither.
-    async fn wait_started(&self, node: &Node) -> Result<Duration> {
+    /// Waits for freshly started node `i` (gateways first, then workers) to report
+    /// ready; when it does not, the error carries what it reported and the end of
+    /// its log.
+    async fn wait_started(&self, i: usize) -> Result<Duration> {
+        let node = self
+            .gateways
+            .iter()
+            .chain(&self.workers)
+            .nth(i)
+            .context("no such node")?;
         match self.wait_ready(node.admin, true, START_LIMIT).await {
             Ok(d) => Ok(d),
             Err(e) => {
                 let readiness = self.readyz_json(node.admin).await;
-                let log = std::fs::read_to_string(node.proc.log_path()).unwrap_or_default();
-                let lines: Vec<&str> = log.lines().collect();
-                let tail = lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n");
                 bail!(
-                    "{e}: {} reported {readiness:?}; the end of its log:\n{tail}",
-                    node.id
+                    "{e}: {} reported {readiness:?}; the end of its log:\n{}",
+                    node.id,
+                    log_tail(&node.proc)
                 )
             }
         }
+    }
+
+    /// Every process of the cluster, running or with its exit status; for the
+    /// stores, which every node depends on, also the end of their logs.
+    fn processes_report(&mut self) -> String {
+        let mut out = String::from("processes:\n");
+        let stores = std::iter::once(&mut self.nats)
+            .chain(self.nats_peers.iter_mut().map(|p| &mut p.proc))
+            .chain(self.redis.iter_mut().map(|n| &mut n.proc));
+        for p in stores {
+            let state = p.state();
+            out.push_str(&format!(
+                "  {}: {state}; the end of its log:\n{}\n",
+                p.spec.name,
+                log_tail(p)
+            ));
+        }
+        let others = [&mut self.llm, &mut self.backend]
+            .into_iter()
+            .chain(self.gateways.iter_mut().map(|n| &mut n.proc))
+            .chain(self.workers.iter_mut().map(|n| &mut n.proc));
+        for p in others {
+            let state = p.state();
+            out.push_str(&format!("  {}: {state}\n", p.spec.name));
+        }
+        out
     }
 
     /// Sum of a Prometheus counter or gauge over all its series on an admin port.
@@ -1098,6 +1135,13 @@ async fn redis_ping(port: u16) -> bool {
         tokio::time::timeout(Duration::from_millis(500), attempt).await,
         Ok(Some(true))
     )
+}
+
+/// The last lines of a process's log.
+fn log_tail(p: &Proc) -> String {
+    let log = std::fs::read_to_string(p.log_path()).unwrap_or_default();
+    let lines: Vec<&str> = log.lines().collect();
+    lines[lines.len().saturating_sub(LOG_TAIL_LINES)..].join("\n")
 }
 
 /// Waits until something accepts on 127.0.0.1:`port`.

@@ -127,7 +127,19 @@ async fn start_ctx(
         n => log_dir(&logs.join(format!("nats-{n}-nodes")), mode),
     };
     tracing::info!(size = ?plan.size, nats_nodes, ?mode, logs = %logs.display(), "starting the cluster");
-    let cluster = Cluster::start(bins, &logs, settings, mode).await?;
+    // One more try on a fresh set of ports and processes: a start can lose a port
+    // picked for a server to another process before the server binds it. The first
+    // error is logged, with every process's state.
+    let cluster = match Cluster::start(bins, &logs, settings.clone(), mode).await {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                "the cluster did not start; trying once more"
+            );
+            Cluster::start(bins, &logs.join("second-start"), settings, mode).await?
+        }
+    };
     let env = Arc::new(Env {
         lb: cluster.lb_addr(),
         url: cluster.ws_url(),

@@ -117,6 +117,18 @@ impl Proc {
         }
     }
 
+    /// `running (pid N)`, or how it ended, for reports.
+    pub fn state(&mut self) -> String {
+        let Some(c) = self.child.as_mut() else {
+            return "stopped by the suite".to_owned();
+        };
+        match c.try_wait() {
+            Ok(None) => format!("running (pid {})", c.id().unwrap_or_default()),
+            Ok(Some(status)) => format!("exited: {status}"),
+            Err(e) => format!("unknown: {e}"),
+        }
+    }
+
     fn signal(&self, sig: Signal) -> Result<()> {
         let Some(pid) = self.pid() else {
             bail!("{} is not running", self.spec.name);
