@@ -284,8 +284,9 @@ pub struct FileAttachment {
     pub data: String,
 }
 
-/// Every frame a client may send; `type` selects the variant.
-#[derive(Debug, Clone, PartialEq, Deserialize)]
+/// Every frame a client may send; `type` selects the variant. Serialisable for
+/// clients written against this crate (`clients/rust`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type")]
 pub enum ClientFrame {
     #[serde(rename = "auth")]
@@ -297,10 +298,10 @@ pub enum ClientFrame {
     #[serde(rename = "subscribe")]
     Subscribe {
         channel: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         since: Option<u64>,
         /// The epoch `since` counts in, from the `subscribed` that started the count.
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         epoch: Option<String>,
     },
     #[serde(rename = "unsubscribe")]
@@ -310,9 +311,9 @@ pub enum ClientFrame {
     #[serde(rename = "chat.send")]
     ChatSend {
         message: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         session_id: Option<String>,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Vec::is_empty")]
         files: Vec<FileAttachment>,
     },
     #[serde(rename = "chat.cancel")]
@@ -320,7 +321,7 @@ pub enum ClientFrame {
     #[serde(rename = "history")]
     History {
         session_id: String,
-        #[serde(default)]
+        #[serde(default, skip_serializing_if = "Option::is_none")]
         limit: Option<u32>,
     },
     #[serde(rename = "presence")]

@@ -38,14 +38,12 @@ fn direct_store(deps: &Deps) -> (shared::store::SessionStore, shared::store::Cha
 
 /// `POST /v1/publish`: the status and the JSON body.
 async fn try_publish(gw: &Gw, channel: &str, data: &Value) -> (u16, Value) {
-    let r = api()
-        .post(gw.http("/v1/publish"))
-        .bearer_auth(API_KEY)
-        .json(&json!({"channel": channel, "data": data}))
-        .send()
-        .await
-        .unwrap();
-    (r.status().as_u16(), r.json::<Value>().await.unwrap())
+    api_post(
+        gw,
+        "/v1/publish",
+        &json!({"channel": channel, "data": data}),
+    )
+    .await
 }
 
 async fn http_publish(gw: &Gw, channel: &str, data: Value) -> u64 {

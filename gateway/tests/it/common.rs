@@ -283,6 +283,18 @@ pub async fn api_get(gw: &Gw, path: &str) -> Value {
         .unwrap()
 }
 
+/// POST on a gateway's API with the API key: the status and the JSON body.
+pub async fn api_post(gw: &Gw, path: &str, body: &Value) -> (u16, Value) {
+    let r = api()
+        .post(gw.http(path))
+        .bearer_auth(API_KEY)
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json::<Value>().await.unwrap())
+}
+
 pub async fn eventually<F, Fut>(what: &str, mut f: F)
 where
     F: FnMut() -> Fut,

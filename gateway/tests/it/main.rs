@@ -10,6 +10,7 @@ mod budget;
 mod capacity;
 mod channels;
 mod chat;
+mod client;
 mod cluster;
 mod connect;
 mod context;
