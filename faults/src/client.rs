@@ -1,54 +1,36 @@
-//! The protocol client: one simulated user that behaves like a well-written app
-//! (docs/PROTOCOL.md). It connects through the load balancer, reconnects by the
-//! close-code rules (1012 at once with jitter up to `retry_after_ms`, backoff for
-//! 1006/1011/1013/4xxx, never for 45xx), re-subscribes its channel with `since`,
-//! drops repeated chat chunks by (`request_id`, `seq`), fills chat replies it may
-//! have missed from `history` after a reconnect (and after a long silence), and
-//! records everything the suite asserts on: attempts, closes and their codes,
-//! reconnect times, `authenticated` (node, degraded), errors, channel offsets (gaps
-//! and duplicates), delivery latency and every chat stream.
+//! The protocol client of the suite: one simulated user that behaves like a
+//! well-written app, which is the Rust client (`clients/rust`): reconnects by the
+//! close-code rules, resumes its channel with `since`, passes chat replies once and
+//! fills missed ones from `history`. This module records what the suite asserts on
+//! from the client's events: attempts, closes and their codes, reconnect times,
+//! `authenticated` (node, degraded), errors, channel offsets (gaps, and the
+//! repeats the client dropped), delivery latency and every chat stream.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use shared::protocol::{CloseCode, ReconnectPolicy};
-use tokio::net::{TcpSocket, TcpStream};
-use tokio::sync::{mpsc, oneshot};
-use tokio_tungstenite::WebSocketStream;
-use tokio_tungstenite::tungstenite::Message;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::HeaderValue;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode as WsCloseCode;
+use switchboard_client::protocol::{ClientFrame, HistoryMessage, ServerFrame};
+use switchboard_client::{ChatEvent, ClientError, Delivery, Event, Events, Options, Status};
 use tokio_util::sync::CancellationToken;
 
 /// TCP connect, upgrade and `authenticated` together; a healthy cluster needs
 /// milliseconds, a cluster without Redis answers at once with UNAVAILABLE.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-/// How long a closing side waits for the peer's close frame.
-pub const CLOSE_WAIT: Duration = Duration::from_secs(2);
 /// Backoff of reconnects after an abnormal close or a refused attempt (doubling,
-/// jittered), as an app would: fast first retry, bounded so a long outage is not
-/// hammered.
-pub const BACKOFF_MIN: Duration = Duration::from_millis(100);
-pub const BACKOFF_MAX: Duration = Duration::from_secs(2);
-/// Jitter ceiling for a 1012 close without a `reconnect` frame before it.
-pub const DEFAULT_RECONNECT_JITTER_MS: u64 = 1000;
+/// jittered): shorter than an app's, so a scenario sees recovery within seconds.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// An acked chat with no event for this long is looked up in `history`: a client
 /// that stayed connected through a NATS restart may have missed `chat.complete`.
-pub const STALL_AFTER: Duration = Duration::from_secs(8);
-/// Commands queued for one connection at most.
-const COMMAND_QUEUE: usize = 64;
-/// The subprotocol every client offers.
-const SUBPROTOCOL: &str = shared::protocol::SUBPROTOCOL;
+const STALL_AFTER: Duration = Duration::from_secs(8);
+/// Longer than any scenario: a reply is never given up on by the client.
+const CHAT_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
 /// Latency samples kept per user between two scenario reads (bounded memory).
 const MAX_LATENCIES: usize = 200_000;
-
-pub type Ws = WebSocketStream<TcpStream>;
 
 /// What every client shares: where to connect and how to mint tokens.
 pub struct Env {
@@ -147,7 +129,6 @@ pub struct Stream {
     pub acked_at: Option<Instant>,
     /// Chunks of the latest delivery, by `seq` (repeats dropped).
     pub chunks: BTreeMap<u64, String>,
-    pub dup_chunks: u64,
     pub complete: Option<String>,
     pub completes: u32,
     pub complete_at: Option<Instant>,
@@ -196,10 +177,6 @@ impl Chat {
         let id = self.acked.last()?;
         Some((id, self.streams.get(id)?))
     }
-
-    fn unresolved(&self) -> bool {
-        self.latest().is_none_or(|(_, s)| !s.resolved())
-    }
 }
 
 /// Everything the suite reads about one user.
@@ -226,7 +203,12 @@ pub struct State {
     pub restarts: u64,
     pub received: u64,
     pub gaps: u64,
+    /// Offsets the client received again and dropped.
     pub dups: u64,
+    /// Chunks repeated within a delivery, and finals after the first, that the
+    /// client dropped.
+    pub dup_chunks: u64,
+    pub extra_completes: u64,
     /// Offsets a `subscribed {recovered: false}` after `since` skipped.
     pub unrecovered: u64,
     pub subscribes: Vec<SubRec>,
@@ -258,36 +240,29 @@ impl std::fmt::Display for ReqError {
     }
 }
 
-enum Cmd {
-    Request {
-        frame: Value,
-        reply: oneshot::Sender<Value>,
-    },
-    /// Stop reading the socket for this long (the slow client).
-    Pause(Duration),
-    /// Close with 1000, stay away this long, connect again (churn).
-    Churn(Duration),
-}
-
-/// A simulated user; its connection runs in its own task.
+/// A simulated user: the Rust client, and what it recorded.
 pub struct User {
     pub profile: Profile,
     state: Mutex<State>,
-    cmd: mpsc::Sender<Cmd>,
-    stop: CancellationToken,
+    client: switchboard_client::Client,
+    /// The channel subscription was answered once; the client resumes it itself.
+    subscribed: AtomicBool,
+    /// The next close is the user's own (churn).
+    away: AtomicBool,
 }
 
 impl User {
-    /// Starts the user's task: it connects and keeps connecting until `stop`.
+    /// Starts the user: it connects and keeps connecting until `stop`.
     pub fn spawn(profile: Profile, env: Arc<Env>, stop: CancellationToken) -> Arc<User> {
-        let (tx, rx) = mpsc::channel(COMMAND_QUEUE);
+        let (client, events) = switchboard_client::connect(options(&profile, &env));
         let user = Arc::new(User {
             profile,
             state: Mutex::new(State::default()),
-            cmd: tx,
-            stop,
+            client,
+            subscribed: AtomicBool::new(false),
+            away: AtomicBool::new(false),
         });
-        tokio::spawn(run(user.clone(), env, rx));
+        tokio::spawn(record(user.clone(), events, stop));
         user
     }
 
@@ -303,19 +278,30 @@ impl User {
         self.state().connected
     }
 
-    /// Sends a frame (an `id` is added) and waits for the frame that answers it.
+    /// Sends a frame and waits for the frame that answers it (an `error` frame is an
+    /// answer too).
     pub async fn request(&self, frame: Value, limit: Duration) -> Result<Value, ReqError> {
         if !self.connected() {
             return Err(ReqError::NotConnected);
         }
-        let (tx, rx) = oneshot::channel();
-        self.cmd
-            .try_send(Cmd::Request { frame, reply: tx })
-            .map_err(|_| ReqError::Busy)?;
-        match tokio::time::timeout(limit, rx).await {
-            Ok(Ok(v)) => Ok(v),
-            Ok(Err(_)) => Err(ReqError::Disconnected),
-            Err(_) => Err(ReqError::Timeout),
+        let frame: ClientFrame =
+            serde_json::from_value(frame).expect("the suite sends valid frames");
+        match tokio::time::timeout(limit, self.client.request(frame)).await {
+            Err(_) | Ok(Err(ClientError::Timeout(_))) => Err(ReqError::Timeout),
+            Ok(Ok(answer)) => Ok(serde_json::to_value(answer).unwrap_or(Value::Null)),
+            Ok(Err(ClientError::Server(body))) => {
+                self.state().errors.push(ErrorSeen {
+                    at: Instant::now(),
+                    code: body.code.as_str().to_owned(),
+                    id: Some("request".into()),
+                });
+                Ok(serde_json::to_value(ServerFrame::Error(body)).unwrap_or(Value::Null))
+            }
+            Ok(Err(ClientError::QueueFull(_))) => Err(ReqError::Busy),
+            Ok(Err(ClientError::Disconnected)) => Err(ReqError::Disconnected),
+            Ok(Err(ClientError::Stopped(_) | ClientError::Unexpected(_))) => {
+                Err(ReqError::NotConnected)
+            }
         }
     }
 
@@ -332,588 +318,88 @@ impl User {
             "session_id": session,
             "message": format!("Tell me something about the weather [m:{session}]"),
         });
-        self.request(frame, limit).await
+        let r = self.request(frame, limit).await;
+        if let Ok(v) = &r
+            && let Some(rid) = v["request_id"].as_str()
+        {
+            let now = Instant::now();
+            let mut st = self.state();
+            let chat = st
+                .chats
+                .entry(session.to_owned())
+                .or_insert_with(|| Chat::new(now));
+            chat.acked.push(rid.to_owned());
+            chat.last_event = now;
+            chat.streams.entry(rid.to_owned()).or_default().acked_at = Some(now);
+        }
+        r
     }
 
-    /// Stop reading for `d` (the socket fills up, as with a stuck app).
-    pub fn pause(&self, d: Duration) -> bool {
-        self.cmd.try_send(Cmd::Pause(d)).is_ok()
+    /// Stop reading for `d` (the socket fills up, as with a stuck app); zero resumes.
+    pub fn pause(self: &Arc<Self>, d: Duration) -> bool {
+        let u = self.clone();
+        tokio::spawn(async move { u.client.hold_reads(d).await });
+        true
     }
 
     /// Close normally, stay away `away`, then connect again.
-    pub fn churn(&self, away: Duration) -> bool {
-        self.cmd.try_send(Cmd::Churn(away)).is_ok()
-    }
-}
-
-/// How a connection ended, as the reconnect logic needs it.
-enum End {
-    Stop,
-    Churn(Duration),
-    Server {
-        code: Option<u16>,
-        jitter_ms: Option<u64>,
-    },
-}
-
-fn backoff(n: u32) -> Duration {
-    let exp = BACKOFF_MIN.saturating_mul(1 << n.min(8)).min(BACKOFF_MAX);
-    exp.mul_f64(0.5 + 0.5 * rand::random::<f64>())
-}
-
-async fn run(user: Arc<User>, env: Arc<Env>, mut rx: mpsc::Receiver<Cmd>) {
-    let mut failures_in_row: u32 = 0;
-    let mut down: Option<(Instant, Option<u16>, Option<String>)> = None;
-    let mut delay = Duration::ZERO;
-    loop {
-        if !delay.is_zero() {
-            tokio::select! {
-                _ = user.stop.cancelled() => return,
-                _ = tokio::time::sleep(delay) => {}
-            }
-        }
-        if user.stop.is_cancelled() {
-            return;
-        }
-        user.state().attempts += 1;
-        let attempt = tokio::select! {
-            _ = user.stop.cancelled() => return,
-            r = tokio::time::timeout(CONNECT_TIMEOUT, connect_once(&user, &env)) => {
-                r.unwrap_or_else(|_| Err(Refusal::cause("timeout before authenticated")))
-            }
-        };
-        let (ws, auth) = match attempt {
-            Ok(x) => x,
-            Err(r) => {
-                let stop =
-                    r.close.map(|c| CloseCode::from_u16(c).policy()) == Some(ReconnectPolicy::Stop);
-                {
-                    let mut st = user.state();
-                    st.failures.push(Failure {
-                        at: Instant::now(),
-                        cause: r.cause.clone(),
-                    });
-                    if stop {
-                        st.stopped = Some(r.cause);
-                    }
-                }
-                if stop {
-                    return;
-                }
-                failures_in_row += 1;
-                delay = backoff(failures_in_row);
-                continue;
-            }
-        };
-        failures_in_row = 0;
-        let now = Instant::now();
-        {
-            let mut st = user.state();
-            st.successes += 1;
-            st.connected = true;
-            st.node = Some(auth.node.clone());
-            if let Some((down_at, code, from)) = down.take() {
-                st.reconnects.push(Reconnect {
-                    down_at,
-                    up_at: now,
-                    code,
-                    from,
-                    to: auth.node.clone(),
-                });
-            }
-            st.auths.push(auth);
-        }
-        let end = Session::new(&user, ws).run(&mut rx).await;
-        let node = {
-            let mut st = user.state();
-            st.connected = false;
-            st.node.take()
-        };
-        match end {
-            End::Stop => return,
-            End::Churn(away) => delay = away,
-            End::Server { code, jitter_ms } => {
-                down = Some((Instant::now(), code, node));
-                let policy = code
-                    .map(|c| CloseCode::from_u16(c).policy())
-                    .unwrap_or(ReconnectPolicy::Backoff);
-                delay = match policy {
-                    ReconnectPolicy::Immediately => Duration::from_millis(
-                        (rand::random::<f64>()
-                            * jitter_ms.unwrap_or(DEFAULT_RECONNECT_JITTER_MS) as f64)
-                            as u64,
-                    ),
-                    ReconnectPolicy::Backoff => backoff(0),
-                    ReconnectPolicy::None
-                    | ReconnectPolicy::RefreshToken
-                    | ReconnectPolicy::Stop => {
-                        user.state().stopped = Some(format!("closed {code:?}: not reconnecting"));
-                        return;
-                    }
-                };
-            }
-        }
-    }
-}
-
-/// Why an attempt did not end with `authenticated`.
-struct Refusal {
-    cause: String,
-    /// The `error` frame's code, when the server refused with one.
-    code: Option<String>,
-    close: Option<u16>,
-}
-
-impl Refusal {
-    fn cause(c: impl Into<String>) -> Refusal {
-        Refusal {
-            cause: c.into(),
-            code: None,
-            close: None,
-        }
-    }
-}
-
-async fn connect_once(user: &User, env: &Env) -> Result<(Ws, Auth), Refusal> {
-    let p = &user.profile;
-    let sock = TcpSocket::new_v4().map_err(|e| Refusal::cause(format!("socket: {e}")))?;
-    sock.bind(SocketAddr::from((p.src_ip, 0)))
-        .map_err(|e| Refusal::cause(format!("bind {}: {e}", p.src_ip)))?;
-    if let Some(b) = p.recv_buffer {
-        sock.set_recv_buffer_size(b)
-            .map_err(|e| Refusal::cause(format!("SO_RCVBUF: {e}")))?;
-    }
-    let stream = sock
-        .connect(env.lb)
-        .await
-        .map_err(|e| Refusal::cause(format!("tcp connect: {e}")))?;
-    let token = testkit::tokens::hs256(&env.secret, &testkit::tokens::claims(&p.id, 3600));
-    let mut req = env
-        .url
-        .as_str()
-        .into_client_request()
-        .map_err(|e| Refusal::cause(format!("request: {e}")))?;
-    let h = req.headers_mut();
-    h.insert(
-        "authorization",
-        HeaderValue::from_str(&format!("Bearer {token}"))
-            .map_err(|e| Refusal::cause(format!("header: {e}")))?,
-    );
-    h.insert(
-        "sec-websocket-protocol",
-        HeaderValue::from_static(SUBPROTOCOL),
-    );
-    let (mut ws, _) = tokio_tungstenite::client_async(req, stream)
-        .await
-        .map_err(|e| Refusal::cause(handshake_cause(&e)))?;
-    loop {
-        match ws.next().await {
-            Some(Ok(Message::Text(t))) => {
-                let v: Value = serde_json::from_str(&t)
-                    .map_err(|e| Refusal::cause(format!("bad first frame: {e}")))?;
-                if v["type"] == "authenticated" {
-                    return Ok((
-                        ws,
-                        Auth {
-                            at: Instant::now(),
-                            node: v["node"].as_str().unwrap_or_default().to_owned(),
-                            degraded: v["degraded"].as_bool().unwrap_or(false),
-                            teams: v["teams"].as_array().map_or(0, Vec::len),
-                        },
-                    ));
-                }
-                let code = v["code"].as_str().unwrap_or("?").to_owned();
-                // The close that follows a refusal tells whether to come back.
-                let close = read_close(&mut ws).await;
-                return Err(Refusal {
-                    cause: format!("refused {code} close {close:?}"),
-                    code: Some(code),
-                    close,
-                });
-            }
-            Some(Ok(Message::Close(f))) => {
-                let close = f.map(|f| u16::from(f.code));
-                return Err(Refusal {
-                    cause: format!("closed {close:?} before authenticated"),
-                    code: None,
-                    close,
-                });
-            }
-            Some(Ok(_)) => continue,
-            Some(Err(e)) => return Err(Refusal::cause(format!("read: {e}"))),
-            None => return Err(Refusal::cause("closed before authenticated")),
-        }
-    }
-}
-
-fn handshake_cause(e: &tokio_tungstenite::tungstenite::Error) -> String {
-    use tokio_tungstenite::tungstenite::Error;
-    match e {
-        Error::Http(r) => format!("upgrade refused: HTTP {}", r.status().as_u16()),
-        other => format!("handshake: {other}"),
-    }
-}
-
-async fn read_close(ws: &mut Ws) -> Option<u16> {
-    let read = async {
-        while let Some(m) = ws.next().await {
-            match m {
-                Ok(Message::Close(f)) => return f.map(|f| u16::from(f.code)),
-                Ok(_) => continue,
-                Err(_) => return None,
-            }
-        }
-        None
-    };
-    tokio::time::timeout(CLOSE_WAIT, read).await.ok().flatten()
-}
-
-/// What an answer with an `id` is for.
-enum Pending {
-    External(oneshot::Sender<Value>),
-    History { session: String, fill: Fill },
-    Subscribe { since: Option<u64> },
-}
-
-/// One live connection.
-struct Session<'a> {
-    user: &'a User,
-    ws: Ws,
-    pending: HashMap<String, Pending>,
-    next_id: u64,
-    reconnect_jitter: Option<u64>,
-    last_error: Option<String>,
-    paused_until: Option<tokio::time::Instant>,
-}
-
-impl<'a> Session<'a> {
-    fn new(user: &'a User, ws: Ws) -> Session<'a> {
-        Session {
-            user,
-            ws,
-            pending: HashMap::new(),
-            next_id: 0,
-            reconnect_jitter: None,
-            last_error: None,
-            paused_until: None,
-        }
-    }
-
-    fn id(&mut self, prefix: &str) -> String {
-        self.next_id += 1;
-        format!("{prefix}{}", self.next_id)
-    }
-
-    async fn send(&mut self, v: &Value) -> bool {
-        self.ws.send(Message::text(v.to_string())).await.is_ok()
-    }
-
-    async fn run(mut self, rx: &mut mpsc::Receiver<Cmd>) -> End {
-        if !self.after_auth().await {
-            return self.finish_abnormal().await;
-        }
-        let mut tick = tokio::time::interval(Duration::from_secs(1));
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let paused = self.paused_until.is_some();
-            let resume = self.paused_until.unwrap_or_else(tokio::time::Instant::now);
-            tokio::select! {
-                biased;
-                _ = self.user.stop.cancelled() => {
-                    self.close_ours().await;
-                    return End::Stop;
-                }
-                _ = tokio::time::sleep_until(resume), if paused => {
-                    self.paused_until = None;
-                }
-                m = self.ws.next(), if !paused => match m {
-                    Some(Ok(Message::Text(t))) => {
-                        let v: Value = serde_json::from_str(&t).unwrap_or(Value::Null);
-                        self.on_frame(v).await;
-                    }
-                    Some(Ok(Message::Close(f))) => {
-                        let code = f.map(|f| u16::from(f.code));
-                        return self.ended(code);
-                    }
-                    Some(Ok(_)) => {}
-                    Some(Err(_)) | None => return self.ended(None),
-                },
-                c = rx.recv() => match c {
-                    Some(Cmd::Request { mut frame, reply }) => {
-                        let id = self.id("q");
-                        frame["id"] = Value::String(id.clone());
-                        self.pending.insert(id, Pending::External(reply));
-                        if !self.send(&frame).await {
-                            return self.finish_abnormal().await;
-                        }
-                    }
-                    Some(Cmd::Pause(d)) => {
-                        self.paused_until = Some(tokio::time::Instant::now() + d);
-                    }
-                    Some(Cmd::Churn(away)) => {
-                        self.close_ours().await;
-                        return End::Churn(away);
-                    }
-                    None => return End::Stop,
-                },
-                _ = tick.tick() => {
-                    if !self.stall_check().await {
-                        return self.finish_abnormal().await;
-                    }
-                }
-            }
-        }
-    }
-
-    /// Re-subscribes (with `since` after a first subscription) and asks `history`
-    /// for every chat whose reply is not known yet.
-    async fn after_auth(&mut self) -> bool {
-        if let Some(ch) = self.user.profile.channel.clone() {
-            let (since, epoch) = {
-                let st = self.user.state();
-                (st.last_offset, st.epoch.clone())
-            };
-            let id = self.id("s");
-            let mut f = json!({"type": "subscribe", "channel": ch, "id": id});
-            if let Some(s) = since {
-                f["since"] = json!(s);
-                if let Some(e) = epoch {
-                    f["epoch"] = json!(e);
-                }
-            }
-            self.pending.insert(id, Pending::Subscribe { since });
-            if !self.send(&f).await {
-                return false;
-            }
-        }
-        let open: Vec<String> = {
-            let st = self.user.state();
-            st.chats
-                .iter()
-                .filter(|(_, c)| c.unresolved())
-                .map(|(s, _)| s.clone())
-                .collect()
-        };
-        for session in open {
-            if !self.ask_history(&session, Fill::Reconnect).await {
-                return false;
-            }
-        }
+    pub fn churn(self: &Arc<Self>, away: Duration) -> bool {
+        self.away.store(true, Ordering::SeqCst);
+        let u = self.clone();
+        tokio::spawn(async move { u.client.disconnect_for(away).await });
         true
     }
 
-    async fn ask_history(&mut self, session: &str, fill: Fill) -> bool {
-        let id = self.id("h");
-        if let Some(c) = self.user.state().chats.get_mut(session) {
-            c.history_asked = Some(Instant::now());
-        }
-        self.pending.insert(
-            id.clone(),
-            Pending::History {
-                session: session.to_owned(),
-                fill,
-            },
-        );
-        self.send(&json!({"type": "history", "session_id": session, "id": id}))
-            .await
-    }
-
-    async fn stall_check(&mut self) -> bool {
-        let now = Instant::now();
-        let stalled: Vec<String> = {
-            let st = self.user.state();
-            st.chats
-                .iter()
-                .filter(|(_, c)| {
-                    !c.acked.is_empty()
-                        && c.unresolved()
-                        && now.duration_since(c.last_event) > STALL_AFTER
-                        && c.history_asked
-                            .is_none_or(|t| now.duration_since(t) > STALL_AFTER)
-                })
-                .map(|(s, _)| s.clone())
-                .collect()
-        };
-        for s in stalled {
-            if !self.ask_history(&s, Fill::Stall).await {
-                return false;
-            }
-        }
-        true
-    }
-
-    async fn on_frame(&mut self, v: Value) {
-        let now = Instant::now();
-        let kind = v["type"].as_str().unwrap_or_default().to_owned();
-        match kind.as_str() {
-            "message" => self.on_message(&v),
-            "subscribed" if v.get("id").is_none() => self.on_restart(&v),
-            "chat.chunk" | "chat.complete" | "chat.error" => self.on_chat(&kind, &v, now),
-            "reconnect" => {
-                self.reconnect_jitter = v["retry_after_ms"].as_u64();
-                self.user.state().reconnect_frames += 1;
-            }
-            "error" => {
-                let code = v["code"].as_str().unwrap_or("?").to_owned();
-                self.last_error = Some(code.clone());
-                self.user.state().errors.push(ErrorSeen {
-                    at: now,
-                    code,
-                    id: v["id"].as_str().map(str::to_owned),
-                });
-            }
-            "ack" => {
-                if let (Some(s), Some(r)) = (v["session_id"].as_str(), v["request_id"].as_str()) {
-                    let mut st = self.user.state();
-                    let chat = st
-                        .chats
-                        .entry(s.to_owned())
-                        .or_insert_with(|| Chat::new(now));
-                    chat.acked.push(r.to_owned());
-                    chat.last_event = now;
-                    chat.streams.entry(r.to_owned()).or_default().acked_at = Some(now);
-                }
-            }
-            _ => {}
-        }
-        let Some(id) = v["id"].as_str() else {
+    /// Subscribes to the profile's channel once (the client resumes it after that).
+    fn subscribe(self: &Arc<Self>) {
+        let Some(channel) = self.profile.channel.clone() else {
             return;
         };
-        match self.pending.remove(id) {
-            Some(Pending::External(tx)) => {
-                let _ = tx.send(v);
-            }
-            Some(Pending::History { session, fill }) if kind == "history" => {
-                self.fill_from_history(&session, &v, fill);
-            }
-            Some(Pending::Subscribe { since }) if kind == "subscribed" => {
-                self.on_subscribed(&v, since, now);
-            }
-            // An error answer to our own history or subscribe: recorded above.
-            Some(_) | None => {}
-        }
-    }
-
-    fn on_message(&mut self, v: &Value) {
-        let Some(offset) = v["offset"].as_u64() else {
-            return;
-        };
-        let mut st = self.user.state();
-        st.received += 1;
-        if v["data"]["from"].is_string()
-            && let Some(n) = v["data"]["n"].as_u64()
-        {
-            st.seen_n.insert(n);
-        }
-        if let Some(ts) = v["data"]["ts"].as_u64()
-            && st.latencies_ms.len() < MAX_LATENCIES
-        {
-            let lat = now_ms().saturating_sub(ts).min(u32::MAX as u64) as u32;
-            st.latencies_ms.push(lat);
-        }
-        match st.last_offset {
-            // Replay and live frames before the first `subscribed` cannot happen
-            // without `since`; count them as in order.
-            None => st.last_offset = Some(offset),
-            Some(last) if offset == last + 1 => st.last_offset = Some(offset),
-            Some(last) if offset <= last => st.dups += 1,
-            Some(last) => {
-                st.gaps += offset - last - 1;
-                st.last_offset = Some(offset);
-            }
-        }
-    }
-
-    /// The server's word that the channel's count started over: later offsets are
-    /// of the new epoch, counted from the one it names.
-    fn on_restart(&mut self, v: &Value) {
-        if v["channel"].as_str() != self.user.profile.channel.as_deref() {
+        if self.subscribed.swap(true, Ordering::SeqCst) {
             return;
         }
-        let mut st = self.user.state();
-        st.restarts += 1;
-        st.last_offset = Some(v["offset"].as_u64().unwrap_or(0));
-        st.epoch = v["epoch"].as_str().map(str::to_owned);
-    }
-
-    fn on_subscribed(&mut self, v: &Value, since: Option<u64>, now: Instant) {
-        let offset = v["offset"].as_u64().unwrap_or(0);
-        let recovered = v["recovered"].as_bool().unwrap_or(false);
-        let mut st = self.user.state();
-        st.epoch = v["epoch"].as_str().map(str::to_owned);
-        st.subscribes.push(SubRec {
-            at: now,
-            since,
-            recovered,
-            offset,
+        let u = self.clone();
+        tokio::spawn(async move {
+            if u.client.subscribe(&channel).await.is_err() {
+                // Answered on no connection: the next `authenticated` tries again.
+                u.subscribed.store(false, Ordering::SeqCst);
+            }
         });
-        match since {
-            None => st.last_offset = Some(offset),
-            Some(s) if !recovered => {
-                // The server could not replay: everything after `since` up to the
-                // current offset is lost for this client (it would reload).
-                st.unrecovered += offset.saturating_sub(s);
-                st.last_offset = Some(offset);
-            }
-            Some(_) => {}
-        }
     }
 
-    fn on_chat(&mut self, kind: &str, v: &Value, now: Instant) {
-        let (Some(session), Some(rid)) = (v["session_id"].as_str(), v["request_id"].as_str())
-        else {
-            return;
-        };
-        let mut st = self.user.state();
-        let chat = st
+    /// Sessions whose `chat.send` got no answer: the request may be stored, so
+    /// history is read after a reconnect, as an app would.
+    fn check_unacked(self: &Arc<Self>) {
+        let sessions: Vec<String> = self
+            .state()
             .chats
-            .entry(session.to_owned())
-            .or_insert_with(|| Chat::new(now));
-        chat.last_event = now;
-        let s = chat.streams.entry(rid.to_owned()).or_default();
-        match kind {
-            "chat.chunk" => {
-                let seq = v["seq"].as_u64().unwrap_or(0);
-                let content = v["content"].as_str().unwrap_or_default().to_owned();
-                match s.chunks.entry(seq) {
-                    std::collections::btree_map::Entry::Occupied(_) => s.dup_chunks += 1,
-                    std::collections::btree_map::Entry::Vacant(e) => {
-                        e.insert(content);
-                    }
+            .iter()
+            .filter(|(_, c)| c.acked.is_empty())
+            .map(|(s, _)| s.clone())
+            .collect();
+        for session in sessions {
+            let u = self.clone();
+            tokio::spawn(async move {
+                if let Ok(messages) = u.client.history(&session, None).await {
+                    u.fill(&session, &messages, Fill::Reconnect);
                 }
-            }
-            "chat.complete" => {
-                s.completes += 1;
-                if s.complete.is_none() {
-                    s.complete = Some(v["content"].as_str().unwrap_or_default().to_owned());
-                    s.complete_at = Some(now);
-                }
-            }
-            _ => {
-                s.error = Some((
-                    v["code"].as_str().unwrap_or("?").to_owned(),
-                    v["retryable"].as_bool().unwrap_or(false),
-                ));
-            }
+            });
         }
     }
 
-    fn fill_from_history(&mut self, session: &str, v: &Value, fill: Fill) {
-        let Some(messages) = v["messages"].as_array() else {
-            return;
-        };
+    fn fill(&self, session: &str, messages: &[HistoryMessage], fill: Fill) {
         let now = Instant::now();
-        let mut st = self.user.state();
+        let mut st = self.state();
         let Some(chat) = st.chats.get_mut(session) else {
             return;
         };
-        for m in messages.iter().filter(|m| m["role"] == "assistant") {
-            let Some(rid) = m["request_id"].as_str() else {
+        for m in messages.iter().filter(|m| m.role == "assistant") {
+            let Some(rid) = m.request_id.as_deref() else {
                 continue;
             };
             let s = chat.streams.entry(rid.to_owned()).or_default();
             if s.complete.is_none() && s.filled.is_none() {
-                s.filled = Some((m["content"].as_str().unwrap_or_default().to_owned(), fill));
+                s.filled = Some((m.content.clone(), fill));
                 chat.last_event = now;
             }
             // An ack lost with its connection: history names the request.
@@ -922,50 +408,256 @@ impl<'a> Session<'a> {
             }
         }
     }
+}
 
-    fn ended(&mut self, code: Option<u16>) -> End {
-        let mut st = self.user.state();
-        let node = st.node.clone();
-        st.ended.push(Ended {
-            at: Instant::now(),
-            code,
-            by_client: false,
-            after_reconnect_frame: self.reconnect_jitter.is_some(),
-            last_error: self.last_error.clone(),
-            node,
-        });
-        End::Server {
-            code,
-            jitter_ms: self.reconnect_jitter,
+fn options(p: &Profile, env: &Env) -> Options {
+    let token = testkit::tokens::hs256(&env.secret, &testkit::tokens::claims(&p.id, 3600));
+    let mut o = Options::with_token(env.url.clone(), token);
+    o.backoff_base = BACKOFF_MIN;
+    o.backoff_cap = BACKOFF_MAX;
+    o.connect_timeout = CONNECT_TIMEOUT;
+    o.chat_silence = STALL_AFTER;
+    o.chat_idle_timeout = CHAT_IDLE_TIMEOUT;
+    o.local_addr = Some(p.src_ip.into());
+    o.recv_buffer = p.recv_buffer;
+    o
+}
+
+/// Turns the client's events into the user's record, until `stop`.
+async fn record(user: Arc<User>, mut events: Events, stop: CancellationToken) {
+    let mut down: Option<(Instant, Option<u16>, Option<String>)> = None;
+    let mut draining = false;
+    let mut last_error: Option<String> = None;
+    loop {
+        let event = tokio::select! {
+            _ = stop.cancelled() => {
+                user.client.close().await;
+                let mut st = user.state();
+                if st.connected {
+                    let node = st.node.take();
+                    st.connected = false;
+                    st.ended.push(Ended { at: Instant::now(), code: Some(1000), by_client: true,
+                        after_reconnect_frame: false, last_error: None, node });
+                }
+                return;
+            }
+            e = events.recv() => match e {
+                Some(e) => e,
+                None => return,
+            },
+        };
+        let now = Instant::now();
+        match event {
+            Event::Status(Status::Connecting { .. }) => user.state().attempts += 1,
+            Event::Status(Status::Authenticated(info)) => {
+                {
+                    let mut st = user.state();
+                    st.successes += 1;
+                    st.connected = true;
+                    st.node = Some(info.node.clone());
+                    if let Some((down_at, code, from)) = down.take() {
+                        st.reconnects.push(Reconnect {
+                            down_at,
+                            up_at: now,
+                            code,
+                            from,
+                            to: info.node.clone(),
+                        });
+                    }
+                    st.auths.push(Auth {
+                        at: now,
+                        node: info.node.clone(),
+                        degraded: info.degraded,
+                        teams: info.teams.len(),
+                    });
+                }
+                (draining, last_error) = (false, None);
+                user.subscribe();
+                user.check_unacked();
+            }
+            Event::Status(Status::Reconnecting { code, reason, .. }) => {
+                let by_client = user.away.swap(false, Ordering::SeqCst);
+                let mut st = user.state();
+                if st.connected {
+                    st.connected = false;
+                    let node = st.node.take();
+                    st.ended.push(Ended {
+                        at: now,
+                        code,
+                        by_client,
+                        after_reconnect_frame: draining,
+                        last_error: last_error.clone(),
+                        node: node.clone(),
+                    });
+                    if !by_client {
+                        down = Some((now, code, node));
+                    }
+                } else {
+                    st.failures.push(Failure {
+                        at: now,
+                        cause: reason,
+                    });
+                }
+            }
+            Event::Status(Status::Stopped(why)) => {
+                let mut st = user.state();
+                if st.connected {
+                    st.connected = false;
+                    let node = st.node.take();
+                    st.ended.push(Ended {
+                        at: now,
+                        code: None,
+                        by_client: false,
+                        after_reconnect_frame: draining,
+                        last_error: last_error.clone(),
+                        node,
+                    });
+                }
+                st.stopped = why.or_else(|| Some("closed".into()));
+                return;
+            }
+            Event::Draining { .. } => {
+                draining = true;
+                user.state().reconnect_frames += 1;
+            }
+            Event::Error(e) => {
+                let code = e.code.as_str().to_owned();
+                last_error = Some(code.clone());
+                user.state().errors.push(ErrorSeen {
+                    at: now,
+                    code,
+                    id: None,
+                });
+            }
+            Event::Message { offset, data, .. } => user.state().message(offset, &data),
+            Event::Subscribed {
+                since,
+                recovered,
+                offset,
+                epoch,
+                ..
+            } => {
+                let mut st = user.state();
+                st.epoch = Some(epoch);
+                st.subscribes.push(SubRec {
+                    at: now,
+                    since,
+                    recovered,
+                    offset,
+                });
+                match since {
+                    None => st.last_offset = Some(offset),
+                    Some(s) if !recovered => {
+                        // The server could not replay: everything after `since` up to
+                        // the current offset is lost for this client (it would reload).
+                        st.unrecovered += offset.saturating_sub(s);
+                        st.last_offset = Some(offset);
+                    }
+                    Some(_) => {}
+                }
+            }
+            Event::Restarted { epoch, .. } => {
+                // The channel's count started over: later offsets are of the new epoch.
+                let mut st = user.state();
+                st.restarts += 1;
+                st.last_offset = Some(0);
+                st.epoch = Some(epoch);
+            }
+            Event::Chat(c) => user.state().chat(c, now),
+            _ => {}
         }
+        let dropped = user.client.stats();
+        let mut st = user.state();
+        st.dups = dropped.duplicate_messages;
+        st.dup_chunks = dropped.repeated_chunks;
+        st.extra_completes = dropped.duplicate_finals;
+    }
+}
+
+impl State {
+    fn message(&mut self, offset: u64, data: &Value) {
+        self.received += 1;
+        if data["from"].is_string()
+            && let Some(n) = data["n"].as_u64()
+        {
+            self.seen_n.insert(n);
+        }
+        if let Some(ts) = data["ts"].as_u64()
+            && self.latencies_ms.len() < MAX_LATENCIES
+        {
+            let lat = now_ms().saturating_sub(ts).min(u32::MAX as u64) as u32;
+            self.latencies_ms.push(lat);
+        }
+        // The client passes each offset once, in order: a jump is a gap.
+        if let Some(last) = self.last_offset
+            && offset > last + 1
+        {
+            self.gaps += offset - last - 1;
+        }
+        self.last_offset = Some(offset);
     }
 
-    /// A send failed: the server may still have sent its close frame.
-    async fn finish_abnormal(&mut self) -> End {
-        let code = read_close(&mut self.ws).await;
-        self.ended(code)
-    }
-
-    /// Closes with 1000 and waits for the server's close.
-    async fn close_ours(&mut self) {
-        let _ = self
-            .ws
-            .send(Message::Close(Some(CloseFrame {
-                code: WsCloseCode::Normal,
-                reason: "bye".into(),
-            })))
-            .await;
-        let _ = read_close(&mut self.ws).await;
-        let mut st = self.user.state();
-        let node = st.node.clone();
-        st.ended.push(Ended {
-            at: Instant::now(),
-            code: Some(1000),
-            by_client: true,
-            after_reconnect_frame: false,
-            last_error: None,
-            node,
-        });
+    fn chat(&mut self, event: ChatEvent, now: Instant) {
+        let (session, rid) = match &event {
+            ChatEvent::Chunk {
+                session_id,
+                request_id,
+                ..
+            }
+            | ChatEvent::Restarted {
+                session_id,
+                request_id,
+            }
+            | ChatEvent::Complete {
+                session_id,
+                request_id,
+                ..
+            }
+            | ChatEvent::Error {
+                session_id,
+                request_id,
+                ..
+            }
+            | ChatEvent::TimedOut {
+                session_id,
+                request_id,
+            } => (session_id.clone(), request_id.clone()),
+        };
+        let chat = self.chats.entry(session).or_insert_with(|| Chat::new(now));
+        chat.last_event = now;
+        let s = chat.streams.entry(rid.clone()).or_default();
+        match event {
+            ChatEvent::Chunk { seq, content, .. } => {
+                s.chunks.insert(seq, content);
+            }
+            ChatEvent::Restarted { .. } => s.chunks.clear(),
+            ChatEvent::Complete {
+                content, delivery, ..
+            } => match delivery {
+                Delivery::Live => {
+                    s.completes += 1;
+                    s.complete = Some(content);
+                    s.complete_at = Some(now);
+                }
+                Delivery::AfterReconnect | Delivery::AfterSilence => {
+                    let fill = if delivery == Delivery::AfterReconnect {
+                        Fill::Reconnect
+                    } else {
+                        Fill::Stall
+                    };
+                    s.filled = Some((content, fill));
+                    if !chat.acked.contains(&rid) {
+                        chat.acked.push(rid);
+                    }
+                }
+            },
+            ChatEvent::Error {
+                code, retryable, ..
+            } => {
+                s.error = Some((code.as_str().to_owned(), retryable));
+            }
+            ChatEvent::TimedOut { .. } => {}
+        }
     }
 }
 
@@ -978,30 +670,49 @@ pub struct Refused {
 }
 
 /// The connection a scenario opens itself to probe authentication (Redis down,
-/// backend down): the `authenticated` summary, or how it was refused.
+/// backend down): the `authenticated` summary, or how it was refused. One attempt:
+/// the client is closed after its first outcome.
 pub async fn probe_auth(env: &Env, user_id: &str, src_ip: Ipv4Addr) -> Result<Auth, Refused> {
-    let user = User {
-        profile: Profile {
-            id: user_id.to_owned(),
-            src_ip,
-            channel: None,
-            recv_buffer: None,
-        },
-        state: Mutex::new(State::default()),
-        cmd: mpsc::channel(1).0,
-        stop: CancellationToken::new(),
+    let profile = Profile {
+        id: user_id.to_owned(),
+        src_ip,
+        channel: None,
+        recv_buffer: None,
     };
-    let r = tokio::time::timeout(CONNECT_TIMEOUT, connect_once(&user, env)).await;
-    match r {
-        Ok(Ok((mut ws, auth))) => {
-            let _ = ws.close(None).await;
-            Ok(auth)
+    let (client, mut events) = switchboard_client::connect(options(&profile, env));
+    let mut code = None;
+    let outcome = async {
+        while let Some(e) = events.recv().await {
+            match e {
+                Event::Error(b) => code = Some(b.code.as_str().to_owned()),
+                Event::Status(Status::Authenticated(info)) => {
+                    return Ok(Auth {
+                        at: Instant::now(),
+                        node: info.node,
+                        degraded: info.degraded,
+                        teams: info.teams.len(),
+                    });
+                }
+                Event::Status(Status::Reconnecting {
+                    code: close,
+                    reason,
+                    ..
+                }) => {
+                    return Err((reason, close));
+                }
+                Event::Status(Status::Stopped(why)) => {
+                    return Err((why.unwrap_or_default(), None));
+                }
+                _ => {}
+            }
         }
-        Ok(Err(r)) => Err(Refused {
-            cause: r.cause,
-            code: r.code,
-            close: r.close,
-        }),
+        Err(("the client ended".to_owned(), None))
+    };
+    let r = tokio::time::timeout(CONNECT_TIMEOUT, outcome).await;
+    client.close().await;
+    match r {
+        Ok(Ok(auth)) => Ok(auth),
+        Ok(Err((cause, close))) => Err(Refused { cause, code, close }),
         Err(_) => Err(Refused {
             cause: "timeout before authenticated".into(),
             code: None,
@@ -1015,16 +726,6 @@ mod tests {
     use super::*;
 
     #[test]
-    fn backoff_grows_and_is_capped() {
-        for n in 0..20 {
-            let d = backoff(n);
-            assert!(d <= BACKOFF_MAX, "{n}: {d:?}");
-            assert!(d >= BACKOFF_MIN / 2, "{n}: {d:?}");
-        }
-        assert!(backoff(10) >= BACKOFF_MAX / 2);
-    }
-
-    #[test]
     fn a_stream_is_resolved_by_complete_fill_or_error() {
         let mut s = Stream::default();
         assert!(!s.resolved());
@@ -1033,5 +734,14 @@ mod tests {
         assert_eq!(s.reply(), Some("x"));
         s.complete = Some("y".into());
         assert_eq!(s.reply(), Some("y"));
+    }
+
+    #[test]
+    fn offsets_in_order_count_jumps_as_gaps() {
+        let mut st = State::default();
+        for o in [1, 2, 5, 6] {
+            st.message(o, &Value::Null);
+        }
+        assert_eq!((st.gaps, st.received, st.last_offset), (2, 4, Some(6)));
     }
 }

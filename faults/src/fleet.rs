@@ -3,7 +3,7 @@
 //! tallies the scenarios check: channel gaps/duplicates/recovery, chat resolution
 //! and exactly-once history, closes and reconnects.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -255,16 +255,19 @@ impl Fleet {
             sessions: run.sessions.len() as u64,
             ..ChatTally::default()
         };
+        // Repeats the clients dropped, per user (a user may own several sessions).
+        let owners: BTreeSet<usize> = run.sessions.iter().map(|(i, _)| *i).collect();
+        for i in owners {
+            let st = self.users[i].state();
+            t.dup_chunks += st.dup_chunks;
+            t.extra_completes += st.extra_completes;
+        }
         for (i, session) in &run.sessions {
             let st = self.users[*i].state();
             let Some(chat) = st.chats.get(session) else {
                 t.not_sent += 1;
                 continue;
             };
-            for s in chat.streams.values() {
-                t.dup_chunks += s.dup_chunks;
-                t.extra_completes += s.completes.saturating_sub(1) as u64;
-            }
             let Some((_, s)) = chat.latest() else {
                 match run.answers.get(session).map(String::as_str) {
                     Some("ack") | None => t.unresolved += 1,

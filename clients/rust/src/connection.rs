@@ -47,6 +47,10 @@ pub(crate) enum Command {
     Send {
         frame: ClientFrame,
     },
+    /// Stop reading the socket for a while.
+    Hold(Duration),
+    /// Close with 1000, stay away this long, connect again.
+    Away(Duration),
     Close,
 }
 
@@ -66,6 +70,8 @@ enum Waiter {
 
 enum SessionEnd {
     Ended(Ended),
+    /// The application asked to be away this long.
+    Away(Duration),
     /// The application closed the client (or dropped every handle).
     Closed,
 }
@@ -137,6 +143,19 @@ impl Connection {
                             let up = Instant::now();
                             match self.session(ws, info).await {
                                 SessionEnd::Closed => return self.stop(None).await,
+                                SessionEnd::Away(away) => {
+                                    self.set_status(Status::Reconnecting {
+                                        code: Some(1000),
+                                        retry_in: away,
+                                        reason: "the application went away".into(),
+                                    })
+                                    .await;
+                                    if !self.wait(away).await {
+                                        return self.stop(None).await;
+                                    }
+                                    (attempt, reason) = (0, TokenReason::Reconnect);
+                                    continue;
+                                }
                                 SessionEnd::Ended(e) => {
                                     if up.elapsed() >= self.opts.stable_after {
                                         attempt = 0;
@@ -208,6 +227,10 @@ impl Connection {
     }
 
     fn enqueue(&mut self, cmd: Command) {
+        if !matches!(cmd, Command::Request { .. }) {
+            // `typing`, holds and absences mean nothing without a socket.
+            return;
+        }
         if self.queued.len() >= self.opts.max_queued {
             if let Command::Request { reply, .. } = cmd {
                 let _ = reply.send(Err(ClientError::QueueFull(self.opts.max_queued)));
@@ -253,6 +276,7 @@ impl Connection {
             reason,
             ..Ended::default()
         };
+        let limit = self.opts.connect_timeout;
         let attempt = async {
             let mut ws = self.handshake(url).await.map_err(failed)?;
             let auth = ClientFrame::Auth {
@@ -289,6 +313,7 @@ impl Connection {
                         Ok(ServerFrame::Error(e)) => {
                             ended.retry_after = e.retry_after_ms;
                             ended.reason = format!("{}: {}", e.code.as_str(), e.message);
+                            self.emit(Event::Error(e)).await;
                         }
                         _ => {}
                     },
@@ -307,12 +332,9 @@ impl Connection {
                 }
             }
         };
-        match tokio::time::timeout(self.opts.connect_timeout, attempt).await {
+        match tokio::time::timeout(limit, attempt).await {
             Ok(r) => r,
-            Err(_) => Err(failed(format!(
-                "not authenticated within {:?}",
-                self.opts.connect_timeout
-            ))),
+            Err(_) => Err(failed(format!("not authenticated within {limit:?}"))),
         }
     }
 
@@ -372,12 +394,23 @@ impl Connection {
         let mut refresh: Option<TokenFuture> = None;
         let mut refresh_retry_at: Option<Instant> = None;
         let mut tick = tokio::time::interval(TICK);
+        let mut held_until: Option<tokio::time::Instant> = None;
         loop {
+            let held = held_until.is_some();
+            let resume_at = held_until.unwrap_or_else(tokio::time::Instant::now);
             tokio::select! {
                 cmd = self.cmds.recv() => match cmd {
                     None | Some(Command::Close) => {
                         close(&mut sink, &mut stream).await;
                         return SessionEnd::Closed;
+                    }
+                    Some(Command::Away(away)) => {
+                        close(&mut sink, &mut stream).await;
+                        self.ended(Ended::default());
+                        return SessionEnd::Away(away);
+                    }
+                    Some(Command::Hold(d)) => {
+                        held_until = Some(tokio::time::Instant::now() + d);
                     }
                     Some(c) => {
                         if let Err(e) = self.command(c, &mut sink).await {
@@ -386,7 +419,11 @@ impl Connection {
                         }
                     }
                 },
-                msg = stream.next() => {
+                _ = tokio::time::sleep_until(resume_at), if held => {
+                    held_until = None;
+                    last_heard = Instant::now();
+                }
+                msg = stream.next(), if !held => {
                     last_heard = Instant::now();
                     ping_sent = None;
                     match msg {
@@ -453,7 +490,7 @@ impl Connection {
                         Err(_) => refresh_retry_at = Some(Instant::now() + self.opts.refresh_retry),
                     }
                 },
-                _ = tick.tick() => {
+                _ = tick.tick(), if !held => {
                     let now = Instant::now();
                     if let Some(sent) = ping_sent {
                         if now.duration_since(sent) >= self.opts.pong_timeout {
@@ -540,7 +577,7 @@ impl Connection {
 
     async fn command(&mut self, cmd: Command, sink: &mut Sink) -> Result<(), String> {
         match cmd {
-            Command::Close => Ok(()),
+            Command::Close | Command::Hold(_) | Command::Away(_) => Ok(()),
             Command::Send { frame } => self.send(sink, &frame, None).await,
             Command::Request { frame, reply } => {
                 if reply.is_closed() {

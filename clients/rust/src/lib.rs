@@ -298,6 +298,24 @@ impl Client {
         Ok(start.elapsed())
     }
 
+    /// Stops reading the socket for `d`, as a stuck application would: frames back
+    /// up, and the server's slow-consumer rule (4008) may end the connection.
+    pub async fn hold_reads(&self, d: Duration) -> Result<(), ClientError> {
+        self.cmds
+            .send(Command::Hold(d))
+            .await
+            .map_err(|_| stopped())
+    }
+
+    /// Closes the socket with 1000, stays away for `d` (an application sent to the
+    /// background), then connects again, resuming subscriptions and chats.
+    pub async fn disconnect_for(&self, d: Duration) -> Result<(), ClientError> {
+        self.cmds
+            .send(Command::Away(d))
+            .await
+            .map_err(|_| stopped())
+    }
+
     /// Closes the socket with 1000 and stops the client.
     pub async fn close(&self) {
         let _ = self.cmds.send(Command::Close).await;
@@ -305,7 +323,9 @@ impl Client {
         let _ = rx.wait_for(|s| matches!(s, Status::Stopped(_))).await;
     }
 
-    async fn request(&self, frame: ClientFrame) -> Result<ServerFrame, ClientError> {
+    /// Any client frame with a direct reply, for what the typed methods do not
+    /// cover; the reply frame, or `ClientError::Server` for an `error` answer.
+    pub async fn request(&self, frame: ClientFrame) -> Result<ServerFrame, ClientError> {
         let (tx, rx) = oneshot::channel();
         let cmd = Command::Request { frame, reply: tx };
         let answer = async {
