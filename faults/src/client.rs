@@ -434,10 +434,14 @@ async fn record(user: Arc<User>, mut events: Events, stop: CancellationToken) {
                 user.client.close().await;
                 let mut st = user.state();
                 if st.connected {
-                    let node = st.node.take();
-                    st.connected = false;
-                    st.ended.push(Ended { at: Instant::now(), code: Some(1000), by_client: true,
-                        after_reconnect_frame: false, last_error: None, node });
+                    st.disconnected(Ended {
+                        at: Instant::now(),
+                        code: Some(1000),
+                        by_client: true,
+                        after_reconnect_frame: false,
+                        last_error: None,
+                        node: None,
+                    });
                 }
                 return;
             }
@@ -479,16 +483,15 @@ async fn record(user: Arc<User>, mut events: Events, stop: CancellationToken) {
                 let by_client = user.away.swap(false, Ordering::SeqCst);
                 let mut st = user.state();
                 if st.connected {
-                    st.connected = false;
-                    let node = st.node.take();
-                    st.ended.push(Ended {
+                    let end = Ended {
                         at: now,
                         code,
                         by_client,
                         after_reconnect_frame: draining,
                         last_error: last_error.clone(),
-                        node: node.clone(),
-                    });
+                        node: None,
+                    };
+                    let node = st.disconnected(end);
                     if !by_client {
                         down = Some((now, code, node));
                     }
@@ -502,15 +505,13 @@ async fn record(user: Arc<User>, mut events: Events, stop: CancellationToken) {
             Event::Status(Status::Stopped(why)) => {
                 let mut st = user.state();
                 if st.connected {
-                    st.connected = false;
-                    let node = st.node.take();
-                    st.ended.push(Ended {
+                    st.disconnected(Ended {
                         at: now,
                         code: None,
                         by_client: false,
                         after_reconnect_frame: draining,
                         last_error: last_error.clone(),
-                        node,
+                        node: None,
                     });
                 }
                 st.stopped = why.or_else(|| Some("closed".into()));
@@ -575,6 +576,15 @@ async fn record(user: Arc<User>, mut events: Events, stop: CancellationToken) {
 }
 
 impl State {
+    /// The connection ended as `end` says (its node is filled in); the node it was on.
+    fn disconnected(&mut self, mut end: Ended) -> Option<String> {
+        self.connected = false;
+        end.node = self.node.take();
+        let node = end.node.clone();
+        self.ended.push(end);
+        node
+    }
+
     fn message(&mut self, offset: u64, data: &Value) {
         self.received += 1;
         if data["from"].is_string()
