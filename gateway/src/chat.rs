@@ -6,6 +6,7 @@
 use std::time::Duration;
 
 use async_nats::jetstream::message::PublishMessage;
+use shared::bus::BusError;
 use shared::protocol::{
     ChatCancel, ChatRequest, FileAttachment, FrameId, MAX_CHAT_MESSAGE_CHARS, ServerFrame,
     valid_name,
@@ -108,26 +109,25 @@ async fn publish(node: &Node, req: &ChatRequest) -> Result<(), SessionError> {
     let msg = PublishMessage::build()
         .payload(payload.into())
         .message_id(&req.request_id);
+    // One deadline for both steps; the stream check is a cached flag but for the
+    // first request after a failure.
     let stored = tokio::time::timeout(PUBLISH_ACK_TIMEOUT, async {
-        node.chat_stream_ready().await?;
-        let ack = node
-            .jetstream
-            .send_publish(node.subjects.chat_requests(), msg)
+        node.chat_stream_ready()
             .await
-            .map_err(|e| e.to_string())?;
-        ack.await.map_err(|e| e.to_string())
+            .map_err(BusError::JetStream)?;
+        let subject = node.subjects.chat_requests();
+        shared::bus::store(&node.jetstream, subject, msg, PUBLISH_ACK_TIMEOUT).await
     })
-    .await;
+    .await
+    .unwrap_or(Err(BusError::Timeout(PUBLISH_ACK_TIMEOUT)));
     match stored {
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => {
-            node.chat_stream_failed();
+        Ok(()) => Ok(()),
+        Err(e) => {
             metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "chat_publish").increment(1);
-            tracing::warn!(error = %e, "chat request not stored");
-            Err(SessionError::Unavailable("chat queue"))
-        }
-        Err(_) => {
-            metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "chat_publish").increment(1);
+            if let BusError::JetStream(e) = e {
+                node.chat_stream_failed();
+                tracing::warn!(error = %e, "chat request not stored");
+            }
             Err(SessionError::Unavailable("chat queue"))
         }
     }

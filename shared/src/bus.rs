@@ -113,6 +113,27 @@ pub enum BusError {
     Timeout(Duration),
 }
 
+/// Publishes `msg` to a stream's subject and waits, at most `limit`, until the stream
+/// acknowledges it: stored (replicated) and deduplicated by its message id. What
+/// gateways do before acking `chat.send` and workers before acking a request.
+pub async fn store(
+    js: &jetstream::Context,
+    subject: String,
+    msg: jetstream::message::PublishMessage,
+    limit: Duration,
+) -> Result<(), BusError> {
+    let stored = tokio::time::timeout(limit, async {
+        let ack = js.send_publish(subject, msg).await?;
+        ack.await
+    })
+    .await;
+    match stored {
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => Err(BusError::JetStream(e.to_string())),
+        Err(_) => Err(BusError::Timeout(limit)),
+    }
+}
+
 /// Creates or updates the chat stream (idempotent).
 pub async fn ensure_chat_stream(
     js: &jetstream::Context,

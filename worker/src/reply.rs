@@ -21,7 +21,7 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
-use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
+use shared::bus::{BusError, HEADER_FINAL, HEADER_REQUEST};
 use shared::protocol::{ErrorCode, ServerFrame, Usage};
 use tokio::time::Instant;
 
@@ -209,20 +209,13 @@ impl Reply {
             .payload(frame)
             .headers(self.headers(true))
             .message_id(&self.request_id);
-        let stored = tokio::time::timeout(FINAL_STORE_TIMEOUT, async {
-            let ack = self
-                .js
-                .send_publish(self.events_subject.clone(), msg)
-                .await
-                .map_err(|e| e.to_string())?;
-            ack.await.map_err(|e| e.to_string())
-        })
-        .await;
-        match stored {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) => Err(PublishError::Store(e)),
-            Err(_) => Err(PublishError::Timeout(FINAL_STORE_TIMEOUT)),
-        }
+        let subject = self.events_subject.clone();
+        shared::bus::store(&self.js, subject, msg, FINAL_STORE_TIMEOUT)
+            .await
+            .map_err(|e| match e {
+                BusError::JetStream(e) => PublishError::Store(e),
+                BusError::Timeout(d) => PublishError::Timeout(d),
+            })
     }
 
     /// A `chat.chunk`. A lost chunk is not fatal (`chat.complete` carries the whole
