@@ -80,7 +80,6 @@ pub const FALLBACK_MAX_CONNECTIONS: u64 = 100_000;
 /// Settings as given (flags, env, file); every field optional so layers can merge.
 #[derive(Debug, Default, Clone, Parser, Serialize, Deserialize)]
 #[command(name = "gateway", version, about = "Switchboard gateway node")]
-#[serde(deny_unknown_fields)]
 pub struct RawConfig {
     /// TOML config file (keys are the flag names with `_`).
     #[arg(long, env = "SB_CONFIG")]
@@ -94,33 +93,10 @@ pub struct RawConfig {
     /// Public listen address (WebSocket + API).
     #[arg(long, env = "SB_LISTEN")]
     pub listen: Option<String>,
-    /// Admin listen address (/healthz, /readyz, /metrics).
-    #[arg(long, env = "SB_ADMIN_LISTEN")]
-    pub admin_listen: Option<String>,
-    /// Node id (default: host name).
-    #[arg(long, env = "SB_NODE_ID")]
-    pub node_id: Option<String>,
-    #[arg(long, env = "SB_NATS_URL")]
-    pub nats_url: Option<String>,
-    #[arg(long, env = "SB_REDIS_URL")]
-    pub redis_url: Option<String>,
-    /// `SB_REDIS_URL` lists seed nodes of a Redis Cluster.
-    #[arg(long, env = "SB_REDIS_CLUSTER")]
-    pub redis_cluster: Option<bool>,
-    /// PEM roots trusted for `rediss://` servers.
-    #[arg(long, env = "SB_REDIS_TLS_CA")]
-    pub redis_tls_ca: Option<PathBuf>,
-    /// NATS `.creds` file (user JWT and nkey seed).
-    #[arg(long, env = "SB_NATS_CREDS")]
-    pub nats_creds: Option<PathBuf>,
-    /// PEM roots trusted for `tls://` NATS servers.
-    #[arg(long, env = "SB_NATS_TLS_CA")]
-    pub nats_tls_ca: Option<PathBuf>,
-    /// Prefix of NATS subjects and Redis keys.
-    #[arg(long, env = "SB_PREFIX")]
-    pub prefix: Option<String>,
-    #[arg(long, env = "SB_LOG_FORMAT")]
-    pub log_format: Option<LogFormat>,
+    /// Node, NATS, Redis, TLS, prefix and log settings (shared with the other binary).
+    #[command(flatten)]
+    #[serde(flatten)]
+    pub cluster: cfg::ClusterArgs,
 
     /// HS256 shared secret.
     #[arg(long, env = "SB_JWT_SECRET", hide_env_values = true)]
@@ -334,24 +310,20 @@ impl RawConfig {
             "SB_LISTEN",
             self.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
         )?;
-        let admin_listen = cfg::parse_addr(
-            "SB_ADMIN_LISTEN",
-            self.admin_listen.as_deref().unwrap_or(DEFAULT_ADMIN_LISTEN),
-        )?;
-        let cfg::Cluster {
-            node_id,
-            prefix,
-            nats_url,
-            nats_servers,
-            redis_url,
-            redis_cluster,
-        } = cfg::Cluster::validate(
-            self.node_id.as_deref(),
-            self.prefix.as_deref(),
-            self.nats_url.as_deref(),
-            self.redis_url.as_deref(),
-            self.redis_cluster,
-        )?;
+        let cfg::ClusterSettings {
+            admin_listen,
+            cluster:
+                cfg::Cluster {
+                    node_id,
+                    prefix,
+                    nats_url,
+                    nats_servers,
+                    redis_url,
+                    redis_cluster,
+                },
+            security,
+            log_format,
+        } = self.cluster.validate(DEFAULT_ADMIN_LISTEN)?;
 
         let origins = match self.allowed_origins.as_deref().map(cfg::parse_list) {
             None => OriginPolicy::Any,
@@ -444,13 +416,9 @@ impl RawConfig {
             nats_servers,
             redis_url,
             redis_cluster,
-            security: cfg::Security::validate(
-                self.nats_creds.as_deref(),
-                self.nats_tls_ca.as_deref(),
-                self.redis_tls_ca.as_deref(),
-            )?,
+            security,
             prefix,
-            log_format: self.log_format.unwrap_or(LogFormat::Json),
+            log_format,
             jwt: self.jwt()?,
             origins,
             api_key,

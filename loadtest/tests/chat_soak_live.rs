@@ -71,11 +71,14 @@ impl Stack {
         let stop = CancellationToken::new();
 
         let gateway_config = gateway::RawConfig {
+            cluster: shared::config::ClusterArgs {
+                nats_url: Some(nats.url()),
+                redis_url: Some(redis.url()),
+                node_id: Some(format!("live-gw-{}", testkit::free_port())),
+                ..Default::default()
+            },
             jwt_secret: Some(tokens::TEST_SECRET.into()),
-            nats_url: Some(nats.url()),
-            redis_url: Some(redis.url()),
             api_key: Some(API_KEY.into()),
-            node_id: Some(format!("live-gw-{}", testkit::free_port())),
             drain_secs: Some(1),
             connect_rate_per_ip: Some(1_000_000),
             connect_burst_per_ip: Some(1_000_000),
@@ -97,9 +100,12 @@ impl Stack {
         });
 
         let worker_config = worker::RawConfig {
-            node_id: Some(format!("live-w-{}", testkit::free_port())),
-            nats_url: Some(nats.url()),
-            redis_url: Some(redis.url()),
+            cluster: shared::config::ClusterArgs {
+                node_id: Some(format!("live-w-{}", testkit::free_port())),
+                nats_url: Some(nats.url()),
+                redis_url: Some(redis.url()),
+                ..Default::default()
+            },
             llm_base_url: Some(format!("{llm_url}/v1")),
             llm_max_attempts: Some(2),
             llm_backoff_base_ms: Some(10),

@@ -10,6 +10,8 @@ use std::path::{Path, PathBuf};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 
+use crate::telemetry::LogFormat;
+
 /// Every environment variable any Switchboard binary reads. A `SB_*` variable not in
 /// this list is a typo (or a stale setting) and is refused with its name, so a
 /// misspelt `SB_JWT_SECRE` cannot silently fall back to a default. The list is the
@@ -135,17 +137,25 @@ where
     Ok(())
 }
 
-/// Reads a TOML file into `T`. `T` should be `#[serde(deny_unknown_fields)]`, so an
-/// unknown key fails with its name.
-pub fn read_file<T: DeserializeOwned>(path: &Path) -> Result<T, ConfigError> {
-    let text = std::fs::read_to_string(path).map_err(|e| ConfigError::File {
+/// Reads a TOML file into `T`; a key that is not one of `T`'s settings fails with its
+/// name. The keys are checked here, against what `T::default()` serialises to, because
+/// serde's `deny_unknown_fields` does not work with the flattened [`ClusterArgs`].
+pub fn read_file<T: DeserializeOwned + Serialize + Default>(path: &Path) -> Result<T, ConfigError> {
+    let file_error = |message: String| ConfigError::File {
         path: path.display().to_string(),
-        message: e.to_string(),
-    })?;
-    toml::from_str(&text).map_err(|e| ConfigError::File {
-        path: path.display().to_string(),
-        message: e.message().to_owned(),
-    })
+        message,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| file_error(e.to_string()))?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|e| file_error(e.message().to_owned()))?;
+    let known = match serde_json::to_value(T::default()) {
+        Ok(serde_json::Value::Object(m)) => m,
+        _ => serde_json::Map::new(),
+    };
+    if let Some(key) = table.keys().find(|k| !known.contains_key(*k)) {
+        return Err(file_error(format!("unknown key `{key}`")));
+    }
+    T::deserialize(table).map_err(|e| file_error(e.message().to_owned()))
 }
 
 /// Overlays `top` (flags and env, as parsed by clap) on `base` (the file): a field set
@@ -170,7 +180,7 @@ pub fn layer<T: Serialize + DeserializeOwned>(base: T, top: T) -> T {
 
 /// A binary's raw settings: parsed by clap (flags with `SB_*` env twins) and by serde
 /// (the TOML file), with every setting optional so the layers can merge.
-pub trait Settings: clap::Parser + Serialize + DeserializeOwned {
+pub trait Settings: clap::Parser + Serialize + DeserializeOwned + Default {
     /// The config file named by `--config` / `SB_CONFIG`.
     fn file(&self) -> Option<PathBuf>;
     /// Copies what is not a setting (the file path, `--check-config`) from the
@@ -241,6 +251,79 @@ fn clap_error<T: clap::CommandFactory>(e: clap::Error) -> ConfigError {
         _ => "arguments".to_owned(),
     };
     ConfigError::Invalid { key, message }
+}
+
+/// The settings every Switchboard binary takes, as given: who this node is, where
+/// NATS and Redis are and how to trust them, the key prefix and the log format. Each
+/// binary's `RawConfig` flattens it, so the flags, their `SB_*` twins and the config
+/// file keys are declared once.
+#[derive(Debug, Default, Clone, clap::Args, Serialize, serde::Deserialize)]
+pub struct ClusterArgs {
+    /// Admin listen address (/healthz, /readyz, /metrics).
+    #[arg(long, env = "SB_ADMIN_LISTEN")]
+    pub admin_listen: Option<String>,
+    /// Node id (default: host name).
+    #[arg(long, env = "SB_NODE_ID")]
+    pub node_id: Option<String>,
+    #[arg(long, env = "SB_NATS_URL")]
+    pub nats_url: Option<String>,
+    #[arg(long, env = "SB_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// `SB_REDIS_URL` lists seed nodes of a Redis Cluster.
+    #[arg(long, env = "SB_REDIS_CLUSTER")]
+    pub redis_cluster: Option<bool>,
+    /// PEM roots trusted for `rediss://` servers.
+    #[arg(long, env = "SB_REDIS_TLS_CA")]
+    pub redis_tls_ca: Option<PathBuf>,
+    /// NATS `.creds` file (user JWT and nkey seed).
+    #[arg(long, env = "SB_NATS_CREDS")]
+    pub nats_creds: Option<PathBuf>,
+    /// PEM roots trusted for `tls://` NATS servers.
+    #[arg(long, env = "SB_NATS_TLS_CA")]
+    pub nats_tls_ca: Option<PathBuf>,
+    /// Prefix of NATS subjects and Redis keys.
+    #[arg(long, env = "SB_PREFIX")]
+    pub prefix: Option<String>,
+    #[arg(long, env = "SB_LOG_FORMAT")]
+    pub log_format: Option<LogFormat>,
+}
+
+/// [`ClusterArgs`] validated.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub admin_listen: SocketAddr,
+    pub cluster: Cluster,
+    pub security: Security,
+    pub log_format: LogFormat,
+}
+
+impl ClusterArgs {
+    /// Validates; `default_admin` is the binary's own admin address (gateways and
+    /// workers differ, so both run on one host).
+    pub fn validate(&self, default_admin: &str) -> Result<ClusterSettings, ConfigError> {
+        let admin_listen = parse_addr(
+            "SB_ADMIN_LISTEN",
+            self.admin_listen.as_deref().unwrap_or(default_admin),
+        )?;
+        let cluster = Cluster::validate(
+            self.node_id.as_deref(),
+            self.prefix.as_deref(),
+            self.nats_url.as_deref(),
+            self.redis_url.as_deref(),
+            self.redis_cluster,
+        )?;
+        let security = Security::validate(
+            self.nats_creds.as_deref(),
+            self.nats_tls_ca.as_deref(),
+            self.redis_tls_ca.as_deref(),
+        )?;
+        Ok(ClusterSettings {
+            admin_listen,
+            cluster,
+            security,
+            log_format: self.log_format.unwrap_or(LogFormat::Json),
+        })
+    }
 }
 
 /// Where a binary finds NATS and Redis, and what it is called there: the settings
@@ -500,7 +583,6 @@ mod tests {
     use serde::Deserialize;
 
     #[derive(Debug, Default, Serialize, Deserialize, PartialEq)]
-    #[serde(deny_unknown_fields)]
     struct Raw {
         a: Option<u32>,
         b: Option<String>,

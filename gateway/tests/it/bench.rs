@@ -37,10 +37,13 @@ async fn chat_first_chunk_overhead() {
     ));
     let backend = BackendStub::start().await;
     let raw = worker::RawConfig {
-        node_id: Some("bench-w".into()),
-        nats_url: Some(deps.nats.url()),
-        redis_url: Some(deps.redis.url()),
-        redis_cluster: Some(deps.redis.is_cluster()),
+        cluster: shared::config::ClusterArgs {
+            node_id: Some("bench-w".into()),
+            nats_url: Some(deps.nats.url()),
+            redis_url: Some(deps.redis.url()),
+            redis_cluster: Some(deps.redis.is_cluster()),
+            ..Default::default()
+        },
         llm_base_url: Some(llm.base_url()),
         backend_url: Some(backend.url()),
         max_in_flight: Some(1000),

@@ -55,12 +55,15 @@ pub struct Gw {
 
 pub fn base_config(deps: &Deps) -> RawConfig {
     RawConfig {
+        cluster: shared::config::ClusterArgs {
+            nats_url: Some(deps.nats.url()),
+            redis_url: Some(deps.redis.url()),
+            redis_cluster: Some(deps.redis.is_cluster()),
+            node_id: Some(format!("gw-{}", testkit::free_port())),
+            ..Default::default()
+        },
         jwt_secret: Some(tokens::TEST_SECRET.into()),
-        nats_url: Some(deps.nats.url()),
-        redis_url: Some(deps.redis.url()),
-        redis_cluster: Some(deps.redis.is_cluster()),
         api_key: Some(API_KEY.into()),
-        node_id: Some(format!("gw-{}", testkit::free_port())),
         drain_secs: Some(1),
         ..RawConfig::default()
     }

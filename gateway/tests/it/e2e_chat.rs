@@ -19,10 +19,13 @@ pub struct Worker {
 
 pub async fn worker(deps: &Deps, llm: &LlmStub, backend: &BackendStub) -> Worker {
     let raw = worker::RawConfig {
-        node_id: Some(format!("w-{}", testkit::free_port())),
-        nats_url: Some(deps.nats.url()),
-        redis_url: Some(deps.redis.url()),
-        redis_cluster: Some(deps.redis.is_cluster()),
+        cluster: shared::config::ClusterArgs {
+            node_id: Some(format!("w-{}", testkit::free_port())),
+            nats_url: Some(deps.nats.url()),
+            redis_url: Some(deps.redis.url()),
+            redis_cluster: Some(deps.redis.is_cluster()),
+            ..Default::default()
+        },
         llm_base_url: Some(llm.base_url()),
         llm_idle_timeout_ms: Some(2000),
         backend_url: Some(backend.url()),

@@ -106,8 +106,8 @@ async fn gateway_delivers_a_channel_publication_through_tls_only_nats() {
     };
     // Ready means the mux is connected: its `tls://` handshake succeeded.
     let gw = gateway(&deps, |raw| {
-        raw.nats_url = Some(format!("tls://127.0.0.1:{}", deps.nats.port));
-        raw.nats_tls_ca = Some(ca.ca.clone());
+        raw.cluster.nats_url = Some(format!("tls://127.0.0.1:{}", deps.nats.port));
+        raw.cluster.nats_tls_ca = Some(ca.ca.clone());
         raw.public_namespaces = Some("news".into());
     })
     .await;

@@ -38,11 +38,14 @@ impl Cluster {
 
     async fn gateway(&self, tweak: impl FnOnce(&mut gateway::RawConfig)) -> Gw {
         let mut raw = gateway::RawConfig {
+            cluster: shared::config::ClusterArgs {
+                nats_url: Some(self.nats.url_list()),
+                redis_url: Some(self.redis.url()),
+                node_id: Some(format!("gw-{}", testkit::free_port())),
+                ..Default::default()
+            },
             jwt_secret: Some(testkit::tokens::TEST_SECRET.into()),
-            nats_url: Some(self.nats.url_list()),
-            redis_url: Some(self.redis.url()),
             api_key: Some(API_KEY.into()),
-            node_id: Some(format!("gw-{}", testkit::free_port())),
             drain_secs: Some(1),
             jetstream_replicas: Some(REPLICAS),
             public_namespaces: Some("news".into()),
@@ -55,9 +58,12 @@ impl Cluster {
     async fn worker(&self, llm: &LlmStub) -> (String, CancellationToken) {
         let node_id = format!("w-{}", testkit::free_port());
         let raw = worker::RawConfig {
-            node_id: Some(node_id.clone()),
-            nats_url: Some(self.nats.url_list()),
-            redis_url: Some(self.redis.url()),
+            cluster: shared::config::ClusterArgs {
+                node_id: Some(node_id.clone()),
+                nats_url: Some(self.nats.url_list()),
+                redis_url: Some(self.redis.url()),
+                ..Default::default()
+            },
             llm_base_url: Some(llm.base_url()),
             llm_idle_timeout_ms: Some(3000),
             ack_wait_secs: Some(3),

@@ -106,11 +106,14 @@ async fn gateways_and_workers_work_through_authenticated_tls_nats_and_redis() {
 
     // A worker with its own NATS user.
     let worker = worker::RawConfig {
-        node_id: Some(format!("w-{}", testkit::free_port())),
-        nats_url: Some(s.nats_url("worker", WORKER_PASSWORD)),
-        nats_tls_ca: Some(s.ca.ca.clone()),
-        redis_url: Some(s.redis_url()),
-        redis_tls_ca: Some(s.ca.ca.clone()),
+        cluster: shared::config::ClusterArgs {
+            node_id: Some(format!("w-{}", testkit::free_port())),
+            nats_url: Some(s.nats_url("worker", WORKER_PASSWORD)),
+            nats_tls_ca: Some(s.ca.ca.clone()),
+            redis_url: Some(s.redis_url()),
+            redis_tls_ca: Some(s.ca.ca.clone()),
+            ..Default::default()
+        },
         llm_base_url: Some(llm.base_url()),
         backend_url: Some(backend.url()),
         ack_wait_secs: Some(5),
@@ -134,13 +137,16 @@ async fn gateways_and_workers_work_through_authenticated_tls_nats_and_redis() {
 
     // A gateway with its own NATS user.
     let raw = gateway::RawConfig {
+        cluster: shared::config::ClusterArgs {
+            nats_url: Some(s.nats_url("gateway", GATEWAY_PASSWORD)),
+            nats_tls_ca: Some(s.ca.ca.clone()),
+            redis_url: Some(s.redis_url()),
+            redis_tls_ca: Some(s.ca.ca.clone()),
+            node_id: Some(format!("gw-{}", testkit::free_port())),
+            ..Default::default()
+        },
         jwt_secret: Some(testkit::tokens::TEST_SECRET.into()),
-        nats_url: Some(s.nats_url("gateway", GATEWAY_PASSWORD)),
-        nats_tls_ca: Some(s.ca.ca.clone()),
-        redis_url: Some(s.redis_url()),
-        redis_tls_ca: Some(s.ca.ca.clone()),
         api_key: Some(API_KEY.into()),
-        node_id: Some(format!("gw-{}", testkit::free_port())),
         public_namespaces: Some("news".into()),
         drain_secs: Some(1),
         ..gateway::RawConfig::default()

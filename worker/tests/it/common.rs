@@ -80,10 +80,13 @@ impl Env {
     /// Test settings: short timeouts and backoffs so failures show quickly.
     pub fn config(&self) -> RawConfig {
         RawConfig {
-            node_id: Some(unique("w")),
-            nats_url: Some(self.nats.url()),
-            redis_url: Some(self.redis.url()),
-            redis_cluster: Some(self.redis.is_cluster()),
+            cluster: shared::config::ClusterArgs {
+                node_id: Some(unique("w")),
+                nats_url: Some(self.nats.url()),
+                redis_url: Some(self.redis.url()),
+                redis_cluster: Some(self.redis.is_cluster()),
+                ..Default::default()
+            },
             llm_base_url: Some(self.llm.base_url()),
             llm_connect_timeout_ms: Some(1000),
             llm_first_token_timeout_ms: Some(3000),
