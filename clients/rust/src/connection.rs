@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use protocol::{ClientFrame, FrameId, ServerFrame};
-use tokio::net::{TcpSocket, TcpStream};
+use tokio::net::TcpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
@@ -27,7 +27,11 @@ use crate::options::{Options, RESTART_JITTER, TokenFuture, TokenReason};
 use crate::stats::Counters;
 use crate::subscription::Subscriptions;
 
-type Ws = WebSocketStream<TcpStream>;
+/// A socket, plain or TLS.
+pub(crate) trait Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin {}
+impl<T: tokio::io::AsyncRead + tokio::io::AsyncWrite + Send + Unpin> Io for T {}
+
+type Ws = WebSocketStream<Box<dyn Io>>;
 type Sink = SplitSink<Ws, Message>;
 pub(crate) type Reply = oneshot::Sender<Result<ServerFrame, ClientError>>;
 
@@ -91,6 +95,8 @@ pub(crate) struct Connection {
     next_id: i64,
     backoff: Backoff,
     counters: Arc<Counters>,
+    /// Built at the first `wss://` attempt.
+    tls: Option<tokio_rustls::TlsConnector>,
 }
 
 impl Connection {
@@ -120,6 +126,7 @@ impl Connection {
             next_id: 0,
             backoff,
             counters,
+            tls: None,
         }
     }
 
@@ -338,20 +345,20 @@ impl Connection {
         }
     }
 
-    async fn handshake(&self, url: &str) -> Result<Ws, String> {
+    async fn handshake(&mut self, url: &str) -> Result<Ws, String> {
         let mut req = url.into_client_request().map_err(|e| e.to_string())?;
         req.headers_mut().insert(
             "Sec-WebSocket-Protocol",
             HeaderValue::from_static(protocol::SUBPROTOCOL),
         );
         let uri = req.uri();
-        if uri.scheme_str() != Some("ws") {
-            return Err(format!(
-                "{url}: only ws:// URLs are supported (terminate TLS in front of the client)"
-            ));
-        }
+        let tls = match uri.scheme_str() {
+            Some("ws") => false,
+            Some("wss") => true,
+            _ => return Err(format!("{url}: not a ws:// or wss:// URL")),
+        };
         let host = uri.host().ok_or("the URL has no host")?.to_owned();
-        let port = uri.port_u16().unwrap_or(80);
+        let port = uri.port_u16().unwrap_or(if tls { 443 } else { 80 });
         let addr = tokio::net::lookup_host((host.as_str(), port))
             .await
             .map_err(|e| format!("{host}: {e}"))?
@@ -373,6 +380,17 @@ impl Connection {
         }
         let stream = socket.connect(addr).await.map_err(|e| e.to_string())?;
         let _ = stream.set_nodelay(true);
+        let stream: Box<dyn Io> = if tls {
+            if self.tls.is_none() {
+                self.tls = Some(crate::tls::connector(self.opts.tls_ca.as_deref())?);
+            }
+            let connector = self.tls.as_ref().expect("set above");
+            // A bracketed IPv6 literal is not a DNS name; the certificate names the IP.
+            let name = host.trim_start_matches('[').trim_end_matches(']');
+            Box::new(crate::tls::handshake(connector, name, stream).await?)
+        } else {
+            Box::new(stream)
+        };
         let (ws, _) = tokio_tungstenite::client_async(req, stream)
             .await
             .map_err(|e| e.to_string())?;

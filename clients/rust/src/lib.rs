@@ -32,6 +32,7 @@ mod event;
 mod options;
 mod stats;
 mod subscription;
+mod tls;
 
 use std::time::{Duration, Instant};
 

@@ -86,6 +86,8 @@ pub struct Options {
     pub local_addr: Option<IpAddr>,
     /// Socket receive buffer in bytes (a test of slow consumers makes it small).
     pub recv_buffer: Option<u32>,
+    /// PEM certificates trusted for `wss://` instead of the system's roots.
+    pub tls_ca: Option<Vec<u8>>,
 }
 
 impl Options {
@@ -114,6 +116,7 @@ impl Options {
             event_queue: EVENT_QUEUE,
             local_addr: None,
             recv_buffer: None,
+            tls_ca: None,
         }
     }
 

@@ -284,3 +284,64 @@ async fn a_chat_reply_arrives_exactly_once_across_a_reconnect() {
     assert_eq!(history.len(), 4, "two exchanges, each once: {history:?}");
     client.close().await;
 }
+
+/// A TLS front (what a load balancer does) for a gateway: the server certificate of
+/// `ca`, every connection copied to the gateway.
+async fn tls_front(gateway: std::net::SocketAddr, ca: &testkit::tls::TestCa) -> u16 {
+    use tokio_rustls::rustls::ServerConfig;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&ca.cert)
+        .unwrap()
+        .map(Result::unwrap)
+        .collect();
+    let key = PrivateKeyDer::from_pem_file(&ca.key).unwrap();
+    let config = ServerConfig::builder()
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                if let Ok(mut up) = tokio::net::TcpStream::connect(gateway).await {
+                    let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+                }
+            });
+        }
+    });
+    port
+}
+
+#[tokio::test]
+async fn wss_works_with_the_trusted_ca_and_fails_with_the_system_roots() {
+    let deps = Deps::start();
+    let gw = gateway(&deps, |_| {}).await;
+    let ca = testkit::tls::TestCa::new().unwrap();
+    let port = tls_front(gw.addr, &ca).await;
+    let url = format!("wss://localhost:{port}/ws");
+
+    let mut opts = options(std::slice::from_ref(&url), "vic");
+    opts.tls_ca = Some(std::fs::read(&ca.ca).unwrap());
+    let (client, _events) = connect(opts);
+    assert_eq!(client.ready().await.unwrap().node, gw.node_id);
+    assert!(client.publish("user:vic", json!("over tls")).await.unwrap() >= 1);
+    client.close().await;
+
+    // The test CA is not a system root: the handshake fails and the client says why.
+    let (client, mut events) = connect(options(&[url], "vic"));
+    let why = next_event(&mut events, |e| match e {
+        Event::Status(Status::Reconnecting { reason, .. }) => Some(reason),
+        Event::Status(Status::Authenticated(_)) => panic!("an untrusted server was accepted"),
+        _ => None,
+    })
+    .await;
+    assert!(why.contains("TLS") && why.contains("certificate"), "{why}");
+    client.close().await;
+}
