@@ -297,14 +297,31 @@ impl Cluster {
             http,
             _store: store,
         };
-        c.wait_nats().await?;
-        for port in std::iter::once(c.nats_port).chain(c.nats_peers.iter().map(|p| p.port)) {
+        let ports = (llm_port, tap_port, backend_port);
+        if let Err(e) = c.start_nodes(bins, log_dir, mode, ports).await {
+            // A CI run keeps no logs: the error carries what each piece reported.
+            bail!("{e:#}\n{}", c.processes_report());
+        }
+        Ok(c)
+    }
+
+    /// After the stores and upstreams were spawned: waits for them, then starts the
+    /// gateways, the workers and HAProxy and waits until all serve.
+    async fn start_nodes(
+        &mut self,
+        bins: &Bins,
+        log_dir: &Path,
+        mode: RedisMode,
+        (llm_port, tap_port, backend_port): (u16, u16, u16),
+    ) -> Result<()> {
+        self.wait_nats().await?;
+        for port in std::iter::once(self.nats_port).chain(self.nats_peers.iter().map(|p| p.port)) {
             wait_port(port).await?;
         }
         if mode == RedisMode::Cluster {
-            c.form_redis_cluster().await?;
+            self.form_redis_cluster().await?;
         }
-        c.wait_redis().await?;
+        self.wait_redis().await?;
         wait_port(llm_port).await?;
         wait_port(backend_port).await?;
 
@@ -315,18 +332,18 @@ impl Cluster {
                 .env("SB_NODE_ID", &id)
                 .env("SB_LISTEN", format!("127.0.0.1:{p}"))
                 .env("SB_ADMIN_LISTEN", format!("127.0.0.1:{a}"))
-                .env("SB_NATS_URL", c.nats_url())
-                .env("SB_REDIS_URL", c.redis_url())
-                .env("SB_REDIS_CLUSTER", c.redis_cluster_flag())
-                .env("SB_JWT_SECRET", &c.secret)
-                .env("SB_API_KEY", &c.api_key)
+                .env("SB_NATS_URL", self.nats_url())
+                .env("SB_REDIS_URL", self.redis_url())
+                .env("SB_REDIS_CLUSTER", self.redis_cluster_flag())
+                .env("SB_JWT_SECRET", &self.secret)
+                .env("SB_API_KEY", &self.api_key)
                 .env("SB_TRUSTED_PROXIES", "127.0.0.1/32")
                 .env("SB_PUBLIC_NAMESPACES", ROOM_NAMESPACE)
-                .env("SB_DRAIN_SECS", c.settings.drain_secs.to_string())
-                .env("SB_JETSTREAM_REPLICAS", c.nats_count().to_string())
+                .env("SB_DRAIN_SECS", self.settings.drain_secs.to_string())
+                .env("SB_JETSTREAM_REPLICAS", self.nats_count().to_string())
                 .env("SB_LOG_FORMAT", "text")
                 .env("SB_LOG", "info");
-            c.gateways.push(Node {
+            self.gateways.push(Node {
                 id,
                 proc: Proc::start(spec, log_dir)?,
                 port: p,
@@ -339,49 +356,46 @@ impl Cluster {
             let spec = Spec::new(&id, bins.get("worker")?)
                 .env("SB_NODE_ID", &id)
                 .env("SB_ADMIN_LISTEN", format!("127.0.0.1:{a}"))
-                .env("SB_NATS_URL", c.nats_url())
-                .env("SB_REDIS_URL", c.redis_url())
-                .env("SB_REDIS_CLUSTER", c.redis_cluster_flag())
+                .env("SB_NATS_URL", self.nats_url())
+                .env("SB_REDIS_URL", self.redis_url())
+                .env("SB_REDIS_CLUSTER", self.redis_cluster_flag())
                 .env("SB_LLM_BASE_URL", format!("http://127.0.0.1:{tap_port}/v1"))
                 .env("SB_BACKEND_URL", format!("http://127.0.0.1:{backend_port}"))
-                .env("SB_ACK_WAIT_SECS", c.settings.ack_wait_secs.to_string())
+                .env("SB_ACK_WAIT_SECS", self.settings.ack_wait_secs.to_string())
                 .env(
                     "SB_BREAKER_COOLDOWN_MS",
-                    c.settings.breaker_cooldown_ms.to_string(),
+                    self.settings.breaker_cooldown_ms.to_string(),
                 )
-                .env("SB_JETSTREAM_REPLICAS", c.nats_count().to_string())
+                .env("SB_JETSTREAM_REPLICAS", self.nats_count().to_string())
                 .env("SB_LOG_FORMAT", "text")
                 // The retry decisions (and their delays) are logged at debug.
                 .env("SB_LOG", "info,worker::llm=debug");
-            c.workers.push(Node {
+            self.workers.push(Node {
                 id,
                 proc: Proc::start(spec, log_dir)?,
                 port: 0,
                 admin: a,
             });
         }
-        for i in 0..c.gateways.len() + c.workers.len() {
-            if let Err(e) = c.wait_started(i).await {
-                // A CI run keeps no logs: the error carries what each piece reported.
-                bail!("{e}\n{}", c.processes_report());
-            }
+        for i in 0..self.gateways.len() + self.workers.len() {
+            self.wait_started(i).await?;
         }
 
-        let cfg = c.haproxy_config();
+        let cfg = self.haproxy_config();
         let cfg_path = log_dir.join("haproxy.cfg");
         std::fs::write(&cfg_path, cfg)?;
-        c.haproxy = Some(Proc::start(
+        self.haproxy = Some(Proc::start(
             Spec::new("haproxy", system_binary("haproxy")?)
                 .arg("-db")
                 .arg("-f")
                 .arg(cfg_path.display().to_string()),
             log_dir,
         )?);
-        wait_port(c.lb_port).await?;
+        wait_port(self.lb_port).await?;
         for i in 0..GATEWAYS {
-            c.wait_lb_up(i, START_LIMIT).await?;
+            self.wait_lb_up(i, START_LIMIT).await?;
         }
-        Ok(c)
+        Ok(())
     }
 
     fn haproxy_config(&self) -> String {
