@@ -52,6 +52,9 @@ use connection::{Command, Connection};
 
 /// Commands in flight from the handles to the connection task.
 const COMMAND_QUEUE: usize = 64;
+/// `close` waits this long for the client to stop: the close handshake itself is
+/// bounded by 1 s, the rest is the connection task getting to it.
+pub const CLOSE_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// Starts a client: it connects at once and keeps reconnecting by the rules until
 /// closed. Events arrive in order on the returned queue.
@@ -317,11 +320,17 @@ impl Client {
             .map_err(|_| stopped())
     }
 
-    /// Closes the socket with 1000 and stops the client.
+    /// Closes the socket with 1000 and stops the client; returns once it stopped, or
+    /// after [`CLOSE_TIMEOUT`] when the client cannot get to it (an application that
+    /// stopped reading a full event queue: the client then stops when the queue has
+    /// room or its receiver is dropped).
     pub async fn close(&self) {
-        let _ = self.cmds.send(Command::Close).await;
         let mut rx = self.status.clone();
-        let _ = rx.wait_for(|s| matches!(s, Status::Stopped(_))).await;
+        let stopped = async {
+            let _ = self.cmds.send(Command::Close).await;
+            let _ = rx.wait_for(|s| matches!(s, Status::Stopped(_))).await;
+        };
+        let _ = tokio::time::timeout(CLOSE_TIMEOUT, stopped).await;
     }
 
     /// Any client frame with a direct reply, for what the typed methods do not
@@ -345,4 +354,24 @@ fn stopped() -> ClientError {
 
 fn unexpected(frame: ServerFrame) -> ClientError {
     ClientError::Unexpected(format!("{frame:?}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An application that never reads its events still gets `close` back.
+    #[tokio::test]
+    async fn close_returns_when_the_event_queue_is_full_and_unread() {
+        let mut opts = Options::with_token("ws://127.0.0.1:9/ws", "t");
+        opts.event_queue = 1;
+        opts.backoff_base = Duration::from_millis(1);
+        opts.backoff_cap = Duration::from_millis(2);
+        let (client, _events) = connect(opts);
+        // Nothing listens on port 9: attempts fail and fill the one-event queue.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let start = Instant::now();
+        client.close().await;
+        assert!(start.elapsed() <= CLOSE_TIMEOUT + Duration::from_millis(500));
+    }
 }
