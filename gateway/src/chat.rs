@@ -92,7 +92,7 @@ pub async fn send(
         message,
         files,
         created_at: now_ms(),
-        node: node.config.node_id.clone(),
+        node: node.config.cluster.node_id.clone(),
     };
     publish(node, &req).await?;
     Ok(ServerFrame::Ack {

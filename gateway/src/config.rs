@@ -218,18 +218,8 @@ pub struct ChannelConfig {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
-    pub node_id: String,
-    /// `SB_NATS_URL` as given, for the summary.
-    pub nats_url: String,
-    /// Every server of `SB_NATS_URL`, parsed once (`shared::config::parse_nats_servers`).
-    pub nats_servers: Vec<async_nats::ServerAddr>,
-    pub redis_url: String,
-    pub redis_cluster: bool,
-    /// NATS credentials and the CAs trusted for NATS and Redis TLS.
-    pub security: cfg::Security,
-    pub prefix: String,
-    pub log_format: LogFormat,
+    /// Node, NATS, Redis, TLS, prefix and log settings (`shared::config::Cluster`).
+    pub cluster: cfg::Cluster,
     pub jwt: JwtSettings,
     pub origins: OriginPolicy,
     pub api_key: Option<String>,
@@ -310,20 +300,7 @@ impl RawConfig {
             "SB_LISTEN",
             self.listen.as_deref().unwrap_or(DEFAULT_LISTEN),
         )?;
-        let cfg::ClusterSettings {
-            admin_listen,
-            cluster:
-                cfg::Cluster {
-                    node_id,
-                    prefix,
-                    nats_url,
-                    nats_servers,
-                    redis_url,
-                    redis_cluster,
-                },
-            security,
-            log_format,
-        } = self.cluster.validate(DEFAULT_ADMIN_LISTEN)?;
+        let cluster = self.cluster.validate(DEFAULT_ADMIN_LISTEN)?;
 
         let origins = match self.allowed_origins.as_deref().map(cfg::parse_list) {
             None => OriginPolicy::Any,
@@ -409,16 +386,8 @@ impl RawConfig {
         };
 
         Ok(Config {
+            cluster,
             listen,
-            admin_listen,
-            node_id,
-            nats_url,
-            nats_servers,
-            redis_url,
-            redis_cluster,
-            security,
-            prefix,
-            log_format,
             jwt: self.jwt()?,
             origins,
             api_key,
@@ -610,10 +579,10 @@ impl Config {
     pub fn summary(&self) -> serde_json::Value {
         serde_json::json!({
             "listen": self.listen.to_string(),
-            "admin_listen": self.admin_listen.to_string(),
-            "node_id": self.node_id,
-            "prefix": self.prefix,
-            "redis_cluster": self.redis_cluster,
+            "admin_listen": self.cluster.admin_listen.to_string(),
+            "node_id": self.cluster.node_id,
+            "prefix": self.cluster.prefix,
+            "redis_cluster": self.cluster.redis_cluster,
             "jwt_algorithm": self.jwt.algorithm.to_string(),
             "jwt_audience": self.jwt.audience,
             "jwt_issuer": self.jwt.issuer,

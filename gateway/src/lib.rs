@@ -72,14 +72,14 @@ pub async fn run(
     let scaffold = Scaffold::new("gateway");
     let validator = Validator::new(&config.jwt)?;
     let store = SessionStore::open_tls(
-        shared::config::redis_target(&config.redis_url, config.redis_cluster),
-        config.security.redis_tls_ca.clone(),
-        Keys::new(&config.prefix),
+        shared::config::redis_target(&config.cluster.redis_url, config.cluster.redis_cluster),
+        config.cluster.security.redis_tls_ca.clone(),
+        Keys::new(&config.cluster.prefix),
     )?;
     let nats = shared::nats::connect(
-        format!("gateway-{}", config.node_id),
-        &config.nats_servers,
-        &config.security,
+        format!("gateway-{}", config.cluster.node_id),
+        &config.cluster.nats_servers,
+        &config.cluster.security,
         |options| options.request_timeout(Some(config.user_context_timeout)),
     )
     .await?;
@@ -88,20 +88,22 @@ pub async fn run(
 
     // The multiplexer speaks `nats://` and `tls://` with URL credentials; `.creds`
     // (nkey signatures) stay with async-nats.
-    let mux_servers = match config.security.nats_creds {
+    let mux_servers = match config.cluster.security.nats_creds {
         Some(_) => None,
-        None => mux::servers_from(&config.nats_servers),
+        None => mux::servers_from(&config.cluster.nats_servers),
     };
     let wire = match mux_servers {
         Some(servers) => {
             let tls = if servers.iter().any(|s| s.tls) {
-                Some(mux::tls_connector(config.security.nats_tls_ca.as_deref())?)
+                Some(mux::tls_connector(
+                    config.cluster.security.nats_tls_ca.as_deref(),
+                )?)
             } else {
                 None
             };
             Wire::Mux(Mux::new(
                 servers,
-                format!("gateway-{}-subs", config.node_id),
+                format!("gateway-{}-subs", config.cluster.node_id),
                 tls,
             ))
         }
@@ -167,7 +169,7 @@ impl shared::admin::Health for Node {
             "draining": self.is_draining(),
             "nats": self.nats_connected(),
             "redis": self.redis_up.load(std::sync::atomic::Ordering::Acquire),
-            "node": self.config.node_id,
+            "node": self.config.cluster.node_id,
         })
     }
 }

@@ -21,7 +21,7 @@ fn main() -> ExitCode {
 fn start() -> Result<Start<gateway::Config>, ConfigError> {
     let raw = RawConfig::load(std::env::args_os())?;
     let config = raw.validate()?;
-    let log_format = config.log_format;
+    let log_format = config.cluster.log_format;
     Ok(Start::new(raw.check_config, config, log_format, |c| {
         c.summary().to_string()
     }))
@@ -42,8 +42,12 @@ fn raise_open_file_limit() {
 async fn serve(config: gateway::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
     let public = listen(config.listen)
         .with_context(|| format!("SB_LISTEN: cannot bind {}", config.listen))?;
-    let admin = listen(config.admin_listen)
-        .with_context(|| format!("SB_ADMIN_LISTEN: cannot bind {}", config.admin_listen))?;
+    let admin = listen(config.cluster.admin_listen).with_context(|| {
+        format!(
+            "SB_ADMIN_LISTEN: cannot bind {}",
+            config.cluster.admin_listen
+        )
+    })?;
     gateway::run(Listeners { public, admin }, config, shutdown).await?;
     Ok(())
 }

@@ -100,7 +100,7 @@ impl Node {
         shutdown: CancellationToken,
         scaffold: &Scaffold,
     ) -> Arc<Node> {
-        let subjects = Subjects::new(&config.prefix);
+        let subjects = Subjects::new(&config.cluster.prefix);
         let stop = scaffold.stop.clone();
         let background = scaffold.background.clone();
         let hub = Hub::new(
@@ -297,7 +297,7 @@ impl Node {
 
     fn node_record(&self) -> NodeRecord {
         NodeRecord {
-            node: self.config.node_id.clone(),
+            node: self.config.cluster.node_id.clone(),
             connections: self.hub.len() as u64,
             started_at: self.started_at,
             heartbeat_at: now_ms(),
@@ -454,7 +454,7 @@ impl Node {
             let counts = self.hub.channel_counts();
             if let Err(e) = self
                 .store
-                .node_channels(&self.config.node_id, &counts, ttl)
+                .node_channels(&self.config.cluster.node_id, &counts, ttl)
                 .await
             {
                 metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "heartbeat").increment(1);
@@ -580,7 +580,7 @@ impl Node {
 
     /// Forgets this node in Redis after a clean shutdown.
     pub async fn deregister(&self) {
-        if let Err(e) = self.store.remove_node(&self.config.node_id).await {
+        if let Err(e) = self.store.remove_node(&self.config.cluster.node_id).await {
             tracing::warn!(error = %e, "could not remove node record");
         }
     }

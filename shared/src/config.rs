@@ -288,81 +288,30 @@ pub struct ClusterArgs {
     pub log_format: Option<LogFormat>,
 }
 
-/// [`ClusterArgs`] validated.
-#[derive(Debug, Clone)]
-pub struct ClusterSettings {
-    pub admin_listen: SocketAddr,
-    pub cluster: Cluster,
-    pub security: Security,
-    pub log_format: LogFormat,
-}
-
 impl ClusterArgs {
     /// Validates; `default_admin` is the binary's own admin address (gateways and
     /// workers differ, so both run on one host).
-    pub fn validate(&self, default_admin: &str) -> Result<ClusterSettings, ConfigError> {
+    pub fn validate(&self, default_admin: &str) -> Result<Cluster, ConfigError> {
         let admin_listen = parse_addr(
             "SB_ADMIN_LISTEN",
             self.admin_listen.as_deref().unwrap_or(default_admin),
         )?;
-        let cluster = Cluster::validate(
-            self.node_id.as_deref(),
-            self.prefix.as_deref(),
-            self.nats_url.as_deref(),
-            self.redis_url.as_deref(),
-            self.redis_cluster,
-        )?;
-        let security = Security::validate(
-            self.nats_creds.as_deref(),
-            self.nats_tls_ca.as_deref(),
-            self.redis_tls_ca.as_deref(),
-        )?;
-        Ok(ClusterSettings {
-            admin_listen,
-            cluster,
-            security,
-            log_format: self.log_format.unwrap_or(LogFormat::Json),
-        })
-    }
-}
-
-/// Where a binary finds NATS and Redis, and what it is called there: the settings
-/// every Switchboard binary shares, validated the same way everywhere.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Cluster {
-    pub node_id: String,
-    pub prefix: String,
-    /// `SB_NATS_URL` as given (for logs and the config summary).
-    pub nats_url: String,
-    /// `SB_NATS_URL` parsed once: every server of the list, in order.
-    pub nats_servers: Vec<async_nats::ServerAddr>,
-    pub redis_url: String,
-    /// `SB_REDIS_CLUSTER`: `redis_url` lists seed nodes of a Redis Cluster.
-    pub redis_cluster: bool,
-}
-
-/// Default NATS and Redis (a local install) and prefix.
-pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
-pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
-/// Prefix of every subject and key: lets several deployments share NATS and Redis.
-pub const DEFAULT_PREFIX: &str = "sb";
-
-impl Cluster {
-    pub fn validate(
-        node_id: Option<&str>,
-        prefix: Option<&str>,
-        nats_url: Option<&str>,
-        redis_url: Option<&str>,
-        redis_cluster: Option<bool>,
-    ) -> Result<Cluster, ConfigError> {
-        let node_id = node_id.map(str::to_owned).unwrap_or_else(default_node_id);
+        let node_id = self.node_id.clone().unwrap_or_else(default_node_id);
         validate_token("SB_NODE_ID", &node_id)?;
-        let prefix = prefix.unwrap_or(DEFAULT_PREFIX).to_owned();
+        let prefix = self.prefix.as_deref().unwrap_or(DEFAULT_PREFIX).to_owned();
         validate_token("SB_PREFIX", &prefix)?;
-        let nats_url = nats_url.unwrap_or(DEFAULT_NATS_URL).to_owned();
+        let nats_url = self
+            .nats_url
+            .as_deref()
+            .unwrap_or(DEFAULT_NATS_URL)
+            .to_owned();
         let nats_servers = parse_nats_servers(&nats_url)?;
-        let redis_url = redis_url.unwrap_or(DEFAULT_REDIS_URL).to_owned();
-        let redis_cluster = redis_cluster.unwrap_or(false);
+        let redis_url = self
+            .redis_url
+            .as_deref()
+            .unwrap_or(DEFAULT_REDIS_URL)
+            .to_owned();
+        let redis_cluster = self.redis_cluster.unwrap_or(false);
         let seeds = parse_list(&redis_url);
         if seeds.is_empty() {
             return Err(ConfigError::invalid("SB_REDIS_URL", "must not be empty"));
@@ -381,16 +330,50 @@ impl Cluster {
         for seed in &seeds {
             validate_url("SB_REDIS_URL", seed, schemes)?;
         }
+        let security = Security::validate(
+            self.nats_creds.as_deref(),
+            self.nats_tls_ca.as_deref(),
+            self.redis_tls_ca.as_deref(),
+        )?;
         Ok(Cluster {
+            admin_listen,
             node_id,
             prefix,
             nats_url,
             nats_servers,
             redis_url,
             redis_cluster,
+            security,
+            log_format: self.log_format.unwrap_or(LogFormat::Json),
         })
     }
 }
+
+/// [`ClusterArgs`] validated: where a binary finds NATS and Redis, how it proves
+/// itself there, what it is called, and how it logs. Both binaries' `Config` hold it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Cluster {
+    /// Admin listen address (/healthz, /readyz, /metrics).
+    pub admin_listen: SocketAddr,
+    pub node_id: String,
+    pub prefix: String,
+    /// `SB_NATS_URL` as given (for logs and the config summary).
+    pub nats_url: String,
+    /// `SB_NATS_URL` parsed once: every server of the list, in order.
+    pub nats_servers: Vec<async_nats::ServerAddr>,
+    pub redis_url: String,
+    /// `SB_REDIS_CLUSTER`: `redis_url` lists seed nodes of a Redis Cluster.
+    pub redis_cluster: bool,
+    /// NATS credentials and the CAs trusted for NATS and Redis TLS.
+    pub security: Security,
+    pub log_format: LogFormat,
+}
+
+/// Default NATS and Redis (a local install) and prefix.
+pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";
+/// Prefix of every subject and key: lets several deployments share NATS and Redis.
+pub const DEFAULT_PREFIX: &str = "sb";
 
 /// How a binary proves itself to NATS and Redis and whom it trusts there:
 /// `SB_NATS_CREDS` (a NATS `.creds` file: user JWT and nkey seed), `SB_NATS_TLS_CA`
@@ -656,7 +639,11 @@ mod tests {
             let e = parse_nats_servers(bad).unwrap_err();
             assert!(e.to_string().starts_with("SB_NATS_URL: "), "{bad:?}: {e}");
         }
-        let c = Cluster::validate(None, None, Some("nats://a:1,nats://b:2"), None, None).unwrap();
+        let args = ClusterArgs {
+            nats_url: Some("nats://a:1,nats://b:2".into()),
+            ..ClusterArgs::default()
+        };
+        let c = args.validate("127.0.0.1:0").unwrap();
         assert_eq!(c.nats_servers.len(), 2);
         assert_eq!(c.nats_url, "nats://a:1,nats://b:2");
     }

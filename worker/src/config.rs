@@ -1,7 +1,6 @@
 //! Worker configuration: flags with `SB_*` env twins, an optional TOML file, named
 //! defaults, and validation that names the key at fault.
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -258,18 +257,8 @@ pub struct FileLimits {
 /// Validated worker configuration.
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub admin_listen: SocketAddr,
-    pub node_id: String,
-    /// `SB_NATS_URL` as given, for the summary.
-    pub nats_url: String,
-    /// Every server of `SB_NATS_URL`, parsed once (`shared::config::parse_nats_servers`).
-    pub nats_servers: Vec<async_nats::ServerAddr>,
-    pub redis_url: String,
-    pub redis_cluster: bool,
-    /// NATS credentials and the CAs trusted for NATS and Redis TLS.
-    pub security: cfg::Security,
-    pub prefix: String,
-    pub log_format: LogFormat,
+    /// Node, NATS, Redis, TLS, prefix and log settings (`shared::config::Cluster`).
+    pub cluster: cfg::Cluster,
     pub llm: LlmSettings,
     pub backend: BackendSettings,
     pub max_in_flight: usize,
@@ -311,20 +300,7 @@ impl RawConfig {
     }
 
     pub fn validate(&self) -> Result<Config, ConfigError> {
-        let cfg::ClusterSettings {
-            admin_listen,
-            cluster:
-                cfg::Cluster {
-                    node_id,
-                    prefix,
-                    nats_url,
-                    nats_servers,
-                    redis_url,
-                    redis_cluster,
-                },
-            security,
-            log_format,
-        } = self.cluster.validate(DEFAULT_ADMIN_LISTEN)?;
+        let cluster = self.cluster.validate(DEFAULT_ADMIN_LISTEN)?;
 
         let max_in_flight = self.max_in_flight.unwrap_or(DEFAULT_MAX_IN_FLIGHT);
         if !(1..=MAX_IN_FLIGHT_LIMIT).contains(&max_in_flight) {
@@ -362,15 +338,7 @@ impl RawConfig {
         }
 
         Ok(Config {
-            admin_listen,
-            node_id,
-            nats_url,
-            nats_servers,
-            redis_url,
-            redis_cluster,
-            security,
-            prefix,
-            log_format,
+            cluster,
             llm: self.llm()?,
             backend: self.backend()?,
             max_in_flight,
@@ -541,10 +509,10 @@ impl Config {
     /// A summary for `--check-config` and the start-up log; never includes secrets.
     pub fn summary(&self) -> serde_json::Value {
         serde_json::json!({
-            "admin_listen": self.admin_listen.to_string(),
-            "node_id": self.node_id,
-            "prefix": self.prefix,
-            "redis_cluster": self.redis_cluster,
+            "admin_listen": self.cluster.admin_listen.to_string(),
+            "node_id": self.cluster.node_id,
+            "prefix": self.cluster.prefix,
+            "redis_cluster": self.cluster.redis_cluster,
             "llm_base_url": self.llm.base_url,
             "llm_protocol": self.llm.protocol,
             "llm_model": self.llm.model,
@@ -580,7 +548,7 @@ mod tests {
     #[test]
     fn defaults_are_valid() {
         let c = raw(&[]).unwrap();
-        assert_eq!(c.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
+        assert_eq!(c.cluster.admin_listen.to_string(), DEFAULT_ADMIN_LISTEN);
         assert_eq!(c.max_in_flight, 64);
         assert_eq!(c.history_window, 100);
         assert_eq!(c.token_budget, 32_000);

@@ -63,18 +63,18 @@ pub async fn run(
 ) -> Result<(), StartError> {
     let scaffold = Scaffold::new("worker");
     let store = SessionStore::open_tls(
-        shared::config::redis_target(&config.redis_url, config.redis_cluster),
-        config.security.redis_tls_ca.clone(),
-        Keys::new(&config.prefix),
+        shared::config::redis_target(&config.cluster.redis_url, config.cluster.redis_cluster),
+        config.cluster.security.redis_tls_ca.clone(),
+        Keys::new(&config.cluster.prefix),
     )?;
     let llm = LlmClient::new(&config.llm)?;
     let backend = BackendClient::new(&config.backend).map_err(StartError::Backend)?;
     let link = link::Link::default();
     let on_event = link.clone();
     let nats = shared::nats::connect(
-        format!("worker-{}", config.node_id),
-        &config.nats_servers,
-        &config.security,
+        format!("worker-{}", config.cluster.node_id),
+        &config.cluster.nats_servers,
+        &config.cluster.security,
         |options| {
             options.event_callback(move |event| {
                 on_event.on_event(&event);
@@ -92,7 +92,7 @@ pub async fn run(
     let pdf = pdf::PdfReader::new(config.pdf_extractor.clone());
     let worker = Arc::new(Worker {
         pdf,
-        subjects: Subjects::new(&config.prefix),
+        subjects: Subjects::new(&config.cluster.prefix),
         breaker: Breaker::new(
             config.backend.breaker_failures,
             config.backend.breaker_cooldown,

@@ -22,16 +22,21 @@ fn main() -> ExitCode {
 fn start() -> Result<Start<worker::Config>, ConfigError> {
     let raw = RawConfig::load(std::env::args_os())?;
     let config = raw.validate()?;
-    let log_format = config.log_format;
+    let log_format = config.cluster.log_format;
     Ok(Start::new(raw.check_config, config, log_format, |c| {
         c.summary().to_string()
     }))
 }
 
 async fn serve(config: worker::Config, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let admin = TcpListener::bind(config.admin_listen)
+    let admin = TcpListener::bind(config.cluster.admin_listen)
         .await
-        .with_context(|| format!("SB_ADMIN_LISTEN: cannot bind {}", config.admin_listen))?;
+        .with_context(|| {
+            format!(
+                "SB_ADMIN_LISTEN: cannot bind {}",
+                config.cluster.admin_listen
+            )
+        })?;
     worker::run(admin, config, shutdown).await?;
     Ok(())
 }

@@ -74,7 +74,7 @@ impl shared::admin::Health for Worker {
             "in_flight": self.cancels.len(),
             "echoes_pending": self.link.pending(),
             "breaker": self.breaker.state().as_str(),
-            "node": self.config.node_id,
+            "node": self.config.cluster.node_id,
         })
     }
 }

@@ -51,7 +51,7 @@ pub(super) async fn authenticate(
     let rec = ConnRecord {
         conn_id: hs.conn_id.to_string(),
         user_id: claims.user_id.clone(),
-        node: node.config.node_id.clone(),
+        node: node.config.cluster.node_id.clone(),
         ip: hs.ip.to_string(),
         connected_at: now_ms(),
     };
@@ -109,7 +109,7 @@ pub(super) async fn authenticate(
         teams: ctx.teams,
         tasks: ctx.tasks,
         degraded,
-        node: node.config.node_id.clone(),
+        node: node.config.cluster.node_id.clone(),
         conn_id: hs.conn_id.to_string(),
         id,
     };

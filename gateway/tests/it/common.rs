@@ -79,7 +79,7 @@ pub async fn gateway(deps: &Deps, tweak: impl FnOnce(&mut RawConfig)) -> Gw {
 /// Starts a gateway with exactly this configuration; waits until it is ready.
 pub async fn start_gateway(raw: RawConfig) -> Gw {
     let config = raw.validate().expect("valid config");
-    let node_id = config.node_id.clone();
+    let node_id = config.cluster.node_id.clone();
     let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let admin = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let (addr, admin_addr) = (public.local_addr().unwrap(), admin.local_addr().unwrap());
