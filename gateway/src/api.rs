@@ -196,9 +196,9 @@ pub async fn publish_body(node: &Node, body: &[u8]) -> Result<u64, ApiError> {
 pub async fn publish_rpc_loop(node: &Node) {
     use futures_util::StreamExt;
     let subject = node.subjects.publish_rpc();
-    let Some(mut sub) = node
-        .subscribe_until_stopped(subject, Some(shared::subjects::GATEWAY_QUEUE_GROUP))
-        .await
+    let queue = Some(shared::subjects::GATEWAY_QUEUE_GROUP);
+    let Some(mut sub) =
+        crate::control::subscribe_until_stopped(&*node.bus, subject, queue, &node.stop).await
     else {
         return;
     };
@@ -217,7 +217,10 @@ pub async fn publish_rpc_loop(node: &Node) {
                     serde_json::json!({"error": {"code": code, "message": e.to_string()}})
                 }
             };
-            let _ = node.nats.publish(to, body.to_string().into()).await;
+            let _ = node
+                .bus
+                .publish(to, Vec::new(), body.to_string().into())
+                .await;
         }
     }
 }
@@ -256,8 +259,8 @@ async fn disconnect(node: &Node, req: Request<Incoming>) -> Result<Response<Body
     let payload = serde_json::to_vec(&cmd).unwrap_or_default();
     let published = tokio::time::timeout(
         PUBLISH_TIMEOUT,
-        node.nats
-            .publish(node.subjects.ctl_disconnect(), payload.into()),
+        node.bus
+            .publish(node.subjects.ctl_disconnect(), Vec::new(), payload.into()),
     )
     .await;
     match published {
@@ -287,8 +290,8 @@ async fn revoke(node: &Node, req: Request<Incoming>) -> Result<Response<Body>, A
     let payload = serde_json::to_vec(&r).unwrap_or_default();
     let told = tokio::time::timeout(
         PUBLISH_TIMEOUT,
-        node.nats
-            .publish(node.subjects.revocations(), payload.into()),
+        node.bus
+            .publish(node.subjects.revocations(), Vec::new(), payload.into()),
     )
     .await;
     if !matches!(told, Ok(Ok(()))) {
@@ -314,11 +317,14 @@ async fn refresh_context(node: &Node, user: &str) -> Result<Response<Body>, ApiE
     let payload = serde_json::to_vec(&cmd).unwrap_or_default();
     // Published and flushed: every gateway subscribed to the subject gets it.
     let published = tokio::time::timeout(PUBLISH_TIMEOUT, async {
-        node.nats
-            .publish(node.subjects.ctl_refresh_context(), payload.into())
-            .await
-            .map_err(|e| e.to_string())?;
-        node.nats.flush().await.map_err(|e| e.to_string())
+        node.bus
+            .publish(
+                node.subjects.ctl_refresh_context(),
+                Vec::new(),
+                payload.into(),
+            )
+            .await?;
+        node.bus.flush(PUBLISH_TIMEOUT).await
     })
     .await;
     match published {

@@ -680,15 +680,15 @@ pub async fn publish(
         .await?;
     metrics::counter!(shared::metrics::PUBLICATIONS, "source" => source).increment(1);
     let frame = format!("{head}{offset}{tail}");
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(HEADER_OFFSET, offset.to_string().as_str());
-    headers.insert(HEADER_EPOCH, epoch.to_string().as_str());
-    headers.insert(HEADER_TS, now_ms().to_string().as_str());
+    let mut headers = vec![
+        (HEADER_OFFSET.to_owned(), offset.to_string()),
+        (HEADER_EPOCH.to_owned(), epoch.to_string()),
+        (HEADER_TS.to_owned(), now_ms().to_string()),
+    ];
     let subject = subject(node, ch, &mut headers);
     let sent = tokio::time::timeout(
         PUBLISH_TIMEOUT,
-        node.nats
-            .publish_with_headers(subject, headers, frame.into()),
+        node.bus.publish(subject, headers, frame.into()),
     )
     .await;
     if !matches!(sent, Ok(Ok(()))) {
@@ -721,16 +721,14 @@ pub async fn client_publish(
 
 /// Sends an ephemeral event (never stored, no offset) to a channel's subscribers.
 async fn event(node: &Node, ch: &Channel, frame: &ServerFrame, from: &str, skip_sender: bool) {
-    let mut headers = async_nats::HeaderMap::new();
-    headers.insert(HEADER_FROM, from);
+    let mut headers = vec![(HEADER_FROM.to_owned(), from.to_owned())];
     if skip_sender {
-        headers.insert(HEADER_SKIP_SENDER, "1");
+        headers.push((HEADER_SKIP_SENDER.to_owned(), "1".to_owned()));
     }
     let subject = subject(node, ch, &mut headers);
     let sent = tokio::time::timeout(
         PUBLISH_TIMEOUT,
-        node.nats
-            .publish_with_headers(subject, headers, frame.to_bytes()),
+        node.bus.publish(subject, headers, frame.to_bytes()),
     )
     .await;
     if !matches!(sent, Ok(Ok(()))) {
@@ -740,9 +738,9 @@ async fn event(node: &Node, ch: &Channel, frame: &ServerFrame, from: &str, skip_
 
 /// The NATS subject a channel's traffic travels on: `sb.ch.<ns>.<name>`, except a
 /// user's own channel, which rides on `sb.user.<id>` marked with its channel name.
-fn subject(node: &Node, ch: &Channel, headers: &mut async_nats::HeaderMap) -> String {
+fn subject(node: &Node, ch: &Channel, headers: &mut Vec<(String, String)>) -> String {
     if ch.namespace == USER_NAMESPACE {
-        headers.insert(HEADER_CHANNEL, ch.to_string().as_str());
+        headers.push((HEADER_CHANNEL.to_owned(), ch.to_string()));
         node.subjects.user(&ch.name)
     } else {
         node.subjects.channel(&ch.namespace, &ch.name)

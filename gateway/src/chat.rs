@@ -5,8 +5,7 @@
 
 use std::time::Duration;
 
-use async_nats::jetstream::message::PublishMessage;
-use shared::bus::BusError;
+use shared::bus::Log;
 use shared::protocol::{
     ChatCancel, ChatRequest, FileAttachment, FrameId, MAX_CHAT_MESSAGE_CHARS, ServerFrame,
     valid_name,
@@ -106,28 +105,22 @@ pub async fn send(
 /// Stores the request in JetStream and waits for its acknowledgement.
 async fn publish(node: &Node, req: &ChatRequest) -> Result<(), SessionError> {
     let payload = serde_json::to_vec(req).unwrap_or_default();
-    let msg = PublishMessage::build()
-        .payload(payload.into())
-        .message_id(&req.request_id);
-    // One deadline for both steps; the stream check is a cached flag but for the
-    // first request after a failure.
-    let stored = tokio::time::timeout(PUBLISH_ACK_TIMEOUT, async {
-        node.chat_stream_ready()
-            .await
-            .map_err(BusError::JetStream)?;
-        let subject = node.subjects.chat_requests();
-        shared::bus::store(&node.jetstream, subject, msg, PUBLISH_ACK_TIMEOUT).await
-    })
-    .await
-    .unwrap_or(Err(BusError::Timeout(PUBLISH_ACK_TIMEOUT)));
+    let stored = node
+        .bus
+        .store(
+            Log::ChatRequests,
+            node.subjects.chat_requests(),
+            &req.request_id,
+            Vec::new(),
+            payload.into(),
+            PUBLISH_ACK_TIMEOUT,
+        )
+        .await;
     match stored {
         Ok(()) => Ok(()),
         Err(e) => {
             metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "chat_publish").increment(1);
-            if let BusError::JetStream(e) = e {
-                node.chat_stream_failed();
-                tracing::warn!(error = %e, "chat request not stored");
-            }
+            tracing::warn!(error = %e, "chat request not stored");
             Err(SessionError::Unavailable("chat queue"))
         }
     }
@@ -153,7 +146,8 @@ pub async fn cancel(
     .unwrap_or_default();
     let sent = tokio::time::timeout(
         PUBLISH_ACK_TIMEOUT,
-        node.nats.publish(node.subjects.chat_cancel(), body.into()),
+        node.bus
+            .publish(node.subjects.chat_cancel(), Vec::new(), body.into()),
     )
     .await;
     match sent {

@@ -23,7 +23,7 @@ pub fn begin(node: &Node) {
 
 /// Closes every socket over `window`. Returns when each has been asked to close.
 pub async fn run(node: Arc<Node>, window: Duration) {
-    let sockets = node.all_sockets();
+    let sockets = node.sockets.all();
     let n = sockets.len();
     tracing::info!(
         connections = n,

@@ -16,15 +16,11 @@
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
 use futures_util::StreamExt;
+use shared::bus::Log;
 
 use crate::node::Node;
 
-/// The ordered consumer's pull expiry: its idle heartbeat is half of it, and two
-/// missed heartbeats make it resume on a new consumer. Short, so finals stored while
-/// this node was cut off arrive within seconds of its link coming back.
-pub const EVENTS_PULL_EXPIRES: Duration = Duration::from_secs(2);
 /// How often the follower looks at the NATS connection: after a reconnect it starts a
 /// new consumer at once rather than waiting for async-nats to notice missed
 /// heartbeats (its re-creation backs off to 10 s between attempts).
@@ -46,12 +42,8 @@ pub const FOLLOW_RETRY_MAX: Duration = Duration::from_secs(5);
 pub enum FollowError {
     #[error("{0}")]
     Bus(#[from] shared::bus::BusError),
-    #[error("creating the ordered consumer: {0}")]
-    Consumer(String),
-    #[error("reading the stream: {0}")]
-    Read(String),
-    #[error("JetStream did not answer within {0:?}")]
-    Timeout(Duration),
+    #[error("the stream's read ended")]
+    Ended,
     #[error("NATS reconnected")]
     Reconnected,
 }
@@ -107,30 +99,9 @@ async fn follow(
     failures: &mut u32,
     waiting: &mut Waiting,
 ) -> Result<(), FollowError> {
-    let timeout = shared::bus::JETSTREAM_TIMEOUT;
-    let stream = shared::bus::ensure_chat_events_stream(
-        &node.jetstream,
-        &node.subjects,
-        node.config.jetstream_replicas,
-    )
-    .await?;
-    let last = *after.get_or_insert(stream.cached_info().state.last_sequence);
-    let config = OrderedConfig {
-        filter_subject: node.subjects.chat_events_all(),
-        deliver_policy: DeliverPolicy::ByStartSequence {
-            start_sequence: last + 1,
-        },
-        max_expires: EVENTS_PULL_EXPIRES,
-        ..Default::default()
-    };
-    let consumer = tokio::time::timeout(timeout, stream.create_consumer(config))
-        .await
-        .map_err(|_| FollowError::Timeout(timeout))?
-        .map_err(|e| FollowError::Consumer(e.to_string()))?;
-    let mut messages = tokio::time::timeout(timeout, consumer.messages())
-        .await
-        .map_err(|_| FollowError::Timeout(timeout))?
-        .map_err(|e| FollowError::Consumer(e.to_string()))?;
+    let follow = node.bus.follow(Log::ChatEvents, *after).await?;
+    after.get_or_insert(follow.last);
+    let mut messages = follow.messages;
     *failures = 0;
     let mut link = tokio::time::interval(LINK_CHECK_INTERVAL);
     let mut was_down = false;
@@ -145,7 +116,7 @@ async fn follow(
                 continue;
             }
             _ = link.tick() => {
-                let up = node.nats.connection_state() == async_nats::connection::State::Connected;
+                let up = node.bus.connected();
                 if !up {
                     was_down = true;
                 } else if was_down {
@@ -157,25 +128,19 @@ async fn follow(
         };
         let msg = match msg {
             Some(Ok(m)) => m,
-            Some(Err(e)) => return Err(FollowError::Read(e.to_string())),
-            None => return Err(FollowError::Read("the consumer ended".into())),
+            Some(Err(e)) => return Err(FollowError::Bus(e)),
+            None => return Err(FollowError::Ended),
         };
-        let Ok(info) = msg.info() else {
-            continue;
-        };
-        // A consumer re-created before it delivered anything starts from the stream's
-        // beginning (async-nats); what this node already handled is skipped here.
-        let seq = info.stream_sequence;
+        let seq = msg.seq;
         if after.is_some_and(|a| seq <= a) {
             continue;
         }
         *after = Some(seq);
+        let msg = msg.message;
         let user = node.subjects.chat_events_user(&msg.subject);
         let request = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(shared::bus::HEADER_REQUEST))
-            .map(|v| v.as_str().to_owned());
+            .header(shared::bus::stream::HEADER_REQUEST)
+            .map(str::to_owned);
         if let (Some(user), Some(request)) = (user, request) {
             if waiting.len() >= MAX_WAITING_FINALS
                 && let Some((_, u, r, p)) = waiting.pop_front()

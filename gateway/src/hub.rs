@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use futures_util::StreamExt;
+use shared::bus::{BusError, SharedBus, Subscription};
 use shared::protocol::{Channel, DisconnectCommand, UserContext};
 use shared::store::Position;
 use shared::subjects::Subjects;
@@ -122,12 +123,12 @@ struct Interest {
     stop: Option<CancellationToken>,
 }
 
-/// How subscriptions reach NATS: the node's multiplexer (`nats://`), or one
-/// async-nats subscription and forwarding task per subject for schemes the
-/// multiplexer does not speak (`tls://`, `ws://`).
+/// How subscriptions reach the bus: the node's multiplexer (`nats://`), or one bus
+/// subscription and forwarding task per subject (`.creds` NATS, and the in-memory
+/// bus).
 pub enum Wire {
     Mux(Arc<Mux>),
-    Client,
+    Bus,
 }
 
 #[derive(Default)]
@@ -139,7 +140,7 @@ struct State {
 
 /// The local registry; cheap to share (`Arc<Hub>`).
 pub struct Hub {
-    nats: async_nats::Client,
+    bus: SharedBus,
     wire: Wire,
     subjects: Subjects,
     state: Mutex<State>,
@@ -174,14 +175,14 @@ pub enum HubError {
 
 impl Hub {
     pub fn new(
-        nats: async_nats::Client,
+        bus: SharedBus,
         wire: Wire,
         subjects: Subjects,
         tasks: TaskTracker,
         shutdown: CancellationToken,
     ) -> Arc<Hub> {
         Arc::new(Hub {
-            nats,
+            bus,
             wire,
             subjects,
             state: Mutex::new(State::default()),
@@ -206,7 +207,7 @@ impl Hub {
     pub fn wire_connected(&self) -> bool {
         match &self.wire {
             Wire::Mux(m) => m.is_connected(),
-            Wire::Client => true,
+            Wire::Bus => true,
         }
     }
 
@@ -224,7 +225,7 @@ impl Hub {
                 interest.sid = Some(m.subscribe(subject, topic));
                 None
             }
-            Wire::Client => {
+            Wire::Bus => {
                 let stop = self.shutdown.child_token();
                 interest.stop = Some(stop.clone());
                 Some(stop)
@@ -346,15 +347,13 @@ impl Hub {
                 e => HubError::Subscribe(e.to_string()),
             });
         }
-        let subject = format!("_INBOX.sb-barrier.{:016x}", rand::random::<u64>());
-        match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.nats.request(subject, Bytes::new()))
+        self.bus
+            .flush(SUBSCRIBE_TIMEOUT)
             .await
-        {
-            Ok(Ok(_)) => Ok(()),
-            Ok(Err(e)) if e.kind() == async_nats::RequestErrorKind::NoResponders => Ok(()),
-            Ok(Err(e)) => Err(HubError::Subscribe(e.to_string())),
-            Err(_) => Err(HubError::Timeout(SUBSCRIBE_TIMEOUT)),
-        }
+            .map_err(|e| match e {
+                BusError::Timeout(t) => HubError::Timeout(t),
+                e => HubError::Subscribe(e.to_string()),
+            })
     }
 
     async fn subscribe(
@@ -363,7 +362,8 @@ impl Hub {
         topic: Topic,
         stop: CancellationToken,
     ) -> Result<(), HubError> {
-        let sub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.nats.subscribe(subject)).await
+        let sub = match tokio::time::timeout(SUBSCRIBE_TIMEOUT, self.bus.subscribe(subject, None))
+            .await
         {
             Ok(Ok(s)) => s,
             Ok(Err(e)) => return Err(HubError::Subscribe(e.to_string())),
@@ -407,12 +407,7 @@ impl Hub {
 
     /// Delivers one subject's messages to its local connections until the last one
     /// leaves (or the node stops).
-    async fn forward(
-        &self,
-        topic: Topic,
-        mut sub: async_nats::Subscriber,
-        stop: CancellationToken,
-    ) {
+    async fn forward(&self, topic: Topic, mut sub: Subscription, stop: CancellationToken) {
         loop {
             let msg = tokio::select! {
                 biased;
@@ -431,8 +426,8 @@ impl Hub {
                 },
             );
         }
-        // Dropping the subscriber unsubscribes; say so now rather than at drop time.
-        let _ = sub.unsubscribe().await;
+        // Dropping the subscription unsubscribes.
+        drop(sub);
     }
 
     /// Queues a ready frame for every local connection of `user`.

@@ -8,6 +8,8 @@ pub mod channels;
 pub mod chat;
 pub mod close;
 pub mod config;
+pub mod contexts;
+pub mod control;
 pub mod credentials;
 pub mod drain;
 pub mod error;
@@ -15,6 +17,7 @@ pub mod finals;
 pub mod headers;
 pub mod hub;
 pub mod limits;
+pub mod membership;
 pub mod mux;
 pub mod node;
 pub mod outbox;
@@ -25,19 +28,23 @@ pub mod revalidate;
 pub mod revocations;
 pub mod server;
 pub mod session;
+pub mod sockets;
 pub mod transport;
 
 use std::sync::Arc;
 
 use shared::auth::Validator;
+use shared::bus::SharedBus;
+use shared::bus::nats::NatsBus;
 use shared::keys::Keys;
 use shared::scaffold::Scaffold;
-use shared::store::SessionStore;
+use shared::store::{RedisStore, SharedStore};
+use shared::subjects::Subjects;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 pub use config::{Config, RawConfig};
-use hub::Wire;
+pub use hub::Wire;
 use mux::Mux;
 use node::Node;
 
@@ -62,66 +69,131 @@ pub struct Listeners {
     pub admin: TcpListener,
 }
 
-/// Runs a gateway node until `shutdown` is cancelled, then drains and returns.
+/// The backends a node works with: NATS and Redis in production
+/// ([`Backends::connect`]); the in-memory pair in in-process tests, several nodes
+/// sharing one.
+pub struct Backends {
+    pub bus: SharedBus,
+    pub store: SharedStore,
+    /// How the hub subscribes: the multiplexer on NATS, else per subject on the bus.
+    pub wire: Wire,
+}
+
+impl Backends {
+    /// Connects to the NATS and Redis of the configuration (Redis lazily).
+    pub async fn connect(config: &Config) -> Result<Backends, StartError> {
+        let store = RedisStore::open_tls(
+            shared::config::redis_target(&config.cluster.redis_url, config.cluster.redis_cluster),
+            config.cluster.security.redis_tls_ca.clone(),
+            Keys::new(&config.cluster.prefix),
+        )?;
+        let nats = shared::nats::connect(
+            format!("gateway-{}", config.cluster.node_id),
+            &config.cluster.nats_servers,
+            &config.cluster.security,
+            |options| options.request_timeout(Some(config.user_context_timeout)),
+        )
+        .await?;
+        // The multiplexer speaks `nats://` and `tls://` with URL credentials; `.creds`
+        // (nkey signatures) stay with async-nats.
+        let mux_servers = match config.cluster.security.nats_creds {
+            Some(_) => None,
+            None => mux::servers_from(&config.cluster.nats_servers),
+        };
+        let wire = match mux_servers {
+            Some(servers) => {
+                let tls = if servers.iter().any(|s| s.tls) {
+                    Some(mux::tls_connector(
+                        config.cluster.security.nats_tls_ca.as_deref(),
+                    )?)
+                } else {
+                    None
+                };
+                Wire::Mux(Mux::new(
+                    servers,
+                    format!("gateway-{}-subs", config.cluster.node_id),
+                    tls,
+                ))
+            }
+            None => Wire::Bus,
+        };
+        let bus = NatsBus::new(
+            nats,
+            Subjects::new(&config.cluster.prefix),
+            config.jetstream_replicas,
+        );
+        Ok(Backends {
+            bus: Arc::new(bus),
+            store: Arc::new(store),
+            wire,
+        })
+    }
+
+    /// A node on a given bus and store, such as the in-memory pair
+    /// (`shared::bus::memory::MemoryBus`, `shared::store::MemoryStore`) shared by the nodes of
+    /// an in-process test; the hub subscribes per subject on the bus.
+    pub fn on(bus: SharedBus, store: SharedStore) -> Backends {
+        Backends {
+            bus,
+            store,
+            wire: Wire::Bus,
+        }
+    }
+}
+
+/// Runs a gateway node on NATS and Redis until `shutdown` is cancelled, then drains
+/// and returns.
 pub async fn run(
     listeners: Listeners,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     shared::auth::install_crypto_provider();
+    let backends = Backends::connect(&config).await?;
+    run_on(listeners, config, backends, shutdown).await
+}
+
+/// Runs a gateway node on the given backends until `shutdown` is cancelled, then
+/// drains and returns.
+pub async fn run_on(
+    listeners: Listeners,
+    config: Config,
+    backends: Backends,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
+    shared::auth::install_crypto_provider();
     let scaffold = Scaffold::new("gateway");
     let validator = Validator::new(&config.jwt)?;
-    let store = SessionStore::open_tls(
-        shared::config::redis_target(&config.cluster.redis_url, config.cluster.redis_cluster),
-        config.cluster.security.redis_tls_ca.clone(),
-        Keys::new(&config.cluster.prefix),
-    )?;
-    let nats = shared::nats::connect(
-        format!("gateway-{}", config.cluster.node_id),
-        &config.cluster.nats_servers,
-        &config.cluster.security,
-        |options| options.request_timeout(Some(config.user_context_timeout)),
-    )
-    .await?;
     let drain_window = config.drain;
     tracing::info!(config = %config.summary(), "gateway starting");
-
-    // The multiplexer speaks `nats://` and `tls://` with URL credentials; `.creds`
-    // (nkey signatures) stay with async-nats.
-    let mux_servers = match config.cluster.security.nats_creds {
-        Some(_) => None,
-        None => mux::servers_from(&config.cluster.nats_servers),
-    };
-    let wire = match mux_servers {
-        Some(servers) => {
-            let tls = if servers.iter().any(|s| s.tls) {
-                Some(mux::tls_connector(
-                    config.cluster.security.nats_tls_ca.as_deref(),
-                )?)
-            } else {
-                None
-            };
-            Wire::Mux(Mux::new(
-                servers,
-                format!("gateway-{}-subs", config.cluster.node_id),
-                tls,
-            ))
-        }
-        None => Wire::Client,
-    };
     let node = Node::new(
         config,
         validator,
-        store,
-        nats,
-        wire,
+        backends.store,
+        backends.bus,
+        backends.wire,
         shutdown.clone(),
         &scaffold,
     );
     node.hub.start();
     // Before the first connection: a token is checked against the list in memory.
-    node.sync_revocations().await;
+    node.revocations.sync(&*node.store).await;
     node.spawn_background();
+    let n = node.clone();
+    node.background
+        .spawn(async move { membership::heartbeat_loop(&n).await });
+    let n = node.clone();
+    node.background
+        .spawn(async move { membership::refresh_loop(&n).await });
+    let n = node.clone();
+    node.background.spawn(async move {
+        n.revocations.sync_loop(&*n.store, &n.stop).await;
+    });
+    let n = node.clone();
+    node.background.spawn(async move {
+        let subject = n.subjects.revocations();
+        n.revocations.notice_loop(&*n.bus, subject, &n.stop).await;
+    });
     // The loops that reach into other modules start here, at the top, so that the
     // node's module depends on none of the modules that depend on it.
     let n = node.clone();
@@ -154,7 +226,9 @@ pub async fn run(
     {
         tracing::warn!("connections still open after the drain window; closing anyway");
     }
-    scaffold.finish(&node.nats, node.deregister()).await;
+    scaffold
+        .finish(&*node.bus, membership::deregister(&node))
+        .await;
     Ok(())
 }
 

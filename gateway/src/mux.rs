@@ -642,17 +642,27 @@ fn num(s: &str, line: &str) -> Result<u64, MuxError> {
 
 /// Reads the gateway's headers from a `NATS/1.0` header block; others are ignored.
 pub fn parse_headers(block: &[u8]) -> Headers {
+    let text = String::from_utf8_lossy(block);
+    headers_from(
+        text.split("\r\n")
+            .skip(1)
+            .filter_map(|line| line.split_once(':'))
+            .map(|(name, value)| (name.trim(), value.trim())),
+    )
+}
+
+/// The same headers from a bus message (the per-subscription path).
+pub fn headers_of(msg: &shared::bus::Message) -> Headers {
+    headers_from(msg.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+}
+
+fn headers_from<'a>(pairs: impl Iterator<Item = (&'a str, &'a str)>) -> Headers {
     use crate::headers::{
         HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
     };
-    use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
+    use shared::bus::stream::{HEADER_FINAL, HEADER_REQUEST};
     let mut h = Headers::default();
-    let text = String::from_utf8_lossy(block);
-    for line in text.split("\r\n").skip(1) {
-        let Some((name, value)) = line.split_once(':') else {
-            continue;
-        };
-        let (name, value) = (name.trim(), value.trim());
+    for (name, value) in pairs {
         if name.eq_ignore_ascii_case(HEADER_OFFSET) {
             h.offset = value.parse().ok();
         } else if name.eq_ignore_ascii_case(HEADER_EPOCH) {
@@ -672,28 +682,6 @@ pub fn parse_headers(block: &[u8]) -> Headers {
         }
     }
     h
-}
-
-/// The same headers from an async-nats message (the per-subscription fallback).
-pub fn headers_of(msg: &async_nats::Message) -> Headers {
-    use crate::headers::{
-        HEADER_CHANNEL, HEADER_EPOCH, HEADER_FROM, HEADER_OFFSET, HEADER_SKIP_SENDER, HEADER_TS,
-    };
-    use shared::bus::{HEADER_FINAL, HEADER_REQUEST};
-    let Some(map) = msg.headers.as_ref() else {
-        return Headers::default();
-    };
-    let get = |n: &str| map.get(n).map(|v| v.as_str().to_owned());
-    Headers {
-        offset: get(HEADER_OFFSET).and_then(|v| v.parse().ok()),
-        epoch: get(HEADER_EPOCH).and_then(|v| v.parse().ok()),
-        ts: get(HEADER_TS).and_then(|v| v.parse().ok()),
-        from: get(HEADER_FROM).map(Into::into),
-        skip_sender: get(HEADER_SKIP_SENDER).is_some(),
-        channel: get(HEADER_CHANNEL).map(Into::into),
-        request: get(HEADER_REQUEST).map(Into::into),
-        last: get(HEADER_FINAL).is_some(),
-    }
 }
 
 #[cfg(test)]

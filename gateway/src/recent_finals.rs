@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 /// How long a delivered final is remembered: as long as the stream keeps finals, so a
 /// resuming consumer can never bring back one that was forgotten.
-pub const FINALS_MEMORY: Duration = shared::bus::CHAT_EVENTS_MAX_AGE;
+pub const FINALS_MEMORY: Duration = shared::bus::stream::CHAT_EVENTS_MAX_AGE;
 /// Finals remembered at most, whatever their age: 100k ids of 32 characters cost
 /// about 10 MB, and a node finishes far fewer requests for its users in ten minutes.
 pub const MAX_RECENT_FINALS: usize = 100_000;

@@ -26,7 +26,7 @@ pub async fn run(node: Arc<Node>) {
     let mut tasks = JoinSet::new();
     loop {
         while tasks.len() < MAX_CONCURRENT_FETCHES {
-            let Some(user) = node.refresher.pop() else {
+            let Some(user) = node.contexts.refresher.pop() else {
                 break;
             };
             let node = node.clone();
@@ -36,7 +36,7 @@ pub async fn run(node: Arc<Node>) {
             biased;
             _ = node.stop.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
-            _ = node.refresher.ready.notified(), if tasks.len() < MAX_CONCURRENT_FETCHES => {}
+            _ = node.contexts.refresher.ready.notified(), if tasks.len() < MAX_CONCURRENT_FETCHES => {}
         }
     }
     tasks.shutdown().await;
@@ -49,7 +49,7 @@ async fn revalidate(node: &Node, user: &str) {
     let Some(token) = node.hub.token_of(user) else {
         return;
     };
-    let ctx = node.user_context(user, &token, true).await;
+    let ctx = node.contexts.get(user, &token, true).await;
     if ctx.degraded {
         metrics::counter!(shared::metrics::CONTEXT_REVALIDATIONS, "result" => "degraded")
             .increment(1);
@@ -78,7 +78,7 @@ pub async fn wheel(node: Arc<Node>) {
             _ = tick.tick() => {}
         }
         for user in node.hub.users_in_slot(slot, slots) {
-            node.refresher.push(user);
+            node.contexts.refresher.push(user);
         }
         slot = (slot + 1) % slots;
     }

@@ -8,6 +8,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use serde::{Deserialize, Serialize};
+use shared::bus::Bus;
+use shared::store::ConnStore;
+use tokio_util::sync::CancellationToken;
 
 /// How often the whole list is read again: the bound on how late a revocation takes
 /// effect on a node that missed its NATS notice (16 commands per node per period).
@@ -33,6 +36,38 @@ pub struct Revocations {
 pub struct NotSynced;
 
 impl Revocations {
+    /// Reads the whole list every [`SYNC_INTERVAL`] until `stop`: what a node that
+    /// missed a notice learns late, it learns within that bound.
+    pub async fn sync_loop(&self, store: &dyn ConnStore, stop: &CancellationToken) {
+        let mut tick = tokio::time::interval(SYNC_INTERVAL);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.cancelled() => break,
+                _ = tick.tick() => {}
+            }
+            self.sync(store).await;
+        }
+    }
+
+    /// Reads the list once (bounded by the store's operation timeout).
+    pub async fn sync(&self, store: &dyn ConnStore) {
+        match store.revocations().await {
+            Ok(list) => self.replace(list),
+            Err(e) => {
+                metrics::counter!(shared::metrics::REDIS_ERRORS, "op" => "revocations")
+                    .increment(1);
+                tracing::debug!(error = %e, "revocation list not read");
+            }
+        }
+    }
+
+    /// Takes revocations told over the bus (`subject`) at once, until `stop`.
+    pub async fn notice_loop(&self, bus: &dyn Bus, subject: String, stop: &CancellationToken) {
+        crate::control::messages(bus, subject, "revocation notice", stop, |r| self.add(r)).await;
+    }
+
     pub fn is_revoked(&self, jti: &str) -> Result<bool, NotSynced> {
         if !self.synced.load(Ordering::Acquire) {
             return Err(NotSynced);

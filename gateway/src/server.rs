@@ -158,18 +158,17 @@ fn ws_upgrade(
         }
     };
     // The slot is held from here; `session::serve` (or the failure below) releases it.
-    if !node.reserve_socket() {
+    if !node.sockets.reserve() {
         // Over capacity we still upgrade so the client learns 1013 and backs off; the
-        // socket is short-lived and does not count against the cap.
-        node.open_sockets
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        // socket is short-lived.
+        node.sockets.reserve_over_cap();
         refusal = refusal.or(Some(SessionError::Overloaded));
     }
     let hs = credentials::extract(req.headers(), req.uri().query());
     let (resp, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
         Ok(x) => x,
         Err(e) => {
-            node.release_socket();
+            node.sockets.release();
             return api::error_response(&ApiError::BadRequest(format!("bad upgrade request: {e}")));
         }
     };

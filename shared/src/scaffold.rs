@@ -15,7 +15,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::admin::Health;
-use crate::store::SessionStore;
+use crate::bus::Bus;
+use crate::store::SharedStore;
 
 /// How often readiness re-checks Redis and refreshes the dependency gauges: fast
 /// enough that `/readyz` follows an outage within a couple of seconds.
@@ -91,7 +92,7 @@ impl Scaffold {
     /// for readiness and the gauges, until [`Scaffold::stop`].
     pub fn watch_health(
         &self,
-        store: SessionStore,
+        store: SharedStore,
         nats_connected: impl Fn() -> bool + Send + 'static,
     ) {
         self.spawn(health_loop(
@@ -106,12 +107,12 @@ impl Scaffold {
     /// Ends the background: stops the loops, then within
     /// [`SHUTDOWN_CLEANUP_TIMEOUT`] runs `cleanup`, flushes NATS and waits for the
     /// loops; what is still running after that is aborted.
-    pub async fn finish(self, nats: &async_nats::Client, cleanup: impl Future<Output = ()>) {
+    pub async fn finish(self, bus: &dyn Bus, cleanup: impl Future<Output = ()>) {
         self.stop.cancel();
         self.background.close();
         let _ = tokio::time::timeout(SHUTDOWN_CLEANUP_TIMEOUT, async {
             cleanup.await;
-            let _ = nats.flush().await;
+            let _ = bus.flush(SHUTDOWN_CLEANUP_TIMEOUT).await;
             self.background.wait().await;
         })
         .await;
@@ -135,7 +136,7 @@ impl Drop for Scaffold {
 
 async fn health_loop(
     binary: &'static str,
-    store: SessionStore,
+    store: SharedStore,
     nats_connected: impl Fn() -> bool,
     redis_up: Arc<AtomicBool>,
     stop: CancellationToken,

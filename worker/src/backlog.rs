@@ -53,11 +53,11 @@ pub async fn poll(worker: Arc<Worker>, stop: CancellationToken) {
 
 /// `(num_pending, num_ack_pending)` of the shared chat consumer.
 async fn read(worker: &Worker) -> Result<(u64, u64), BacklogError> {
-    let timeout = shared::bus::JETSTREAM_TIMEOUT;
+    let timeout = shared::bus::stream::JETSTREAM_TIMEOUT;
     tokio::time::timeout(timeout, async {
         let stream = worker
             .js
-            .get_stream_no_info(shared::bus::stream_name(&worker.subjects))
+            .get_stream_no_info(shared::bus::stream::stream_name(&worker.subjects))
             .await
             .map_err(|e| BacklogError::JetStream(e.to_string()))?;
         let info = stream

@@ -107,7 +107,7 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
                 .messages();
             let mut batch = tokio::select! {
                 _ = shutdown.cancelled() => break 'setup,
-                r = tokio::time::timeout(shared::bus::JETSTREAM_TIMEOUT, pull) => match r {
+                r = tokio::time::timeout(shared::bus::stream::JETSTREAM_TIMEOUT, pull) => match r {
                     Ok(Ok(b)) => b,
                     Ok(Err(e)) => {
                         pull_failed(&mut failures, &e.to_string());
@@ -174,28 +174,28 @@ fn reap(r: Result<(), tokio::task::JoinError>) {
 /// Ensures the streams and the durable consumer (create-or-update).
 async fn setup(worker: &Worker) -> Result<PullConsumer, String> {
     // Final frames are stored there before a request is acked (see `reply`).
-    shared::bus::ensure_chat_events_stream(
+    shared::bus::stream::ensure_chat_events_stream(
         &worker.js,
         &worker.subjects,
         worker.config.jetstream_replicas,
     )
     .await
     .map_err(|e| e.to_string())?;
-    let stream = shared::bus::ensure_chat_stream(
+    let stream = shared::bus::stream::ensure_chat_stream(
         &worker.js,
         &worker.subjects,
         worker.config.jetstream_replicas,
     )
     .await
     .map_err(|e| e.to_string())?;
-    let config = shared::bus::chat_consumer_config(
+    let config = shared::bus::stream::chat_consumer_config(
         &worker.subjects,
         worker.config.ack_wait,
         worker.config.max_deliver + 1,
         MAX_ACK_PENDING,
     );
     match tokio::time::timeout(
-        shared::bus::JETSTREAM_TIMEOUT,
+        shared::bus::stream::JETSTREAM_TIMEOUT,
         stream.create_consumer(config),
     )
     .await

@@ -26,7 +26,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use shared::keys::Keys;
 use shared::scaffold::Scaffold;
-use shared::store::SessionStore;
+use shared::store::{RedisStore, SharedStore};
 use shared::subjects::Subjects;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -62,11 +62,11 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
     let scaffold = Scaffold::new("worker");
-    let store = SessionStore::open_tls(
+    let store: SharedStore = Arc::new(RedisStore::open_tls(
         shared::config::redis_target(&config.cluster.redis_url, config.cluster.redis_cluster),
         config.cluster.security.redis_tls_ca.clone(),
         Keys::new(&config.cluster.prefix),
-    )?;
+    )?);
     let llm = LlmClient::new(&config.llm)?;
     let backend = BackendClient::new(&config.backend).map_err(StartError::Backend)?;
     let link = link::Link::default();
@@ -137,6 +137,11 @@ pub async fn run(
     tokio::join!(consume::run(worker.clone(), shutdown.clone()), on_shutdown);
 
     worker.link.stop();
-    scaffold.finish(&worker.nats, async {}).await;
+    let bus = shared::bus::nats::NatsBus::new(
+        worker.nats.clone(),
+        worker.subjects.clone(),
+        worker.config.jetstream_replicas,
+    );
+    scaffold.finish(&bus, async {}).await;
     Ok(())
 }

@@ -21,7 +21,8 @@ use std::time::Duration;
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
-use shared::bus::{BusError, HEADER_FINAL, HEADER_REQUEST};
+use shared::bus::BusError;
+use shared::bus::stream::{HEADER_FINAL, HEADER_REQUEST};
 use shared::protocol::{ErrorCode, ServerFrame, Usage};
 use tokio::time::Instant;
 
@@ -30,7 +31,7 @@ use crate::state::{PUBLISH_TIMEOUT, Worker};
 
 /// JetStream must confirm a stored final frame within this time, else the request is
 /// nak'd and a later delivery publishes the final again (from history).
-pub const FINAL_STORE_TIMEOUT: Duration = shared::bus::JETSTREAM_TIMEOUT;
+pub const FINAL_STORE_TIMEOUT: Duration = shared::bus::stream::JETSTREAM_TIMEOUT;
 
 /// Collects streamed text into chunks, at most one chunk per `interval` unless
 /// `max_chars` characters are waiting. Leading edge: text arriving after a quiet
@@ -191,9 +192,13 @@ impl Reply {
     async fn store_final(&self, frame: bytes::Bytes) -> Result<(), PublishError> {
         let mut result = self.try_store_final(frame.clone()).await;
         if result.is_err()
-            && shared::bus::ensure_chat_events_stream(&self.js, &self.subjects, self.replicas)
-                .await
-                .is_ok()
+            && shared::bus::stream::ensure_chat_events_stream(
+                &self.js,
+                &self.subjects,
+                self.replicas,
+            )
+            .await
+            .is_ok()
         {
             result = self.try_store_final(frame).await;
         }
@@ -210,11 +215,11 @@ impl Reply {
             .headers(self.headers(true))
             .message_id(&self.request_id);
         let subject = self.events_subject.clone();
-        shared::bus::store(&self.js, subject, msg, FINAL_STORE_TIMEOUT)
+        shared::bus::stream::store(&self.js, subject, msg, FINAL_STORE_TIMEOUT)
             .await
             .map_err(|e| match e {
-                BusError::JetStream(e) => PublishError::Store(e),
                 BusError::Timeout(d) => PublishError::Timeout(d),
+                e => PublishError::Store(e.to_string()),
             })
     }
 

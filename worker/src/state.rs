@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
-use shared::store::SessionStore;
+use shared::store::SharedStore;
 use shared::subjects::Subjects;
 
 use crate::backend::BackendClient;
@@ -22,7 +22,7 @@ pub struct Worker {
     pub config: Config,
     pub nats: async_nats::Client,
     pub js: async_nats::jetstream::Context,
-    pub store: SessionStore,
+    pub store: SharedStore,
     pub subjects: Subjects,
     pub llm: LlmClient,
     /// `None`: no team backend configured.

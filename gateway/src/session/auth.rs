@@ -93,7 +93,7 @@ pub(super) async fn authenticate(
             return Err(SessionError::AuthUnavailable("message bus"));
         }
     };
-    let ctx = node.user_context(&claims.user_id, &token, false).await;
+    let ctx = node.contexts.get(&claims.user_id, &token, false).await;
     tracing::Span::current().record("user", claims.user_id.as_str());
 
     let (expires, warn_at) = timers_for(node, claims.exp);
@@ -162,7 +162,7 @@ pub(super) async fn refresh(
     let exp = claims.exp;
     // The user's teams may have changed: refresh them, and drop subscriptions
     // to teams the user left.
-    let ctx = cx.node.user_context(&claims.user_id, &token, false).await;
+    let ctx = cx.node.contexts.get(&claims.user_id, &token, false).await;
     a.claims = claims;
     *a.token.lock().unwrap_or_else(|p| p.into_inner()) = token.into();
     a.expires = expires;

@@ -73,16 +73,16 @@ pub async fn serve(node: Arc<Node>, fut: fastwebsockets::upgrade::UpgradeFut, up
         Ok(Ok(rw)) => rw,
         Ok(Err(e)) => {
             tracing::debug!(error = %e, "upgrade failed");
-            node.release_socket();
+            node.sockets.release();
             return;
         }
         Err(_) => {
-            node.release_socket();
+            node.sockets.release();
             return;
         }
     };
     let closer = Arc::new(Closer::default());
-    let guard = node.track_socket(closer.clone());
+    let guard = node.sockets.track(closer.clone());
     let conn_id = new_conn_id();
     let span =
         tracing::debug_span!("conn", conn_id = %conn_id, ip = %up.ip, user = tracing::field::Empty);

@@ -18,6 +18,7 @@ use testkit::llm::{LlmStub, Reply, Script};
 
 use crate::common::*;
 use crate::e2e_chat::worker;
+use shared::store::ConnStore;
 
 /// The budgets this test holds the product to.
 const LIFECYCLE_BUDGET: u64 = 6;

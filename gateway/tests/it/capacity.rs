@@ -13,7 +13,8 @@ use std::time::{Duration, Instant};
 
 use shared::keys::Keys;
 use shared::protocol::Channel;
-use shared::store::{ChannelSettings, ConnRecord, SessionStore};
+use shared::store::{ChannelSettings, ConnRecord, RedisStore};
+use shared::store::{ChannelStore, ConnStore};
 use testkit::{Redis, RedisCluster};
 
 /// Operations in flight at once: about what a few busy gateways keep outstanding.
@@ -93,14 +94,14 @@ where
 async fn redis_one_server_and_three_primaries() {
     let single = Redis::start().unwrap();
     let cluster = RedisCluster::start().unwrap();
-    let one = SessionStore::new(&single.url(), Keys::new("sb")).unwrap();
-    let three = SessionStore::open(
+    let one = RedisStore::new(&single.url(), Keys::new("sb")).unwrap();
+    let three = RedisStore::open(
         shared::config::redis_target(&cluster.urls(), true),
         Keys::new("sb"),
     )
     .unwrap();
     let singles = [single];
-    let targets: [(&str, SessionStore, &[Redis]); 2] = [
+    let targets: [(&str, RedisStore, &[Redis]); 2] = [
         ("1 server", one, &singles),
         ("3 primaries", three, &cluster.nodes),
     ];

@@ -16,17 +16,8 @@ fn public(c: &mut gateway::RawConfig) {
     c.message_burst = Some(10_000);
 }
 
-async fn subscribe(ws: &mut Ws, channel: &str, since: Option<u64>) -> Value {
-    let mut f = json!({"type": "subscribe", "channel": channel, "id": channel});
-    if let Some(s) = since {
-        f["since"] = json!(s);
-    }
-    send_json(ws, f).await;
-    next_matching(ws, |f| f["type"] == "subscribed" || f["type"] == "error").await
-}
-
 /// The session store the gateways use, for writing behind their backs.
-fn direct_store(deps: &Deps) -> (shared::store::SessionStore, shared::store::ChannelSettings) {
+fn direct_store(deps: &Deps) -> (shared::store::RedisStore, shared::store::ChannelSettings) {
     let store = deps.store();
     let settings = shared::store::ChannelSettings {
         history_size: 100,

@@ -1,6 +1,7 @@
 //! Harness: real NATS and Redis per test, real gateways on port 0, a real WebSocket
 //! client (tokio-tungstenite).
 
+pub use shared::store::{ChannelStore, ChatStore, ConnStore};
 use std::net::SocketAddr;
 use std::time::Duration;
 
@@ -36,8 +37,8 @@ impl Deps {
     }
 
     /// A store on the same Redis as the gateways (single server or cluster).
-    pub fn store(&self) -> shared::store::SessionStore {
-        shared::store::SessionStore::open(
+    pub fn store(&self) -> shared::store::RedisStore {
+        shared::store::RedisStore::open(
             shared::config::redis_target(&self.redis.url(), self.redis.is_cluster()),
             shared::keys::Keys::new("sb"),
         )
@@ -78,6 +79,12 @@ pub async fn gateway(deps: &Deps, tweak: impl FnOnce(&mut RawConfig)) -> Gw {
 
 /// Starts a gateway with exactly this configuration; waits until it is ready.
 pub async fn start_gateway(raw: RawConfig) -> Gw {
+    start_gateway_on(raw, None).await
+}
+
+/// As [`start_gateway`], on the given backends (NATS and Redis of the configuration
+/// when `None`).
+pub async fn start_gateway_on(raw: RawConfig, backends: Option<gateway::Backends>) -> Gw {
     let config = raw.validate().expect("valid config");
     let node_id = config.cluster.node_id.clone();
     let public = TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -86,9 +93,12 @@ pub async fn start_gateway(raw: RawConfig) -> Gw {
     let shutdown = CancellationToken::new();
     let s2 = shutdown.clone();
     let task = tokio::spawn(async move {
-        gateway::run(Listeners { public, admin }, config, s2)
-            .await
-            .expect("gateway run");
+        let listeners = Listeners { public, admin };
+        match backends {
+            Some(b) => gateway::run_on(listeners, config, b, s2).await,
+            None => gateway::run(listeners, config, s2).await,
+        }
+        .expect("gateway run");
     });
     let gw = Gw {
         addr,
@@ -358,6 +368,16 @@ pub async fn context_responder(
             }
         }
     })
+}
+
+/// Subscribes (from `since` when given); the `subscribed` or `error` answer.
+pub async fn subscribe(ws: &mut Ws, channel: &str, since: Option<u64>) -> Value {
+    let mut f = serde_json::json!({"type": "subscribe", "channel": channel, "id": channel});
+    if let Some(s) = since {
+        f["since"] = serde_json::json!(s);
+    }
+    send_json(ws, f).await;
+    next_matching(ws, |f| f["type"] == "subscribed" || f["type"] == "error").await
 }
 
 /// Reads frames until one satisfies `pred`; returns it (others are skipped).

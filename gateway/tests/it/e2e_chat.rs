@@ -342,9 +342,9 @@ async fn finals_stored_in_jetstream_reach_clients_once() {
     };
     let headers = |rid: &str, last: bool| {
         let mut h = async_nats::HeaderMap::new();
-        h.insert(shared::bus::HEADER_REQUEST, rid);
+        h.insert(shared::bus::stream::HEADER_REQUEST, rid);
         if last {
-            h.insert(shared::bus::HEADER_FINAL, "1");
+            h.insert(shared::bus::stream::HEADER_FINAL, "1");
         }
         h
     };

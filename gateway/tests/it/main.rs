@@ -17,6 +17,7 @@ mod context;
 mod e2e_chat;
 mod faults;
 mod hostile;
+mod inprocess;
 mod limits;
 mod mux_tls;
 mod nats_cluster;

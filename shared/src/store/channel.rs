@@ -5,13 +5,14 @@
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
+use async_trait::async_trait;
 use redis::{AsyncCommands, Script};
 
 use super::channel_model::{
     ChannelHistory, ChannelSettings, MAX_READ_OFFSET, Position, PresenceEntry, READ_TTL,
     TTL_REFRESH_INTERVAL,
 };
-use super::{SessionStore, StoreError, bounded, now_ms};
+use super::{ChannelStore, RedisStore, StoreError, bounded, now_ms};
 use crate::protocol::Channel;
 
 // A channel is one Redis stream, `sb:{ch:<ns>:<name>}:log`. Entry ids are
@@ -136,12 +137,13 @@ redis.call('PEXPIRE', KEYS[1], ARGV[3])
 return cur
 "#;
 
-impl SessionStore {
+#[async_trait]
+impl ChannelStore for RedisStore {
     /// Stores a publication and returns its offset with the channel's epoch. The
     /// frame is `head + offset + tail` (the caller builds both halves of the JSON).
     /// Once this process knows the channel's epoch a publication is one `XADD`
     /// (plus a `PEXPIRE` once per [`TTL_REFRESH_INTERVAL`]).
-    pub async fn publish_channel(
+    async fn publish_channel(
         &self,
         ch: &Channel,
         head: &str,
@@ -219,7 +221,7 @@ impl SessionStore {
 
     /// The channel's position, started (epoch, offset 0) for a channel that has none,
     /// so every subscriber holds an epoch.
-    pub async fn channel_position(
+    async fn channel_position(
         &self,
         ch: &Channel,
         settings: &ChannelSettings,
@@ -240,7 +242,7 @@ impl SessionStore {
     /// Frames after `since`, and whether they reach back to it without a gap. `since`
     /// counts in `epoch` when the caller knows which; another epoch is never complete.
     /// History is dropped `history_ttl` after the channel's last publication.
-    pub async fn channel_since(
+    async fn channel_since(
         &self,
         ch: &Channel,
         since: u64,
@@ -293,10 +295,7 @@ impl SessionStore {
     /// `None` for a channel without one or without publications. One command. A node
     /// whose subscriptions were away hands it to its subscribers, who then see any
     /// gap before it and repair it from history.
-    pub async fn channel_top(
-        &self,
-        ch: &Channel,
-    ) -> Result<Option<(Position, String)>, StoreError> {
+    async fn channel_top(&self, ch: &Channel) -> Result<Option<(Position, String)>, StoreError> {
         let key = self.keys.channel_log(&ch.namespace, &ch.name);
         bounded(async {
             let mut c = self.conn().await?;
@@ -325,7 +324,7 @@ impl SessionStore {
     /// Frames with `from < offset < to` of `epoch`, for repairing a gap seen in live
     /// delivery; `None` when the channel has moved to another epoch. Epoch 0 (not
     /// known) reads whatever the channel has.
-    pub async fn channel_range(
+    async fn channel_range(
         &self,
         ch: &Channel,
         epoch: u64,
@@ -360,7 +359,7 @@ impl SessionStore {
 
     /// Records connections `(channel, user, conn)` as present for `ttl` (added or
     /// refreshed).
-    pub async fn presence_touch(
+    async fn presence_touch(
         &self,
         entries: &[(Channel, String, String)],
         ttl: Duration,
@@ -391,7 +390,7 @@ impl SessionStore {
 
     /// Removes one connection from a channel's presence; returns how many live
     /// connections the user still has in it (0 means the user left).
-    pub async fn presence_remove(
+    async fn presence_remove(
         &self,
         ch: &Channel,
         user: &str,
@@ -419,7 +418,7 @@ impl SessionStore {
     }
 
     /// Live connections of a user in a channel.
-    pub async fn presence_count(&self, ch: &Channel, user: &str) -> Result<u64, StoreError> {
+    async fn presence_count(&self, ch: &Channel, user: &str) -> Result<u64, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let conns = self
@@ -431,7 +430,7 @@ impl SessionStore {
     }
 
     /// Who is in a channel right now, with connection counts, by user id.
-    pub async fn presence(&self, ch: &Channel) -> Result<Vec<PresenceEntry>, StoreError> {
+    async fn presence(&self, ch: &Channel) -> Result<Vec<PresenceEntry>, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let key = self.keys.channel_presence(&ch.namespace, &ch.name);
@@ -469,12 +468,7 @@ impl SessionStore {
     /// Records a read offset (keeping the highest) and returns the stored one. The
     /// caller checks the offset against the channel's position; an offset above
     /// [`MAX_READ_OFFSET`] is cut to it, so what Lua compares and stores stays exact.
-    pub async fn set_read(
-        &self,
-        user: &str,
-        channel: &str,
-        offset: u64,
-    ) -> Result<u64, StoreError> {
+    async fn set_read(&self, user: &str, channel: &str, offset: u64) -> Result<u64, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let v: u64 = Script::new(READ_SCRIPT)
@@ -492,7 +486,7 @@ impl SessionStore {
     /// The user's read offset in a channel. A stored value that is not an offset
     /// (written by an older version, or by hand) is logged and treated as absent: a
     /// read receipt must never make `subscribe` fail.
-    pub async fn read_offset(&self, user: &str, channel: &str) -> Result<Option<u64>, StoreError> {
+    async fn read_offset(&self, user: &str, channel: &str) -> Result<Option<u64>, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let key = self.keys.user_reads(user);
@@ -505,7 +499,7 @@ impl SessionStore {
     // === node channel counts ===
 
     /// Replaces this node's channel -> local subscriber counts, alive for `ttl`.
-    pub async fn node_channels(
+    async fn node_channels(
         &self,
         node: &str,
         counts: &HashMap<String, u64>,
@@ -528,8 +522,8 @@ impl SessionStore {
     }
 
     /// Active channels with subscriber counts summed over the live nodes.
-    pub async fn channels(&self) -> Result<BTreeMap<String, u64>, StoreError> {
-        let nodes = self.nodes().await?;
+    async fn channels(&self) -> Result<BTreeMap<String, u64>, StoreError> {
+        let nodes = super::ConnStore::nodes(self).await?;
         bounded(async {
             let all: Vec<HashMap<String, u64>> = self
                 .backend
@@ -548,6 +542,13 @@ impl SessionStore {
             Ok(total)
         })
         .await
+    }
+
+    async fn presence_sweep(
+        &self,
+        channels: &[Channel],
+    ) -> Result<Vec<(Channel, Vec<String>)>, StoreError> {
+        self.sweep(channels).await
     }
 }
 

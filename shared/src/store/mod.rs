@@ -6,10 +6,11 @@
 //! after a restart, so a process can start while Redis is down and recover by itself.
 //! Every command is bounded by a response timeout: a dead Redis is an error, never a hang.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use async_trait::async_trait;
 use redis::{AsyncCommands, Script};
 use serde::Serialize;
 
@@ -17,6 +18,7 @@ mod backend;
 mod channel;
 mod channel_model;
 mod error;
+pub mod memory;
 mod presence_sweep;
 
 pub use backend::{CONNECT_TIMEOUT, Conn, RECONNECT_MAX_DELAY, RESPONSE_TIMEOUT, Target};
@@ -26,7 +28,7 @@ pub use channel_model::{
 pub use error::StoreError;
 
 use crate::keys::{Keys, REVOCATION_SHARDS};
-use crate::protocol::{HistoryMessage, UserContext};
+use crate::protocol::{Channel, HistoryMessage, UserContext};
 
 use backend::Backend;
 
@@ -107,18 +109,203 @@ pub enum Admission {
     OverLimit,
 }
 
-/// Handle to the session keys; cheap to clone.
+// === the store seams ===
+//
+// Three traits by noun, one implementation on Redis ([`RedisStore`]) and one in
+// memory ([`memory::MemoryStore`], for in-process tests of several nodes). Callers hold a
+// [`SharedStore`]; every method is one bounded operation that fails with
+// [`StoreError`] and never hangs.
+
+/// Connections, node heartbeats and revoked tokens.
+#[async_trait]
+pub trait ConnStore: Send + Sync {
+    /// Round trip to the store, for readiness checks.
+    async fn ping(&self) -> Result<(), StoreError>;
+    /// Records a new connection unless the user already holds `limit` live ones
+    /// cluster-wide (0 = no limit); check and record are one atomic step.
+    async fn register_conn(&self, rec: &ConnRecord, limit: u32) -> Result<Admission, StoreError>;
+    /// Extends the life of live connections, given as `(user_id, member)` with the
+    /// member from [`ConnRecord::member`]; a removed one does not come back, and the
+    /// users' expired members are dropped.
+    async fn refresh_conns(&self, conns: &[(String, String)]) -> Result<(), StoreError>;
+    /// Forgets a closed connection.
+    async fn unregister_conn(&self, user_id: &str, member: &str) -> Result<(), StoreError>;
+    /// A user's live connections across the cluster, oldest first.
+    async fn user_connections(&self, user_id: &str) -> Result<Vec<ConnRecord>, StoreError>;
+    /// Announces a node as alive for `ttl`.
+    async fn node_heartbeat(&self, rec: &NodeRecord, ttl: Duration) -> Result<(), StoreError>;
+    /// Removes a node that shut down cleanly.
+    async fn remove_node(&self, node: &str) -> Result<(), StoreError>;
+    /// Live nodes (heartbeat not expired), by id.
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError>;
+    /// Revokes a token id until `exp` (unix seconds).
+    async fn revoke(&self, jti: &str, exp: u64) -> Result<(), StoreError>;
+    /// Every token id revoked and not yet expired, with its `exp`.
+    async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError>;
+}
+
+/// Chat sessions, their history, the per-user chat rate and cached user context.
+#[async_trait]
+pub trait ChatStore: Send + Sync {
+    /// Creates `user_id`'s session if new; checks ownership otherwise.
+    async fn claim_session(
+        &self,
+        session_id: &str,
+        user_id: &str,
+    ) -> Result<SessionAccess, StoreError>;
+    /// The owner recorded for `user_id`'s session `session_id`, if it exists.
+    async fn session_owner(
+        &self,
+        user_id: &str,
+        session_id: &str,
+    ) -> Result<Option<String>, StoreError>;
+    /// The most recent `limit` messages of `user_id`'s session, oldest first.
+    async fn history(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        limit: usize,
+    ) -> Result<Vec<HistoryMessage>, StoreError>;
+    /// Appends one request's messages unless that request is already recorded; keeps
+    /// the last `window` messages and slides the session's TTL; claims the session
+    /// for `owner` again when its record is gone. Returns whether anything was
+    /// appended.
+    async fn append_history(
+        &self,
+        session_id: &str,
+        owner: &str,
+        request_id: &str,
+        messages: &[HistoryMessage],
+        window: usize,
+    ) -> Result<bool, StoreError>;
+    /// Counts one chat request of `user_id` in the current window of `window`; over
+    /// `limit` it is refused until the window ends.
+    async fn chat_rate(
+        &self,
+        user_id: &str,
+        limit: u32,
+        window: Duration,
+    ) -> Result<RateDecision, StoreError>;
+    /// The last cached context of a user ([`CONTEXT_TTL`]).
+    async fn cached_context(&self, user_id: &str) -> Result<Option<UserContext>, StoreError>;
+    /// Caches a fetched context (stored not `degraded`).
+    async fn cache_context(&self, user_id: &str, ctx: &UserContext) -> Result<(), StoreError>;
+
+    /// The assistant reply recorded for a request, if any (a redelivered request
+    /// that already completed only republishes it).
+    async fn recorded_reply(
+        &self,
+        user_id: &str,
+        session_id: &str,
+        request_id: &str,
+    ) -> Result<Option<HistoryMessage>, StoreError> {
+        let all = self
+            .history(user_id, session_id, DEFAULT_HISTORY_WINDOW * 10)
+            .await?;
+        Ok(all
+            .into_iter()
+            .find(|m| m.role == "assistant" && m.request_id.as_deref() == Some(request_id)))
+    }
+}
+
+/// Channel offsets and history (recovery), presence, read offsets and each node's
+/// subscriber counts.
+#[async_trait]
+pub trait ChannelStore: Send + Sync {
+    /// Stores a publication and returns its offset with the channel's epoch. The
+    /// frame is `head + offset + tail`.
+    async fn publish_channel(
+        &self,
+        ch: &Channel,
+        head: &str,
+        tail: &str,
+        settings: &ChannelSettings,
+    ) -> Result<Position, StoreError>;
+    /// The channel's position, started (a new epoch, offset 0) when missing; a
+    /// subscriber holds it, so it lives another TTL.
+    async fn channel_position(
+        &self,
+        ch: &Channel,
+        settings: &ChannelSettings,
+    ) -> Result<Position, StoreError>;
+    /// The position and the publications after `since` of `epoch` (the current one
+    /// when `None`); `recovered` says whether they are complete.
+    async fn channel_since(
+        &self,
+        ch: &Channel,
+        since: u64,
+        epoch: Option<u64>,
+        settings: &ChannelSettings,
+    ) -> Result<ChannelHistory, StoreError>;
+    /// The newest publication with its position, if the channel has one.
+    async fn channel_top(&self, ch: &Channel) -> Result<Option<(Position, String)>, StoreError>;
+    /// Publications strictly between `from` and `to` of `epoch` (`None` when the
+    /// channel is in another epoch by now or gone).
+    async fn channel_range(
+        &self,
+        ch: &Channel,
+        epoch: u64,
+        from: u64,
+        to: u64,
+    ) -> Result<Option<Vec<(u64, String)>>, StoreError>;
+    /// Marks `(channel, user, conn)` present for `ttl`.
+    async fn presence_touch(
+        &self,
+        entries: &[(Channel, String, String)],
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+    /// Removes one connection from a channel's presence; returns how many live
+    /// connections of the user remain there.
+    async fn presence_remove(
+        &self,
+        ch: &Channel,
+        user: &str,
+        conn: &str,
+    ) -> Result<u64, StoreError>;
+    /// Live connections of `user` present in `ch`.
+    async fn presence_count(&self, ch: &Channel, user: &str) -> Result<u64, StoreError>;
+    /// Who is present in `ch`, by user.
+    async fn presence(&self, ch: &Channel) -> Result<Vec<PresenceEntry>, StoreError>;
+    /// Removes expired users from each channel's presence; returns, per channel, the
+    /// users this call removed (a concurrent caller gets none of them).
+    async fn presence_sweep(
+        &self,
+        channels: &[Channel],
+    ) -> Result<Vec<(Channel, Vec<String>)>, StoreError>;
+    /// Keeps the highest read offset of `user` in `channel`; returns it.
+    async fn set_read(&self, user: &str, channel: &str, offset: u64) -> Result<u64, StoreError>;
+    /// The user's read offset in `channel`.
+    async fn read_offset(&self, user: &str, channel: &str) -> Result<Option<u64>, StoreError>;
+    /// Records this node's local subscriber counts for `ttl`.
+    async fn node_channels(
+        &self,
+        node: &str,
+        counts: &HashMap<String, u64>,
+        ttl: Duration,
+    ) -> Result<(), StoreError>;
+    /// Subscriber counts summed over live nodes, by channel.
+    async fn channels(&self) -> Result<BTreeMap<String, u64>, StoreError>;
+}
+
+/// Everything a gateway or worker keeps in the shared store.
+pub trait Store: ConnStore + ChatStore + ChannelStore + std::fmt::Debug {}
+impl<T: ConnStore + ChatStore + ChannelStore + std::fmt::Debug> Store for T {}
+
+/// The store as the services hold it.
+pub type SharedStore = Arc<dyn Store>;
+
+/// The store on Redis (a single server or a Cluster); cheap to clone.
 #[derive(Clone)]
-pub struct SessionStore {
+pub struct RedisStore {
     backend: Arc<Backend>,
     keys: Keys,
     epochs: Arc<channel_model::EpochCache>,
 }
 
-impl std::fmt::Debug for SessionStore {
+impl std::fmt::Debug for RedisStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         // The URL may carry a password: never print it.
-        f.debug_struct("SessionStore")
+        f.debug_struct("RedisStore")
             .field("backend", &self.backend)
             .field("keys", &self.keys)
             .finish()
@@ -221,24 +408,24 @@ pub(crate) async fn bounded<T>(
     }
 }
 
-impl SessionStore {
+impl RedisStore {
     /// One Redis server; parses the URL, does not connect (the first command does).
-    pub fn new(url: &str, keys: Keys) -> Result<SessionStore, redis::RedisError> {
-        SessionStore::open(Target::Single(url.to_owned()), keys)
+    pub fn new(url: &str, keys: Keys) -> Result<RedisStore, redis::RedisError> {
+        RedisStore::open(Target::Single(url.to_owned()), keys)
     }
 
     /// A single server or a Redis Cluster; does not connect.
-    pub fn open(target: Target, keys: Keys) -> Result<SessionStore, redis::RedisError> {
-        SessionStore::open_tls(target, None, keys)
+    pub fn open(target: Target, keys: Keys) -> Result<RedisStore, redis::RedisError> {
+        RedisStore::open_tls(target, None, keys)
     }
 
-    /// As [`SessionStore::open`], trusting `tls_ca` (PEM) for `rediss://` servers.
+    /// As [`RedisStore::open`], trusting `tls_ca` (PEM) for `rediss://` servers.
     pub fn open_tls(
         target: Target,
         tls_ca: Option<Vec<u8>>,
         keys: Keys,
-    ) -> Result<SessionStore, redis::RedisError> {
-        Ok(SessionStore {
+    ) -> Result<RedisStore, redis::RedisError> {
+        Ok(RedisStore {
             backend: Backend::new(target, tls_ca)?,
             keys,
             epochs: Arc::default(),
@@ -258,9 +445,12 @@ impl SessionStore {
     pub(crate) async fn conn(&self) -> Result<Conn, StoreError> {
         self.backend.conn().await
     }
+}
 
+#[async_trait]
+impl ConnStore for RedisStore {
     /// Round trip to Redis, for readiness checks.
-    pub async fn ping(&self) -> Result<(), StoreError> {
+    async fn ping(&self) -> Result<(), StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let _: String = redis::cmd("PING").query_async(&mut c).await?;
@@ -273,11 +463,7 @@ impl SessionStore {
 
     /// Records a new connection unless the user already holds `limit` (0 = no limit).
     /// One script on the user's slot: the limit check, the record and its TTL.
-    pub async fn register_conn(
-        &self,
-        rec: &ConnRecord,
-        limit: u32,
-    ) -> Result<Admission, StoreError> {
+    async fn register_conn(&self, rec: &ConnRecord, limit: u32) -> Result<Admission, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let now = now_ms();
@@ -303,7 +489,7 @@ impl SessionStore {
     /// Extends the life of live connections, given as `(user_id, member)` with the
     /// member from [`ConnRecord::member`], and drops the user's expired members (a
     /// dead node's), so the hot path never has to.
-    pub async fn refresh_conns(&self, conns: &[(String, String)]) -> Result<(), StoreError> {
+    async fn refresh_conns(&self, conns: &[(String, String)]) -> Result<(), StoreError> {
         let ttl = CONN_TTL.as_millis() as i64;
         let now = now_ms() as i64;
         let expiry = now + ttl;
@@ -327,7 +513,7 @@ impl SessionStore {
     }
 
     /// Forgets a closed connection: one command.
-    pub async fn unregister_conn(&self, user_id: &str, member: &str) -> Result<(), StoreError> {
+    async fn unregister_conn(&self, user_id: &str, member: &str) -> Result<(), StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let _: () = c.zrem(self.keys.user_conns(user_id), member).await?;
@@ -337,7 +523,7 @@ impl SessionStore {
     }
 
     /// A user's live connections across the cluster, oldest first.
-    pub async fn user_connections(&self, user_id: &str) -> Result<Vec<ConnRecord>, StoreError> {
+    async fn user_connections(&self, user_id: &str) -> Result<Vec<ConnRecord>, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let members: Vec<String> = c
@@ -356,7 +542,7 @@ impl SessionStore {
     // === nodes ===
 
     /// Announces a node as alive for `ttl`.
-    pub async fn node_heartbeat(&self, rec: &NodeRecord, ttl: Duration) -> Result<(), StoreError> {
+    async fn node_heartbeat(&self, rec: &NodeRecord, ttl: Duration) -> Result<(), StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let key = self.keys.node(&rec.node);
@@ -387,7 +573,7 @@ impl SessionStore {
     }
 
     /// Removes a node that shut down cleanly.
-    pub async fn remove_node(&self, node: &str) -> Result<(), StoreError> {
+    async fn remove_node(&self, node: &str) -> Result<(), StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let _: () = c.del(self.keys.node(node)).await?;
@@ -398,7 +584,7 @@ impl SessionStore {
     }
 
     /// Live nodes (heartbeat not expired), by id.
-    pub async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
+    async fn nodes(&self) -> Result<Vec<NodeRecord>, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let now = now_ms();
@@ -440,7 +626,7 @@ impl SessionStore {
     // them.
 
     /// Revokes a token id until `exp` (unix seconds), after which it is invalid anyway.
-    pub async fn revoke(&self, jti: &str, exp: u64) -> Result<(), StoreError> {
+    async fn revoke(&self, jti: &str, exp: u64) -> Result<(), StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let key = self.keys.revoked(jti);
@@ -459,7 +645,7 @@ impl SessionStore {
 
     /// Every token id revoked and not yet expired, with its `exp`: one command per
     /// shard.
-    pub async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
+    async fn revocations(&self) -> Result<Vec<(String, u64)>, StoreError> {
         bounded(async {
             let now = now_ms() / 1000;
             let shards: Vec<u32> = (0..REVOCATION_SHARDS).collect();
@@ -482,14 +668,15 @@ impl SessionStore {
         })
         .await
     }
+}
 
-    // === chat sessions ===
-
+#[async_trait]
+impl ChatStore for RedisStore {
     /// Creates the session for `user_id` if new; checks ownership otherwise. Sessions
     /// are keyed by owner and id together, so another user's session of the same id
     /// is a different session; `Forbidden` remains only as a guard against a record
     /// that names someone else.
-    pub async fn claim_session(
+    async fn claim_session(
         &self,
         session_id: &str,
         user_id: &str,
@@ -514,7 +701,7 @@ impl SessionStore {
     }
 
     /// The owner recorded for `user_id`'s session `session_id`, if it exists.
-    pub async fn session_owner(
+    async fn session_owner(
         &self,
         user_id: &str,
         session_id: &str,
@@ -528,7 +715,7 @@ impl SessionStore {
     }
 
     /// The most recent `limit` messages of `user_id`'s session, oldest first.
-    pub async fn history(
+    async fn history(
         &self,
         user_id: &str,
         session_id: &str,
@@ -556,7 +743,7 @@ impl SessionStore {
     /// Appends one request's messages unless that request is already recorded;
     /// keeps the last `window` messages and slides the session's TTL. Returns
     /// whether anything was appended.
-    pub async fn append_history(
+    async fn append_history(
         &self,
         session_id: &str,
         owner: &str,
@@ -589,25 +776,9 @@ impl SessionStore {
         .await
     }
 
-    /// The assistant reply recorded for a request, if any (a redelivered request
-    /// that already completed only republishes it).
-    pub async fn recorded_reply(
-        &self,
-        user_id: &str,
-        session_id: &str,
-        request_id: &str,
-    ) -> Result<Option<HistoryMessage>, StoreError> {
-        let all = self
-            .history(user_id, session_id, DEFAULT_HISTORY_WINDOW * 10)
-            .await?;
-        Ok(all
-            .into_iter()
-            .find(|m| m.role == "assistant" && m.request_id.as_deref() == Some(request_id)))
-    }
-
     /// Counts one chat request of `user_id` in the current window of `window`;
     /// over `limit` it is refused until the window ends.
-    pub async fn chat_rate(
+    async fn chat_rate(
         &self,
         user_id: &str,
         limit: u32,
@@ -631,7 +802,7 @@ impl SessionStore {
 
     // === user context ===
 
-    pub async fn cached_context(&self, user_id: &str) -> Result<Option<UserContext>, StoreError> {
+    async fn cached_context(&self, user_id: &str) -> Result<Option<UserContext>, StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let key = self.keys.user_ctx(user_id);
@@ -646,7 +817,7 @@ impl SessionStore {
         .await
     }
 
-    pub async fn cache_context(&self, user_id: &str, ctx: &UserContext) -> Result<(), StoreError> {
+    async fn cache_context(&self, user_id: &str, ctx: &UserContext) -> Result<(), StoreError> {
         bounded(async {
             let mut c = self.conn().await?;
             let cached = UserContext {

@@ -5,7 +5,7 @@
 
 use redis::Value;
 
-use super::{SessionStore, StoreError, bounded, now_ms};
+use super::{RedisStore, StoreError, bounded, now_ms};
 use crate::protocol::Channel;
 
 /// Users removed per channel and sweep at most: bounds the script's run time (Redis
@@ -26,11 +26,11 @@ end
 return gone
 "#;
 
-impl SessionStore {
+impl RedisStore {
     /// Removes expired users from each channel's presence; returns, per channel, the
     /// users this call removed (another caller removing them at the same time gets
     /// none of them).
-    pub async fn presence_sweep(
+    pub(super) async fn sweep(
         &self,
         channels: &[Channel],
     ) -> Result<Vec<(Channel, Vec<String>)>, StoreError> {

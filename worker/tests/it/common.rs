@@ -3,6 +3,7 @@
 //! published straight to JetStream; a NATS subscriber on `sb.user.<uid>` plays the
 //! gateways; history is read through the session store.
 
+pub use shared::store::ChatStore;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -12,7 +13,7 @@ use futures_util::StreamExt;
 use serde_json::Value;
 use shared::keys::Keys;
 use shared::protocol::{ChatCancel, ChatRequest, FileAttachment, HistoryMessage};
-use shared::store::{SessionStore, now_ms};
+use shared::store::{RedisStore, now_ms};
 use shared::subjects::Subjects;
 use testkit::backend::BackendStub;
 use testkit::llm::LlmStub;
@@ -48,7 +49,7 @@ pub struct Env {
     pub llm: LlmStub,
     pub backend: BackendStub,
     pub nc: async_nats::Client,
-    pub store: SessionStore,
+    pub store: RedisStore,
     pub subjects: Subjects,
 }
 
@@ -61,7 +62,7 @@ impl Env {
             .connect(nats.url())
             .await
             .expect("nats connect");
-        let store = SessionStore::open(
+        let store = RedisStore::open(
             shared::config::redis_target(&redis.url(), redis.is_cluster()),
             Keys::new("sb"),
         )
@@ -118,7 +119,7 @@ impl Env {
     /// and waits for JetStream's ack.
     pub async fn publish(&self, req: &ChatRequest) {
         let js = self.js();
-        shared::bus::ensure_chat_stream(&js, &self.subjects, 1)
+        shared::bus::stream::ensure_chat_stream(&js, &self.subjects, 1)
             .await
             .expect("chat stream");
         let mut headers = async_nats::HeaderMap::new();
@@ -169,11 +170,11 @@ impl Env {
     /// The durable consumer as workers configure it, for tests that play a failing
     /// worker.
     pub async fn consumer(&self) -> PullConsumer {
-        let stream = shared::bus::ensure_chat_stream(&self.js(), &self.subjects, 1)
+        let stream = shared::bus::stream::ensure_chat_stream(&self.js(), &self.subjects, 1)
             .await
             .unwrap();
         stream
-            .create_consumer(shared::bus::chat_consumer_config(
+            .create_consumer(shared::bus::stream::chat_consumer_config(
                 &self.subjects,
                 Duration::from_secs(ACK_WAIT_SECS),
                 MAX_DELIVER + 1,

@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use async_nats::jetstream::{self, consumer, stream};
 
+use super::BusError;
 use crate::subjects::{CHAT_CONSUMER, CHAT_EVENTS_STREAM, CHAT_STREAM, Subjects};
 
 /// JetStream de-duplicates publishes with the same `Nats-Msg-Id` within this window:
@@ -102,15 +103,6 @@ pub fn chat_consumer_config(
         filter_subject: subjects.chat_requests(),
         ..Default::default()
     }
-}
-
-/// Errors setting up JetStream.
-#[derive(Debug, thiserror::Error)]
-pub enum BusError {
-    #[error("JetStream: {0}")]
-    JetStream(String),
-    #[error("JetStream did not answer within {0:?}")]
-    Timeout(Duration),
 }
 
 /// Publishes `msg` to a stream's subject and waits, at most `limit`, until the stream
