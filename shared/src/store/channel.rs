@@ -91,8 +91,10 @@ return top
 "#
 );
 
-/// The position (as [`POSITION_SCRIPT`]) and the publications after `since`
-/// (`ARGV[2]`) of the current epoch, in one step.
+/// The position (as [`POSITION_SCRIPT`]) and the publications from `ARGV[2]`
+/// (`since + 1`) of the current epoch, in one step. Offsets travel as decimal strings
+/// made in Rust: Lua's numbers are doubles and print 15-digit ones as `1e+14`, which
+/// is no stream id.
 const SINCE_SCRIPT: &str = concat!(
     top_lua!(),
     flat_lua!(),
@@ -100,12 +102,13 @@ const SINCE_SCRIPT: &str = concat!(
 redis.call('PEXPIRE', KEYS[1], ARGV[1])
 local e = string.match(top, '^(%d+)-')
 local out = {top}
-return flat(redis.call('XRANGE', KEYS[1], e .. '-' .. (tonumber(ARGV[2]) + 1), '+'), out)
+return flat(redis.call('XRANGE', KEYS[1], e .. '-' .. ARGV[2], '+'), out)
 "#
 );
 
-/// Publications strictly between two offsets of one epoch (`ARGV[1]`; empty = the
-/// current one); `{}` with no top when the channel is in another epoch by now (its
+/// Publications from `ARGV[2]` to `ARGV[3]` (strictly between two offsets, computed
+/// in Rust for the same reason; `ARGV[4]` = `1` when nothing lies between) of one
+/// epoch (`ARGV[1]`; empty = the current one); `{}` with no top when the channel is in another epoch by now (its
 /// history is not the one the offsets belong to) or gone.
 const RANGE_SCRIPT: &str = concat!(
     flat_lua!(),
@@ -114,10 +117,9 @@ local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
 if #last == 0 then return {} end
 local e = string.match(last[1][1], '^(%d+)-')
 if ARGV[1] ~= '' and ARGV[1] ~= e then return {} end
-local lo, hi = tonumber(ARGV[2]) + 1, tonumber(ARGV[3]) - 1
 local out = {last[1][1]}
-if lo > hi then return out end
-return flat(redis.call('XRANGE', KEYS[1], e .. '-' .. lo, e .. '-' .. hi), out)
+if ARGV[4] == '1' then return out end
+return flat(redis.call('XRANGE', KEYS[1], e .. '-' .. ARGV[2], e .. '-' .. ARGV[3]), out)
 "#
 );
 
@@ -255,7 +257,7 @@ impl ChannelStore for RedisStore {
             let raw: Vec<String> = Script::new(SINCE_SCRIPT)
                 .key(&key)
                 .arg(settings.offset_ttl.as_millis() as u64)
-                .arg(since)
+                .arg(since.saturating_add(1).to_string())
                 .invoke_async(&mut c)
                 .await?;
             let (top, mut frames) = entries(&key, raw)?;
@@ -341,8 +343,13 @@ impl ChannelStore for RedisStore {
                 } else {
                     epoch.to_string()
                 })
-                .arg(from)
-                .arg(to)
+                .arg(from.saturating_add(1).to_string())
+                .arg(to.saturating_sub(1).to_string())
+                .arg(if from.saturating_add(1) > to.saturating_sub(1) {
+                    "1"
+                } else {
+                    "0"
+                })
                 .invoke_async(&mut c)
                 .await?;
             let (top, frames) = entries(&key, raw)?;

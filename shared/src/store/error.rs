@@ -8,6 +8,10 @@ use std::time::Duration;
 pub enum StoreError {
     #[error("redis unavailable: {0}")]
     Redis(#[from] redis::RedisError),
+    /// The store is out of reach for a reason other than Redis (the in-memory store
+    /// switched off by a test).
+    #[error("store unavailable: {0}")]
+    Unavailable(&'static str),
     #[error("redis did not answer within {0:?}")]
     Timeout(Duration),
     #[error("corrupt value in {key}: {source}")]

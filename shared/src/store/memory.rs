@@ -65,14 +65,7 @@ impl MemoryStore {
     /// critical section, so each is atomic, as each Redis script is.
     fn state(&self) -> Result<MutexGuard<'_, State>, StoreError> {
         if self.down.load(Ordering::SeqCst) {
-            // `StoreError` has no backend-neutral "unavailable" variant; a refused
-            // connection is what callers see when Redis itself is down.
-            return Err(StoreError::Redis(redis::RedisError::from(
-                std::io::Error::new(
-                    std::io::ErrorKind::ConnectionRefused,
-                    "the in-memory store is down (MemoryStore::set_down)",
-                ),
-            )));
+            return Err(StoreError::Unavailable("the in-memory store is down"));
         }
         // A panic inside an operation leaves it half applied at worst, as a Redis
         // script failing halfway does; the other keys stay usable, so go on.
@@ -288,21 +281,6 @@ impl Log {
             })
             .collect()
     }
-}
-
-/// The error Redis gives when a script builds a stream id from a Lua number of 15
-/// digits or more (`%.14g` renders it as `1e+14`): the Redis side fails there, so
-/// this one fails alike.
-fn invalid_stream_id() -> StoreError {
-    StoreError::Redis(redis::RedisError::from((
-        redis::ErrorKind::Server(redis::ServerErrorKind::ResponseError),
-        "Invalid stream ID specified as stream command argument",
-    )))
-}
-
-/// Whether a Lua number concatenated into a stream id reads back as that integer.
-fn lua_id_ok(n: f64) -> bool {
-    n < 1e14
 }
 
 #[derive(Debug, Default)]
@@ -650,16 +628,10 @@ impl State {
     ) -> Result<ChannelHistory, StoreError> {
         let top = self.top_or_start(ch, now);
         self.logs.pexpire(ch, ms(settings.offset_ttl), now);
-        // The script fails after starting the position and sliding its TTL, which
-        // it keeps (a script's writes before an error stay).
-        let lo = since as f64 + 1.0;
-        if !lua_id_ok(lo) {
-            return Err(invalid_stream_id());
-        }
         let mut frames = self
             .logs
             .get(ch, now)
-            .map(|log| log.frames(lo as u64, u64::MAX))
+            .map(|log| log.frames(since.saturating_add(1), u64::MAX))
             .unwrap_or_default();
         let stale_before = now.saturating_sub(ms(settings.history_ttl));
         if frames.last().is_some_and(|f| f.2 < stale_before) {
@@ -708,16 +680,12 @@ impl State {
         if log.entries.is_empty() || (epoch != 0 && epoch != log.epoch) {
             return Ok(None);
         }
-        // The script's arithmetic is on Lua numbers (doubles).
-        let (lo, hi) = (from as f64 + 1.0, to as f64 - 1.0);
+        let (lo, hi) = (from.saturating_add(1), to.saturating_sub(1));
         if lo > hi {
             return Ok(Some(Vec::new()));
         }
-        if !lua_id_ok(lo) || !lua_id_ok(hi) {
-            return Err(invalid_stream_id());
-        }
         Ok(Some(
-            log.frames(lo as u64, hi as u64)
+            log.frames(lo, hi)
                 .into_iter()
                 .map(|(o, f, _)| (o, f))
                 .collect(),

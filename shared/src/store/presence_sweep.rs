@@ -3,15 +3,13 @@
 //! so that of all the nodes sweeping the same channel exactly one learns each of them
 //! and announces the `leave`.
 
-use redis::Value;
-
 use super::{RedisStore, StoreError, bounded, now_ms};
 use crate::protocol::Channel;
 
 /// Users removed per channel and sweep at most: bounds the script's run time (Redis
 /// runs nothing else meanwhile); the rest go in the next sweep.
 pub const SWEEP_MAX_USERS: usize = 1000;
-/// Channels per pipeline: the same batch size as `presence_touch`.
+/// Channels per pipeline on one server: the same batch size as `presence_touch`.
 const SWEEP_BATCH: usize = 512;
 
 /// One key (the channel's users-by-expiry set), so it runs on Redis Cluster too. A
@@ -38,23 +36,24 @@ impl RedisStore {
             return Ok(Vec::new());
         }
         bounded(async {
-            let mut c = self.conn().await?;
             let now = now_ms();
             let mut out = Vec::new();
             for batch in channels.chunks(SWEEP_BATCH) {
-                let mut p = redis::pipe();
-                for ch in batch {
-                    p.cmd("EVAL")
-                        .arg(SWEEP_SCRIPT)
-                        .arg(1)
-                        .arg(self.keys.channel_presence(&ch.namespace, &ch.name))
-                        .arg(now)
-                        .arg(SWEEP_MAX_USERS);
-                }
-                let replies: Vec<Value> = p.query_async(&mut c).await?;
-                for (ch, reply) in batch.iter().zip(replies) {
-                    let gone: Vec<String> =
-                        redis::from_redis_value(reply).map_err(redis::RedisError::from)?;
+                // One script per channel, each on its channel's slot: a pipeline on
+                // one server, concurrent commands on a cluster.
+                let replies: Vec<Vec<String>> = self
+                    .backend
+                    .query_each(batch, |ch| {
+                        let mut cmd = redis::cmd("EVAL");
+                        cmd.arg(SWEEP_SCRIPT)
+                            .arg(1)
+                            .arg(self.keys.channel_presence(&ch.namespace, &ch.name))
+                            .arg(now)
+                            .arg(SWEEP_MAX_USERS);
+                        cmd
+                    })
+                    .await?;
+                for (ch, gone) in batch.iter().zip(replies) {
                     if !gone.is_empty() {
                         out.push((ch.clone(), gone));
                     }
