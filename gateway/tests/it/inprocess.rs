@@ -68,13 +68,18 @@ impl Cluster {
     }
 }
 
+/// Users' teams as the stand-in workers answer them; tests change them.
+type Teams = Arc<std::sync::Mutex<std::collections::HashMap<String, Vec<String>>>>;
+
 /// Stands in for workers on the user-context RPC: every user is in the teams listed
-/// for them.
-async fn context_responder(bus: SharedBus, teams: &[(&str, &[&str])]) {
-    let map: std::collections::HashMap<String, Vec<String>> = teams
-        .iter()
-        .map(|(u, t)| (u.to_string(), t.iter().map(|s| s.to_string()).collect()))
-        .collect();
+/// for them (changed through the returned map).
+async fn context_responder(bus: SharedBus, teams: &[(&str, &[&str])]) -> Teams {
+    let map: Teams = Arc::new(std::sync::Mutex::new(
+        teams
+            .iter()
+            .map(|(u, t)| (u.to_string(), t.iter().map(|s| s.to_string()).collect()))
+            .collect(),
+    ));
     let mut sub = bus
         .subscribe(
             Subjects::new("sb").user_context_rpc(),
@@ -82,11 +87,14 @@ async fn context_responder(bus: SharedBus, teams: &[(&str, &[&str])]) {
         )
         .await
         .unwrap();
+    let answers = map.clone();
     tokio::spawn(async move {
         while let Some(msg) = sub.next().await {
             let req: Value = serde_json::from_slice(&msg.payload).unwrap_or_default();
             let user = req["user_id"].as_str().unwrap_or_default();
-            let teams: Vec<Value> = map
+            let teams: Vec<Value> = answers
+                .lock()
+                .unwrap()
                 .get(user)
                 .into_iter()
                 .flatten()
@@ -100,6 +108,7 @@ async fn context_responder(bus: SharedBus, teams: &[(&str, &[&str])]) {
             }
         }
     });
+    map
 }
 
 /// Stands in for workers on the chat queue: each request is answered with two chunks
@@ -472,4 +481,122 @@ async fn outages_of_the_bus_and_the_store_are_reported_not_fatal() {
         next_matching(&mut ws, |f| f["type"] == "pong").await["type"],
         "pong"
     );
+}
+
+#[tokio::test]
+async fn a_store_back_empty_starts_a_new_epoch_that_subscribers_are_told_of() {
+    let c = Cluster::start(2, |_| {}).await;
+    let (mut ws, _) = authed(&c.nodes[1], "eve").await;
+    let first = subscribe(&mut ws, "news:epoch", None).await;
+    let old_epoch: u64 = first["epoch"].as_str().unwrap().parse().unwrap();
+    let (mut publisher, _) = authed(&c.nodes[0], "pub").await;
+    let publish = |n: u64| json!({"type": "publish", "channel": "news:epoch", "data": n, "id": n});
+    for n in 1..=3 {
+        send_json(&mut publisher, publish(n)).await;
+        next_matching(&mut publisher, |f| f["type"] == "ack").await;
+        next_matching(&mut ws, |f| f["type"] == "message").await;
+    }
+    // Redis restarted without persistence: offsets count from 1 again.
+    c.store.flush_all();
+    send_json(&mut publisher, publish(4)).await;
+    let ack = next_matching(&mut publisher, |f| f["type"] == "ack").await;
+    assert_eq!(ack["offset"], 1);
+    let reset = next_json(&mut ws).await;
+    assert_eq!(
+        (
+            reset["type"].as_str(),
+            reset["offset"].as_u64(),
+            reset["recovered"].as_bool()
+        ),
+        (Some("subscribed"), Some(0), Some(false)),
+        "{reset}"
+    );
+    let new_epoch: u64 = reset["epoch"].as_str().unwrap().parse().unwrap();
+    assert!(new_epoch > old_epoch);
+    let m = next_json(&mut ws).await;
+    assert_eq!(
+        (m["offset"].as_u64(), m["data"].as_u64()),
+        (Some(1), Some(4))
+    );
+}
+
+#[tokio::test]
+async fn chat_rate_and_context_refreshes_hold_across_nodes() {
+    let c = Cluster::start(2, |raw| raw.chat_rate_per_minute = Some(2)).await;
+    let teams = context_responder(c.shared_bus(), &[("erin", &["t1"])]).await;
+    let (mut wa, _) = authed(&c.nodes[0], "erin").await;
+    let (mut wb, _) = authed(&c.nodes[1], "erin").await;
+    for ws in [&mut wa, &mut wb] {
+        send_json(ws, json!({"type": "chat.send", "message": "hi", "id": "c"})).await;
+        assert_eq!(next_matching(ws, |f| f["id"] == "c").await["type"], "ack");
+    }
+    send_json(
+        &mut wa,
+        json!({"type": "chat.send", "message": "third", "id": 3}),
+    )
+    .await;
+    let e = next_matching(&mut wa, |f| f["id"] == 3).await;
+    assert_eq!(e["code"], "RATE_LIMITED", "{e}");
+
+    for ws in [&mut wa, &mut wb] {
+        assert_eq!(subscribe(ws, "team:t1", None).await["type"], "subscribed");
+    }
+    teams
+        .lock()
+        .unwrap()
+        .insert("erin".into(), vec!["t2".into()]);
+    let (status, _) = api_post(&c.nodes[1], "/v1/users/erin/refresh-context", &json!({})).await;
+    assert_eq!(status, 200);
+    for ws in [&mut wa, &mut wb] {
+        let u = next_matching(ws, |f| f["type"] == "unsubscribed").await;
+        assert_eq!(
+            u,
+            json!({"type": "unsubscribed", "channel": "team:t1", "reason": "FORBIDDEN"})
+        );
+        let ctx = next_matching(ws, |f| f["type"] == "context").await;
+        assert_eq!(ctx["teams"][0]["id"], "t2", "{ctx}");
+    }
+}
+
+#[tokio::test]
+async fn a_draining_node_hands_its_clients_to_the_others() {
+    let mut c = Cluster::start(2, |_| {}).await;
+    let (mut ws, _) = authed(&c.nodes[0], "dora").await;
+    subscribe(&mut ws, "news:drain", None).await;
+    let (mut publisher, _) = authed(&c.nodes[1], "pub").await;
+    send_json(
+        &mut publisher,
+        json!({"type": "publish", "channel": "news:drain", "data": 1, "id": 1}),
+    )
+    .await;
+    next_matching(&mut ws, |f| f["type"] == "message").await;
+    let draining = c.nodes.remove(0);
+    let ((), (frames, code)) = tokio::join!(draining.stop(), until_close(&mut ws));
+    assert_eq!(code, Some(1012));
+    assert_eq!(frames.len(), 1, "{frames:?}");
+    assert_eq!(frames[0]["type"], "reconnect");
+    send_json(
+        &mut publisher,
+        json!({"type": "publish", "channel": "news:drain", "data": 2, "id": 2}),
+    )
+    .await;
+    next_matching(&mut publisher, |f| f["id"] == 2).await;
+    // On the other node the client resumes where it was.
+    let (mut ws, _) = authed(&c.nodes[0], "dora").await;
+    let mut frames = Vec::new();
+    send_json(
+        &mut ws,
+        json!({"type": "subscribe", "channel": "news:drain", "since": 1, "id": "s"}),
+    )
+    .await;
+    loop {
+        let f = next_json(&mut ws).await;
+        let done = f["type"] == "subscribed";
+        frames.push(f);
+        if done {
+            break;
+        }
+    }
+    assert_eq!(frames[0]["offset"], 2, "{frames:?}");
+    assert_eq!(frames[1]["recovered"], true, "{frames:?}");
 }

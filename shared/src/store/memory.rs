@@ -54,6 +54,15 @@ impl MemoryStore {
         MemoryStore::default()
     }
 
+    /// Simulates Redis restarting empty (no persistence): every key is gone. Epochs
+    /// handed out afterwards are still later ones, as the Redis clock's are.
+    pub fn flush_all(&self) {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let last_epoch = st.last_epoch;
+        *st = State::default();
+        st.last_epoch = last_epoch;
+    }
+
     /// Simulates a store outage: while `down`, every call fails with the error a
     /// refused Redis connection gives, so callers take their real outage path; the
     /// data survives the outage (as a Redis that comes back with its keys).
