@@ -271,24 +271,7 @@ impl ChannelStore for RedisStore {
             }
             let frames: Vec<(u64, String)> =
                 frames.into_iter().map(|f| (f.offset, f.frame)).collect();
-            let since_top = since == top.offset;
-            let complete = if epoch.is_some_and(|e| e != top.epoch) || since > top.offset {
-                // The offsets the client saw belong to a count this channel no longer
-                // has (its position was lost and started again).
-                false
-            } else if since_top {
-                true
-            } else {
-                frames.first().map(|(o, _)| *o) == Some(since + 1)
-                    && frames.last().map(|(o, _)| *o) == Some(top.offset)
-                    && frames.len() as u64 == top.offset - since
-            };
-            Ok(ChannelHistory {
-                epoch: top.epoch,
-                top: top.offset,
-                frames,
-                complete,
-            })
+            Ok(ChannelHistory::read(since, epoch, top, frames))
         })
         .await
     }

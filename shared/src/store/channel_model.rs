@@ -42,6 +42,36 @@ pub struct ChannelHistory {
     pub complete: bool,
 }
 
+impl ChannelHistory {
+    /// The history a subscriber at `since` (of `epoch`, when it knows one) gets from
+    /// the frames read after `since` with the channel at `top`: complete only when the
+    /// frames are every offset from `since + 1` to the top of the same epoch.
+    pub fn read(
+        since: u64,
+        epoch: Option<u64>,
+        top: Position,
+        frames: Vec<(u64, String)>,
+    ) -> ChannelHistory {
+        let complete = if epoch.is_some_and(|e| e != top.epoch) || since > top.offset {
+            // The offsets the client saw belong to a count this channel no longer has
+            // (its position was lost and started again).
+            false
+        } else if since == top.offset {
+            true
+        } else {
+            frames.first().map(|(o, _)| *o) == Some(since + 1)
+                && frames.last().map(|(o, _)| *o) == Some(top.offset)
+                && frames.len() as u64 == top.offset - since
+        };
+        ChannelHistory {
+            epoch: top.epoch,
+            top: top.offset,
+            frames,
+            complete,
+        }
+    }
+}
+
 /// One user's presence in a channel.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct PresenceEntry {

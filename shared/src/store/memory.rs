@@ -647,21 +647,7 @@ impl State {
             frames.clear();
         }
         let frames: Vec<(u64, String)> = frames.into_iter().map(|(o, f, _)| (o, f)).collect();
-        let complete = if epoch.is_some_and(|e| e != top.epoch) || since > top.offset {
-            false
-        } else if since == top.offset {
-            true
-        } else {
-            frames.first().map(|(o, _)| *o) == Some(since + 1)
-                && frames.last().map(|(o, _)| *o) == Some(top.offset)
-                && frames.len() as u64 == top.offset - since
-        };
-        Ok(ChannelHistory {
-            epoch: top.epoch,
-            top: top.offset,
-            frames,
-            complete,
-        })
+        Ok(ChannelHistory::read(since, epoch, top, frames))
     }
 
     fn channel_top(&mut self, ch: &Channel, now: u64) -> Option<(Position, String)> {
