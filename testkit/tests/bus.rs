@@ -16,7 +16,10 @@ use bytes::Bytes;
 use futures_util::StreamExt;
 use shared::bus::memory::MemoryBus;
 use shared::bus::nats::NatsBus;
-use shared::bus::{Bus, BusError, Log, Message, Stored, Subscription};
+use shared::bus::{
+    Backlog, Bus, BusError, Consumer, ConsumerSettings, Delivery, Log, Message, Stored,
+    Subscription,
+};
 use shared::subjects::Subjects;
 use switchboard_testkit::Nats;
 
@@ -97,6 +100,11 @@ conformance!(
     core_publish_to_stream_subject_is_stored,
     request_to_stream_subject_is_acknowledged,
     dropped_subscription_stops_delivery,
+    consume_delivers_each_request_once_and_ack_removes_it,
+    unacked_request_is_redelivered_after_the_ack_wait,
+    nak_redelivers_after_its_delay,
+    in_progress_extends_the_ack_deadline,
+    max_deliver_and_term_end_redelivery,
 );
 
 fn headers(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
@@ -481,6 +489,237 @@ async fn dropped_subscription_stops_delivery(bus: &dyn Bus, s: &Subjects) {
 }
 
 // What only the memory bus has: the outage switch, the slow-consumer drop, its bounds.
+
+/// The consumer's settings in the checks: the ack wait is what most of them wait
+/// out, so it is short (JetStream takes whole seconds well).
+fn consumer_settings(ack_wait: Duration, max_deliver: i64) -> ConsumerSettings {
+    ConsumerSettings {
+        ack_wait,
+        max_deliver,
+        max_ack_pending: 1000,
+    }
+}
+
+/// Everything one pull delivers: it ends after `max` deliveries or at `expires`.
+async fn pull(c: &dyn Consumer, max: usize, expires: Duration) -> Vec<Delivery> {
+    let mut deliveries = c.pull(max, expires).await.expect("pull");
+    let mut got = Vec::new();
+    tokio::time::timeout(expires + WAIT, async {
+        while let Some(d) = deliveries.next().await {
+            got.push(d.expect("a delivery"));
+        }
+    })
+    .await
+    .expect("the pull ends after its expiry");
+    got
+}
+
+/// The first delivery within `WAIT`.
+async fn pull_one(c: &dyn Consumer) -> Delivery {
+    let mut got = pull(c, 1, WAIT).await;
+    assert_eq!(got.len(), 1, "one delivery within WAIT");
+    got.remove(0)
+}
+
+async fn store_request(bus: &dyn Bus, s: &Subjects, id: &str) {
+    store(bus, Log::ChatRequests, &s.chat_requests(), id, &[], id).await;
+}
+
+/// Waits until the backlog is `want` (acks are fire and forget: JetStream applies
+/// them a moment later).
+async fn wait_backlog(bus: &dyn Bus, want: Backlog) {
+    let start = tokio::time::Instant::now();
+    loop {
+        let b = bus.backlog().await.expect("backlog");
+        if b == want {
+            return;
+        }
+        assert!(start.elapsed() < WAIT, "backlog {b:?}, want {want:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn consume_delivers_each_request_once_and_ack_removes_it(bus: &dyn Bus, s: &Subjects) {
+    for id in ["r1", "r2", "r3"] {
+        store_request(bus, s, id).await;
+    }
+    // Two workers share the one durable consumer.
+    let settings = consumer_settings(Duration::from_secs(5), 3);
+    let c1 = bus.consume(settings).await.expect("consume");
+    let c2 = bus.consume(settings).await.expect("consume");
+    wait_backlog(
+        bus,
+        Backlog {
+            pending: 3,
+            ack_pending: 0,
+        },
+    )
+    .await;
+    let mut got = pull(&*c1, 2, WAIT).await;
+    assert_eq!(got.len(), 2, "no more than asked for");
+    got.extend(pull(&*c2, 10, Duration::from_secs(1)).await);
+    let seen: Vec<(&str, u64)> = got
+        .iter()
+        .map(|d| (payload(&d.message), d.delivered))
+        .collect();
+    assert_eq!(
+        seen,
+        [("r1", 1), ("r2", 1), ("r3", 1)],
+        "each once, in order"
+    );
+    assert!(got.windows(2).all(|w| w[0].seq < w[1].seq), "{got:?}");
+    assert!(
+        pull(&*c1, 10, QUIET).await.is_empty(),
+        "nothing while all are out"
+    );
+    wait_backlog(
+        bus,
+        Backlog {
+            pending: 0,
+            ack_pending: 3,
+        },
+    )
+    .await;
+    for d in &got {
+        d.ack().await.expect("ack");
+    }
+    wait_backlog(bus, Backlog::default()).await;
+    assert!(
+        pull(&*c2, 10, Duration::from_secs(1)).await.is_empty(),
+        "acked requests are gone"
+    );
+}
+
+async fn unacked_request_is_redelivered_after_the_ack_wait(bus: &dyn Bus, s: &Subjects) {
+    let ack_wait = Duration::from_secs(1);
+    let c = bus
+        .consume(consumer_settings(ack_wait, 5))
+        .await
+        .expect("consume");
+    store_request(bus, s, "r1").await;
+    let first = pull_one(&*c).await;
+    let at = tokio::time::Instant::now();
+    assert_eq!(first.delivered, 1);
+    assert!(
+        pull(&*c, 1, ack_wait / 2).await.is_empty(),
+        "not within the ack wait"
+    );
+    let again = pull_one(&*c).await;
+    assert!(at.elapsed() >= ack_wait * 8 / 10, "{:?}", at.elapsed());
+    assert_eq!(
+        (payload(&again.message), again.delivered, again.seq),
+        ("r1", 2, first.seq)
+    );
+    again.ack().await.expect("ack");
+    wait_backlog(bus, Backlog::default()).await;
+}
+
+async fn nak_redelivers_after_its_delay(bus: &dyn Bus, s: &Subjects) {
+    let c = bus
+        .consume(consumer_settings(Duration::from_secs(30), 5))
+        .await
+        .expect("consume");
+    store_request(bus, s, "r1").await;
+    let first = pull_one(&*c).await;
+    let delay = Duration::from_secs(1);
+    first.nak(Some(delay)).await.expect("nak");
+    let at = tokio::time::Instant::now();
+    assert!(
+        pull(&*c, 1, delay / 2).await.is_empty(),
+        "not before the delay"
+    );
+    let second = pull_one(&*c).await;
+    assert!(at.elapsed() >= delay * 8 / 10, "{:?}", at.elapsed());
+    assert_eq!(second.delivered, 2);
+    // Without a delay: at once, long before the ack wait.
+    second.nak(None).await.expect("nak");
+    let third = tokio::time::timeout(Duration::from_secs(5), pull_one(&*c))
+        .await
+        .expect("redelivered at once");
+    assert_eq!((payload(&third.message), third.delivered), ("r1", 3));
+    third.ack().await.expect("ack");
+    wait_backlog(bus, Backlog::default()).await;
+}
+
+async fn in_progress_extends_the_ack_deadline(bus: &dyn Bus, s: &Subjects) {
+    let ack_wait = Duration::from_secs(1);
+    let c = bus
+        .consume(consumer_settings(ack_wait, 5))
+        .await
+        .expect("consume");
+    store_request(bus, s, "r1").await;
+    let d = pull_one(&*c).await;
+    // Three ack waits long, with progress every 400 ms: never redelivered.
+    for _ in 0..8 {
+        assert!(
+            pull(&*c, 1, Duration::from_millis(400)).await.is_empty(),
+            "redelivered while in progress"
+        );
+        d.in_progress().await.expect("progress");
+    }
+    let again = pull_one(&*c).await;
+    assert_eq!(again.delivered, 2, "redelivered once progress stopped");
+    again.ack().await.expect("ack");
+}
+
+async fn max_deliver_and_term_end_redelivery(bus: &dyn Bus, s: &Subjects) {
+    let c = bus
+        .consume(consumer_settings(Duration::from_secs(30), 2))
+        .await
+        .expect("consume");
+    store_request(bus, s, "r1").await;
+    let first = pull_one(&*c).await;
+    first.nak(None).await.expect("nak");
+    let second = pull_one(&*c).await;
+    assert_eq!(second.delivered, 2);
+    second.nak(None).await.expect("nak");
+    assert!(
+        pull(&*c, 1, Duration::from_secs(1)).await.is_empty(),
+        "no delivery beyond max_deliver"
+    );
+    store_request(bus, s, "r2").await;
+    let d = pull_one(&*c).await;
+    assert_eq!(payload(&d.message), "r2");
+    d.term().await.expect("term");
+    assert!(
+        pull(&*c, 1, Duration::from_secs(1)).await.is_empty(),
+        "a terminated request is not delivered again"
+    );
+}
+
+#[tokio::test]
+async fn memory_work_queue_pulls_wait_out_outages() {
+    let subjects = Subjects::new("memory_work_queue_outage");
+    let bus = MemoryBus::new(subjects.clone());
+    let c = bus
+        .consume(consumer_settings(Duration::from_secs(30), 5))
+        .await
+        .expect("consume");
+    store_request(&bus, &subjects, "r1").await;
+    bus.set_connected(false);
+    assert_eq!(bus.connection_losses(), 1);
+    assert!(c.pull(1, WAIT).await.is_err(), "no pull in an outage");
+    bus.set_connected(true);
+    let mut deliveries = c.pull(1, WAIT).await.expect("pull");
+    bus.set_connected(false);
+    assert!(
+        tokio::time::timeout(QUIET, deliveries.next())
+            .await
+            .is_err(),
+        "nothing delivered in an outage"
+    );
+    bus.set_connected(true);
+    let d = tokio::time::timeout(WAIT, deliveries.next())
+        .await
+        .expect("delivered once the outage ends")
+        .expect("a delivery")
+        .expect("not an error");
+    bus.set_connected(false);
+    assert!(d.ack().await.is_err(), "no ack in an outage");
+    bus.set_connected(true);
+    d.ack().await.expect("ack");
+    assert_eq!(bus.backlog().await.expect("backlog"), Backlog::default());
+}
 
 #[tokio::test]
 async fn memory_outage_fails_every_call_and_delivers_nothing() {

@@ -16,15 +16,6 @@ use crate::state::Worker;
 /// JetStream API request per worker.
 pub const BACKLOG_INTERVAL: Duration = Duration::from_secs(5);
 
-/// Why the consumer's numbers could not be read.
-#[derive(Debug, thiserror::Error)]
-pub enum BacklogError {
-    #[error("JetStream: {0}")]
-    JetStream(String),
-    #[error("JetStream did not answer within {0:?}")]
-    Timeout(Duration),
-}
-
 /// Polls the chat consumer until `stop`, setting the backlog gauges.
 pub async fn poll(worker: Arc<Worker>, stop: CancellationToken) {
     let mut tick = tokio::time::interval(BACKLOG_INTERVAL);
@@ -35,10 +26,11 @@ pub async fn poll(worker: Arc<Worker>, stop: CancellationToken) {
             _ = stop.cancelled() => break,
             _ = tick.tick() => {}
         }
-        match read(&worker).await {
-            Ok((pending, ack_pending)) => {
-                metrics::gauge!(shared::metrics::WORKER_CHAT_PENDING).set(pending as f64);
-                metrics::gauge!(shared::metrics::WORKER_CHAT_IN_FLIGHT).set(ack_pending as f64);
+        // Bounded by the bus (a JetStream API call on NATS).
+        match worker.bus.backlog().await {
+            Ok(b) => {
+                metrics::gauge!(shared::metrics::WORKER_CHAT_PENDING).set(b.pending as f64);
+                metrics::gauge!(shared::metrics::WORKER_CHAT_IN_FLIGHT).set(b.ack_pending as f64);
             }
             Err(e) => {
                 // The gauges keep their last value; `consumer_up` tells whether it is
@@ -49,23 +41,4 @@ pub async fn poll(worker: Arc<Worker>, stop: CancellationToken) {
             }
         }
     }
-}
-
-/// `(num_pending, num_ack_pending)` of the shared chat consumer.
-async fn read(worker: &Worker) -> Result<(u64, u64), BacklogError> {
-    let timeout = shared::bus::stream::JETSTREAM_TIMEOUT;
-    tokio::time::timeout(timeout, async {
-        let stream = worker
-            .js
-            .get_stream_no_info(shared::bus::stream::stream_name(&worker.subjects))
-            .await
-            .map_err(|e| BacklogError::JetStream(e.to_string()))?;
-        let info = stream
-            .consumer_info(shared::subjects::CHAT_CONSUMER)
-            .await
-            .map_err(|e| BacklogError::JetStream(e.to_string()))?;
-        Ok((info.num_pending, info.num_ack_pending as u64))
-    })
-    .await
-    .map_err(|_| BacklogError::Timeout(timeout))?
 }

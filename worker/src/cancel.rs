@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures_util::StreamExt;
+use shared::bus::SharedBus;
 use shared::protocol::ChatCancel;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -149,13 +150,13 @@ impl CancelRegistry {
 
 /// Applies cancels from every gateway until `stop`.
 pub async fn listen(
-    nats: async_nats::Client,
+    bus: SharedBus,
     subject: String,
     registry: CancelRegistry,
     stop: CancellationToken,
 ) {
     loop {
-        let mut sub = match nats.subscribe(subject.clone()).await {
+        let mut sub = match bus.subscribe(subject.clone(), None).await {
             Ok(s) => s,
             Err(e) => {
                 tracing::warn!(error = %e, "cannot subscribe to chat cancels");

@@ -1,6 +1,7 @@
-//! The chat request consumer: a durable pull consumer on the `SB_CHAT` work queue,
-//! shared by all workers. Pulls only as many messages as there are free in-flight
-//! slots (so nothing waits inside the worker while its ack timer runs), sends
+//! The chat request consumer: the durable pull consumer on the `SB_CHAT` work queue
+//! shared by all workers ([`shared::bus::Bus::consume`]). Pulls only as many
+//! messages as there are free in-flight slots (so nothing waits inside the worker
+//! while its ack timer runs), sends
 //! progress acks while a reply streams, and acks, naks or terminates each message as
 //! its [`Outcome`] says.
 //!
@@ -19,9 +20,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use async_nats::jetstream::AckKind;
-use async_nats::jetstream::consumer::PullConsumer;
 use futures_util::StreamExt;
+use shared::bus::{AckKind, BusError, Consumer, ConsumerSettings, Delivery, Log};
 use shared::protocol::{ChatRequest, valid_name};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio::task::JoinSet;
@@ -100,21 +100,14 @@ pub async fn run(worker: Arc<Worker>, shutdown: CancellationToken) {
                     Err(_) => break,
                 }
             }
-            let pull = consumer
-                .batch()
-                .max_messages(permits.len())
-                .expires(PULL_EXPIRES)
-                .messages();
+            let pull = consumer.pull(permits.len(), PULL_EXPIRES);
             let mut batch = tokio::select! {
                 _ = shutdown.cancelled() => break 'setup,
-                r = tokio::time::timeout(shared::bus::stream::JETSTREAM_TIMEOUT, pull) => match r {
-                    Ok(Ok(b)) => b,
-                    Ok(Err(e)) => {
+                // Bounded by the bus (JetStream's API timeout on NATS).
+                r = pull => match r {
+                    Ok(b) => b,
+                    Err(e) => {
                         pull_failed(&mut failures, &e.to_string());
-                        continue 'setup;
-                    }
-                    Err(_) => {
-                        pull_failed(&mut failures, "pull request timed out");
                         continue 'setup;
                     }
                 },
@@ -172,38 +165,17 @@ fn reap(r: Result<(), tokio::task::JoinError>) {
 }
 
 /// Ensures the streams and the durable consumer (create-or-update).
-async fn setup(worker: &Worker) -> Result<PullConsumer, String> {
+async fn setup(worker: &Worker) -> Result<Box<dyn Consumer>, BusError> {
     // Final frames are stored there before a request is acked (see `reply`).
-    shared::bus::stream::ensure_chat_events_stream(
-        &worker.js,
-        &worker.subjects,
-        worker.config.jetstream_replicas,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let stream = shared::bus::stream::ensure_chat_stream(
-        &worker.js,
-        &worker.subjects,
-        worker.config.jetstream_replicas,
-    )
-    .await
-    .map_err(|e| e.to_string())?;
-    let config = shared::bus::stream::chat_consumer_config(
-        &worker.subjects,
-        worker.config.ack_wait,
-        worker.config.max_deliver + 1,
-        MAX_ACK_PENDING,
-    );
-    match tokio::time::timeout(
-        shared::bus::stream::JETSTREAM_TIMEOUT,
-        stream.create_consumer(config),
-    )
-    .await
-    {
-        Ok(Ok(c)) => Ok(c),
-        Ok(Err(e)) => Err(format!("creating the consumer: {e}")),
-        Err(_) => Err("creating the consumer timed out".into()),
-    }
+    worker.bus.prepare(Log::ChatEvents).await?;
+    worker
+        .bus
+        .consume(ConsumerSettings {
+            ack_wait: worker.config.ack_wait,
+            max_deliver: worker.config.max_deliver + 1,
+            max_ack_pending: MAX_ACK_PENDING,
+        })
+        .await
 }
 
 /// Waits for in-flight requests up to the grace period, then gives the rest back.
@@ -235,18 +207,18 @@ async fn drain(worker: &Worker, mut tasks: JoinSet<()>, abandon: &CancellationTo
 /// Handles one message: progress acks while it runs, then its disposition.
 async fn process(
     worker: Arc<Worker>,
-    msg: async_nats::jetstream::Message,
+    msg: Delivery,
     permit: OwnedSemaphorePermit,
     abandon: CancellationToken,
 ) {
     let _permit = permit;
     let _gauge = InFlight::new();
     let started = Instant::now();
-    let delivered = msg.info().map(|i| i.delivered).unwrap_or(1);
+    let delivered = i64::try_from(msg.delivered).unwrap_or(i64::MAX);
     if delivered > 1 {
         metrics::counter!(shared::metrics::WORKER_REDELIVERIES).increment(1);
     }
-    let parsed = serde_json::from_slice::<ChatRequest>(&msg.payload)
+    let parsed = serde_json::from_slice::<ChatRequest>(&msg.message.payload)
         .map_err(|e| e.to_string())
         .and_then(|r| {
             // Ids become subject tokens and key parts: never trust the publisher.
@@ -291,16 +263,11 @@ async fn process(
         .record(started.elapsed().as_secs_f64());
 }
 
-async fn send(msg: &async_nats::jetstream::Message, kind: AckKind, op: &'static str) {
-    match tokio::time::timeout(crate::state::PUBLISH_TIMEOUT, msg.ack_with(kind)).await {
-        Ok(Ok(())) => {}
-        Ok(Err(e)) => {
-            metrics::counter!(shared::metrics::WORKER_CONSUMER_ERRORS, "op" => op).increment(1);
-            tracing::debug!(error = %e, op, "ack failed");
-        }
-        Err(_) => {
-            metrics::counter!(shared::metrics::WORKER_CONSUMER_ERRORS, "op" => op).increment(1);
-        }
+async fn send(msg: &Delivery, kind: AckKind, op: &'static str) {
+    // Bounded by the bus; a lost ack only means a redelivery after the ack wait.
+    if let Err(e) = msg.ack_with(kind).await {
+        metrics::counter!(shared::metrics::WORKER_CONSUMER_ERRORS, "op" => op).increment(1);
+        tracing::debug!(error = %e, op, "ack failed");
     }
 }
 

@@ -1,7 +1,8 @@
 //! Switchboard worker: consumes chat requests from JetStream and streams the LLM's
 //! replies to users over NATS, records history in Redis, and answers user-context
 //! RPCs from the team backend. `main.rs` only parses config and calls [`run`]; tests
-//! run the real thing in-process the same way.
+//! run the real thing in-process the same way, or with [`run_on`] on the in-memory
+//! bus and store.
 #![forbid(unsafe_code)]
 
 pub mod attachments;
@@ -24,6 +25,8 @@ pub mod state;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use shared::bus::SharedBus;
+use shared::bus::nats::{Losses, NatsBus};
 use shared::keys::Keys;
 use shared::scaffold::Scaffold;
 use shared::store::{RedisStore, SharedStore};
@@ -52,38 +55,78 @@ pub enum StartError {
     Backend(String),
 }
 
-/// Runs a worker until `shutdown` is cancelled, then stops pulling, lets in-flight
-/// requests finish within the grace period, and returns. Dropping (aborting) the
-/// returned future stops everything at once, like a crash: un-acked requests are
-/// redelivered to other workers after the ack wait.
+/// What a worker runs on: NATS and Redis in production ([`Backends::connect`]); the
+/// in-memory pair in in-process tests, shared with the gateways there.
+pub struct Backends {
+    pub bus: SharedBus,
+    pub store: SharedStore,
+}
+
+impl Backends {
+    /// Connects to the NATS and Redis of the configuration (Redis lazily). The bus
+    /// counts the connection's losses, which replies need (see `link`).
+    pub async fn connect(config: &Config) -> Result<Backends, StartError> {
+        let store = RedisStore::open_tls(
+            shared::config::redis_target(&config.cluster.redis_url, config.cluster.redis_cluster),
+            config.cluster.security.redis_tls_ca.clone(),
+            Keys::new(&config.cluster.prefix),
+        )?;
+        let losses = Losses::default();
+        let on_event = losses.clone();
+        let nats = shared::nats::connect(
+            format!("worker-{}", config.cluster.node_id),
+            &config.cluster.nats_servers,
+            &config.cluster.security,
+            |options| {
+                options.event_callback(move |event| {
+                    on_event.on_event(&event);
+                    async {}
+                })
+            },
+        )
+        .await?;
+        let bus = NatsBus::new(
+            nats,
+            Subjects::new(&config.cluster.prefix),
+            config.jetstream_replicas,
+        )
+        .with_losses(losses);
+        Ok(Backends {
+            bus: Arc::new(bus),
+            store: Arc::new(store),
+        })
+    }
+
+    /// A worker on a given bus and store, such as the in-memory pair
+    /// (`shared::bus::memory::MemoryBus`, `shared::store::memory::MemoryStore`).
+    pub fn on(bus: SharedBus, store: SharedStore) -> Backends {
+        Backends { bus, store }
+    }
+}
+
+/// Runs a worker on NATS and Redis until `shutdown` is cancelled (see [`run_on`]).
 pub async fn run(
     admin: TcpListener,
     config: Config,
     shutdown: CancellationToken,
 ) -> Result<(), StartError> {
+    let backends = Backends::connect(&config).await?;
+    run_on(admin, config, backends, shutdown).await
+}
+
+/// Runs a worker on the given backends until `shutdown` is cancelled, then stops
+/// pulling, lets in-flight requests finish within the grace period, and returns.
+/// Dropping (aborting) the returned future stops everything at once, like a crash:
+/// un-acked requests are redelivered to other workers after the ack wait.
+pub async fn run_on(
+    admin: TcpListener,
+    config: Config,
+    backends: Backends,
+    shutdown: CancellationToken,
+) -> Result<(), StartError> {
     let scaffold = Scaffold::new("worker");
-    let store: SharedStore = Arc::new(RedisStore::open_tls(
-        shared::config::redis_target(&config.cluster.redis_url, config.cluster.redis_cluster),
-        config.cluster.security.redis_tls_ca.clone(),
-        Keys::new(&config.cluster.prefix),
-    )?);
     let llm = LlmClient::new(&config.llm)?;
     let backend = BackendClient::new(&config.backend).map_err(StartError::Backend)?;
-    let link = link::Link::default();
-    let on_event = link.clone();
-    let nats = shared::nats::connect(
-        format!("worker-{}", config.cluster.node_id),
-        &config.cluster.nats_servers,
-        &config.cluster.security,
-        |options| {
-            options.event_callback(move |event| {
-                on_event.on_event(&event);
-                async {}
-            })
-        },
-    )
-    .await?;
-    let js = async_nats::jetstream::new(nats.clone());
     tracing::info!(config = %config.summary(), "worker starting");
     if backend.is_none() {
         tracing::info!("no team backend configured (SB_BACKEND_URL): users have no teams or tasks");
@@ -98,16 +141,15 @@ pub async fn run(
             config.backend.breaker_cooldown,
         ),
         config,
-        nats,
-        js,
-        store,
+        link: link::Link::new(backends.bus.clone()),
+        bus: backends.bus,
+        store: backends.store,
         llm,
         backend,
         cancels: CancelRegistry::default(),
         consumer_up: AtomicBool::new(false),
         redis_up: scaffold.redis_up.clone(),
         shutting_down: AtomicBool::new(false),
-        link,
         context_written: context::Written::default(),
         context_shared: context::Shared::default(),
     });
@@ -118,10 +160,10 @@ pub async fn run(
     let rpc_stop = stop.child_token();
     scaffold.serve_admin(admin, worker.clone() as Arc<dyn shared::admin::Health>);
     let health = worker.clone();
-    scaffold.watch_health(worker.store.clone(), move || health.nats_connected());
+    scaffold.watch_health(worker.store.clone(), move || health.bus_connected());
     scaffold.spawn(backlog::poll(worker.clone(), stop.clone()));
     scaffold.spawn(cancel::listen(
-        worker.nats.clone(),
+        worker.bus.clone(),
         worker.subjects.chat_cancel(),
         worker.cancels.clone(),
         stop.clone(),
@@ -137,11 +179,6 @@ pub async fn run(
     tokio::join!(consume::run(worker.clone(), shutdown.clone()), on_shutdown);
 
     worker.link.stop();
-    let bus = shared::bus::nats::NatsBus::new(
-        worker.nats.clone(),
-        worker.subjects.clone(),
-        worker.config.jetstream_replicas,
-    );
-    scaffold.finish(&bus, async {}).await;
+    scaffold.finish(&*worker.bus, async {}).await;
     Ok(())
 }

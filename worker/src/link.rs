@@ -1,18 +1,23 @@
-//! The worker's NATS link as replies see it: it counts connection losses, and a reply
-//! that ended across one has its last frame sent again once the link is back. Core
+//! The worker's bus link as replies see it: a reply that ended across a connection
+//! loss (the bus counts them, [`shared::bus::Bus::connection_losses`]) has its last
+//! frame sent again once the link is back. Core
 //! NATS delivers only to subscriptions that exist when a message reaches the server;
 //! after a NATS restart this worker flushes what it buffered at once, while each
 //! gateway re-subscribes its users up to a reconnect backoff later. The first copy of
 //! `chat.complete` can reach no gateway; the echo does. Since finals are also stored
 //! in the `SB_CHAT_EVENTS` stream (see `reply`), which every gateway follows, the echo
 //! is a second safety net; gateways deliver one final per request and drop the rest.
+//!
+//! Only the bus knows its connection: on NATS the client's events feed the count
+//! (`shared::bus::nats::Losses`); a bus that cannot count still reports whether it is
+//! connected now, so a final published during an outage is still echoed.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use async_nats::connection::State;
 use bytes::Bytes;
+use shared::bus::SharedBus;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
@@ -30,15 +35,14 @@ pub const MAX_ECHOES: usize = 4096;
 /// An echo's publish must not hang its task.
 const ECHO_PUBLISH_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Shared by the connection's event callback and every reply.
-#[derive(Clone, Default)]
+/// Shared by every reply.
+#[derive(Clone)]
 pub struct Link {
     inner: Arc<Inner>,
 }
 
-#[derive(Default)]
 struct Inner {
-    losses: AtomicU64,
+    bus: SharedBus,
     pending: AtomicUsize,
     stop: CancellationToken,
 }
@@ -53,16 +57,19 @@ impl Drop for Pending {
 }
 
 impl Link {
-    /// For `ConnectOptions::event_callback`.
-    pub fn on_event(&self, event: &async_nats::Event) {
-        if matches!(event, async_nats::Event::Disconnected) {
-            self.inner.losses.fetch_add(1, Ordering::AcqRel);
+    pub fn new(bus: SharedBus) -> Link {
+        Link {
+            inner: Arc::new(Inner {
+                bus,
+                pending: AtomicUsize::new(0),
+                stop: CancellationToken::new(),
+            }),
         }
     }
 
     /// Connection losses so far: a reply compares the count at its start and end.
     pub fn losses(&self) -> u64 {
-        self.inner.losses.load(Ordering::Acquire)
+        self.inner.bus.connection_losses()
     }
 
     /// Echoes pending now.
@@ -77,19 +84,13 @@ impl Link {
 
     /// Whether a reply that started at `losses_at_start` may have lost its live
     /// frames: the link dropped since, or is down now (the frame only buffered).
-    pub fn needs_echo(&self, nats: &async_nats::Client, losses_at_start: u64) -> bool {
-        self.losses() != losses_at_start || nats.connection_state() != State::Connected
+    pub fn needs_echo(&self, losses_at_start: u64) -> bool {
+        self.losses() != losses_at_start || !self.inner.bus.connected()
     }
 
     /// Publishes `frame` (with its `headers`, which let gateways drop it when they
     /// already delivered the final) again [`ECHO_DELAY`] after the link is (back) up.
-    pub fn echo(
-        &self,
-        nats: async_nats::Client,
-        subject: String,
-        headers: async_nats::HeaderMap,
-        frame: Bytes,
-    ) {
+    pub fn echo(&self, subject: String, headers: Vec<(String, String)>, frame: Bytes) {
         let inner = self.inner.clone();
         if inner.pending.fetch_add(1, Ordering::AcqRel) >= MAX_ECHOES {
             inner.pending.fetch_sub(1, Ordering::AcqRel);
@@ -100,7 +101,7 @@ impl Link {
         tokio::spawn(async move {
             let _guard = guard;
             let deadline = Instant::now() + ECHO_MAX_WAIT;
-            while nats.connection_state() != State::Connected {
+            while !inner.bus.connected() {
                 if Instant::now() >= deadline {
                     metrics::counter!(shared::metrics::WORKER_ECHOES, "result" => "expired")
                         .increment(1);
@@ -117,7 +118,7 @@ impl Link {
             }
             let sent = tokio::time::timeout(
                 ECHO_PUBLISH_TIMEOUT,
-                nats.publish_with_headers(subject, headers, frame),
+                inner.bus.publish(subject, headers, frame),
             )
             .await;
             let result = if matches!(sent, Ok(Ok(()))) {
@@ -133,14 +134,19 @@ impl Link {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use shared::bus::memory::MemoryBus;
+    use shared::subjects::Subjects;
 
     #[test]
-    fn counts_only_disconnections() {
-        let link = Link::default();
-        link.on_event(&async_nats::Event::Connected);
-        assert_eq!(link.losses(), 0);
-        link.on_event(&async_nats::Event::Disconnected);
-        link.on_event(&async_nats::Event::Connected);
-        assert_eq!(link.losses(), 1);
+    fn a_loss_or_an_outage_needs_an_echo() {
+        let bus = Arc::new(MemoryBus::new(Subjects::new("sb")));
+        let link = Link::new(bus.clone());
+        let at_start = link.losses();
+        assert!(!link.needs_echo(at_start));
+        bus.set_connected(false);
+        assert!(link.needs_echo(at_start), "down now");
+        bus.set_connected(true);
+        assert!(link.needs_echo(at_start), "lost since the start");
+        assert!(!link.needs_echo(link.losses()));
     }
 }

@@ -19,10 +19,8 @@
 
 use std::time::Duration;
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::message::PublishMessage;
-use shared::bus::BusError;
 use shared::bus::stream::{HEADER_FINAL, HEADER_REQUEST};
+use shared::bus::{BusError, Log, SharedBus};
 use shared::protocol::{ErrorCode, ServerFrame, Usage};
 use tokio::time::Instant;
 
@@ -93,9 +91,9 @@ impl Coalescer {
 /// Why a frame could not be published.
 #[derive(Debug, thiserror::Error)]
 pub enum PublishError {
-    #[error("NATS publish: {0}")]
-    Nats(String),
-    #[error("NATS publish did not complete within {0:?}")]
+    #[error("bus publish: {0}")]
+    Bus(String),
+    #[error("publish did not complete within {0:?}")]
     Timeout(Duration),
     #[error("JetStream did not store the final frame: {0}")]
     Store(String),
@@ -103,16 +101,13 @@ pub enum PublishError {
 
 /// Publishes one request's frames to its user.
 pub struct Reply {
-    nats: async_nats::Client,
-    js: async_nats::jetstream::Context,
+    bus: SharedBus,
     link: Link,
     /// The link's loss count when the reply started.
     losses_at_start: u64,
     subject: String,
     /// `sb.chat.events.<uid>`: where the final frame is stored.
     events_subject: String,
-    subjects: shared::subjects::Subjects,
-    replicas: usize,
     session_id: String,
     request_id: String,
     next_seq: u64,
@@ -123,14 +118,11 @@ pub struct Reply {
 impl Reply {
     pub fn new(worker: &Worker, user_id: &str, session_id: &str, request_id: &str) -> Reply {
         Reply {
-            nats: worker.nats.clone(),
-            js: worker.js.clone(),
+            bus: worker.bus.clone(),
             losses_at_start: worker.link.losses(),
             link: worker.link.clone(),
             subject: worker.subjects.user(user_id),
             events_subject: worker.subjects.chat_events(user_id),
-            subjects: worker.subjects.clone(),
-            replicas: worker.config.jetstream_replicas,
             session_id: session_id.to_owned(),
             request_id: request_id.to_owned(),
             next_seq: 0,
@@ -143,11 +135,10 @@ impl Reply {
         self.next_seq
     }
 
-    fn headers(&self, last: bool) -> HeaderMap {
-        let mut h = HeaderMap::new();
-        h.insert(HEADER_REQUEST, self.request_id.as_str());
+    fn headers(&self, last: bool) -> Vec<(String, String)> {
+        let mut h = vec![(HEADER_REQUEST.to_owned(), self.request_id.clone())];
         if last {
-            h.insert(HEADER_FINAL, "1");
+            h.push((HEADER_FINAL.to_owned(), "1".to_owned()));
         }
         h
     }
@@ -155,13 +146,13 @@ impl Reply {
     async fn publish(&self, frame: bytes::Bytes, last: bool) -> Result<(), PublishError> {
         match tokio::time::timeout(
             PUBLISH_TIMEOUT,
-            self.nats
-                .publish_with_headers(self.subject.clone(), self.headers(last), frame),
+            self.bus
+                .publish(self.subject.clone(), self.headers(last), frame),
         )
         .await
         {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(PublishError::Nats(e.to_string())),
+            Ok(Err(e)) => Err(PublishError::Bus(e.to_string())),
             Err(_) => Err(PublishError::Timeout(PUBLISH_TIMEOUT)),
         }
     }
@@ -175,13 +166,9 @@ impl Reply {
             metrics::counter!(shared::metrics::NATS_ERRORS, "op" => "final").increment(1);
             tracing::debug!(error = %e, "final frame not published live");
         }
-        if self.link.needs_echo(&self.nats, self.losses_at_start) {
-            self.link.echo(
-                self.nats.clone(),
-                self.subject.clone(),
-                self.headers(true),
-                bytes.clone(),
-            );
+        if self.link.needs_echo(self.losses_at_start) {
+            self.link
+                .echo(self.subject.clone(), self.headers(true), bytes.clone());
         }
         self.store_final(bytes).await
     }
@@ -191,15 +178,7 @@ impl Reply {
     /// created again once.
     async fn store_final(&self, frame: bytes::Bytes) -> Result<(), PublishError> {
         let mut result = self.try_store_final(frame.clone()).await;
-        if result.is_err()
-            && shared::bus::stream::ensure_chat_events_stream(
-                &self.js,
-                &self.subjects,
-                self.replicas,
-            )
-            .await
-            .is_ok()
-        {
+        if result.is_err() && self.bus.prepare(Log::ChatEvents).await.is_ok() {
             result = self.try_store_final(frame).await;
         }
         if let Err(e) = &result {
@@ -210,12 +189,15 @@ impl Reply {
     }
 
     async fn try_store_final(&self, frame: bytes::Bytes) -> Result<(), PublishError> {
-        let msg = PublishMessage::build()
-            .payload(frame)
-            .headers(self.headers(true))
-            .message_id(&self.request_id);
-        let subject = self.events_subject.clone();
-        shared::bus::stream::store(&self.js, subject, msg, FINAL_STORE_TIMEOUT)
+        self.bus
+            .store(
+                Log::ChatEvents,
+                self.events_subject.clone(),
+                &self.request_id,
+                self.headers(true),
+                frame,
+                FINAL_STORE_TIMEOUT,
+            )
             .await
             .map_err(|e| match e {
                 BusError::Timeout(d) => PublishError::Timeout(d),

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use shared::bus::SharedBus;
 use shared::store::SharedStore;
 use shared::subjects::Subjects;
 
@@ -15,13 +16,14 @@ use crate::cancel::CancelRegistry;
 use crate::config::Config;
 use crate::llm::LlmClient;
 
-/// A publish (chunk, reply, ack) that cannot be queued within this long fails.
+/// A publish (chunk, RPC reply) that cannot be queued within this long fails; acks
+/// have the bus's own bound (`shared::bus::nats::ACK_TIMEOUT`, the same).
 pub const PUBLISH_TIMEOUT: Duration = Duration::from_secs(2);
 /// State shared by the consumer, the request tasks and the RPC handlers.
 pub struct Worker {
     pub config: Config,
-    pub nats: async_nats::Client,
-    pub js: async_nats::jetstream::Context,
+    /// NATS in production, the memory bus in in-process tests.
+    pub bus: SharedBus,
     pub store: SharedStore,
     pub subjects: Subjects,
     pub llm: LlmClient,
@@ -46,14 +48,14 @@ pub struct Worker {
 }
 
 impl Worker {
-    pub fn nats_connected(&self) -> bool {
-        self.nats.connection_state() == async_nats::connection::State::Connected
+    pub fn bus_connected(&self) -> bool {
+        self.bus.connected()
     }
 
-    /// Ready for work: NATS connected, Redis answering, consumer pulling, not stopping.
+    /// Ready for work: the bus connected, Redis answering, consumer pulling, not stopping.
     pub fn is_ready(&self) -> bool {
         !self.shutting_down.load(Ordering::Acquire)
-            && self.nats_connected()
+            && self.bus_connected()
             && self.redis_up.load(Ordering::Acquire)
             && self.consumer_up.load(Ordering::Acquire)
     }
@@ -68,7 +70,7 @@ impl shared::admin::Health for Worker {
         serde_json::json!({
             "ready": self.is_ready(),
             "shutting_down": self.shutting_down.load(Ordering::Acquire),
-            "nats": self.nats_connected(),
+            "nats": self.bus_connected(),
             "redis": self.redis_up.load(Ordering::Acquire),
             "consumer": self.consumer_up.load(Ordering::Acquire),
             "in_flight": self.cancels.len(),

@@ -600,3 +600,132 @@ async fn a_draining_node_hands_its_clients_to_the_others() {
     assert_eq!(frames[0]["offset"], 2, "{frames:?}");
     assert_eq!(frames[1]["recovered"], true, "{frames:?}");
 }
+
+/// The real worker (`worker::run_on`) on the nodes' bus and store, answering from a
+/// stub LLM; stops when dropped (like a crash: nothing more is acked).
+struct RealWorker {
+    stop: tokio_util::sync::CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RealWorker {
+    async fn start(c: &Cluster, llm: &testkit::llm::LlmStub) -> RealWorker {
+        let raw = worker::RawConfig {
+            cluster: shared::config::ClusterArgs {
+                // Never dialled: the backends are given.
+                nats_url: Some("nats://127.0.0.1:1".into()),
+                redis_url: Some("redis://127.0.0.1:1".into()),
+                node_id: Some(format!("mem-w-{}", testkit::free_port())),
+                ..Default::default()
+            },
+            llm_base_url: Some(llm.base_url()),
+            llm_connect_timeout_ms: Some(1000),
+            llm_first_token_timeout_ms: Some(3000),
+            llm_idle_timeout_ms: Some(1000),
+            llm_total_timeout_ms: Some(15_000),
+            ack_wait_secs: Some(2),
+            shutdown_grace_secs: Some(1),
+            ..worker::RawConfig::default()
+        };
+        let config = raw.validate().expect("valid worker config");
+        let admin = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let admin_addr = admin.local_addr().unwrap();
+        let backends = worker::Backends::on(c.bus.clone(), c.store.clone());
+        let stop = tokio_util::sync::CancellationToken::new();
+        let s2 = stop.clone();
+        let task = tokio::spawn(async move {
+            worker::run_on(admin, config, backends, s2)
+                .await
+                .expect("worker run");
+        });
+        // Ready means pulling from the queue.
+        let start = std::time::Instant::now();
+        loop {
+            let ready = reqwest::get(format!("http://{admin_addr}/readyz"))
+                .await
+                .is_ok_and(|r| r.status() == 200);
+            if ready {
+                break;
+            }
+            assert!(start.elapsed() < WAIT, "the worker never became ready");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        RealWorker { stop, task }
+    }
+}
+
+impl Drop for RealWorker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn a_real_worker_answers_chat_across_nodes_in_process() {
+    let c = Cluster::start(2, |_| {}).await;
+    let llm = testkit::llm::LlmStub::start().await;
+    let _worker = RealWorker::start(&c, &llm).await;
+    let (mut here, _) = authed(&c.nodes[0], "wendy").await;
+    let (mut there, _) = authed(&c.nodes[1], "wendy").await;
+    send_json(
+        &mut here,
+        json!({"type": "chat.send", "message": "hello", "id": 1}),
+    )
+    .await;
+    let ack = next_matching(&mut here, |f| f["type"] == "ack").await;
+    let request = ack["request_id"].as_str().unwrap().to_owned();
+    let session = ack["session_id"].as_str().unwrap().to_owned();
+    for ws in [&mut here, &mut there] {
+        let mut text = String::new();
+        let mut seqs = Vec::new();
+        let complete = loop {
+            let f = next_json(ws).await;
+            assert_eq!(f["request_id"], request.as_str(), "{f}");
+            match f["type"].as_str() {
+                Some("chat.chunk") => {
+                    seqs.push(f["seq"].as_u64().unwrap());
+                    text.push_str(f["content"].as_str().unwrap());
+                }
+                Some("chat.complete") => break f,
+                _ => panic!("unexpected {f}"),
+            }
+        };
+        assert!(!seqs.is_empty(), "streamed in chunks");
+        assert_eq!(seqs, (0..seqs.len() as u64).collect::<Vec<_>>());
+        assert_eq!(
+            (text.as_str(), complete["content"].as_str()),
+            ("Hello, world!", Some("Hello, world!"))
+        );
+    }
+    // The stored copy of the final is not delivered again.
+    tokio::time::sleep(gateway::finals::STORED_FINAL_GRACE + Duration::from_millis(300)).await;
+    for ws in [&mut here, &mut there] {
+        send_json(ws, json!({"type": "ping"})).await;
+        assert_eq!(next_json(ws).await["type"], "pong", "exactly one final");
+    }
+    send_json(
+        &mut there,
+        json!({"type": "history", "session_id": session, "id": "h"}),
+    )
+    .await;
+    let h = next_matching(&mut there, |f| f["type"] == "history").await;
+    let turns: Vec<(&str, &str)> = h["messages"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| (m["role"].as_str().unwrap(), m["content"].as_str().unwrap()))
+        .collect();
+    assert_eq!(
+        turns,
+        [("user", "hello"), ("assistant", "Hello, world!")],
+        "{h}"
+    );
+    assert_eq!(llm.request_count(), 1, "answered once");
+    // The request left the queue: acked, not waiting for a redelivery.
+    let start = std::time::Instant::now();
+    while shared::bus::Bus::backlog(&*c.bus).await.unwrap() != shared::bus::Backlog::default() {
+        assert!(start.elapsed() < WAIT, "the request was never acked");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -6,6 +6,11 @@
 //! at once, a core publish to a stream's subject is stored, a request to one is
 //! answered with a JetStream acknowledgement. Code that passes on it should behave
 //! the same on NATS.
+//!
+//! The chat work queue has the workers' durable consumer as on JetStream: each
+//! request out to one consumer at a time, redelivered after the ack wait or a nak
+//! (and its delay), dropped after `max_deliver` deliveries, removed by an ack or a
+//! term; progress restarts the ack wait.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -21,7 +26,10 @@ use tokio::time::Instant;
 use super::stream::{
     CHAT_EVENTS_MAX_AGE, CHAT_MAX_AGE, DUPLICATE_WINDOW, events_stream_name, stream_name,
 };
-use super::{Bus, BusError, Follow, Log, Message, Stored, Subscription, subject_matches};
+use super::{
+    AckKind, Acker, Backlog, Bus, BusError, Consumer, ConsumerSettings, Deliveries, Delivery,
+    Follow, Log, Message, Stored, Subscription, subject_matches,
+};
 use crate::subjects::Subjects;
 
 /// Stored messages a follower copies per lock: a far-behind reader must not hold
@@ -45,8 +53,11 @@ struct Shared {
     next_inbox: AtomicU64,
     state: Mutex<State>,
     /// Per log: its last sequence, for followers waiting for more (or for the end
-    /// of an outage).
+    /// of an outage); the work queue's also changes whenever a request may have
+    /// become deliverable (an ack, a nak), for pulls waiting.
     appended: [watch::Sender<u64>; 2],
+    /// Times the outage switch went from connected to disconnected.
+    losses: AtomicU64,
 }
 
 #[derive(Default)]
@@ -56,6 +67,24 @@ struct State {
     /// across every matching pattern, so this does too.
     turns: HashMap<String, usize>,
     logs: [LogState; 2],
+    queue: WorkQueue,
+}
+
+/// The workers' durable consumer of the chat work queue.
+#[derive(Default)]
+struct WorkQueue {
+    /// `None` until the first [`Bus::consume`].
+    settings: Option<ConsumerSettings>,
+    /// Per request delivered at least once and still in the log, by sequence.
+    out: HashMap<u64, Out>,
+}
+
+/// A request delivered at least once and not acked.
+struct Out {
+    delivered: u64,
+    /// Not to be delivered again before this: the ack deadline, or a nak's delay
+    /// (`None`: deliverable now).
+    until: Option<Instant>,
 }
 
 struct Sub {
@@ -66,8 +95,9 @@ struct Sub {
 
 #[derive(Default)]
 struct LogState {
-    /// Contiguous sequences (only the oldest are ever dropped), with when each was
-    /// stored for the age limit.
+    /// Ascending sequences, with when each was stored for the age limit. Contiguous
+    /// in the events log (only the oldest are ever dropped), which followers rely on;
+    /// the work queue also loses acked requests from the middle.
     entries: VecDeque<(Instant, Stored)>,
     last: u64,
     /// Message ids stored within the duplicate window, and when.
@@ -113,6 +143,7 @@ impl MemoryBus {
                 next_inbox: AtomicU64::new(0),
                 state: Mutex::new(State::default()),
                 appended: [watch::Sender::new(0), watch::Sender::new(0)],
+                losses: AtomicU64::new(0),
             }),
         }
     }
@@ -121,7 +152,10 @@ impl MemoryBus {
     /// fails and nothing is delivered, not even a follower's backlog. Subscriptions
     /// and follows survive it, as the client's do across a reconnect.
     pub fn set_connected(&self, connected: bool) {
-        self.shared.connected.store(connected, Ordering::Release);
+        let was = self.shared.connected.swap(connected, Ordering::AcqRel);
+        if was && !connected {
+            self.shared.losses.fetch_add(1, Ordering::AcqRel);
+        }
         for appended in &self.shared.appended {
             // Wakes followers paused by the outage (the sequence is unchanged).
             appended.send_modify(|_| {});
@@ -287,13 +321,209 @@ impl Shared {
                 .front()
                 .is_some_and(|(at, _)| now.duration_since(*at) >= max_age)
         {
-            l.entries.pop_front();
+            if let Some((_, dropped)) = l.entries.pop_front()
+                && log == Log::ChatRequests
+            {
+                state.queue.out.remove(&dropped.seq);
+            }
         }
         self.appended[slot(log)].send_replace(seq);
         Appended {
             seq,
             duplicate: false,
         }
+    }
+}
+
+impl Shared {
+    /// Hands out up to `max` deliverable requests of the work queue, oldest first,
+    /// and drops those delivered `max_deliver` times. Also returns when the next one
+    /// held back (un-acked, or nak'd with a delay) becomes deliverable.
+    fn take(
+        &self,
+        me: &Weak<Shared>,
+        max: usize,
+        now: Instant,
+    ) -> (Vec<Delivery>, Option<Instant>) {
+        let mut state = self.lock();
+        let State { logs, queue, .. } = &mut *state;
+        let Some(settings) = queue.settings else {
+            return (Vec::new(), None);
+        };
+        let log = &mut logs[slot(Log::ChatRequests)];
+        let unlimited = |n: i64| u64::try_from(n).ok().filter(|&n| n > 0).unwrap_or(u64::MAX);
+        let max_deliver = unlimited(settings.max_deliver);
+        let max_ack_pending = unlimited(settings.max_ack_pending);
+        let held = |o: &Out| o.until.is_some_and(|t| t > now);
+        let mut ack_pending = queue.out.values().filter(|o| held(o)).count() as u64;
+        let mut got = Vec::new();
+        let mut exhausted = Vec::new();
+        for (_, stored) in &log.entries {
+            if got.len() >= max || ack_pending >= max_ack_pending {
+                break;
+            }
+            let delivered = match queue.out.get(&stored.seq) {
+                Some(o) if held(o) => continue,
+                Some(o) => o.delivered,
+                None => 0,
+            };
+            if delivered >= max_deliver {
+                exhausted.push(stored.seq);
+                continue;
+            }
+            let delivered = delivered + 1;
+            queue.out.insert(
+                stored.seq,
+                Out {
+                    delivered,
+                    until: Some(now + settings.ack_wait),
+                },
+            );
+            ack_pending += 1;
+            got.push(Delivery::new(
+                stored.message.clone(),
+                delivered,
+                stored.seq,
+                Box::new(MemoryAcker {
+                    shared: me.clone(),
+                    seq: stored.seq,
+                    delivered,
+                }),
+            ));
+        }
+        for seq in exhausted {
+            remove_request(log, &mut queue.out, seq);
+        }
+        let next = queue
+            .out
+            .values()
+            .filter_map(|o| o.until.filter(|&t| t > now))
+            .min();
+        (got, next)
+    }
+
+    /// Wakes pulls waiting for a request to become deliverable.
+    fn queue_changed(&self) {
+        self.appended[slot(Log::ChatRequests)].send_modify(|_| {});
+    }
+}
+
+/// Takes request `seq` out of the work queue for good.
+fn remove_request(log: &mut LogState, out: &mut HashMap<u64, Out>, seq: u64) {
+    out.remove(&seq);
+    if let Ok(i) = log.entries.binary_search_by_key(&seq, |(_, s)| s.seq) {
+        log.entries.remove(i);
+    }
+}
+
+/// A handle on the work queue's consumer; holds the bus weakly, like a follower.
+struct MemoryConsumer {
+    shared: Weak<Shared>,
+}
+
+/// One pull's place: what it may still take, until when, what it took.
+struct Pull {
+    shared: Weak<Shared>,
+    left: usize,
+    deadline: Instant,
+    /// Changes whenever a request may have become deliverable.
+    wake: watch::Receiver<u64>,
+    ready: VecDeque<Delivery>,
+}
+
+#[async_trait]
+impl Consumer for MemoryConsumer {
+    async fn pull(&self, max: usize, expires: Duration) -> Result<Deliveries, BusError> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Err(BusError::Nats("the bus is gone".to_owned()));
+        };
+        if !shared.connected.load(Ordering::Acquire) {
+            return Err(BusError::Nats("disconnected".to_owned()));
+        }
+        let pull = Pull {
+            shared: self.shared.clone(),
+            left: max,
+            deadline: Instant::now() + expires,
+            wake: shared.appended[slot(Log::ChatRequests)].subscribe(),
+            ready: VecDeque::new(),
+        };
+        drop(shared);
+        let deliveries = futures_util::stream::unfold(pull, |mut p| async move {
+            loop {
+                if let Some(d) = p.ready.pop_front() {
+                    return Some((Ok(d), p));
+                }
+                let now = Instant::now();
+                if p.left == 0 || now >= p.deadline {
+                    return None;
+                }
+                // Marked seen before looking, so a change after the look wakes us.
+                p.wake.borrow_and_update();
+                let mut until = p.deadline;
+                {
+                    let shared = p.shared.upgrade()?;
+                    // In an outage nothing is delivered; the pull just expires.
+                    if shared.connected.load(Ordering::Acquire) {
+                        let (got, next) = shared.take(&p.shared, p.left, now);
+                        p.left -= got.len();
+                        p.ready.extend(got);
+                        if let Some(next) = next {
+                            until = until.min(next);
+                        }
+                    }
+                }
+                if !p.ready.is_empty() {
+                    continue;
+                }
+                tokio::select! {
+                    changed = p.wake.changed() => changed.ok()?,
+                    _ = tokio::time::sleep_until(until) => {}
+                }
+            }
+        })
+        .boxed();
+        Ok(deliveries)
+    }
+}
+
+/// Acknowledges one delivery of the work queue.
+struct MemoryAcker {
+    shared: Weak<Shared>,
+    seq: u64,
+    /// Which delivery this is: a nak or progress of an earlier one (redelivered
+    /// since) changes nothing.
+    delivered: u64,
+}
+
+#[async_trait]
+impl Acker for MemoryAcker {
+    async fn send(&self, kind: AckKind) -> Result<(), BusError> {
+        let Some(shared) = self.shared.upgrade() else {
+            return Err(BusError::Nats("the bus is gone".to_owned()));
+        };
+        if !shared.connected.load(Ordering::Acquire) {
+            return Err(BusError::Nats("disconnected".to_owned()));
+        }
+        let now = Instant::now();
+        {
+            let mut state = shared.lock();
+            let State { logs, queue, .. } = &mut *state;
+            let ack_wait = queue.settings.map(|s| s.ack_wait).unwrap_or_default();
+            let current = queue
+                .out
+                .get_mut(&self.seq)
+                .filter(|o| o.delivered == self.delivered);
+            match (kind, current) {
+                (AckKind::Ack | AckKind::Term, _) => {
+                    remove_request(&mut logs[slot(Log::ChatRequests)], &mut queue.out, self.seq)
+                }
+                (AckKind::Nak(delay), Some(o)) => o.until = delay.map(|d| now + d),
+                (AckKind::Progress, Some(o)) => o.until = Some(now + ack_wait),
+                _ => {}
+            }
+        }
+        shared.queue_changed();
+        Ok(())
     }
 }
 
@@ -448,6 +678,34 @@ impl Bus for MemoryBus {
         })
         .boxed();
         Ok(Follow { last, messages })
+    }
+
+    async fn consume(&self, settings: ConsumerSettings) -> Result<Box<dyn Consumer>, BusError> {
+        self.up()?;
+        self.shared.lock().queue.settings = Some(settings);
+        // New limits may let waiting pulls take more.
+        self.shared.queue_changed();
+        Ok(Box::new(MemoryConsumer {
+            shared: Arc::downgrade(&self.shared),
+        }))
+    }
+
+    async fn backlog(&self) -> Result<Backlog, BusError> {
+        self.up()?;
+        let state = self.shared.lock();
+        if state.queue.settings.is_none() {
+            return Err(BusError::JetStream("consumer not found".to_owned()));
+        }
+        let stored = state.logs[slot(Log::ChatRequests)].entries.len() as u64;
+        let ack_pending = state.queue.out.len() as u64;
+        Ok(Backlog {
+            pending: stored.saturating_sub(ack_pending),
+            ack_pending,
+        })
+    }
+
+    fn connection_losses(&self) -> u64 {
+        self.shared.losses.load(Ordering::Acquire)
     }
 }
 

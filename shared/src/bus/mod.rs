@@ -1,5 +1,6 @@
 //! The message bus seam: what gateways and workers need of NATS (publish, subscribe,
-//! request, and the two JetStream streams), as one trait with the real
+//! request, the two JetStream streams, and the workers' share of the chat work
+//! queue: [`Bus::consume`], [`Bus::backlog`]), as one trait with the real
 //! implementation on NATS ([`nats::NatsBus`]) and one in memory ([`memory::MemoryBus`], for
 //! in-process tests of several nodes). The stream layout itself is in [`stream`].
 
@@ -59,6 +60,115 @@ pub enum Log {
     ChatRequests,
     /// `SB_CHAT_EVENTS`: each request's final frame.
     ChatEvents,
+}
+
+/// The workers' durable consumer of the chat work queue, as [`Bus::consume`]
+/// creates or updates it. Every worker passes the same settings; the last one wins.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerSettings {
+    /// A delivery neither acked nor marked in progress within this is delivered again
+    /// (to any consumer).
+    pub ack_wait: Duration,
+    /// Deliveries of one request at most (`<= 0`: unlimited); a request delivered
+    /// this often and not acked is not delivered again.
+    pub max_deliver: i64,
+    /// Delivered-but-unacked requests across every consumer at most (`<= 0`:
+    /// unlimited): beyond it pulls wait.
+    pub max_ack_pending: i64,
+}
+
+/// What a consumer tells the work queue about one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AckKind {
+    /// Done: the request leaves the queue.
+    Ack,
+    /// Deliver it again, after the delay if any.
+    Nak(Option<Duration>),
+    /// Still working on it: the ack wait starts again.
+    Progress,
+    /// Never deliver it again: the request leaves the queue.
+    Term,
+}
+
+/// Sends a delivery's acknowledgements (one implementation per bus).
+#[async_trait]
+pub trait Acker: Send + Sync {
+    /// Fire and forget as on NATS: `Ok` means queued, not that the queue applied it.
+    async fn send(&self, kind: AckKind) -> Result<(), BusError>;
+}
+
+/// One delivery of a queued request.
+pub struct Delivery {
+    pub message: Message,
+    /// 1 on the first delivery, 2 on the first redelivery, ...
+    pub delivered: u64,
+    /// The request's sequence in the queue's stream: the same on every delivery.
+    pub seq: u64,
+    acker: Box<dyn Acker>,
+}
+
+impl std::fmt::Debug for Delivery {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Delivery")
+            .field("message", &self.message)
+            .field("delivered", &self.delivered)
+            .field("seq", &self.seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Delivery {
+    pub fn new(message: Message, delivered: u64, seq: u64, acker: Box<dyn Acker>) -> Delivery {
+        Delivery {
+            message,
+            delivered,
+            seq,
+            acker,
+        }
+    }
+
+    pub async fn ack_with(&self, kind: AckKind) -> Result<(), BusError> {
+        self.acker.send(kind).await
+    }
+
+    pub async fn ack(&self) -> Result<(), BusError> {
+        self.ack_with(AckKind::Ack).await
+    }
+
+    /// Gives the request back, to be delivered again after `delay` (at once: `None`).
+    pub async fn nak(&self, delay: Option<Duration>) -> Result<(), BusError> {
+        self.ack_with(AckKind::Nak(delay)).await
+    }
+
+    /// Restarts the ack wait while a long request is still being worked on.
+    pub async fn in_progress(&self) -> Result<(), BusError> {
+        self.ack_with(AckKind::Progress).await
+    }
+
+    pub async fn term(&self) -> Result<(), BusError> {
+        self.ack_with(AckKind::Term).await
+    }
+}
+
+/// The deliveries of one pull, as they arrive. An `Err` item ends the pull (the
+/// consumer may be gone: create it again).
+pub type Deliveries = BoxStream<'static, Result<Delivery, BusError>>;
+
+/// A handle on the workers' durable consumer (from [`Bus::consume`]).
+#[async_trait]
+pub trait Consumer: Send + Sync {
+    /// Asks for at most `max` requests: the stream yields them as they are delivered
+    /// and ends after `max` of them or once `expires` has passed, whichever is first.
+    async fn pull(&self, max: usize, expires: Duration) -> Result<Deliveries, BusError>;
+}
+
+/// The chat work queue's backlog as the shared consumer sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Backlog {
+    /// Requests not delivered yet.
+    pub pending: u64,
+    /// Requests delivered and not yet acked (or terminated, or given up).
+    pub ack_pending: u64,
 }
 
 /// Errors of the bus.
@@ -127,6 +237,20 @@ pub trait Bus: Send + Sync + std::fmt::Debug {
     /// [`Log::ChatEvents`]: the work queue is read by the workers' durable consumer
     /// only (core subscribers of its subject see each request as it is stored).
     async fn follow(&self, log: Log, after: Option<u64>) -> Result<Follow, BusError>;
+    /// Creates or updates the workers' durable consumer of [`Log::ChatRequests`]
+    /// (creating the log if needed) and returns a handle to pull from it. Each
+    /// request goes to one consumer at a time: redelivered after `ack_wait` without
+    /// an ack or progress, after a nak (and its delay), up to `max_deliver` times; an
+    /// ack or term removes it.
+    async fn consume(&self, settings: ConsumerSettings) -> Result<Box<dyn Consumer>, BusError>;
+    /// The chat work queue's backlog; fails while the consumer does not exist.
+    async fn backlog(&self) -> Result<Backlog, BusError>;
+    /// Connection losses so far (a reply compares the count at its start and end to
+    /// learn whether its live frames may have been lost). `0` for a bus that cannot
+    /// tell; [`Bus::connected`] is then all a caller knows.
+    fn connection_losses(&self) -> u64 {
+        0
+    }
 }
 
 /// The bus as the services hold it.

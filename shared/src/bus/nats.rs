@@ -1,25 +1,56 @@
-//! The bus on NATS: core publish, subscribe and request on the async-nats client, and
-//! the two JetStream streams, created (or updated) on first use and again after a
-//! store fails (JetStream may have lost them).
+//! The bus on NATS: core publish, subscribe and request on the async-nats client, the
+//! two JetStream streams, created (or updated) on first use and again after a store
+//! fails (JetStream may have lost them), and the workers' durable pull consumer of
+//! the chat work queue.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 
-use async_nats::jetstream::consumer::{DeliverPolicy, pull::OrderedConfig};
+use async_nats::jetstream::consumer::{DeliverPolicy, PullConsumer, pull::OrderedConfig};
 use async_nats::jetstream::{self, message::PublishMessage};
 use async_nats::{HeaderMap, RequestErrorKind};
 use async_trait::async_trait;
 use bytes::Bytes;
 use futures_util::StreamExt;
 
-use super::stream::{JETSTREAM_TIMEOUT, ensure_chat_events_stream, ensure_chat_stream};
-use super::{Bus, BusError, Follow, Log, Message, Stored, Subscription};
-use crate::subjects::Subjects;
+use super::stream::{
+    JETSTREAM_TIMEOUT, chat_consumer_config, ensure_chat_events_stream, ensure_chat_stream,
+    stream_name,
+};
+use super::{
+    AckKind, Acker, Backlog, Bus, BusError, Consumer, ConsumerSettings, Deliveries, Delivery,
+    Follow, Log, Message, Stored, Subscription,
+};
+use crate::subjects::{CHAT_CONSUMER, Subjects};
 
 /// A stream read's pull expiry: its idle heartbeat is half of it, and two missed
 /// heartbeats make it resume on a new consumer. Short, so finals stored while a
 /// gateway was cut off arrive within seconds of its link coming back.
 pub const FOLLOW_PULL_EXPIRES: Duration = Duration::from_secs(2);
+/// An ack (of any kind) that cannot be queued for the server within this is given up:
+/// the ack wait redelivers the request, which is what a lost ack does anyway.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Counts a connection's losses. Fed by the client's event callback
+/// (`ConnectOptions::event_callback`), which only the code that connects can set:
+/// it creates one, hooks [`Losses::on_event`] in, and hands it to
+/// [`NatsBus::with_losses`].
+#[derive(Debug, Clone, Default)]
+pub struct Losses(Arc<AtomicU64>);
+
+impl Losses {
+    /// For `ConnectOptions::event_callback`.
+    pub fn on_event(&self, event: &async_nats::Event) {
+        if matches!(event, async_nats::Event::Disconnected) {
+            self.0.fetch_add(1, Ordering::AcqRel);
+        }
+    }
+
+    pub fn count(&self) -> u64 {
+        self.0.load(Ordering::Acquire)
+    }
+}
 
 /// The bus on a NATS connection (cheap to share behind an `Arc`).
 pub struct NatsBus {
@@ -30,6 +61,8 @@ pub struct NatsBus {
     /// Per [`Log`]: whether its stream is known to exist.
     ready: [AtomicBool; 2],
     ensure: tokio::sync::Mutex<()>,
+    /// Never counts unless the connector hooked it in ([`NatsBus::with_losses`]).
+    losses: Losses,
 }
 
 impl std::fmt::Debug for NatsBus {
@@ -49,10 +82,17 @@ impl NatsBus {
             replicas,
             ready: [AtomicBool::new(false), AtomicBool::new(false)],
             ensure: tokio::sync::Mutex::new(()),
+            losses: Losses::default(),
         }
     }
 
-    /// The client, for what only NATS offers (the worker's pull consumer, drains).
+    /// The bus counting connection losses with `losses`, which the client's event
+    /// callback feeds.
+    pub fn with_losses(self, losses: Losses) -> NatsBus {
+        NatsBus { losses, ..self }
+    }
+
+    /// The client, for what only NATS offers (drains, tests).
     pub fn client(&self) -> &async_nats::Client {
         &self.client
     }
@@ -289,9 +329,119 @@ impl Bus for NatsBus {
             .boxed();
         Ok(Follow { last, messages })
     }
+
+    async fn consume(&self, settings: ConsumerSettings) -> Result<Box<dyn Consumer>, BusError> {
+        // Create-or-update every time: after a NATS restart the stream or the
+        // consumer may be gone, and this is how a worker recovers.
+        let stream = bounded(JETSTREAM_TIMEOUT, self.ensure(Log::ChatRequests)).await?;
+        let config = chat_consumer_config(
+            &self.subjects,
+            settings.ack_wait,
+            settings.max_deliver,
+            settings.max_ack_pending,
+        );
+        match tokio::time::timeout(JETSTREAM_TIMEOUT, stream.create_consumer(config)).await {
+            Ok(Ok(consumer)) => Ok(Box::new(NatsConsumer { consumer })),
+            Ok(Err(e)) => Err(BusError::JetStream(format!("creating the consumer: {e}"))),
+            Err(_) => Err(BusError::Timeout(JETSTREAM_TIMEOUT)),
+        }
+    }
+
+    async fn backlog(&self) -> Result<Backlog, BusError> {
+        bounded(JETSTREAM_TIMEOUT, async {
+            let stream = self
+                .js
+                .get_stream_no_info(stream_name(&self.subjects))
+                .await
+                .map_err(|e| BusError::JetStream(e.to_string()))?;
+            let info = stream
+                .consumer_info(CHAT_CONSUMER)
+                .await
+                .map_err(|e| BusError::JetStream(e.to_string()))?;
+            Ok(Backlog {
+                pending: info.num_pending,
+                ack_pending: info.num_ack_pending as u64,
+            })
+        })
+        .await
+    }
+
+    fn connection_losses(&self) -> u64 {
+        self.losses.count()
+    }
+}
+
+/// The workers' durable consumer on JetStream.
+struct NatsConsumer {
+    consumer: PullConsumer,
+}
+
+#[async_trait]
+impl Consumer for NatsConsumer {
+    async fn pull(&self, max: usize, expires: Duration) -> Result<Deliveries, BusError> {
+        let batch = bounded(JETSTREAM_TIMEOUT, async {
+            self.consumer
+                .batch()
+                .max_messages(max)
+                .expires(expires)
+                .messages()
+                .await
+                .map_err(|e| BusError::JetStream(e.to_string()))
+        })
+        .await?;
+        Ok(batch
+            .map(|m| {
+                let m = m.map_err(|e| BusError::JetStream(e.to_string()))?;
+                let (delivered, seq) = m
+                    .info()
+                    .map(|i| (u64::try_from(i.delivered).unwrap_or(1), i.stream_sequence))
+                    .unwrap_or((1, 0));
+                let (m, acker) = m.split();
+                Ok(Delivery::new(
+                    from_nats(m),
+                    delivered,
+                    seq,
+                    Box::new(NatsAcker(acker)),
+                ))
+            })
+            .boxed())
+    }
+}
+
+struct NatsAcker(jetstream::message::Acker);
+
+#[async_trait]
+impl Acker for NatsAcker {
+    async fn send(&self, kind: AckKind) -> Result<(), BusError> {
+        let kind = match kind {
+            AckKind::Ack => jetstream::AckKind::Ack,
+            AckKind::Nak(delay) => jetstream::AckKind::Nak(delay),
+            AckKind::Progress => jetstream::AckKind::Progress,
+            AckKind::Term => jetstream::AckKind::Term,
+        };
+        bounded(ACK_TIMEOUT, async {
+            self.0.ack_with(kind).await.map_err(nats_err)
+        })
+        .await
+    }
 }
 
 fn rand_u64() -> u64 {
     use std::hash::{BuildHasher, RandomState};
     RandomState::new().hash_one(std::time::Instant::now())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn losses_count_only_disconnections() {
+        let losses = Losses::default();
+        losses.on_event(&async_nats::Event::Connected);
+        assert_eq!(losses.count(), 0);
+        losses.on_event(&async_nats::Event::Disconnected);
+        losses.on_event(&async_nats::Event::Connected);
+        assert_eq!(losses.count(), 1);
+    }
 }

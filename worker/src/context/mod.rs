@@ -48,10 +48,10 @@ pub async fn serve(worker: Arc<Worker>, stop: CancellationToken) {
     let mut tasks = JoinSet::new();
     'subscribe: loop {
         let mut sub = match worker
-            .nats
-            .queue_subscribe(
+            .bus
+            .subscribe(
                 worker.subjects.user_context_rpc(),
-                WORKER_QUEUE_GROUP.to_owned(),
+                Some(WORKER_QUEUE_GROUP.to_owned()),
             )
             .await
         {
@@ -68,8 +68,9 @@ pub async fn serve(worker: Arc<Worker>, stop: CancellationToken) {
             let msg = tokio::select! {
                 biased;
                 _ = stop.cancelled() => {
-                    // Leave the queue group at once so other workers get new requests.
-                    let _ = tokio::time::timeout(crate::state::PUBLISH_TIMEOUT, sub.unsubscribe()).await;
+                    // Leave the queue group at once so other workers get new requests
+                    // (dropping a subscription unsubscribes).
+                    drop(sub);
                     break 'subscribe;
                 }
                 Some(_) = tasks.join_next(), if !tasks.is_empty() => continue,
@@ -118,7 +119,7 @@ pub async fn serve(worker: Arc<Worker>, stop: CancellationToken) {
                 let body = serde_json::to_vec(&ctx).unwrap_or_default();
                 if let Err(e) = tokio::time::timeout(
                     crate::state::PUBLISH_TIMEOUT,
-                    worker.nats.publish(reply, body.into()),
+                    worker.bus.publish(reply, Vec::new(), body.into()),
                 )
                 .await
                 .map_err(|_| "timeout".to_owned())
