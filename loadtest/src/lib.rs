@@ -32,7 +32,6 @@ use report::broadcast::BroadcastReport;
 use report::chat::ChatReport;
 use report::connect::ConnectReport;
 use report::soak::SoakReport;
-use scenario::connect::{self, Plan};
 use scenario::population;
 use spawn::{WorkerLink, WorkerMsg};
 
@@ -61,17 +60,8 @@ async fn run_parent(mut cli: Cli, fd_limit: u64, mut args: Vec<OsString>) -> Res
         html: common.html.clone(),
     };
     let (pids, metrics_url) = (common.pid.clone(), common.metrics_url.clone());
-    if cli.scenario.name() == ScenarioName::Connect {
-        if pids.len() > 1 {
-            bail!("connect takes one --pid (the gateway whose memory per connection it reports)");
-        }
-        let plan = Arc::new(Plan::from_cli(&cli, fd_limit)?);
-        let probe = probe::Probe::new(pids.first().copied(), metrics_url.as_deref())?;
-        let worker_args = worker_args(args, plan.epoch_ms);
-        let facts = connect::run(Arc::clone(&plan), probe, worker_args).await?;
-        let r = ConnectReport::build(&plan, facts);
-        report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
-        return Ok(r.head.goal_met);
+    if cli.scenario.name() == ScenarioName::Connect && pids.len() > 1 {
+        bail!("connect takes one --pid (the gateway whose memory per connection it reports)");
     }
     let chat_flags = cli.scenario.chat_mut();
     if let Some((flags, url)) = chat_flags.and_then(|f| f.llm_stub.clone().map(|u| (f, u))) {
@@ -114,64 +104,27 @@ async fn run_parent(mut cli: Cli, fd_limit: u64, mut args: Vec<OsString>) -> Res
     };
     let worker_args = worker_args(args, plan.epoch_ms);
     let result = population::execute(Arc::clone(&plan), &watch, worker_args).await?;
-    let goal_met = match plan.scenario {
-        ScenarioName::Broadcast => {
-            let r = BroadcastReport::build(&plan, &result);
-            report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
-            r.head.goal_met
-        }
-        ScenarioName::Chat => {
-            let r = ChatReport::build(&plan, &result);
-            report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
-            r.head.goal_met
-        }
-        _ => {
-            let r = SoakReport::build(&plan, &result);
-            report::emit(&r, &r.render_text(), || r.render_html(), &outputs)?;
-            r.head.goal_met
-        }
-    };
-    Ok(goal_met)
+    match plan.scenario {
+        ScenarioName::Connect => report::emit(&ConnectReport::build(&plan, &result), &outputs),
+        ScenarioName::Broadcast => report::emit(&BroadcastReport::build(&plan, &result), &outputs),
+        ScenarioName::Chat => report::emit(&ChatReport::build(&plan, &result), &outputs),
+        ScenarioName::Soak => report::emit(&SoakReport::build(&plan, &result), &outputs),
+    }
 }
 
 async fn run_worker(cli: &Cli, fd_limit: u64, index: u32, count: u32) -> Result<bool> {
     // Ctrl-C in a terminal reaches the whole process group; the parent decides what
     // happens (it tells us to abort), so the signal itself is ignored here.
     tokio::spawn(async { while tokio::signal::ctrl_c().await.is_ok() {} });
-    if cli.scenario.name() == ScenarioName::Connect {
-        let link: WorkerLink<connect::Progress, connect::Tallies> = WorkerLink::stdio();
-        let Some((plan, link)) = plan_or_fatal(Plan::from_cli(cli, fd_limit), link).await? else {
-            return Ok(false);
-        };
-        connect::run_worker(plan, index, count, link).await?;
-    } else {
-        let link: WorkerLink<population::Progress, population::Tallies> = WorkerLink::stdio();
-        let plan = population::Plan::from_cli(cli, fd_limit);
-        let Some((plan, link)) = plan_or_fatal(plan, link).await? else {
-            return Ok(false);
-        };
-        population::run_worker(plan, index, count, false, link).await?;
-    }
-    Ok(true)
-}
-
-/// A worker's plan, or (when its flags do not make one) the error told to the parent.
-async fn plan_or_fatal<T, P, R>(
-    plan: Result<T>,
-    mut link: WorkerLink<P, R>,
-) -> Result<Option<(Arc<T>, WorkerLink<P, R>)>>
-where
-    P: serde::Serialize,
-    R: serde::Serialize,
-{
-    match plan {
-        Ok(plan) => Ok(Some((Arc::new(plan), link))),
+    let mut link: WorkerLink<population::Progress, population::Tallies> = WorkerLink::stdio();
+    match population::Plan::from_cli(cli, fd_limit) {
+        Ok(plan) => population::run_worker(Arc::new(plan), index, count, false, link).await?,
+        // A worker whose flags do not make a plan tells the parent why.
         Err(e) => {
-            link.send(WorkerMsg::Fatal {
-                error: format!("{e:#}"),
-            })
-            .await?;
-            Ok(None)
+            let error = format!("{e:#}");
+            link.send(WorkerMsg::Fatal { error }).await?;
+            return Ok(false);
         }
     }
+    Ok(true)
 }

@@ -8,50 +8,21 @@ use std::time::Duration;
 /// time-series slot, so that every slot gets one sample.
 pub const TICK: Duration = Duration::from_millis(crate::stats::series::SLOT_MS);
 
-/// What one tick shows.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Snapshot {
-    pub elapsed: Duration,
-    /// What the run is doing now ("connecting", "holding", "closing").
-    pub phase: &'static str,
-    pub open: u64,
-    pub in_flight: u64,
-    pub ok: u64,
-    pub failed: u64,
-    pub dropped: u64,
-    /// Successful connects per second over the last tick.
-    pub rate: f64,
-    /// Target connection count.
-    pub target: u64,
-}
-
-/// Formats one progress line (no newline).
-pub fn render(s: &Snapshot) -> String {
-    format!(
-        "[{:>6.1}s] {:<10} open {:>7}  ok {:>7}/{}  connect {:>7.0}/s  in-flight {:>5}  failed {:>6}  dropped {:>5}",
-        s.elapsed.as_secs_f64(),
-        s.phase,
-        s.open,
-        s.ok,
-        s.target,
-        s.rate,
-        s.in_flight,
-        s.failed,
-        s.dropped,
-    )
-}
-
-/// What one tick of `broadcast`, `chat` or `soak` shows (each shows its part).
+/// What one tick of a scenario shows (each shows its part).
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct PopulationSnapshot {
     pub elapsed: Duration,
-    /// "subscribing"/"connecting", "publishing"/"chatting"/"soaking", "draining",
-    /// "closing".
+    /// "subscribing"/"connecting", "holding"/"publishing"/"chatting"/"soaking",
+    /// "draining", "closing".
     pub phase: &'static str,
     /// Connections set up (subscribed, or authenticated for chat users) / target.
     pub set_up: u64,
+    /// Connections set up per second over the last tick.
+    pub setup_rate: f64,
     pub target: u64,
     pub open: u64,
+    /// Handshakes in flight now.
+    pub in_flight: u64,
     pub failed: u64,
     /// Connections the server closed or dropped.
     pub closed: u64,
@@ -123,6 +94,22 @@ fn chatting(s: &PopulationSnapshot) -> String {
     )
 }
 
+/// Formats one `connect` progress line (no newline).
+pub fn render_connect(s: &PopulationSnapshot) -> String {
+    format!(
+        "[{:>6.1}s] {:<10} open {:>7}  ok {:>7}/{}  connect {:>7.0}/s  in-flight {:>5}  failed {:>6}  dropped {:>5}",
+        s.elapsed.as_secs_f64(),
+        s.phase,
+        s.open,
+        s.set_up,
+        s.target,
+        s.setup_rate,
+        s.in_flight,
+        s.failed,
+        s.closed,
+    )
+}
+
 /// Formats one `broadcast` progress line (no newline).
 pub fn render_broadcast(s: &PopulationSnapshot) -> String {
     format!(
@@ -185,10 +172,6 @@ impl ProgressLine {
         }
     }
 
-    pub fn show(&mut self, s: &Snapshot) {
-        self.show_text(&render(s));
-    }
-
     /// Shows an already formatted line.
     pub fn show_text(&mut self, line: &str) {
         let mut err = std::io::stderr().lock();
@@ -223,16 +206,17 @@ mod tests {
 
     #[test]
     fn line_shows_every_counter() {
-        let line = render(&Snapshot {
+        let line = render_connect(&PopulationSnapshot {
             elapsed: Duration::from_millis(3_300),
             phase: "connecting",
             open: 1500,
             in_flight: 200,
-            ok: 1500,
+            set_up: 1500,
             failed: 3,
-            dropped: 1,
-            rate: 498.6,
+            closed: 1,
+            setup_rate: 498.6,
             target: 10_000,
+            ..PopulationSnapshot::default()
         });
         assert!(line.starts_with("[   3.3s] connecting"), "{line}");
         for part in [
@@ -254,8 +238,10 @@ mod tests {
             elapsed: Duration::from_millis(12_000),
             phase: "publishing",
             set_up: 10_000,
+            setup_rate: 0.0,
             target: 10_000,
             open: 9_999,
+            in_flight: 0,
             failed: 0,
             closed: 1,
             churned: 40,

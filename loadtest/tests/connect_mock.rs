@@ -183,15 +183,17 @@ async fn every_failure_is_classified() {
     assert_eq!(f.limit(), client::Limit::Refused, "{f}");
 }
 
-fn run_binary(args: &[&str]) -> (i32, serde_json::Value) {
+/// Runs the binary with `args` and `--json` off the runtime (the scripted server
+/// keeps serving); its exit code and report.
+async fn run_binary(args: &[&str]) -> (i32, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
     let json = dir.path().join("report.json");
-    let output = std::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
-        .args(args)
-        .arg("--json")
-        .arg(&json)
-        .env_remove("SB_JWT_SECRET")
-        .output()
+    let mut command = std::process::Command::new(env!("CARGO_BIN_EXE_loadtest"));
+    command.args(args).arg("--json").arg(&json);
+    command.env_remove("SB_JWT_SECRET");
+    let output = tokio::task::spawn_blocking(move || command.output())
+        .await
+        .unwrap()
         .unwrap();
     let report: serde_json::Value = match std::fs::read(&json) {
         Ok(bytes) => serde_json::from_slice(&bytes).unwrap(),
@@ -210,7 +212,7 @@ async fn binary_with_worker_processes_meets_its_goal() {
     let tokens = dir.path().join("tokens");
     std::fs::write(&tokens, "ok-1\nok-2\n").unwrap();
     let url = format!("ws://{addr}/ws");
-    let args: Vec<String> = [
+    let (code, report) = run_binary(&[
         "connect",
         "--url",
         &url,
@@ -224,14 +226,8 @@ async fn binary_with_worker_processes_meets_its_goal() {
         "127.0.0.2-127.0.0.3",
         "--token-file",
         tokens.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let (code, report) = tokio::task::spawn_blocking(move || {
-        run_binary(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    })
-    .await
-    .unwrap();
+    ])
+    .await;
     assert_eq!(code, 0, "{report:#}");
     assert_eq!(report["goal_met"], true);
     assert_eq!(report["connections"]["ok"], 40);
@@ -255,7 +251,7 @@ async fn binary_reports_failures_by_reason_and_exits_1() {
     // Eight connections: two of each behaviour.
     std::fs::write(&tokens, "ok\nlimit\nbusy\ndrop\n").unwrap();
     let url = format!("ws://{addr}/ws");
-    let args: Vec<String> = [
+    let (code, report) = run_binary(&[
         "connect",
         "--url",
         &url,
@@ -267,14 +263,8 @@ async fn binary_reports_failures_by_reason_and_exits_1() {
         "2",
         "--token-file",
         tokens.to_str().unwrap(),
-    ]
-    .map(String::from)
-    .to_vec();
-    let (code, report) = tokio::task::spawn_blocking(move || {
-        run_binary(&args.iter().map(String::as_str).collect::<Vec<_>>())
-    })
-    .await
-    .unwrap();
+    ])
+    .await;
     assert_eq!(code, 1);
     assert_eq!(report["goal_met"], false);
     assert_eq!(report["connections"]["ok"], 4);

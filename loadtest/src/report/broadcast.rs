@@ -5,7 +5,7 @@
 use serde::Serialize;
 
 use super::{
-    Finding, Head, Latency, ReasonCount, bytes, finding_of, kv, latency_of, latency_text,
+    Finding, Head, Latency, ReasonCount, Report, bytes, finding_of, kv, latency_of, latency_text,
     level_chart, millis, p50_p99_chart, percentile_chart, rate_chart, reason_table, reasons,
     rss_chart, thousands,
 };
@@ -612,9 +612,19 @@ impl BroadcastReport {
             timeline: timeline(run),
         }
     }
+}
+
+impl Report for BroadcastReport {
+    fn head(&self) -> &Head {
+        &self.head
+    }
+
+    fn target(&self) -> String {
+        self.config.layout.urls.join(", ")
+    }
 
     /// The human summary.
-    pub fn render_text(&self) -> String {
+    fn render_text(&self) -> String {
         let mut out = String::new();
         self.head.render(
             &mut out,
@@ -698,8 +708,7 @@ impl BroadcastReport {
         out
     }
 
-    /// The self-contained HTML page.
-    pub fn render_html(&self) -> String {
+    fn charts(&self) -> Vec<String> {
         let tl = &self.timeline;
         let mut charts = vec![
             percentile_chart(
@@ -715,11 +724,7 @@ impl BroadcastReport {
             "Gateway resident memory",
             &[("RSS", &tl.gateway)],
         ));
-        self.head.page(
-            &self.config.layout.urls.join(", "),
-            &self.render_text(),
-            &charts,
-        )
+        charts
     }
 }
 
@@ -1008,8 +1013,6 @@ mod tests {
         RunResult {
             tallies: t.clone(),
             published: p,
-            interrupted: false,
-            errors: vec![],
             window_started_ms: Some(1_000),
             window_ended_ms: Some(6_000),
             drain_s: Some(0.05),
@@ -1024,8 +1027,6 @@ mod tests {
                 None,
                 None,
             ]),
-            gateway_series: vec![],
-            worker_series: vec![],
             cpu: Some(CpuUse::new(
                 5.0,
                 vec![ProcessCpu {
@@ -1044,6 +1045,7 @@ mod tests {
                 }),
             )),
             finished_ms: 7_000,
+            ..RunResult::default()
         }
     }
 

@@ -10,7 +10,7 @@ use super::broadcast::{
     GatewayMemory, Layout, connection_findings, gateway_memory, head, render_machine,
 };
 use super::{
-    Finding, Head, Latency, ReasonCount, kv, latency_of, latency_text, level_chart, millis,
+    Finding, Head, Latency, ReasonCount, Report, kv, latency_of, latency_text, level_chart, millis,
     p50_p99_chart, percentile_curves, rate_chart, reason_table, reasons, rss_chart, thousands,
 };
 use crate::chat::{ChatTallies, LlmTiming, Pacing};
@@ -629,9 +629,19 @@ impl ChatReport {
             gateway: gateway_memory(run),
         }
     }
+}
+
+impl Report for ChatReport {
+    fn head(&self) -> &Head {
+        &self.head
+    }
+
+    fn target(&self) -> String {
+        self.config.layout.urls.join(", ")
+    }
 
     /// The human summary.
-    pub fn render_text(&self) -> String {
+    fn render_text(&self) -> String {
         let mut out = String::new();
         self.head.render(
             &mut out,
@@ -675,19 +685,14 @@ impl ChatReport {
         out
     }
 
-    /// The self-contained HTML page.
-    pub fn render_html(&self) -> String {
+    fn charts(&self) -> Vec<String> {
         let tl = &self.timeline;
         let mut charts = self.streams.charts(&tl.chat);
         charts.extend(rss_chart(
             "Resident memory",
             &rss_series(&tl.gateway, &tl.workers),
         ));
-        self.head.page(
-            &self.config.layout.urls.join(", "),
-            &self.render_text(),
-            &charts,
-        )
+        charts
     }
 }
 
@@ -795,21 +800,17 @@ mod tests {
         RunResult {
             tallies: t,
             published: PublishTallies::default(),
-            interrupted: false,
-            errors: vec![],
             window_started_ms: Some(1_000),
             window_ended_ms: Some(11_000),
             drain_s: Some(1.3),
             drained_fully: true,
-            gateway: None,
             gateway_series: vec![GatewaySample {
                 at_ms: 500,
                 rss_bytes: Some(20 << 20),
                 connections: Some(10),
             }],
-            worker_series: vec![],
-            cpu: None,
             finished_ms: 13_000,
+            ..RunResult::default()
         }
     }
 

@@ -1,17 +1,16 @@
-//! The `connect` scenario's report: built once from the merged worker tallies and the
-//! gateway readings, then rendered as the human summary, as JSON (`--json`) and as a
+//! The `connect` scenario's report: built once from the merged worker tallies (idle
+//! connections of the population engine) and the gateway readings, then rendered as the human summary, as JSON (`--json`) and as a
 //! self-contained HTML page with inline SVG charts (`--html`).
 
 use serde::Serialize;
 
 pub use super::{Finding, Latency, ReasonCount};
 use super::{
-    Head, bytes, kv, latency_of, latency_text, level_chart, percentile_chart, rate_chart,
-    reason_table, reasons, rss_chart, thousands,
+    Head, Report, bytes, finding_of, kv, latency_of, latency_text, level_chart, percentile_chart,
+    rate_chart, reason_table, reasons, rss_chart, thousands,
 };
-use crate::client::Limit;
 use crate::probe::GatewaySample;
-use crate::scenario::connect::{Plan, RunFacts};
+use crate::scenario::population::{Plan, RunResult};
 use crate::stats::Histogram;
 
 /// Shortest connect phase used to compute a rate: below a millisecond the quotient
@@ -114,15 +113,10 @@ pub struct Timeline {
     pub gateway: Vec<GatewaySample>,
 }
 
-fn gateway_of(
-    samples: (
-        Option<GatewaySample>,
-        Option<GatewaySample>,
-        Option<GatewaySample>,
-    ),
-    open_when_held: u64,
-) -> Gateway {
-    let (before, held, after) = samples;
+/// Readings before the run, at the end of the hold (after the window: nothing to
+/// drain) and after closing.
+fn gateway_of(samples: [Option<GatewaySample>; 4], open_when_held: u64) -> Gateway {
+    let [before, _, held, after] = samples;
     let rss = |s: Option<GatewaySample>| s.and_then(|s| s.rss_bytes);
     let conns = |s: Option<GatewaySample>| s.and_then(|s| s.connections);
     let rss_growth_bytes = match (rss(before), rss(held)) {
@@ -151,8 +145,10 @@ fn gateway_of(
 }
 
 impl ConnectReport {
-    pub fn build(plan: &Plan, f: RunFacts) -> ConnectReport {
+    pub fn build(plan: &Plan, f: &RunResult) -> ConnectReport {
         let t = &f.tallies;
+        let total = plan.connections();
+        let ok = t.subscribed;
 
         let span_ms = match (t.first_attempt_ms, t.last_outcome_ms) {
             (Some(a), Some(b)) => b.saturating_sub(a).max(MIN_RATE_SPAN_MS),
@@ -160,62 +156,60 @@ impl ConnectReport {
         };
         let connect_rate = ConnectRate {
             achieved_per_s: if span_ms > 0 {
-                t.ok as f64 * 1000.0 / span_ms as f64
+                ok as f64 * 1000.0 / span_ms as f64
             } else {
                 0.0
             },
-            peak_1s_per_s: t.connects.peak_rate(1),
+            peak_1s_per_s: t.setup_series.peak_rate(1),
             connect_phase_s: span_ms as f64 / 1000.0,
         };
 
         let mut limits = t.failure_limits.clone();
-        limits.merge(&t.drop_limits);
+        limits.merge(&t.close_limits);
         let stopped_by: Vec<Finding> = limits
             .by_count()
             .into_iter()
-            .map(|(label, count)| {
-                let limit = Limit::from_label(label).unwrap_or(Limit::Other);
-                Finding {
-                    limit: limit.label(),
-                    count,
-                    explanation: limit.explain(),
-                }
-            })
+            .map(|(label, count)| finding_of(label, count))
             .collect();
 
-        let missed = plan.total.saturating_sub(t.ok) + t.dropped;
-        let allowed = plan.allow_failures_pct / 100.0 * plan.total as f64;
+        let dropped = t.closed;
+        let missed = total.saturating_sub(ok) + dropped;
+        let allowed = plan.allow_failures_pct / 100.0 * total as f64;
         let goal_met = !f.interrupted && f.errors.is_empty() && missed as f64 <= allowed;
-        let held_s = f.held_for.map(|d| d.as_secs_f64());
+        let hold_ms = u64::try_from(plan.duration.as_millis()).unwrap_or(u64::MAX);
+        let held_s = f
+            .window_started_ms
+            .map(|s| f.window_ended_ms.unwrap_or(f.finished_ms).saturating_sub(s))
+            .map(|ms| ms.min(hold_ms) as f64 / 1000.0);
         let verdict = if f.interrupted {
             format!(
                 "interrupted: {}/{} connections opened",
-                thousands(t.ok),
-                thousands(plan.total)
+                thousands(ok),
+                thousands(total)
             )
         } else if goal_met && missed == 0 {
             format!(
                 "goal met: {}/{} connections opened and held {:.1} s",
-                thousands(t.ok),
-                thousands(plan.total),
+                thousands(ok),
+                thousands(total),
                 held_s.unwrap_or(0.0)
             )
         } else if goal_met {
             format!(
                 "goal met within --allow-failures {}%: {}/{} opened, {} failed, {} dropped while held",
                 plan.allow_failures_pct,
-                thousands(t.ok),
-                thousands(plan.total),
+                thousands(ok),
+                thousands(total),
                 thousands(t.failed),
-                thousands(t.dropped)
+                thousands(dropped)
             )
         } else {
             format!(
                 "goal missed: {}/{} opened, {} failed, {} dropped while held{}",
-                thousands(t.ok),
-                thousands(plan.total),
+                thousands(ok),
+                thousands(total),
                 thousands(t.failed),
-                thousands(t.dropped),
+                thousands(dropped),
                 if f.errors.is_empty() {
                     ""
                 } else {
@@ -223,9 +217,6 @@ impl ConnectReport {
                 }
             )
         };
-
-        let mut gateway_series = f.gateway_series;
-        gateway_series.sort_by_key(|s| s.at_ms);
 
         ConnectReport {
             head: Head::new(
@@ -239,11 +230,11 @@ impl ConnectReport {
                 &f.errors,
             ),
             config: Config {
-                url: plan.url.clone(),
-                connections: plan.total,
-                rate_per_s: plan.rate,
+                url: plan.urls[0].clone(),
+                connections: total,
+                rate_per_s: plan.connect_rate,
                 concurrency: plan.concurrency,
-                hold_s: plan.hold.as_secs(),
+                hold_s: plan.duration.as_secs(),
                 timeout_s: plan.timeout.as_secs(),
                 processes: plan.processes,
                 sources: plan.sources.describe(),
@@ -254,40 +245,50 @@ impl ConnectReport {
                 allow_failures_pct: plan.allow_failures_pct,
             },
             connections: Connections {
-                target: plan.total,
+                target: total,
                 attempted: t.attempted,
-                ok: t.ok,
+                ok,
                 failed: t.failed,
                 aborted: t.aborted,
-                not_attempted: plan.total.saturating_sub(t.attempted + t.aborted),
+                not_attempted: total.saturating_sub(t.attempted + t.aborted),
                 failures: reasons(&t.failures),
             },
             connect_rate,
-            latency_ms: latency_of(&t.latency_us),
-            latency_histogram_us: t.latency_us.clone(),
+            latency_ms: latency_of(&t.setup_latency_us),
+            latency_histogram_us: t.setup_latency_us.clone(),
             hold: Hold {
-                requested_s: plan.hold.as_secs(),
+                requested_s: plan.duration.as_secs(),
                 held_s,
                 open_at_end: t.open_at_finish,
                 peak_open: t.open.peak(),
-                unexpected_closes: t.dropped,
-                by_reason: reasons(&t.drops),
+                unexpected_closes: dropped,
+                by_reason: reasons(&t.closes),
             },
-            gateway: f.gateway.map(|g| gateway_of(g, f.open_when_held)),
+            gateway: f.gateway.map(|g| gateway_of(g, f.open_at_window_end)),
             listen_overflows: f.listen_overflows,
             timeline: Timeline {
                 slot_ms: crate::stats::series::SLOT_MS,
                 open: t.open.levels(),
-                connects: t.connects.counts().to_vec(),
+                connects: t.setup_series.counts().to_vec(),
                 failures: t.failure_series.counts().to_vec(),
-                drops: t.drop_series.counts().to_vec(),
-                gateway: gateway_series,
+                drops: t.close_series.counts().to_vec(),
+                gateway: f.gateway_series.clone(),
             },
         }
     }
+}
+
+impl Report for ConnectReport {
+    fn head(&self) -> &Head {
+        &self.head
+    }
+
+    fn target(&self) -> String {
+        self.config.url.clone()
+    }
 
     /// The human summary (stdout).
-    pub fn render_text(&self) -> String {
+    fn render_text(&self) -> String {
         let mut out = String::new();
         out.push('\n');
         out.push_str(&format!("== loadtest connect: {} ==\n", self.config.url));
@@ -401,46 +402,36 @@ impl ConnectReport {
         out
     }
 
-    /// The self-contained HTML page.
-    pub fn render_html(&self) -> String {
-        let mut charts = vec![self.latency_chart(), self.open_chart(), self.rate_chart()];
+    fn charts(&self) -> Vec<String> {
+        let tl = &self.timeline;
+        let mut charts = vec![
+            percentile_chart(
+                &self.latency_histogram_us,
+                "Handshake latency by percentile (TCP connect -> authenticated)",
+            ),
+            level_chart(
+                "Open connections (per-second samples)",
+                "connections",
+                "open",
+                &tl.open,
+                tl.slot_ms,
+            ),
+            rate_chart(
+                "Connect rate",
+                "per second",
+                tl.slot_ms,
+                &[
+                    ("connects/s", "#1f77b4", &tl.connects, false),
+                    ("failures/s", "#d62728", &tl.failures, true),
+                    ("drops/s", "#ff7f0e", &tl.drops, true),
+                ],
+            ),
+        ];
         charts.extend(rss_chart(
             "Gateway resident memory",
-            &[("RSS", &self.timeline.gateway)],
+            &[("RSS", &tl.gateway)],
         ));
-        self.head
-            .page(&self.config.url, &self.render_text(), &charts)
-    }
-
-    fn latency_chart(&self) -> String {
-        percentile_chart(
-            &self.latency_histogram_us,
-            "Handshake latency by percentile (TCP connect -> authenticated)",
-        )
-    }
-
-    fn open_chart(&self) -> String {
-        level_chart(
-            "Open connections (per-second samples)",
-            "connections",
-            "open",
-            &self.timeline.open,
-            self.timeline.slot_ms,
-        )
-    }
-
-    fn rate_chart(&self) -> String {
-        let tl = &self.timeline;
-        rate_chart(
-            "Connect rate",
-            "per second",
-            tl.slot_ms,
-            &[
-                ("connects/s", "#1f77b4", &tl.connects, false),
-                ("failures/s", "#d62728", &tl.failures, true),
-                ("drops/s", "#ff7f0e", &tl.drops, true),
-            ],
-        )
+        charts
     }
 }
 
@@ -492,35 +483,23 @@ fn gateway_text(g: &Gateway) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
 
-    use crate::cli::Cli;
     use crate::client::Failure;
-    use crate::scenario::connect::Tallies;
-    use clap::Parser;
+    use crate::scenario::population::{Tallies, test_plan};
 
     fn plan(extra: &[&str]) -> Plan {
-        let mut args = vec![
-            "loadtest",
-            "connect",
-            "--secret",
-            "0123456789abcdef0123456789abcdef",
-            "--connections",
-            "100",
-        ];
-        args.extend_from_slice(extra);
-        Plan::from_cli(&Cli::try_parse_from(args).unwrap(), 20_000).unwrap()
+        test_plan("connect", &["--connections", "100"], extra)
     }
 
     fn tallies(ok: u64, failed: u64) -> Tallies {
         let mut t = Tallies::default();
         let mut partial = Tallies::default();
         for i in 0..ok {
-            partial.latency_us.record(1000 + i * 10);
-            partial.connects.record(i * 10, 1);
+            partial.setup_latency_us.record(1000 + i * 10);
+            partial.setup_series.record(i * 10, 1);
         }
         partial.attempted = ok + failed;
-        partial.ok = ok;
+        partial.subscribed = ok;
         partial.failed = failed;
         partial.first_attempt_ms = Some(0);
         partial.last_outcome_ms = Some(500);
@@ -539,29 +518,29 @@ mod tests {
         t
     }
 
-    fn facts(t: &Tallies) -> RunFacts {
-        RunFacts {
+    fn facts(t: &Tallies) -> RunResult {
+        RunResult {
             tallies: t.clone(),
-            interrupted: false,
-            errors: vec![],
-            held_for: Some(Duration::from_secs(5)),
-            open_when_held: t.ok,
-            gateway: Some((
+            window_started_ms: Some(1000),
+            window_ended_ms: Some(6000),
+            open_at_window_end: t.subscribed,
+            gateway: Some([
                 Some(GatewaySample {
                     at_ms: 0,
                     rss_bytes: Some(10 << 20),
                     connections: Some(0),
                 }),
+                None,
                 Some(GatewaySample {
                     at_ms: 6000,
                     rss_bytes: Some((10 << 20) + 100 * 4096),
                     connections: Some(100),
                 }),
                 None,
-            )),
-            gateway_series: vec![],
+            ]),
             listen_overflows: Some(0),
             finished_ms: 7000,
+            ..RunResult::default()
         }
     }
 
@@ -569,7 +548,7 @@ mod tests {
     fn a_clean_run_meets_its_goal() {
         let p = plan(&[]);
         let t = tallies(100, 0);
-        let r = ConnectReport::build(&p, facts(&t));
+        let r = ConnectReport::build(&p, &facts(&t));
         assert!(r.head.goal_met, "{}", r.head.verdict);
         assert!(r.head.stopped_by.is_empty());
         assert_eq!(r.connect_rate.achieved_per_s, 200.0);
@@ -591,7 +570,7 @@ mod tests {
     fn failures_miss_the_goal_and_name_the_limit() {
         let p = plan(&[]);
         let t = tallies(90, 10);
-        let r = ConnectReport::build(&p, facts(&t));
+        let r = ConnectReport::build(&p, &facts(&t));
         assert!(!r.head.goal_met);
         assert_eq!(r.head.stopped_by[0].limit, "per_user_limit");
         assert_eq!(
@@ -603,11 +582,11 @@ mod tests {
         assert!(!text.contains("Listen queue"));
         let mut f = facts(&t);
         f.listen_overflows = Some(12);
-        let text = ConnectReport::build(&p, f).render_text();
+        let text = ConnectReport::build(&p, &f).render_text();
         assert!(text.contains("12 SYNs dropped"), "{text}");
         // Tolerated with --allow-failures 10.
         let p = plan(&["--allow-failures", "10"]);
-        assert!(ConnectReport::build(&p, facts(&t)).head.goal_met);
+        assert!(ConnectReport::build(&p, &facts(&t)).head.goal_met);
     }
 
     #[test]
@@ -616,17 +595,17 @@ mod tests {
         let t = tallies(100, 0);
         let mut f = facts(&t);
         f.interrupted = true;
-        assert!(!ConnectReport::build(&p, f).head.goal_met);
+        assert!(!ConnectReport::build(&p, &f).head.goal_met);
         let mut f = facts(&t);
         f.errors.push("worker 1 ended without results".into());
-        assert!(!ConnectReport::build(&p, f).head.goal_met);
+        assert!(!ConnectReport::build(&p, &f).head.goal_met);
     }
 
     #[test]
     fn json_and_html_render() {
         let p = plan(&[]);
         let t = tallies(100, 3);
-        let r = ConnectReport::build(&p, facts(&t));
+        let r = ConnectReport::build(&p, &facts(&t));
         let json: serde_json::Value = serde_json::to_value(&r).unwrap();
         assert_eq!(json["connections"]["ok"], 100);
         assert!(json["latency_ms"]["p99"].as_f64().unwrap() > 1.0);
@@ -652,8 +631,8 @@ mod tests {
         let t = Tallies::default();
         let mut f = facts(&t);
         f.gateway = None;
-        f.held_for = None;
-        let r = ConnectReport::build(&p, f);
+        f.window_started_ms = None;
+        let r = ConnectReport::build(&p, &f);
         assert!(!r.head.goal_met);
         assert!(r.latency_ms.is_none());
         assert!(r.render_text().contains("no connection succeeded"));

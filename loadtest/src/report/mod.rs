@@ -1,6 +1,7 @@
-//! Presenting results: number formatting and the key/value tables of the human summary,
-//! inline-SVG charts for the HTML report, writing the outputs, and one submodule per
-//! scenario's report.
+//! Presenting results: the one rendering model every scenario's report goes through
+//! ([`Report`]: a JSON document, a head, the key/value rows of the human summary and
+//! the inline-SVG charts of the HTML page), number formatting, writing the outputs,
+//! and one submodule per scenario's report.
 
 pub mod broadcast;
 pub mod chat;
@@ -95,17 +96,39 @@ impl Head {
             kv(out, "Error", e);
         }
     }
+}
 
-    /// The HTML page of the report with this head.
-    pub fn page(&self, target: &str, text: &str, charts: &[String]) -> String {
-        page(
-            self.scenario,
-            target,
-            self.goal_met,
-            &self.verdict,
-            text,
-            charts,
-            self.started_at_unix_ms,
+/// A scenario's report as the shared renderer sees it: serialised as is for `--json`,
+/// its summary rows on stdout, and for `--html` the same rows with its charts.
+pub trait Report: Serialize {
+    fn head(&self) -> &Head;
+    /// What the run drove (the page's heading).
+    fn target(&self) -> String;
+    /// The human summary: [`kv`] rows.
+    fn render_text(&self) -> String;
+    /// The HTML page's inline-SVG charts, in order.
+    fn charts(&self) -> Vec<String>;
+
+    /// The self-contained HTML page: heading, verdict, the summary, the charts.
+    fn render_html(&self) -> String {
+        let h = self.head();
+        let mut body = format!(
+            "<h1>loadtest {}: {}</h1><p class=\"verdict {}\">{}</p><pre>{}</pre>",
+            h.scenario,
+            escape(&self.target()),
+            if h.goal_met { "ok" } else { "bad" },
+            escape(&h.verdict),
+            escape(&self.render_text())
+        );
+        body.extend(self.charts());
+        format!(
+            "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
+             <title>loadtest {} report</title><style>{STYLE}</style></head>\
+             <body>{body}<p class=\"foot\">switchboard-loadtest {} · started at unix ms \
+             {} · raw data: run with --json</p></body></html>\n",
+            h.scenario,
+            escape(env!("CARGO_PKG_VERSION")),
+            h.started_at_unix_ms,
         )
     }
 }
@@ -347,60 +370,27 @@ pub fn rss_chart(title: &str, processes: &[(&str, &[GatewaySample])]) -> Option<
     )
 }
 
-/// The self-contained HTML page of a report: heading, verdict, the text summary, the
-/// charts.
-pub fn page(
-    scenario: &str,
-    target: &str,
-    goal_met: bool,
-    verdict: &str,
-    text: &str,
-    charts: &[String],
-    started_at_unix_ms: u64,
-) -> String {
-    let mut body = format!(
-        "<h1>loadtest {scenario}: {}</h1><p class=\"verdict {}\">{}</p><pre>{}</pre>",
-        escape(target),
-        if goal_met { "ok" } else { "bad" },
-        escape(verdict),
-        escape(text)
-    );
-    for c in charts {
-        body.push_str(c);
-    }
-    format!(
-        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">\
-         <title>loadtest {scenario} report</title><style>{STYLE}</style></head>\
-         <body>{body}<p class=\"foot\">switchboard-loadtest {} · started at unix ms \
-         {started_at_unix_ms} · raw data: run with --json</p></body></html>\n",
-        escape(env!("CARGO_PKG_VERSION")),
-    )
-}
-
 /// Where the parent writes its results.
 pub struct Outputs {
     pub json: Option<PathBuf>,
     pub html: Option<PathBuf>,
 }
 
-/// Prints the summary on stdout and writes the JSON and HTML outputs asked for.
-pub fn emit<R: Serialize>(
-    report: &R,
-    text: &str,
-    html: impl FnOnce() -> String,
-    outputs: &Outputs,
-) -> anyhow::Result<()> {
-    print!("{text}");
+/// Prints the summary on stdout and writes the JSON and HTML outputs asked for;
+/// whether the run met its goal.
+pub fn emit(report: &impl Report, outputs: &Outputs) -> anyhow::Result<bool> {
+    print!("{}", report.render_text());
     if let Some(path) = &outputs.json {
         let json = serde_json::to_vec_pretty(report).context("encoding the JSON report")?;
         std::fs::write(path, json).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
     if let Some(path) = &outputs.html {
-        std::fs::write(path, html()).with_context(|| format!("writing {}", path.display()))?;
+        let html = report.render_html();
+        std::fs::write(path, html).with_context(|| format!("writing {}", path.display()))?;
         eprintln!("wrote {}", path.display());
     }
-    Ok(())
+    Ok(report.head().goal_met)
 }
 
 /// Reasons as a right-aligned count column.

@@ -17,7 +17,8 @@ use super::chat::{
     ChatSection, ChatTimeline, Users, render_reasons, rss_series, setup_latency_text,
 };
 use super::{
-    Head, Latency, bytes, kv, latency_of, percentile_chart, rate_chart, rss_chart, thousands,
+    Head, Latency, Report, bytes, kv, latency_of, percentile_chart, rate_chart, rss_chart,
+    thousands,
 };
 use crate::client::Limit;
 use crate::probe::{CpuUse, GatewaySample};
@@ -332,9 +333,19 @@ impl SoakReport {
             },
         }
     }
+}
+
+impl Report for SoakReport {
+    fn head(&self) -> &Head {
+        &self.head
+    }
+
+    fn target(&self) -> String {
+        self.config.layout.urls.join(", ")
+    }
 
     /// The human summary.
-    pub fn render_text(&self) -> String {
+    fn render_text(&self) -> String {
         let mut out = String::new();
         self.head.render(&mut out, "nothing went wrong");
         kv(
@@ -419,8 +430,7 @@ impl SoakReport {
         out
     }
 
-    /// The self-contained HTML page.
-    pub fn render_html(&self) -> String {
+    fn charts(&self) -> Vec<String> {
         let tl = &self.timeline;
         let p = &tl.population;
         let mut charts = vec![percentile_chart(
@@ -443,11 +453,7 @@ impl SoakReport {
             "Resident memory",
             &rss_series(&p.gateway, &tl.workers),
         ));
-        self.head.page(
-            &self.config.layout.urls.join(", "),
-            &self.render_text(),
-            &charts,
-        )
+        charts
     }
 }
 
@@ -599,8 +605,6 @@ mod tests {
         RunResult {
             tallies: t,
             published: p,
-            interrupted: false,
-            errors: vec![],
             window_started_ms: Some(1_000),
             window_ended_ms: Some(101_000),
             drain_s: Some(0.1),
@@ -611,8 +615,8 @@ mod tests {
                 url: "http://127.0.0.1:9091/metrics".into(),
                 samples: worker,
             }],
-            cpu: None,
             finished_ms: 102_000,
+            ..RunResult::default()
         }
     }
 

@@ -1,8 +1,7 @@
 //! The scenarios and what they share (pacing, tickers, credentials, the process
-//! layout): `connect` on its own, `broadcast`, `chat` and `soak` on the population
-//! engine. Each returns what it measured; the caller builds the report from it.
+//! layout): every scenario runs on the population engine, which returns what it
+//! measured; the caller builds the scenario's report from it.
 
-pub mod connect;
 pub mod population;
 
 use std::future::Future;

@@ -1,22 +1,24 @@
-//! The population engine behind `broadcast`, `chat` and `soak`: a population of
-//! simulated clients, spread over worker processes and round-robin over the gateway
-//! URLs, each either a **subscriber** (connects, authenticates, subscribes to one of C
-//! channels, then checks every `message`: latency from the publish timestamp, offsets
-//! for gaps and duplicates) or a **chat user** (connects, authenticates, then chats, see
-//! [`crate::chat`]). The run goes through the same phases for every scenario:
+//! The population engine behind every scenario: a population of simulated clients,
+//! spread over worker processes and round-robin over the gateway URLs, each either a
+//! **subscriber** (connects, authenticates, subscribes to one of C channels, then checks
+//! every `message`: latency from the publish timestamp, offsets for gaps and
+//! duplicates), a **chat user** (connects, authenticates, then chats, see
+//! [`crate::chat`]) or an **idle** connection (`connect`: authenticates, then only
+//! answers pings). The run goes through the same phases for every scenario:
 //!
-//! 1. *connecting*: every worker sets up its share, then reports ready;
+//! 1. *connecting*: every worker sets up its share (at `connect`'s `--rate`), then
+//!    reports ready;
 //! 2. *the window*: the parent publishes at a rate (when the scenario publishes, see
-//!    [`crate::publish`]) and chat users chat, for `--duration` (or until every chat user
-//!    sent its `--messages`); with `--churn-rate`, workers close subscribers and connect
-//!    replacements all along;
+//!    [`crate::publish`]) and chat users chat, for `--duration` (`connect`: `--hold`, or
+//!    until every chat user sent its `--messages`); with `--churn-rate`, workers close
+//!    subscribers and connect replacements all along;
 //! 3. *draining*: the parent tells the workers the last acknowledged offset of each
 //!    channel; chat users finish the stream in flight; the drain ends when every
 //!    subscriber has caught up and no stream is in flight (or `--drain` passed);
 //! 4. *closing*: everything closes with 1000 and the workers report.
 //!
-//! The parent merges the workers' results; the scenario's report (`report::broadcast`,
-//! `report::chat`, `report::soak`) makes sense of them.
+//! The parent merges the workers' results; the scenario's report (`report::connect`,
+//! `report::broadcast`, `report::chat`, `report::soak`) makes sense of them.
 
 use std::ffi::OsString;
 use std::net::IpAddr;
@@ -113,6 +115,10 @@ pub struct Plan {
     pub churn_rate: f64,
     /// Chat users (connection indices after the subscribers).
     pub chat: Option<ChatPlan>,
+    /// Idle connections (`connect`; connection indices after the chat users).
+    pub idle: u64,
+    /// Connection setups started per second (`connect --rate`); 0: unpaced.
+    pub connect_rate: f64,
     /// `soak`: the thresholds that fail the run (`--fail-on`).
     pub fail_on: Vec<Threshold>,
     /// `soak`: the start of the window left out of memory trends.
@@ -133,7 +139,10 @@ struct Flags<'a> {
     common: &'a CommonArgs,
     subscribers: u64,
     chat_users: u64,
+    idle: u64,
+    connect_rate: f64,
     duration_secs: u64,
+    drain_secs: u64,
     publish: Option<&'a PublishFlags>,
     chat: Option<&'a ChatFlags>,
     churn_rate: f64,
@@ -147,7 +156,10 @@ impl<'a> Flags<'a> {
             common: scenario.common(),
             subscribers: 0,
             chat_users: 0,
+            idle: 0,
+            connect_rate: 0.0,
             duration_secs: crate::cli::DEFAULT_DURATION_SECS,
+            drain_secs: DEFAULT_DRAIN_SECS,
             publish: None,
             chat: None,
             churn_rate: 0.0,
@@ -155,10 +167,18 @@ impl<'a> Flags<'a> {
             warmup: None,
         };
         Ok(match scenario {
-            Scenario::Connect(_) => bail!("connect is not a population scenario"),
+            // The hold is the window; nothing is in flight to drain after it.
+            Scenario::Connect(a) => Flags {
+                idle: a.connections,
+                connect_rate: a.rate,
+                duration_secs: a.hold,
+                drain_secs: 0,
+                ..none
+            },
             Scenario::Broadcast(a) => Flags {
                 subscribers: a.subscribers,
                 duration_secs: a.duration,
+                drain_secs: a.publish.drain,
                 publish: Some(&a.publish),
                 ..none
             },
@@ -177,6 +197,7 @@ impl<'a> Flags<'a> {
                 subscribers: a.connections,
                 chat_users: a.chat_users,
                 duration_secs: a.duration,
+                drain_secs: a.publish.drain,
                 publish: Some(&a.publish),
                 chat: Some(&a.chat),
                 churn_rate: a.churn_rate,
@@ -189,8 +210,8 @@ impl<'a> Flags<'a> {
 }
 
 impl Plan {
-    /// The plan of `broadcast`, `chat` or `soak`: clap checked each flag's own range;
-    /// what is left are the rules between flags.
+    /// The plan of a scenario: clap checked each flag's own range; what is left are the
+    /// rules between flags.
     pub fn from_cli(cli: &Cli, fd_limit: u64) -> Result<Plan> {
         let f = Flags::of(&cli.scenario)?;
         let common = f.common;
@@ -199,10 +220,16 @@ impl Plan {
             .iter()
             .map(|u| Target::parse(u))
             .collect::<Result<Vec<_>>>()?;
+        let scenario = cli.scenario.name();
         if targets.is_empty() {
             bail!("give at least one --url");
         }
-        let scenario = cli.scenario.name();
+        if scenario == ScenarioName::Connect && targets.len() > 1 {
+            bail!(
+                "connect takes one --url (several gateways: put a load balancer in front, or \
+                 run one loadtest per gateway)"
+            );
+        }
         let subscribers = f.subscribers;
         let channels = f.publish.map_or(DEFAULT_CHANNELS, |p| p.channels);
         if subscribers > 0 && channels > subscribers {
@@ -261,7 +288,7 @@ impl Plan {
         };
         let chat_users = f.chat_users;
         let epoch_ms = common.epoch_ms.unwrap_or_else(unix_ms);
-        let connections = subscribers + chat_users;
+        let connections = subscribers + chat_users + f.idle;
         let publisher_tokens = match (rate > 0.0, via) {
             (true, PublishVia::Client) => u64::from(publishers),
             _ => 0,
@@ -301,9 +328,11 @@ impl Plan {
             publishers,
             concurrency: common.concurrency,
             timeout: Duration::from_secs(common.timeout),
-            drain: Duration::from_secs(f.publish.map_or(DEFAULT_DRAIN_SECS, |p| p.drain)),
+            drain: Duration::from_secs(f.drain_secs),
             churn_rate: f.churn_rate,
             chat,
+            idle: f.idle,
+            connect_rate: f.connect_rate,
             fail_on,
             warmup,
             tokens,
@@ -317,14 +346,25 @@ impl Plan {
         })
     }
 
-    /// Every connection: subscribers, then chat users.
+    /// Every connection: subscribers, then chat users, then idle connections.
     pub fn connections(&self) -> u64 {
-        self.subscribers + self.chat_users()
+        self.subscribers + self.chat_users() + self.idle
     }
 
     /// Chat users in the run.
     pub fn chat_users(&self) -> u64 {
         self.chat.as_ref().map_or(0, |c| c.settings.users)
+    }
+
+    /// What connection `i` does: subscribers first, then chat users, then idle ones.
+    fn kind_of(&self, i: u64) -> Kind {
+        if i < self.subscribers {
+            Kind::Subscriber
+        } else if i < self.subscribers + self.chat_users() {
+            Kind::Chat
+        } else {
+            Kind::Idle
+        }
     }
 
     /// Whether the parent publishes during the window.
@@ -404,11 +444,12 @@ impl Plan {
         w
     }
 
-    /// Worker `index`'s connection indices and handshake concurrency.
-    fn share(&self, index: u32, count: u32) -> (Range<u64>, u64) {
+    /// Worker `index`'s connection indices, connect rate and handshake concurrency.
+    fn share(&self, index: u32, count: u32) -> (Range<u64>, f64, u64) {
         let range = spawn::share(self.connections(), index, count);
+        let rate = spawn::split(self.connect_rate, count);
         let concurrency = self.concurrency.div_ceil(u64::from(count.max(1))).max(1);
-        (range, concurrency)
+        (range, rate, concurrency)
     }
 
     /// What the publisher needs.
@@ -646,7 +687,7 @@ impl Tallies {
                     None => self.per_subscriber.record(received),
                 }
             }
-            Outcome::ChatEnded { closed } => {
+            Outcome::Left { closed } => {
                 if let Some((at_ms, failure)) = closed {
                     self.closed_by_server(at_ms, &failure);
                 }
@@ -682,16 +723,24 @@ enum Outcome {
     },
     Aborted,
     Ended(Box<SubscriberEnd>),
-    /// A chat user's connection ended; when and why if the server ended it.
-    ChatEnded {
+    /// A chat user's or idle connection ended; when and why if the server ended it.
+    Left {
         closed: Option<(u64, Failure)>,
     },
 }
 
 impl Outcome {
     fn ends_setup(&self) -> bool {
-        !matches!(self, Outcome::Ended(_) | Outcome::ChatEnded { .. })
+        !matches!(self, Outcome::Ended(_) | Outcome::Left { .. })
     }
+}
+
+/// What a connection does once set up; by its index (see [`Plan::kind_of`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Subscriber,
+    Chat,
+    Idle,
 }
 
 /// Live counters shared by a worker's connection tasks.
@@ -827,7 +876,7 @@ pub async fn run_worker(
     in_process: bool,
     mut link: WorkerLink<Progress, Tallies>,
 ) -> Result<()> {
-    let (range, concurrency) = plan.share(index, count);
+    let (range, rate, concurrency) = plan.share(index, count);
     let (outcomes_tx, mut outcomes) = mpsc::channel(OUTCOME_QUEUE);
     let shared = Arc::new(Shared {
         clock: Clock::from_unix_ms(plan.epoch_ms),
@@ -852,7 +901,7 @@ pub async fn run_worker(
     let task_shared = Arc::clone(&shared);
     let mut dispatcher = tokio::spawn(dispatch(
         range.clone(),
-        0.0,
+        rate,
         concurrency,
         shared.stop_connecting.clone(),
         tracker.clone(),
@@ -1010,16 +1059,16 @@ async fn churn(shared: Arc<Shared>, tracker: TaskTracker, range: Range<u64>, cou
 }
 
 /// One connection: connect and authenticate (holding a concurrency permit); then a
-/// subscriber subscribes and receives, a chat user chats; both until told to stop.
+/// subscriber subscribes and receives, a chat user chats, an idle connection answers
+/// pings; all until told to stop.
 async fn connection(index: u64, shared: &Shared, permit: OwnedSemaphorePermit) {
     let c = &shared.counters;
     let plan = &shared.plan;
-    let chat_user = index >= plan.subscribers;
+    let kind = plan.kind_of(index);
     let source: Option<IpAddr> = plan.sources.for_connection(index);
     let channel = plan.channel_of(index);
     let channel_name = plan.channel_name(channel);
     let started_ms = shared.clock.now_ms();
-    let start = Instant::now();
     bump(&c.in_flight);
     let setup = async {
         let token = plan
@@ -1027,12 +1076,14 @@ async fn connection(index: u64, shared: &Shared, permit: OwnedSemaphorePermit) {
             .token_for(index)
             .map_err(|e| Failure::Token(format!("{e:#}")))?;
         let mut auth = client::connect(plan.target_of(index), source, &token, plan.timeout).await?;
-        let offset = if chat_user {
-            0
-        } else {
-            client::subscribe(&mut auth.ws, &channel_name, Instant::now() + plan.timeout).await?
-        };
-        Ok::<_, Failure>((auth.ws, offset))
+        let mut latency = auth.latency;
+        let mut offset = 0;
+        if kind == Kind::Subscriber {
+            let start = Instant::now();
+            offset = client::subscribe(&mut auth.ws, &channel_name, start + plan.timeout).await?;
+            latency += start.elapsed();
+        }
+        Ok::<_, Failure>((auth.ws, offset, latency))
     };
     let result = tokio::select! {
         r = setup => Some(r),
@@ -1049,7 +1100,7 @@ async fn connection(index: u64, shared: &Shared, permit: OwnedSemaphorePermit) {
         Some(Err(failure)) => {
             bump(&c.attempted);
             bump(&c.failed);
-            if chat_user {
+            if kind == Kind::Chat {
                 bump(&shared.chat_counters.finished_users);
             }
             Outcome::Failed {
@@ -1058,23 +1109,23 @@ async fn connection(index: u64, shared: &Shared, permit: OwnedSemaphorePermit) {
                 failure,
             }
         }
-        Some(Ok((ws, offset))) => {
+        Some(Ok((ws, offset, latency))) => {
             bump(&c.attempted);
             bump(&c.subscribed);
             bump(&c.open);
             let subscribed = Outcome::Subscribed {
                 started_ms,
                 at_ms,
-                latency: start.elapsed(),
+                latency,
             };
             if shared.outcomes.send(subscribed).await.is_err() {
                 drop_one(&c.open);
                 return;
             }
-            let end = if chat_user {
-                chatter(index, ws, shared).await
-            } else {
-                subscriber(index, ws, offset, shared).await
+            let end = match kind {
+                Kind::Subscriber => subscriber(index, ws, offset, shared).await,
+                Kind::Chat => chatter(index, ws, shared).await,
+                Kind::Idle => left(shared, client::hold(ws, &shared.stop_holding).await),
             };
             drop_one(&c.open);
             end
@@ -1087,7 +1138,7 @@ async fn connection(index: u64, shared: &Shared, permit: OwnedSemaphorePermit) {
 /// it ends, idle until told to stop, close.
 async fn chatter(index: u64, mut ws: client::Ws, shared: &Shared) -> Outcome {
     let Some(chat) = &shared.plan.chat else {
-        return Outcome::ChatEnded { closed: None };
+        return Outcome::Left { closed: None };
     };
     let user = chat::User {
         index,
@@ -1114,16 +1165,22 @@ async fn chatter(index: u64, mut ws: client::Ws, shared: &Shared) -> Outcome {
         Ok(()) => client::read_until(&mut ws, &shared.stop_holding).await,
         Err(f) => Err(f),
     };
+    if result.is_ok() {
+        // Closed with 1000 before the task ends, so that the worker (which waits for
+        // every task) never exits with a user half-closed.
+        client::close(ws).await;
+    }
+    left(shared, result)
+}
+
+/// How a chat user's or an idle connection's life ended: normally, or closed by the
+/// server.
+fn left(shared: &Shared, result: Result<(), Failure>) -> Outcome {
     match result {
-        Ok(()) => {
-            // Closed with 1000 before the task ends, so that the worker (which waits
-            // for every task) never exits with a user half-closed.
-            client::close(ws).await;
-            Outcome::ChatEnded { closed: None }
-        }
+        Ok(()) => Outcome::Left { closed: None },
         Err(f) => {
             bump(&shared.counters.closed);
-            Outcome::ChatEnded {
+            Outcome::Left {
                 closed: Some((shared.clock.now_ms(), f)),
             }
         }
@@ -1303,9 +1360,10 @@ impl Phase {
         match (self, scenario) {
             (Phase::Connecting, ScenarioName::Broadcast) => "subscribing",
             (Phase::Connecting, _) => "connecting",
+            (Phase::Window, ScenarioName::Connect) => "holding",
             (Phase::Window, ScenarioName::Broadcast) => "publishing",
             (Phase::Window, ScenarioName::Chat) => "chatting",
-            (Phase::Window, _) => "soaking",
+            (Phase::Window, ScenarioName::Soak) => "soaking",
             (Phase::Draining, _) => "draining",
             (Phase::Closing, _) => "closing",
         }
@@ -1386,6 +1444,7 @@ pub struct ProcessSeries {
 }
 
 /// Everything a run produced, for the scenario's report.
+#[derive(Default)]
 pub struct RunResult {
     pub tallies: Tallies,
     pub published: PublishTallies,
@@ -1405,12 +1464,37 @@ pub struct RunResult {
     pub gateway_series: Vec<GatewaySample>,
     pub worker_series: Vec<ProcessSeries>,
     pub cpu: Option<CpuUse>,
+    /// Open connections when the window ended (`connect`: the connections held).
+    pub open_at_window_end: u64,
+    /// Growth of the kernel's listen-queue overflow counter during the run.
+    pub listen_overflows: Option<u64>,
     pub finished_ms: u64,
 }
 
 impl Plan {
     /// The run in one line, for the start of the output.
     fn describe(&self) -> String {
+        let processes = format!(
+            "{} process{}",
+            self.processes,
+            if self.processes == 1 { "" } else { "es" }
+        );
+        if self.scenario == ScenarioName::Connect {
+            return format!(
+                "connect: {} connections to {} from {processes}, rate {}, concurrency {}, \
+                 hold {} s, sources {}",
+                self.idle,
+                self.urls[0],
+                if self.connect_rate > 0.0 {
+                    format!("{}/s", self.connect_rate)
+                } else {
+                    "unlimited".to_owned()
+                },
+                self.concurrency,
+                self.duration.as_secs(),
+                self.sources.describe(),
+            );
+        }
         let mut parts = Vec::new();
         if self.subscribers > 0 {
             parts.push(format!(
@@ -1450,7 +1534,7 @@ impl Plan {
             ));
         }
         format!(
-            "{}: {} via {} for {} s, from {} process{}",
+            "{}: {} via {} for {} s, from {processes}",
             match self.scenario {
                 ScenarioName::Broadcast => "broadcast",
                 ScenarioName::Chat => "chat",
@@ -1459,8 +1543,6 @@ impl Plan {
             parts.join("; "),
             self.urls.join(", "),
             self.duration.as_secs(),
-            self.processes,
-            if self.processes == 1 { "" } else { "es" },
         )
     }
 }
@@ -1500,6 +1582,7 @@ pub async fn execute(
             samples: Vec::new(),
         })
         .collect();
+    let overflows_before = probe::listen_overflows();
     let before = sample(&watch.gateway, &clock, &mut gateway_series).await;
 
     let worker_processes = plan.processes > 1;
@@ -1522,6 +1605,7 @@ pub async fn execute(
     let mut published: Option<PublishTallies> = None;
     let mut window_started_ms: Option<u64> = None;
     let mut window_ended_ms: Option<u64> = None;
+    let mut open_at_window_end = 0u64;
     let mut window_deadline = Instant::now();
     let mut drain_deadline = Instant::now();
     let mut drain_s: Option<f64> = None;
@@ -1545,6 +1629,7 @@ pub async fn execute(
             if phase == Phase::Window {
                 phase = Phase::Draining;
                 window_ended_ms = Some(clock.now_ms());
+                open_at_window_end = latest.iter().map(|p| p.open).sum();
                 drain_started = Some(Instant::now());
                 drain_deadline = Instant::now() + plan.drain;
                 let last = published.as_ref().map_or_else(
@@ -1688,8 +1773,10 @@ pub async fn execute(
                     elapsed: clock.elapsed(),
                     phase: phase.label(plan.scenario),
                     set_up: total.subscribed,
+                    setup_rate: per_s(total.subscribed, last.subscribed),
                     target: plan.connections(),
                     open: total.open,
+                    in_flight: total.in_flight,
                     failed: total.failed,
                     closed: total.closed,
                     churned: total.churned,
@@ -1710,6 +1797,7 @@ pub async fn execute(
                 last_sent = sent;
                 last = total;
                 line.show_text(&match plan.scenario {
+                    ScenarioName::Connect => progress::render_connect(&snapshot),
                     ScenarioName::Broadcast => progress::render_broadcast(&snapshot),
                     ScenarioName::Chat => progress::render_chat(&snapshot),
                     _ => progress::render_soak(&snapshot),
@@ -1778,6 +1866,11 @@ pub async fn execute(
         gateway_series,
         worker_series,
         cpu,
+        open_at_window_end,
+        listen_overflows: match (overflows_before, probe::listen_overflows()) {
+            (Some(b), Some(a)) => Some(a.saturating_sub(b)),
+            _ => None,
+        },
         finished_ms: clock.now_ms(),
     })
 }
@@ -1822,7 +1915,7 @@ fn test_cli(scenario: &str, extra: &[&str]) -> Cli {
     use clap::Parser;
     let mut args = vec!["loadtest", scenario];
     args.extend_from_slice(&["--secret", "0123456789abcdef0123456789abcdef"]);
-    if scenario != "chat" {
+    if scenario == "broadcast" || scenario == "soak" {
         args.extend_from_slice(&["--api-url", "http://127.0.0.1:8080"]);
         args.extend_from_slice(&["--api-key", "0123456789abcdef"]);
     }
@@ -1851,6 +1944,67 @@ mod tests {
         let mut args = vec!["loadtest", scenario, "--secret", SECRET];
         args.extend_from_slice(extra);
         Cli::try_parse_from(args).unwrap()
+    }
+
+    #[test]
+    fn connect_plans_hold_idle_connections() {
+        let plan = test_plan("connect", &["--connections", "50000"], &[]);
+        assert_eq!(
+            (plan.idle, plan.connections(), plan.processes),
+            (50_000, 50_000, 3)
+        );
+        assert_eq!(plan.kind_of(0), Kind::Idle);
+        assert!(plan.drain.is_zero() && !plan.publishes() && plan.chat.is_none());
+        assert!(
+            !plan.sources.addrs.is_empty(),
+            "50k connections need several sources"
+        );
+        assert!(plan.warnings().is_empty(), "{:?}", plan.warnings());
+        for bad in [
+            &["--url", "ws://8.8.8.8/ws"][..],
+            &["--connections", "0"],
+            &["--rate=-1"],
+            &["--rate", "NaN"],
+            &["--concurrency", "0"],
+            &["--timeout", "0"],
+            &["--allow-failures", "101"],
+            &["--connections", "2", "--processes", "3"],
+            &["--users", "0"],
+            &[
+                "--url",
+                "ws://127.0.0.1:1/ws",
+                "--url",
+                "ws://127.0.0.1:2/ws",
+            ],
+        ] {
+            assert!(try_plan("connect", bad).is_err(), "{bad:?}");
+        }
+        if std::env::var_os("SB_JWT_SECRET").is_none() {
+            let no_creds = Cli::try_parse_from(["loadtest", "connect"]).unwrap();
+            assert!(Plan::from_cli(&no_creds, 20_000).is_err());
+        }
+        // A forced layout that cannot work is warned about.
+        let plan = test_plan(
+            "connect",
+            &["--connections", "30000"],
+            &["--processes", "1"],
+        );
+        assert!(plan.warnings().iter().any(|w| w.contains("EMFILE")));
+        let plan = test_plan(
+            "connect",
+            &["--connections", "30000"],
+            &["--source-ips", "127.0.0.2"],
+        );
+        assert_eq!(
+            plan.warnings().iter().any(|w| w.contains("EADDRNOTAVAIL")),
+            plan.ports < 30_000
+        );
+        // Workers split the connections, the connect rate and the concurrency.
+        let flags = ["--connections", "10", "--rate", "100", "--concurrency", "5"];
+        let plan = test_plan("connect", &flags, &["--processes", "2"]);
+        let (r0, rate, conc) = plan.share(0, 2);
+        assert_eq!((r0, plan.share(1, 2).0), (0..5, 5..10));
+        assert_eq!((rate, conc), (50.0, 3));
     }
 
     #[test]
@@ -2114,7 +2268,7 @@ mod tests {
             untimed: 0,
             stray_frames: 0,
         })));
-        b.apply(Outcome::ChatEnded {
+        b.apply(Outcome::Left {
             closed: Some((
                 3_100,
                 Failure::Dropped {
