@@ -36,9 +36,8 @@ use std::sync::Arc;
 use shared::auth::Validator;
 use shared::bus::SharedBus;
 use shared::bus::nats::NatsBus;
-use shared::keys::Keys;
 use shared::scaffold::Scaffold;
-use shared::store::{RedisStore, SharedStore};
+use shared::store::SharedStore;
 use shared::subjects::Subjects;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -82,11 +81,7 @@ pub struct Backends {
 impl Backends {
     /// Connects to the NATS and Redis of the configuration (Redis lazily).
     pub async fn connect(config: &Config) -> Result<Backends, StartError> {
-        let store = RedisStore::open_tls(
-            shared::config::redis_target(&config.cluster.redis_url, config.cluster.redis_cluster),
-            config.cluster.security.redis_tls_ca.clone(),
-            Keys::new(&config.cluster.prefix),
-        )?;
+        let store = config.cluster.redis_store()?;
         let nats = shared::nats::connect(
             format!("gateway-{}", config.cluster.node_id),
             &config.cluster.nats_servers,

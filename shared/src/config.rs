@@ -369,6 +369,18 @@ pub struct Cluster {
     pub log_format: LogFormat,
 }
 
+impl Cluster {
+    /// The store on this cluster's Redis (one server or a Cluster, TLS as
+    /// configured, keys under the prefix); connects on first use.
+    pub fn redis_store(&self) -> Result<crate::store::RedisStore, redis::RedisError> {
+        crate::store::RedisStore::open_tls(
+            redis_target(&self.redis_url, self.redis_cluster),
+            self.security.redis_tls_ca.clone(),
+            crate::keys::Keys::new(&self.prefix),
+        )
+    }
+}
+
 /// Default NATS and Redis (a local install) and prefix.
 pub const DEFAULT_NATS_URL: &str = "nats://127.0.0.1:4222";
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379";

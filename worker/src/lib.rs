@@ -27,9 +27,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 
 use shared::bus::SharedBus;
 use shared::bus::nats::{Losses, NatsBus};
-use shared::keys::Keys;
 use shared::scaffold::Scaffold;
-use shared::store::{RedisStore, SharedStore};
+use shared::store::SharedStore;
 use shared::subjects::Subjects;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
@@ -66,11 +65,7 @@ impl Backends {
     /// Connects to the NATS and Redis of the configuration (Redis lazily). The bus
     /// counts the connection's losses, which replies need (see `link`).
     pub async fn connect(config: &Config) -> Result<Backends, StartError> {
-        let store = RedisStore::open_tls(
-            shared::config::redis_target(&config.cluster.redis_url, config.cluster.redis_cluster),
-            config.cluster.security.redis_tls_ca.clone(),
-            Keys::new(&config.cluster.prefix),
-        )?;
+        let store = config.cluster.redis_store()?;
         let losses = Losses::default();
         let on_event = losses.clone();
         let nats = shared::nats::connect(
