@@ -116,7 +116,7 @@ async fn dispatch(
 /// [`crate::limits::API_KEY_FAILURE_BURST`] failures gets 429 whatever key it sends,
 /// so the right key in a list of guesses is not told apart from the wrong ones.
 fn authorize<B>(node: &Node, req: &Request<B>, ip: IpAddr, now: Instant) -> Result<(), ApiError> {
-    if let Err(wait) = node.api_key_failures.check(ip, now) {
+    if let Err(wait) = node.limits.api_key_failures.check(ip, now) {
         metrics::counter!(shared::metrics::RATE_LIMITED, "scope" => "api_key").increment(1);
         return Err(ApiError::TooManyKeyFailures(wait));
     }
@@ -129,7 +129,7 @@ fn authorize<B>(node: &Node, req: &Request<B>, ip: IpAddr, now: Instant) -> Resu
         Ok(())
     } else {
         metrics::counter!(shared::metrics::API_KEY_FAILURES).increment(1);
-        node.api_key_failures.failed(ip, now);
+        node.limits.api_key_failures.failed(ip, now);
         tracing::debug!(%ip, "api request with a missing or wrong key");
         Err(ApiError::Unauthorized)
     }
@@ -198,14 +198,14 @@ pub async fn publish_rpc_loop(node: &Node) {
     let subject = node.subjects.publish_rpc();
     let queue = Some(shared::subjects::GATEWAY_QUEUE_GROUP);
     let Some(mut sub) =
-        crate::control::subscribe_until_stopped(&*node.bus, subject, queue, &node.stop).await
+        crate::control::subscribe_until_stopped(&*node.bus, subject, queue, &node.life.stop).await
     else {
         return;
     };
     loop {
         let msg = tokio::select! {
             biased;
-            _ = node.stop.cancelled() => break,
+            _ = node.life.stop.cancelled() => break,
             m = sub.next() => match m { Some(m) => m, None => break },
         };
         let reply = publish_body(node, &msg.payload).await;

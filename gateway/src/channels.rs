@@ -817,7 +817,7 @@ pub async fn presence_loop(node: &Node) {
     loop {
         tokio::select! {
             biased;
-            _ = node.stop.cancelled() => break,
+            _ = node.life.stop.cancelled() => break,
             _ = tick.tick() => {}
         }
         let entries: Vec<_> = node

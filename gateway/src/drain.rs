@@ -17,7 +17,7 @@ pub const FINISH_GRACE: Duration = Duration::from_secs(5);
 
 /// Marks the node draining (readiness 503 from now on).
 pub fn begin(node: &Node) {
-    node.draining.store(true, Ordering::Release);
+    node.life.draining.store(true, Ordering::Release);
     metrics::gauge!(shared::metrics::DRAINING).set(1.0);
 }
 

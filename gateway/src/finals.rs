@@ -62,12 +62,12 @@ pub async fn follow_loop(node: &Node) {
                 .saturating_mul(1 << failures.min(5))
                 .min(FOLLOW_RETRY_MAX);
             tokio::select! {
-                _ = node.stop.cancelled() => return,
+                _ = node.life.stop.cancelled() => return,
                 _ = tokio::time::sleep(backoff) => {}
             }
         }
         let r = tokio::select! {
-            _ = node.stop.cancelled() => return,
+            _ = node.life.stop.cancelled() => return,
             r = follow(node, &mut after, &mut failures, &mut waiting) => r,
         };
         // Between consumers nothing is read: what waited goes now rather than later.
@@ -108,7 +108,7 @@ async fn follow(
     loop {
         let due = waiting.front().map(|w| w.0);
         let msg = tokio::select! {
-            _ = node.stop.cancelled() => return Ok(()),
+            _ = node.life.stop.cancelled() => return Ok(()),
             _ = tokio::time::sleep_until(due.unwrap_or_else(tokio::time::Instant::now)), if due.is_some() => {
                 if let Some((_, user, request, payload)) = waiting.pop_front() {
                     node.hub.deliver_stored_final(&user, &request, payload);

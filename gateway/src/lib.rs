@@ -16,6 +16,7 @@ pub mod error;
 pub mod finals;
 pub mod headers;
 pub mod hub;
+pub mod lifecycle;
 pub mod limits;
 pub mod membership;
 pub mod mux;
@@ -175,33 +176,40 @@ pub async fn run_on(
     node.revocations.sync(&*node.store).await;
     node.spawn_background();
     let n = node.clone();
-    node.background
+    node.life
+        .background
         .spawn(async move { membership::heartbeat_loop(&n).await });
     let n = node.clone();
-    node.background
+    node.life
+        .background
         .spawn(async move { membership::refresh_loop(&n).await });
     let n = node.clone();
-    node.background.spawn(async move {
-        n.revocations.sync_loop(&*n.store, &n.stop).await;
+    node.life.background.spawn(async move {
+        n.revocations.sync_loop(&*n.store, &n.life.stop).await;
     });
     let n = node.clone();
-    node.background.spawn(async move {
+    node.life.background.spawn(async move {
         let subject = n.subjects.revocations();
-        n.revocations.notice_loop(&*n.bus, subject, &n.stop).await;
+        n.revocations
+            .notice_loop(&*n.bus, subject, &n.life.stop)
+            .await;
     });
     // The loops that reach into other modules start here, at the top, so that the
     // node's module depends on none of the modules that depend on it.
     let n = node.clone();
-    node.background
+    node.life
+        .background
         .spawn(async move { channels::presence_loop(&n).await });
     let n = node.clone();
-    node.background
+    node.life
+        .background
         .spawn(async move { api::publish_rpc_loop(&n).await });
     let n = node.clone();
-    node.background
+    node.life
+        .background
         .spawn(async move { finals::follow_loop(&n).await });
-    node.background.spawn(revalidate::run(node.clone()));
-    node.background.spawn(revalidate::wheel(node.clone()));
+    node.life.background.spawn(revalidate::run(node.clone()));
+    node.life.background.spawn(revalidate::wheel(node.clone()));
     let health = node.clone();
     scaffold.watch_health(node.store.clone(), move || health.nats_connected());
     scaffold.serve_admin(
@@ -214,8 +222,8 @@ pub async fn run_on(
     drain::begin(&node);
     let _ = accept.await;
     drain::run(node.clone(), drain_window).await;
-    node.tasks.close();
-    if tokio::time::timeout(drain::FINISH_GRACE, node.tasks.wait())
+    node.life.tasks.close();
+    if tokio::time::timeout(drain::FINISH_GRACE, node.life.tasks.wait())
         .await
         .is_err()
     {
@@ -237,7 +245,7 @@ impl shared::admin::Health for Node {
             "ready": self.is_ready(),
             "draining": self.is_draining(),
             "nats": self.nats_connected(),
-            "redis": self.redis_up.load(std::sync::atomic::Ordering::Acquire),
+            "redis": self.life.redis_up(),
             "node": self.config.cluster.node_id,
         })
     }

@@ -257,6 +257,29 @@ impl FailureLimiter {
     }
 }
 
+/// The node's per-address limiters.
+pub struct NodeLimits {
+    /// New connections per client address.
+    pub connect: ConnectLimiter,
+    /// Failed API-key attempts per client address (`api::authorize`).
+    pub api_key_failures: FailureLimiter,
+}
+
+impl NodeLimits {
+    pub fn new(connect_rate: u32, connect_burst: u32) -> NodeLimits {
+        NodeLimits {
+            connect: ConnectLimiter::new(connect_rate, connect_burst),
+            api_key_failures: FailureLimiter::api_key(),
+        }
+    }
+
+    /// Forgets idle addresses.
+    pub fn sweep(&self, now: Instant) {
+        self.connect.sweep(now);
+        self.api_key_failures.sweep(now);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -14,7 +14,7 @@ fn record(node: &Node) -> NodeRecord {
     NodeRecord {
         node: node.config.cluster.node_id.clone(),
         connections: node.hub.len() as u64,
-        started_at: node.started_at,
+        started_at: node.life.started_at,
         heartbeat_at: now_ms(),
         version: env!("CARGO_PKG_VERSION").to_owned(),
     }
@@ -28,7 +28,7 @@ pub async fn heartbeat_loop(node: &Node) {
     loop {
         tokio::select! {
             biased;
-            _ = node.stop.cancelled() => break,
+            _ = node.life.stop.cancelled() => break,
             _ = tick.tick() => {}
         }
         if let Err(e) = node.store.node_heartbeat(&record(node), ttl).await {
@@ -54,7 +54,7 @@ pub async fn refresh_loop(node: &Node) {
     loop {
         tokio::select! {
             biased;
-            _ = node.stop.cancelled() => break,
+            _ = node.life.stop.cancelled() => break,
             _ = tick.tick() => {}
         }
         let conns = node.hub.snapshot();

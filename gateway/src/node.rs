@@ -5,22 +5,21 @@
 //! `membership`'s, the dependency health loop is the scaffold's.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use shared::auth::Validator;
 use shared::bus::{Log, SharedBus};
 use shared::scaffold::Scaffold;
-use shared::store::{SharedStore, now_ms};
+use shared::store::SharedStore;
 use shared::subjects::Subjects;
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::Config;
 use crate::contexts::Contexts;
 use crate::control;
 use crate::hub::Hub;
-use crate::limits::{ConnectLimiter, FailureLimiter};
+use crate::lifecycle::Lifecycle;
+use crate::limits::NodeLimits;
 use crate::sockets::Sockets;
 
 /// How often idle per-address limiter entries are swept.
@@ -34,9 +33,8 @@ pub struct Node {
     pub bus: SharedBus,
     pub subjects: Subjects,
     pub hub: Arc<Hub>,
-    pub connect_limiter: ConnectLimiter,
-    /// Failed API-key attempts per client address (`api::authorize`).
-    pub api_key_failures: FailureLimiter,
+    /// Per-address connect and failed-API-key limiters.
+    pub limits: NodeLimits,
     /// Users' teams and tasks (asked of workers, cached, coalesced) and the queue of
     /// users to fetch again.
     pub contexts: Contexts,
@@ -44,19 +42,8 @@ pub struct Node {
     pub revocations: crate::revocations::Revocations,
     /// Every upgraded socket and the per-node cap.
     pub sockets: Arc<Sockets>,
-    pub draining: AtomicBool,
-    /// The scaffold's Redis health, for readiness.
-    pub redis_up: Arc<AtomicBool>,
-    pub started_at: u64,
-    /// Cancelled on SIGTERM: starts the drain (accepting stops, readiness fails).
-    pub shutdown: CancellationToken,
-    /// The scaffold's: cancelled after the drain, ends background loops and
-    /// subscriptions.
-    pub stop: CancellationToken,
-    /// HTTP and WebSocket connection tasks, awaited during the drain.
-    pub tasks: TaskTracker,
-    /// The scaffold's background tracker: loops and subscription tasks, awaited last.
-    pub background: TaskTracker,
+    /// Shutdown, stop, task trackers and the readiness state.
+    pub life: Lifecycle,
 }
 
 /// Channels whose last publication is read at once after a resubscription.
@@ -73,14 +60,13 @@ impl Node {
         scaffold: &Scaffold,
     ) -> Arc<Node> {
         let subjects = Subjects::new(&config.cluster.prefix);
-        let stop = scaffold.stop.clone();
-        let background = scaffold.background.clone();
+        let life = Lifecycle::new(shutdown, scaffold);
         let hub = Hub::new(
             bus.clone(),
             wire,
             subjects.clone(),
-            background.clone(),
-            stop.clone(),
+            life.background.clone(),
+            life.stop.clone(),
         );
         let contexts = Contexts::new(
             bus.clone(),
@@ -92,11 +78,7 @@ impl Node {
         Arc::new(Node {
             contexts,
             sockets: Sockets::new(config.max_connections),
-            connect_limiter: ConnectLimiter::new(
-                config.connect_rate_per_ip,
-                config.connect_burst_per_ip,
-            ),
-            api_key_failures: FailureLimiter::api_key(),
+            limits: NodeLimits::new(config.connect_rate_per_ip, config.connect_burst_per_ip),
             config,
             validator,
             store,
@@ -104,18 +86,12 @@ impl Node {
             bus,
             subjects,
             hub,
-            draining: AtomicBool::new(false),
-            redis_up: scaffold.redis_up.clone(),
-            started_at: now_ms(),
-            shutdown,
-            stop,
-            tasks: TaskTracker::new(),
-            background,
+            life,
         })
     }
 
     pub fn is_draining(&self) -> bool {
-        self.draining.load(Ordering::Acquire)
+        self.life.is_draining()
     }
 
     pub fn nats_connected(&self) -> bool {
@@ -124,7 +100,7 @@ impl Node {
 
     /// Ready to take connections: not draining, NATS connected, Redis answering.
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.nats_connected() && self.redis_up.load(Ordering::Acquire)
+        !self.is_draining() && self.nats_connected() && self.life.redis_up()
     }
 
     /// Creates or updates the chat stream at start-up, retrying while NATS or
@@ -136,7 +112,7 @@ impl Node {
                 Err(e) => tracing::warn!(error = %e, "chat stream not ready yet"),
             }
             tokio::select! {
-                _ = self.stop.cancelled() => return,
+                _ = self.life.stop.cancelled() => return,
                 _ = tokio::time::sleep(self.config.heartbeat) => {}
             }
         }
@@ -145,19 +121,24 @@ impl Node {
     /// Starts the node's background loops; each ends when `shutdown` is cancelled.
     pub fn spawn_background(self: &Arc<Self>) {
         let node = self.clone();
-        self.background
+        self.life
+            .background
             .spawn(async move { node.sweep_loop().await });
         let node = self.clone();
-        self.background
+        self.life
+            .background
             .spawn(async move { node.control_loop().await });
         let node = self.clone();
-        self.background
+        self.life
+            .background
             .spawn(async move { node.chat_stream_loop().await });
         let node = self.clone();
-        self.background
+        self.life
+            .background
             .spawn(async move { node.catch_up_loop().await });
         let node = self.clone();
-        self.background
+        self.life
+            .background
             .spawn(async move { node.refresh_context_loop().await });
     }
 
@@ -171,7 +152,7 @@ impl Node {
         loop {
             tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => break,
+                _ = self.life.stop.cancelled() => break,
                 _ = self.hub.resubscribed.notified() => {}
             }
             // The server has the subscriptions once it answered a PING sent after
@@ -197,7 +178,7 @@ impl Node {
                 .buffer_unordered(CATCH_UP_CONCURRENCY);
             while let Some((ch, top)) = tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => None,
+                _ = self.life.stop.cancelled() => None,
                 t = tops.next() => t,
             } {
                 match top {
@@ -231,11 +212,10 @@ impl Node {
         loop {
             tokio::select! {
                 biased;
-                _ = self.stop.cancelled() => break,
+                _ = self.life.stop.cancelled() => break,
                 _ = tick.tick() => {}
             }
-            self.connect_limiter.sweep(Instant::now());
-            self.api_key_failures.sweep(Instant::now());
+            self.limits.sweep(Instant::now());
         }
     }
 
@@ -246,7 +226,7 @@ impl Node {
             &*self.bus,
             self.subjects.ctl_disconnect(),
             "disconnect command",
-            &self.stop,
+            &self.life.stop,
             |cmd: shared::protocol::DisconnectCommand| {
                 let n = self.hub.disconnect(&cmd);
                 tracing::info!(closed = n, code = cmd.code, "disconnect command");
@@ -262,7 +242,7 @@ impl Node {
             &*self.bus,
             self.subjects.ctl_refresh_context(),
             "refresh-context command",
-            &self.stop,
+            &self.life.stop,
             |cmd: shared::protocol::RefreshContextCommand| {
                 if self.hub.token_of(&cmd.user_id).is_some() {
                     self.contexts.refresher.push(cmd.user_id.into());

@@ -34,7 +34,7 @@ pub async fn run(node: Arc<Node>) {
         }
         tokio::select! {
             biased;
-            _ = node.stop.cancelled() => break,
+            _ = node.life.stop.cancelled() => break,
             Some(_) = tasks.join_next(), if !tasks.is_empty() => {}
             _ = node.contexts.refresher.ready.notified(), if tasks.len() < MAX_CONCURRENT_FETCHES => {}
         }
@@ -74,7 +74,7 @@ pub async fn wheel(node: Arc<Node>) {
     loop {
         tokio::select! {
             biased;
-            _ = node.stop.cancelled() => break,
+            _ = node.life.stop.cancelled() => break,
             _ = tick.tick() => {}
         }
         for user in node.hub.users_in_slot(slot, slots) {

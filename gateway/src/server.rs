@@ -39,7 +39,7 @@ pub async fn accept_loop(node: Arc<Node>, listener: TcpListener) {
     loop {
         let (stream, peer) = tokio::select! {
             biased;
-            _ = node.shutdown.cancelled() => break,
+            _ = node.life.shutdown.cancelled() => break,
             r = listener.accept() => match r {
                 Ok(x) => x,
                 Err(e) => {
@@ -50,7 +50,8 @@ pub async fn accept_loop(node: Arc<Node>, listener: TcpListener) {
             },
         };
         let node2 = node.clone();
-        node.tasks
+        node.life
+            .tasks
             .spawn(async move { serve_tcp(node2, stream, peer).await });
     }
     // Dropping the listener here refuses new connections while the drain runs.
@@ -95,7 +96,7 @@ async fn serve_tcp(node: Arc<Node>, mut stream: TcpStream, socket_peer: SocketAd
                 tracing::debug!(error = %e, "http connection error");
             }
         }
-        _ = node.shutdown.cancelled() => {
+        _ = node.life.shutdown.cancelled() => {
             conn.as_mut().graceful_shutdown();
             let _ = tokio::time::timeout(HEADER_READ_TIMEOUT, conn).await;
         }
@@ -140,7 +141,7 @@ fn ws_upgrade(
         }
     }
     let ip = proxy::client_ip(peer.ip(), req.headers(), &node.config.trusted_proxies);
-    let mut refusal = match node.connect_limiter.check(ip, Instant::now()) {
+    let mut refusal = match node.limits.connect.check(ip, Instant::now()) {
         ConnectVerdict::Allow => None,
         ConnectVerdict::Limited(wait) => {
             metrics::counter!(shared::metrics::RATE_LIMITED, "scope" => "connect").increment(1);
@@ -179,7 +180,8 @@ fn ws_upgrade(
         refusal,
     });
     let node2 = node.clone();
-    node.tasks
+    node.life
+        .tasks
         .spawn(async move { session::serve(node2, fut, up).await });
 
     let (mut parts, _) = resp.into_parts();
