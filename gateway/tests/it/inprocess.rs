@@ -169,6 +169,16 @@ async fn chat_worker(bus: SharedBus) {
     });
 }
 
+/// Waits out the stored final's grace (`finals`), then checks that nothing but the
+/// answer to a ping arrives on each connection.
+async fn no_second_final(connections: [&mut Ws; 2]) {
+    tokio::time::sleep(gateway::finals::STORED_FINAL_GRACE + Duration::from_millis(300)).await;
+    for ws in connections {
+        send_json(ws, json!({"type": "ping"})).await;
+        assert_eq!(next_json(ws).await["type"], "pong", "exactly one final");
+    }
+}
+
 #[tokio::test]
 async fn publications_reach_every_node_in_order() {
     let c = Cluster::start(3, |_| {}).await;
@@ -427,11 +437,7 @@ async fn a_chat_reply_reaches_every_connection_of_the_user_once() {
     }
     // The stored copy of the final (read from the events log a second later) is not
     // delivered again.
-    tokio::time::sleep(gateway::finals::STORED_FINAL_GRACE + Duration::from_millis(300)).await;
-    for ws in [&mut here, &mut there] {
-        send_json(ws, json!({"type": "ping"})).await;
-        assert_eq!(next_json(ws).await["type"], "pong", "exactly one final");
-    }
+    no_second_final([&mut here, &mut there]).await;
 }
 
 #[tokio::test]
@@ -698,12 +704,9 @@ async fn a_real_worker_answers_chat_across_nodes_in_process() {
             ("Hello, world!", Some("Hello, world!"))
         );
     }
-    // The stored copy of the final is not delivered again.
-    tokio::time::sleep(gateway::finals::STORED_FINAL_GRACE + Duration::from_millis(300)).await;
-    for ws in [&mut here, &mut there] {
-        send_json(ws, json!({"type": "ping"})).await;
-        assert_eq!(next_json(ws).await["type"], "pong", "exactly one final");
-    }
+    // The stored copy of the final (read from the events log a second later) is not
+    // delivered again.
+    no_second_final([&mut here, &mut there]).await;
     send_json(
         &mut there,
         json!({"type": "history", "session_id": session, "id": "h"}),

@@ -231,7 +231,7 @@ impl Bus for NatsBus {
     async fn flush(&self, timeout: Duration) -> Result<(), BusError> {
         // A request to a subject nobody serves is answered "no responders" only after
         // the server read everything this connection sent before it.
-        let subject = format!("_INBOX.sb-barrier.{:016x}", rand_u64());
+        let subject = self.client.new_inbox();
         match self.request(subject, Bytes::new(), timeout).await {
             Ok(_) | Err(BusError::NoResponders) => Ok(()),
             Err(e) => Err(e),
@@ -424,11 +424,6 @@ impl Acker for NatsAcker {
         })
         .await
     }
-}
-
-fn rand_u64() -> u64 {
-    use std::hash::{BuildHasher, RandomState};
-    RandomState::new().hash_one(std::time::Instant::now())
 }
 
 #[cfg(test)]
