@@ -58,6 +58,10 @@ pub const REDIS_NODE_TIMEOUT_MS: u64 = 2000;
 pub const REDIS_FORM_LIMIT: Duration = Duration::from_secs(60);
 /// One Redis command of the harness (readiness, slot map, stream tops) over loopback.
 pub const REDIS_CMD_TIMEOUT: Duration = Duration::from_secs(2);
+/// A component stopped with SIGTERM gets this long before SIGKILL.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Prometheus scrapes this often: short so the dashboard moves during a demo.
+const SCRAPE_SECS: u64 = 5;
 
 /// How the cluster runs Redis.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -88,7 +92,7 @@ impl Bins {
         let p = self.dir.join(name);
         if !p.is_file() {
             bail!(
-                "{} not found: build it first (scripts/faults runs `cargo build --release -p switchboard-gateway -p switchboard-worker -p switchboard-loadtest`)",
+                "{} not found: build it first (`cargo build --release -p switchboard-gateway -p switchboard-worker -p switchboard-loadtest -p switchboard-demo-backend`)",
                 p.display()
             );
         }
@@ -112,18 +116,208 @@ pub fn system_binary(name: &str) -> Result<PathBuf> {
     bail!("{name} not found: install it (`apt-get install {name}`; scripts/faults does this)")
 }
 
-/// Settings that differ between sizes (see `plan.rs` for the values and reasons).
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct Settings {
-    pub drain_secs: u64,
-    pub ack_wait_secs: u64,
-    pub breaker_cooldown_ms: u64,
-    pub llm_first_token_ms: u64,
-    pub llm_tokens_per_sec: f64,
-    pub llm_reply_tokens: usize,
+/// Where every port of the cluster comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ports {
+    /// Free ports picked at start: the fault suite and the benchmarks.
+    Free,
+    /// Fixed ports from `base` on (the README's local cluster, whose URLs people
+    /// keep): see [`Port::offset`].
+    Fixed { base: u16 },
+}
+
+/// One port of the cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Port {
+    Lb,
+    Public(usize),
+    Llm,
+    Backend,
+    Tap,
+    LbStats,
+    Prometheus,
+    GatewayAdmin(usize),
+    WorkerAdmin(usize),
+    NatsClient(usize),
+    NatsRoute(usize),
+    NatsMonitor(usize),
+    Redis(usize),
+}
+
+/// A fixed layout gives each kind of port a block of this many.
+pub const FIXED_BLOCK: usize = 10;
+/// A Redis Cluster node also listens on its port plus this (the cluster bus).
+const REDIS_BUS_OFFSET: u16 = 10_000;
+
+impl Port {
+    /// Offset from the base of a fixed layout: the load balancer at the base and the
+    /// gateways right after it, then a block of [`FIXED_BLOCK`] per kind.
+    pub fn offset(self) -> u16 {
+        let (block, i) = match self {
+            Port::Lb => (0, 0),
+            Port::Public(i) => (0, i + 1),
+            Port::Llm => (1, 0),
+            Port::Backend => (1, 1),
+            Port::Tap => (1, 2),
+            Port::LbStats => (1, 3),
+            Port::Prometheus => (1, 4),
+            Port::GatewayAdmin(i) => (2, i),
+            Port::WorkerAdmin(i) => (3, i),
+            Port::NatsClient(i) => (4, i),
+            Port::NatsRoute(i) => (5, i),
+            Port::NatsMonitor(i) => (6, i),
+            Port::Redis(i) => (7, i),
+        };
+        (block * FIXED_BLOCK + i) as u16
+    }
+}
+
+impl Ports {
+    /// The port for `p`: a free one, or the fixed one when nothing else holds it.
+    fn take(self, p: Port) -> Result<u16> {
+        let Ports::Fixed { base } = self else {
+            return Ok(testkit::free_port());
+        };
+        let port = base
+            .checked_add(p.offset())
+            .with_context(|| format!("port base {base} leaves no room for {p:?}"))?;
+        let mut needed = vec![port];
+        if matches!(p, Port::Redis(_)) {
+            needed.push(port + REDIS_BUS_OFFSET);
+        }
+        for port in needed {
+            if std::net::TcpListener::bind(("127.0.0.1", port)).is_err() {
+                bail!(
+                    "port {port} (for {p:?}) is taken by a process this cluster did not start: \
+                     stop it, or give this cluster another port base"
+                );
+            }
+        }
+        Ok(port)
+    }
+}
+
+/// The LLM the workers call.
+#[derive(Debug, Clone)]
+pub enum Llm {
+    /// The STUB mock-llm with these flags, behind the LLM tap when `tap`.
+    Stub { args: Vec<String>, tap: bool },
+    /// llama.cpp's llama-server serving a model file.
+    Real { server: PathBuf, model: PathBuf },
+    /// Not started here: the workers find it through `SB_LLM_*` in `worker_env`.
+    External,
+}
+
+/// The real model's settings: replies end within a few seconds (about 80 tokens/s
+/// on 2 cores) and prompt plus reply fit the context (history cut to the budget).
+const REAL_LLM_CONTEXT: u32 = 4096;
+const REAL_LLM_MAX_TOKENS: u32 = 200;
+const REAL_LLM_TOKEN_BUDGET: u32 = 2048;
+/// The model name workers ask for: llama-server answers to this alias.
+pub const REAL_LLM_ALIAS: &str = "smollm2";
+/// The model loads in about a second; a cold page cache on a slow disk takes longer.
+const LLM_READY_LIMIT: Duration = Duration::from_secs(120);
+
+/// The team backend the workers call.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    /// The STUB mock-backend (teams and tasks).
+    Mock,
+    /// demo-backend: demo logins, teams and tasks, and the demo page from `static_dir`.
+    Demo { static_dir: PathBuf },
+}
+
+/// What a cluster is made of and how its nodes are set up.
+#[derive(Debug, Clone)]
+pub struct Shape {
+    pub gateways: usize,
+    pub workers: usize,
     /// 1: one NATS server. [`NATS_CLUSTER_NODES`]: a routed JetStream cluster, and
     /// gateways and workers given every node's URL and `SB_JETSTREAM_REPLICAS`.
     pub nats_nodes: usize,
+    pub redis: RedisMode,
+    pub ports: Ports,
+    pub llm: Llm,
+    pub backend: Backend,
+    /// Prometheus scraping every node, with these alert rules; `None`: no Prometheus.
+    pub prometheus_rules: Option<PathBuf>,
+    /// Settings on top of the launcher's (later ones win), per role.
+    pub gateway_env: Vec<(String, String)>,
+    pub worker_env: Vec<(String, String)>,
+    /// Children in process groups of their own, so a terminal's Ctrl-C reaches only
+    /// the supervisor, which stops them in order.
+    pub own_process_groups: bool,
+    /// The HS256 secret gateways verify tokens with, and the ops API key.
+    pub secret: String,
+    pub api_key: String,
+}
+
+impl Shape {
+    /// The fault suite's shape: free ports, [`GATEWAYS`] gateways, [`WORKERS`]
+    /// workers, the stubs, the tap, no Prometheus, a fresh secret and key.
+    pub fn new(nats_nodes: usize, redis: RedisMode, llm_args: Vec<String>) -> Shape {
+        Shape {
+            gateways: GATEWAYS,
+            workers: WORKERS,
+            nats_nodes,
+            redis,
+            ports: Ports::Free,
+            llm: Llm::Stub {
+                args: llm_args,
+                tap: true,
+            },
+            backend: Backend::Mock,
+            prometheus_rules: None,
+            gateway_env: Vec::new(),
+            worker_env: Vec::new(),
+            own_process_groups: false,
+            secret: secret_hex(32),
+            api_key: secret_hex(16),
+        }
+    }
+
+    /// Names of the NATS nodes, Redis nodes, and every component, in start order.
+    pub fn components(&self) -> Vec<String> {
+        let mut out = nats_names(self.nats_nodes);
+        out.extend(redis_names(self.redis));
+        if !matches!(self.llm, Llm::External) {
+            out.push("llm".to_owned());
+        }
+        out.push("backend".to_owned());
+        out.extend((0..self.gateways).map(gateway_name));
+        out.extend((0..self.workers).map(worker_name));
+        out.push("haproxy".to_owned());
+        if self.prometheus_rules.is_some() {
+            out.push("prometheus".to_owned());
+        }
+        out
+    }
+}
+
+/// `gw1`, `gw2`, ...: node ids, log names and HAProxy server names.
+pub fn gateway_name(i: usize) -> String {
+    format!("gw{}", i + 1)
+}
+
+pub fn worker_name(i: usize) -> String {
+    format!("worker{}", i + 1)
+}
+
+/// `nats` alone, `nats1`.. in a cluster (also each node's JetStream `server_name`).
+pub fn nats_names(nodes: usize) -> Vec<String> {
+    match nodes {
+        1 => vec!["nats".to_owned()],
+        n => (1..=n).map(|i| format!("nats{i}")).collect(),
+    }
+}
+
+pub fn redis_names(mode: RedisMode) -> Vec<String> {
+    match mode {
+        RedisMode::Single => vec!["redis".to_owned()],
+        RedisMode::Cluster => (1..=REDIS_PRIMARIES * (1 + REDIS_REPLICAS_EACH))
+            .map(|i| format!("redis{i}"))
+            .collect(),
+    }
 }
 
 /// NATS node 1.. of a cluster (node 0 is `Cluster::nats`).
@@ -145,7 +339,7 @@ pub struct Node {
 pub struct Cluster {
     pub secret: String,
     pub api_key: String,
-    pub settings: Settings,
+    pub shape: Shape,
     pub nats: Proc,
     pub nats_port: u16,
     nats_monitor: u16,
@@ -157,20 +351,19 @@ pub struct Cluster {
     pub redis: Vec<RedisNode>,
     pub gateways: Vec<Node>,
     pub workers: Vec<Node>,
-    pub llm: Proc,
-    llm_normal_args: Vec<String>,
-    pub tap: LlmTap,
+    /// `None` with an external LLM.
+    pub llm: Option<Proc>,
+    pub llm_port: u16,
+    tap: Option<LlmTap>,
     pub backend: Proc,
     pub backend_port: u16,
     pub haproxy: Option<Proc>,
     pub lb_port: u16,
-    stats_port: u16,
+    pub stats_port: u16,
+    pub prometheus: Option<Proc>,
+    pub prometheus_port: u16,
     http: reqwest::Client,
     _store: tempfile::TempDir,
-}
-
-fn port() -> u16 {
-    testkit::free_port()
 }
 
 fn secret_hex(bytes: usize) -> String {
@@ -180,125 +373,187 @@ fn secret_hex(bytes: usize) -> String {
 }
 
 impl Cluster {
-    /// Starts everything and waits until every piece is ready and HAProxy sees all
-    /// three gateways up.
-    pub async fn start(
-        bins: &Bins,
-        log_dir: &Path,
-        settings: Settings,
-        mode: RedisMode,
-    ) -> Result<Cluster> {
+    /// Starts everything and waits until every piece is ready and HAProxy sees every
+    /// gateway up.
+    pub async fn start(bins: &Bins, log_dir: &Path, shape: Shape) -> Result<Cluster> {
         std::fs::create_dir_all(log_dir)?;
-        let store = tempfile::tempdir().context("JetStream store directory")?;
+        let ports = shape.ports;
+        if let Ports::Fixed { .. } = ports {
+            let most = shape.gateways.max(shape.workers).max(shape.nats_nodes);
+            if shape.gateways + 1 > FIXED_BLOCK || most > FIXED_BLOCK {
+                bail!(
+                    "a fixed port layout has room for {} gateways and {FIXED_BLOCK} of each other node",
+                    FIXED_BLOCK - 1
+                );
+            }
+        }
+        let store = tempfile::tempdir().context("store directory")?;
         let http = reqwest::Client::builder()
             .timeout(HTTP_TIMEOUT)
             .no_proxy()
             .build()?;
-        let secret = secret_hex(32);
-        let api_key = secret_hex(16);
-
-        let (nats_port, nats_monitor) = (port(), port());
-        let nats_spec = |name: &str, port: u16, monitor: u16, dir: &str| -> Result<Spec> {
-            Ok(Spec::new(name, system_binary("nats-server")?)
-                .arg("-a")
-                .arg("127.0.0.1")
-                .arg("-p")
-                .arg(port.to_string())
-                .arg("-m")
-                .arg(monitor.to_string())
-                .arg("-js")
-                .arg("-sd")
-                .arg(store.path().join(dir).display().to_string()))
+        let spec = |name: &str, program: PathBuf| {
+            let s = Spec::new(name, program);
+            if shape.own_process_groups {
+                s.own_group()
+            } else {
+                s
+            }
         };
-        let (nats, nats_peers) = if settings.nats_nodes > 1 {
-            // Every node lists every route (its own too, which nats-server skips) and
-            // has a server_name, which JetStream clustering needs.
-            let nodes: Vec<(u16, u16, u16)> = (0..settings.nats_nodes)
-                .map(|i| match i {
-                    0 => (nats_port, nats_monitor, port()),
-                    _ => (port(), port(), port()),
-                })
-                .collect();
-            let routes: Vec<String> = nodes
-                .iter()
-                .map(|(_, _, r)| format!("nats-route://127.0.0.1:{r}"))
-                .collect();
-            let mut procs = Vec::new();
-            for (i, &(p, m, r)) in nodes.iter().enumerate() {
-                let spec = nats_spec(&format!("nats-n{i}"), p, m, &format!("js-n{i}"))?
-                    .arg("--server_name")
-                    .arg(format!("n{i}"))
-                    .arg("--cluster_name")
-                    .arg(NATS_CLUSTER_NAME)
+
+        let names = nats_names(shape.nats_nodes);
+        let mut nodes = Vec::new();
+        for i in 0..shape.nats_nodes {
+            nodes.push((
+                ports.take(Port::NatsClient(i))?,
+                ports.take(Port::NatsMonitor(i))?,
+                ports.take(Port::NatsRoute(i))?,
+            ));
+        }
+        // Every node lists every route (its own too, which nats-server skips) and has
+        // a server_name, which JetStream clustering needs.
+        let routes: Vec<String> = nodes
+            .iter()
+            .map(|(_, _, r)| format!("nats-route://127.0.0.1:{r}"))
+            .collect();
+        let mut procs = Vec::new();
+        for (name, &(p, m, r)) in names.iter().zip(&nodes) {
+            let mut s = spec(name, system_binary("nats-server")?)
+                .args([
+                    "-a",
+                    "127.0.0.1",
+                    "-p",
+                    &p.to_string(),
+                    "-m",
+                    &m.to_string(),
+                    "-js",
+                ])
+                .arg("-sd")
+                .arg(
+                    store
+                        .path()
+                        .join(format!("js-{name}"))
+                        .display()
+                        .to_string(),
+                );
+            if shape.nats_nodes > 1 {
+                s = s
+                    .args(["--server_name", name, "--cluster_name", NATS_CLUSTER_NAME])
                     .arg("--cluster")
                     .arg(format!("nats://127.0.0.1:{r}"))
                     .arg("--routes")
                     .arg(routes.join(","));
-                procs.push(Proc::start(spec, log_dir)?);
             }
-            let mut procs = procs.into_iter();
-            let first = procs.next().context("no NATS node")?;
-            let peers = procs
-                .zip(nodes.iter().skip(1))
-                .map(|(proc, &(port, monitor, _))| NatsPeer {
-                    proc,
-                    port,
-                    monitor,
-                })
-                .collect();
-            (first, peers)
-        } else {
-            let spec = nats_spec("nats", nats_port, nats_monitor, "js")?;
-            (Proc::start(spec, log_dir)?, Vec::new())
+            procs.push(Proc::start(s, log_dir)?);
+        }
+        let mut procs = procs.into_iter();
+        let nats = procs.next().context("no NATS node")?;
+        let nats_peers = procs
+            .zip(nodes.iter().skip(1))
+            .map(|(proc, &(port, monitor, _))| NatsPeer {
+                proc,
+                port,
+                monitor,
+            })
+            .collect();
+
+        let mut redis = Vec::new();
+        for (i, name) in redis_names(shape.redis).iter().enumerate() {
+            let port = ports.take(Port::Redis(i))?;
+            // Each node its own directory: a cluster node's `nodes.conf` is its
+            // identity when it is started again.
+            let dir = store.path().join(name);
+            std::fs::create_dir_all(&dir)?;
+            let mut s = spec(name, system_binary("redis-server")?)
+                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--save", "", "--appendonly", "no"])
+                .arg("--dir")
+                .arg(dir.display().to_string());
+            if shape.redis == RedisMode::Cluster {
+                s = s
+                    .args([
+                        "--cluster-enabled",
+                        "yes",
+                        "--cluster-config-file",
+                        "nodes.conf",
+                    ])
+                    .args(["--cluster-node-timeout", &REDIS_NODE_TIMEOUT_MS.to_string()])
+                    // A replica may take over however long its link was down: the
+                    // scenarios kill primaries at will.
+                    .args(["--cluster-replica-validity-factor", "0"]);
+            }
+            redis.push(RedisNode {
+                proc: Proc::start(s, log_dir)?,
+                port,
+            });
+        }
+
+        let llm_port = match shape.llm {
+            Llm::External => 0,
+            _ => ports.take(Port::Llm)?,
         };
-        let redis = start_redis(mode, store.path(), log_dir)?;
-        let (llm_port, tap_port, backend_port) = (port(), port(), port());
-        let llm_normal_args = vec![
-            "--listen".to_owned(),
-            format!("127.0.0.1:{llm_port}"),
-            "--first-token-ms".to_owned(),
-            settings.llm_first_token_ms.to_string(),
-            "--tokens-per-sec".to_owned(),
-            settings.llm_tokens_per_sec.to_string(),
-            "--reply-tokens".to_owned(),
-            settings.llm_reply_tokens.to_string(),
-        ];
-        let mut llm_spec = Spec::new("mock-llm", bins.get("mock-llm")?);
-        llm_spec.args = llm_normal_args.clone();
-        let llm = Proc::start(llm_spec, log_dir)?;
-        let tap = LlmTap::start(tap_port, llm_port).await?;
-        let backend = Proc::start(
-            Spec::new("mock-backend", bins.get("mock-backend")?)
-                .arg("--listen")
-                .arg(format!("127.0.0.1:{backend_port}")),
-            log_dir,
-        )?;
+        let (llm, tap) = match &shape.llm {
+            Llm::Stub { args, tap } => {
+                let s = spec("llm", bins.get("mock-llm")?)
+                    .arg("--listen")
+                    .arg(format!("127.0.0.1:{llm_port}"))
+                    .args(args.iter().map(String::as_str));
+                let tap = match tap {
+                    true => Some(LlmTap::start(ports.take(Port::Tap)?, llm_port).await?),
+                    false => None,
+                };
+                (Some(Proc::start(s, log_dir)?), tap)
+            }
+            Llm::Real { server, model } => {
+                // --metrics: Prometheus scrapes the model server like every node.
+                let s = spec("llm", server.clone())
+                    .arg("-m")
+                    .arg(model.display().to_string())
+                    .args(["--host", "127.0.0.1", "--port", &llm_port.to_string()])
+                    .args(["-c", &REAL_LLM_CONTEXT.to_string(), "-t", "2"])
+                    .args(["--alias", REAL_LLM_ALIAS, "--metrics"]);
+                (Some(Proc::start(s, log_dir)?), None)
+            }
+            Llm::External => (None, None),
+        };
+        let backend_port = ports.take(Port::Backend)?;
+        let backend = match &shape.backend {
+            Backend::Mock => spec("backend", bins.get("mock-backend")?),
+            Backend::Demo { static_dir } => spec("backend", bins.get("demo-backend")?)
+                .env("SB_JWT_SECRET", &shape.secret)
+                .arg("--static-dir")
+                .arg(static_dir.display().to_string()),
+        }
+        .arg("--listen")
+        .arg(format!("127.0.0.1:{backend_port}"));
+        let backend = Proc::start(backend, log_dir)?;
 
         let mut c = Cluster {
-            secret,
-            api_key,
-            settings,
+            secret: shape.secret.clone(),
+            api_key: shape.api_key.clone(),
             nats,
-            nats_port,
-            nats_monitor,
+            nats_port: nodes[0].0,
+            nats_monitor: nodes[0].1,
             nats_peers,
-            redis_mode: mode,
+            redis_mode: shape.redis,
             redis,
             gateways: Vec::new(),
             workers: Vec::new(),
             llm,
-            llm_normal_args,
+            llm_port,
             tap,
             backend,
             backend_port,
             haproxy: None,
-            lb_port: port(),
-            stats_port: port(),
+            lb_port: ports.take(Port::Lb)?,
+            stats_port: ports.take(Port::LbStats)?,
+            prometheus: None,
+            prometheus_port: 0,
             http,
             _store: store,
+            shape,
         };
-        let ports = (llm_port, tap_port, backend_port);
-        if let Err(e) = c.start_nodes(bins, log_dir, mode, ports).await {
+        if let Err(e) = c.start_nodes(bins, log_dir).await {
             // A CI run keeps no logs: the error carries what each piece reported.
             bail!("{e:#}\n{}", c.processes_report());
         }
@@ -306,43 +561,49 @@ impl Cluster {
     }
 
     /// After the stores and upstreams were spawned: waits for them, then starts the
-    /// gateways, the workers and HAProxy and waits until all serve.
-    async fn start_nodes(
-        &mut self,
-        bins: &Bins,
-        log_dir: &Path,
-        mode: RedisMode,
-        (llm_port, tap_port, backend_port): (u16, u16, u16),
-    ) -> Result<()> {
+    /// gateways, the workers, HAProxy and Prometheus and waits until all serve.
+    async fn start_nodes(&mut self, bins: &Bins, log_dir: &Path) -> Result<()> {
         self.wait_nats().await?;
         for port in std::iter::once(self.nats_port).chain(self.nats_peers.iter().map(|p| p.port)) {
             wait_port(port).await?;
         }
-        if mode == RedisMode::Cluster {
+        if self.redis_mode == RedisMode::Cluster {
             self.form_redis_cluster().await?;
         }
         self.wait_redis().await?;
-        wait_port(llm_port).await?;
-        wait_port(backend_port).await?;
+        self.wait_llm().await?;
+        self.wait_backend().await?;
 
-        for i in 0..GATEWAYS {
-            let (p, a) = (port(), port());
-            let id = format!("gw{}", i + 1);
-            let spec = Spec::new(&id, bins.get("gateway")?)
+        let ports = self.shape.ports;
+        let own_group = self.shape.own_process_groups;
+        let spec = |name: &str, program: PathBuf| {
+            let s = Spec::new(name, program);
+            if own_group { s.own_group() } else { s }
+        };
+        let common = [
+            ("SB_NATS_URL", self.nats_url()),
+            ("SB_REDIS_URL", self.redis_url()),
+            ("SB_REDIS_CLUSTER", self.redis_cluster_flag().to_owned()),
+            ("SB_JETSTREAM_REPLICAS", self.nats_count().to_string()),
+            ("SB_LOG_FORMAT", "text".to_owned()),
+            ("SB_LOG", "info".to_owned()),
+        ];
+        for i in 0..self.shape.gateways {
+            let (p, a) = (
+                ports.take(Port::Public(i))?,
+                ports.take(Port::GatewayAdmin(i))?,
+            );
+            let id = gateway_name(i);
+            let spec = spec(&id, bins.get("gateway")?)
                 .env("SB_NODE_ID", &id)
                 .env("SB_LISTEN", format!("127.0.0.1:{p}"))
                 .env("SB_ADMIN_LISTEN", format!("127.0.0.1:{a}"))
-                .env("SB_NATS_URL", self.nats_url())
-                .env("SB_REDIS_URL", self.redis_url())
-                .env("SB_REDIS_CLUSTER", self.redis_cluster_flag())
                 .env("SB_JWT_SECRET", &self.secret)
                 .env("SB_API_KEY", &self.api_key)
+                // Every client comes through HAProxy on loopback.
                 .env("SB_TRUSTED_PROXIES", "127.0.0.1/32")
-                .env("SB_PUBLIC_NAMESPACES", ROOM_NAMESPACE)
-                .env("SB_DRAIN_SECS", self.settings.drain_secs.to_string())
-                .env("SB_JETSTREAM_REPLICAS", self.nats_count().to_string())
-                .env("SB_LOG_FORMAT", "text")
-                .env("SB_LOG", "info");
+                .envs(&common)
+                .envs(&self.shape.gateway_env);
             self.gateways.push(Node {
                 id,
                 proc: Proc::start(spec, log_dir)?,
@@ -350,29 +611,34 @@ impl Cluster {
                 admin: a,
             });
         }
-        for i in 0..WORKERS {
-            let a = port();
-            let id = format!("worker{}", i + 1);
-            let spec = Spec::new(&id, bins.get("worker")?)
+        let llm_url = match (&self.shape.llm, &self.tap) {
+            (Llm::External, _) => None,
+            (_, Some(tap)) => Some(format!("http://127.0.0.1:{}/v1", tap.port())),
+            (_, None) => Some(format!("http://127.0.0.1:{}/v1", self.llm_port)),
+        };
+        for i in 0..self.shape.workers {
+            let a = ports.take(Port::WorkerAdmin(i))?;
+            let id = worker_name(i);
+            let mut spec = spec(&id, bins.get("worker")?)
                 .env("SB_NODE_ID", &id)
                 .env("SB_ADMIN_LISTEN", format!("127.0.0.1:{a}"))
-                .env("SB_NATS_URL", self.nats_url())
-                .env("SB_REDIS_URL", self.redis_url())
-                .env("SB_REDIS_CLUSTER", self.redis_cluster_flag())
-                .env("SB_LLM_BASE_URL", format!("http://127.0.0.1:{tap_port}/v1"))
-                .env("SB_BACKEND_URL", format!("http://127.0.0.1:{backend_port}"))
-                .env("SB_ACK_WAIT_SECS", self.settings.ack_wait_secs.to_string())
                 .env(
-                    "SB_BREAKER_COOLDOWN_MS",
-                    self.settings.breaker_cooldown_ms.to_string(),
+                    "SB_BACKEND_URL",
+                    format!("http://127.0.0.1:{}", self.backend_port),
                 )
-                .env("SB_JETSTREAM_REPLICAS", self.nats_count().to_string())
-                .env("SB_LOG_FORMAT", "text")
-                // The retry decisions (and their delays) are logged at debug.
-                .env("SB_LOG", "info,worker::llm=debug");
+                .envs(&common);
+            if let Some(url) = &llm_url {
+                spec = spec.env("SB_LLM_BASE_URL", url);
+            }
+            if let Llm::Real { .. } = self.shape.llm {
+                spec = spec
+                    .env("SB_LLM_MODEL", REAL_LLM_ALIAS)
+                    .env("SB_LLM_MAX_TOKENS", REAL_LLM_MAX_TOKENS.to_string())
+                    .env("SB_TOKEN_BUDGET", REAL_LLM_TOKEN_BUDGET.to_string());
+            }
             self.workers.push(Node {
                 id,
-                proc: Proc::start(spec, log_dir)?,
+                proc: Proc::start(spec.envs(&self.shape.worker_env), log_dir)?,
                 port: 0,
                 admin: a,
             });
@@ -381,21 +647,116 @@ impl Cluster {
             self.wait_started(i).await?;
         }
 
-        let cfg = self.haproxy_config();
         let cfg_path = log_dir.join("haproxy.cfg");
-        std::fs::write(&cfg_path, cfg)?;
+        std::fs::write(&cfg_path, self.haproxy_config())?;
         self.haproxy = Some(Proc::start(
-            Spec::new("haproxy", system_binary("haproxy")?)
+            spec("haproxy", system_binary("haproxy")?)
                 .arg("-db")
                 .arg("-f")
                 .arg(cfg_path.display().to_string()),
             log_dir,
         )?);
-        wait_port(self.lb_port).await?;
-        for i in 0..GATEWAYS {
-            self.wait_lb_up(i, START_LIMIT).await?;
+        self.wait_lb().await?;
+
+        if let Some(rules) = self.shape.prometheus_rules.clone() {
+            self.prometheus_port = ports.take(Port::Prometheus)?;
+            let cfg_path = log_dir.join("prometheus.yml");
+            std::fs::write(&cfg_path, self.prometheus_config(&rules))?;
+            let data = self._store.path().join("prometheus");
+            self.prometheus = Some(Proc::start(
+                spec("prometheus", system_binary("prometheus")?)
+                    .arg(format!("--config.file={}", cfg_path.display()))
+                    .arg(format!("--storage.tsdb.path={}", data.display()))
+                    .arg("--storage.tsdb.retention.time=1d")
+                    .arg(format!(
+                        "--web.listen-address=127.0.0.1:{}",
+                        self.prometheus_port
+                    )),
+                log_dir,
+            )?);
+            self.wait_prometheus().await?;
         }
         Ok(())
+    }
+
+    /// The LLM answers: llama-server's `/health` once the model is loaded, the stub
+    /// once it listens.
+    async fn wait_llm(&self) -> Result<()> {
+        match self.shape.llm {
+            Llm::External => Ok(()),
+            Llm::Stub { .. } => wait_port(self.llm_port).await,
+            Llm::Real { .. } => {
+                let url = format!("http://127.0.0.1:{}/health", self.llm_port);
+                self.wait_http(&url, LLM_READY_LIMIT, "llm").await
+            }
+        }
+    }
+
+    async fn wait_backend(&self) -> Result<()> {
+        wait_port(self.backend_port).await?;
+        let url = format!("http://127.0.0.1:{}/healthz", self.backend_port);
+        match self.shape.backend {
+            Backend::Mock => Ok(()),
+            Backend::Demo { .. } => self.wait_http(&url, START_LIMIT, "backend").await,
+        }
+    }
+
+    /// HAProxy listens and routes to every gateway (and to the demo page, if any).
+    async fn wait_lb(&self) -> Result<()> {
+        wait_port(self.lb_port).await?;
+        for i in 0..self.gateways.len() {
+            self.wait_lb_up(i, START_LIMIT).await?;
+        }
+        if let Backend::Demo { .. } = self.shape.backend {
+            self.wait_http(&self.api_url("/healthz"), START_LIMIT, "haproxy")
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Prometheus is ready and every scrape target is up.
+    async fn wait_prometheus(&self) -> Result<()> {
+        let base = format!("http://127.0.0.1:{}", self.prometheus_port);
+        self.wait_http(&format!("{base}/-/ready"), START_LIMIT, "prometheus")
+            .await?;
+        let start = Instant::now();
+        loop {
+            let url = format!("{base}/api/v1/targets?state=active");
+            let targets: Option<Value> = match self.http.get(&url).send().await {
+                Ok(r) => r.json().await.ok(),
+                Err(_) => None,
+            };
+            let up = targets
+                .as_ref()
+                .and_then(|t| t["data"]["activeTargets"].as_array())
+                .is_some_and(|t| !t.is_empty() && t.iter().all(|x| x["health"] == "up"));
+            if up {
+                return Ok(());
+            }
+            if start.elapsed() > START_LIMIT {
+                bail!("prometheus: not every scrape target up within {START_LIMIT:?}: {targets:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+    }
+
+    /// Until `url` answers 200; `what` names the component in the error.
+    async fn wait_http(&self, url: &str, limit: Duration, what: &str) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            if matches!(self.http.get(url).send().await, Ok(r) if r.status().is_success()) {
+                return Ok(());
+            }
+            if start.elapsed() > limit {
+                bail!("{what}: {url} did not answer 200 within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The LLM tap, when the LLM is the stub behind one.
+    pub fn tap(&self) -> Result<&LlmTap> {
+        self.tap.as_ref().context("this cluster has no LLM tap")
     }
 
     fn haproxy_config(&self) -> String {
@@ -407,41 +768,100 @@ impl Cluster {
             ));
         }
         format!(
-            "# Written by the fault-injection suite (faults/src/cluster.rs).
+            "# Written by the cluster launcher (faults/src/cluster.rs). One origin: /ws and
+# /v1/ go to the gateways, the rest (demo page, login, teams, tasks) to the team backend.
 global
+    # Each proxied connection holds two descriptors; a process may have 20,000.
     maxconn 9000
     # Socket buffers toward gateways and clients bounded (the kernel would grow them
     # to megabytes on loopback): a client that stops reading backs up to the
     # gateway's own bounded queue within a few hundred KiB, as behind a real LB.
     tune.rcvbuf.server 262144
     tune.sndbuf.client 262144
+    # Notice and above only: health-check state changes, never request lines (a
+    # ?token= query would put a token in the log).
+    log stdout format raw local0 notice
 defaults
     mode http
+    log global
     timeout connect 2s
     timeout client 75s
     timeout server 75s
     # WebSockets live long: the tunnel timeout applies after the upgrade.
     timeout tunnel 1h
     option forwardfor
-    # A connect refused by a dead or draining gateway is retried on another one
-    # instead of answering the client 503.
-    retries 3
-    option redispatch 1
 frontend switchboard
     bind 127.0.0.1:{lb}
-    default_backend gateways
+    use_backend gateways if {{ path /ws }} || {{ path_beg /v1/ }}
+    default_backend team
 backend gateways
     balance leastconn
     option httpchk GET /readyz
     http-check expect status 200
-{servers}listen stats
+    # A connect refused by a dead or draining gateway is retried on another one
+    # instead of answering the client 503, and the refusing one is taken out at
+    # once instead of after {FALL} failed checks.
+    retries 3
+    option redispatch 1
+    default-server observe layer4 error-limit 1 on-error mark-down
+{servers}backend team
+    server backend 127.0.0.1:{backend}
+frontend stats
     bind 127.0.0.1:{stats}
+    http-request use-service prometheus-exporter if {{ path /metrics }}
     stats enable
     stats uri /stats
+    stats refresh 5s
 ",
             lb = self.lb_port,
+            backend = self.backend_port,
             stats = self.stats_port,
         )
+    }
+
+    /// Every node of the cluster as a scrape target: the dashboard and the alert
+    /// rules expect jobs `switchboard-gateway` / `switchboard-worker` and a `pod` label.
+    fn prometheus_config(&self, rules: &Path) -> String {
+        let targets = |nodes: &[Node]| -> String {
+            nodes
+                .iter()
+                .map(|n| {
+                    format!(
+                        "      - targets: [\"127.0.0.1:{}\"]\n        labels: {{pod: {}}}\n",
+                        n.admin, n.id
+                    )
+                })
+                .collect()
+        };
+        let mut out = format!(
+            "# Written by the cluster launcher (faults/src/cluster.rs).
+global:
+  scrape_interval: {SCRAPE_SECS}s
+  evaluation_interval: {SCRAPE_SECS}s
+rule_files:
+  - {rules}
+scrape_configs:
+  - job_name: switchboard-gateway
+    static_configs:
+{gateways}  - job_name: switchboard-worker
+    static_configs:
+{workers}  - job_name: haproxy
+    static_configs:
+      - targets: [\"127.0.0.1:{stats}\"]
+        labels: {{pod: haproxy}}
+",
+            rules = rules.display(),
+            gateways = targets(&self.gateways),
+            workers = targets(&self.workers),
+            stats = self.stats_port,
+        );
+        if let Llm::Real { .. } = self.shape.llm {
+            out.push_str(&format!(
+                "  - job_name: llm\n    static_configs:\n      - targets: [\"127.0.0.1:{}\"]\n        labels: {{pod: llm}}\n",
+                self.llm_port
+            ));
+        }
+        out
     }
 
     /// `SB_NATS_URL`: every node's client URL, comma-separated, in cluster mode.
@@ -470,9 +890,8 @@ backend gateways
     fn nats_running(&self) -> Vec<(String, u16)> {
         std::iter::once((&self.nats, self.nats_monitor))
             .chain(self.nats_peers.iter().map(|p| (&p.proc, p.monitor)))
-            .enumerate()
-            .filter(|(_, (p, _))| p.pid().is_some())
-            .map(|(i, (_, m))| (format!("n{i}"), m))
+            .filter(|(p, _)| p.pid().is_some())
+            .map(|(p, m)| (p.spec.name.clone(), m))
             .collect()
     }
 
@@ -649,10 +1068,14 @@ backend gateways
                 log_tail(p)
             ));
         }
-        let others = [&mut self.llm, &mut self.backend]
-            .into_iter()
+        let others = self
+            .llm
+            .iter_mut()
+            .chain([&mut self.backend])
             .chain(self.gateways.iter_mut().map(|n| &mut n.proc))
-            .chain(self.workers.iter_mut().map(|n| &mut n.proc));
+            .chain(self.workers.iter_mut().map(|n| &mut n.proc))
+            .chain(self.haproxy.iter_mut())
+            .chain(self.prometheus.iter_mut());
         for p in others {
             let state = p.state();
             out.push_str(&format!("  {}: {state}\n", p.spec.name));
@@ -858,6 +1281,17 @@ backend gateways
         Vec::new()
     }
 
+    /// `master` or `slave` for a running Redis Cluster node named `name`.
+    pub async fn redis_role(&self, name: &str) -> Option<String> {
+        if self.redis_mode != RedisMode::Cluster {
+            return None;
+        }
+        let node = self.redis.iter().find(|n| n.proc.spec.name == name)?;
+        let info = redis_text(node.port, &["INFO", "replication"]).await.ok()?;
+        let role = info.lines().find_map(|l| l.strip_prefix("role:"))?;
+        Some(role.trim().to_owned())
+    }
+
     /// A command on one Redis node (by index).
     pub async fn redis_command(&self, node: usize, args: &[&str]) -> Result<redis::Value> {
         redis_query(self.redis[node].port, args).await
@@ -905,13 +1339,23 @@ backend gateways
     /// Restarts mock-llm on its port with extra flags (`--p-429 1 ...`), or with
     /// none for normal service again.
     pub async fn restart_llm(&mut self, extra: &[&str]) -> Result<()> {
-        if self.llm.alive() {
-            self.llm.term(Duration::from_secs(5)).await?;
+        let Llm::Stub { args, .. } = &self.shape.llm else {
+            bail!("only the STUB LLM takes fault flags");
+        };
+        let args = [
+            "--listen".to_owned(),
+            format!("127.0.0.1:{}", self.llm_port),
+        ]
+        .into_iter()
+        .chain(args.iter().cloned())
+        .chain(extra.iter().map(|s| s.to_string()))
+        .collect();
+        let llm = self.llm.as_mut().context("no LLM process")?;
+        if llm.alive() {
+            llm.term(STOP_GRACE).await?;
         }
-        let mut args = self.llm_normal_args.clone();
-        args.extend(extra.iter().map(|s| s.to_string()));
-        self.llm.restart_with(args)?;
-        wait_port(self.tap.upstream_port()).await
+        llm.restart_with(args)?;
+        self.wait_llm().await
     }
 
     pub async fn start_backend_again(&mut self) -> Result<()> {
@@ -919,28 +1363,113 @@ backend gateways
         wait_port(self.backend_port).await
     }
 
-    /// Stops everything (SIGTERM, then SIGKILL); HAProxy first so clients stop.
-    pub async fn stop(&mut self) {
-        let grace = Duration::from_secs(2);
-        if let Some(h) = self.haproxy.as_mut() {
-            let _ = h.term(grace).await;
+    /// Every process of the cluster, in start order.
+    pub fn processes(&mut self) -> Vec<&mut Proc> {
+        std::iter::once(&mut self.nats)
+            .chain(self.nats_peers.iter_mut().map(|p| &mut p.proc))
+            .chain(self.redis.iter_mut().map(|n| &mut n.proc))
+            .chain(self.llm.iter_mut())
+            .chain([&mut self.backend])
+            .chain(self.gateways.iter_mut().map(|n| &mut n.proc))
+            .chain(self.workers.iter_mut().map(|n| &mut n.proc))
+            .chain(self.haproxy.iter_mut())
+            .chain(self.prometheus.iter_mut())
+            .collect()
+    }
+
+    /// Starts component `name` again (stopping it first if it runs) on its ports and
+    /// store, and waits until it serves: a gateway until HAProxy routes to it, a
+    /// Redis Cluster node until the cluster is whole, a NATS node until JetStream is.
+    pub async fn restart(&mut self, name: &str) -> Result<()> {
+        let proc = self
+            .processes()
+            .into_iter()
+            .find(|p| p.spec.name == name)
+            .with_context(|| format!("no component {name}"))?;
+        if proc.alive() {
+            proc.term(STOP_GRACE).await?;
         }
-        for g in &mut self.gateways {
-            let _ = g.proc.kill9().await;
+        if let Some(i) = self.gateways.iter().position(|g| g.id == name) {
+            return self.restart_gateway(i).await;
         }
-        for w in &mut self.workers {
-            let _ = w.proc.kill9().await;
+        if let Some(i) = self.workers.iter().position(|w| w.id == name) {
+            return self.restart_worker(i).await;
         }
-        let _ = self.llm.term(grace).await;
-        let _ = self.backend.term(grace).await;
-        let _ = self.nats.term(grace).await;
-        for p in &mut self.nats_peers {
-            let _ = p.proc.term(grace).await;
-        }
-        for n in &mut self.redis {
-            if n.proc.alive() {
-                let _ = n.proc.term(grace).await;
+        match name {
+            "llm" => {
+                self.llm.as_mut().context("no LLM process")?.restart()?;
+                self.wait_llm().await
             }
+            "backend" => {
+                self.backend.restart()?;
+                self.wait_backend().await
+            }
+            "haproxy" => {
+                self.haproxy.as_mut().context("no HAProxy")?.restart()?;
+                self.wait_lb().await
+            }
+            "prometheus" => {
+                self.prometheus
+                    .as_mut()
+                    .context("no Prometheus")?
+                    .restart()?;
+                self.wait_prometheus().await
+            }
+            n if n.starts_with("nats") => self.start_nats_again().await,
+            _ => self.heal_redis().await,
+        }
+    }
+
+    /// Stops everything: traffic first (HAProxy, Prometheus), then the gateways and
+    /// workers, the upstreams, and NATS and Redis last. `grace`: how long gateways and
+    /// workers may take after SIGTERM before SIGKILL (they drain and finish their
+    /// replies); `None`: they are killed at once.
+    pub async fn stop(&mut self, grace: Option<Duration>) {
+        let mut edge: Vec<&mut Proc> = self
+            .haproxy
+            .iter_mut()
+            .chain(self.prometheus.iter_mut())
+            .collect();
+        stop_group(&mut edge, Some(STOP_GRACE)).await;
+        let mut nodes: Vec<&mut Proc> = self
+            .gateways
+            .iter_mut()
+            .chain(self.workers.iter_mut())
+            .map(|n| &mut n.proc)
+            .collect();
+        stop_group(&mut nodes, grace).await;
+        let mut upstreams: Vec<&mut Proc> =
+            self.llm.iter_mut().chain([&mut self.backend]).collect();
+        stop_group(&mut upstreams, Some(STOP_GRACE)).await;
+        let mut state: Vec<&mut Proc> = std::iter::once(&mut self.nats)
+            .chain(self.nats_peers.iter_mut().map(|p| &mut p.proc))
+            .chain(self.redis.iter_mut().map(|n| &mut n.proc))
+            .collect();
+        stop_group(&mut state, Some(STOP_GRACE)).await;
+    }
+}
+
+/// SIGTERM to every running process of the group at once, then waits up to `grace`
+/// for them (SIGKILL after it); `None`: SIGKILL at once.
+async fn stop_group(group: &mut [&mut Proc], grace: Option<Duration>) {
+    let Some(grace) = grace else {
+        for p in group.iter_mut() {
+            if p.alive() {
+                let _ = p.kill9().await;
+            }
+        }
+        return;
+    };
+    for p in group.iter_mut() {
+        if p.alive() {
+            let _ = p.begin_term();
+        }
+    }
+    let deadline = Instant::now() + grace;
+    for p in group.iter_mut() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if p.wait_exit(left).await.is_err() {
+            let _ = p.kill9().await;
         }
     }
 }
@@ -999,56 +1528,6 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
-}
-
-/// Starts one Redis server, or the nodes of a Redis Cluster (each in its own
-/// directory: a node's `nodes.conf` is its identity when it is started again).
-fn start_redis(mode: RedisMode, store: &Path, log_dir: &Path) -> Result<Vec<RedisNode>> {
-    let count = match mode {
-        RedisMode::Single => 1,
-        RedisMode::Cluster => REDIS_PRIMARIES * (1 + REDIS_REPLICAS_EACH),
-    };
-    let mut nodes = Vec::with_capacity(count);
-    for i in 0..count {
-        let port = port();
-        let (name, dir) = match mode {
-            RedisMode::Single => ("redis".to_owned(), store.to_path_buf()),
-            RedisMode::Cluster => {
-                let dir = store.join(format!("redis{}", i + 1));
-                std::fs::create_dir_all(&dir)?;
-                (format!("redis{}", i + 1), dir)
-            }
-        };
-        let mut spec = Spec::new(&name, system_binary("redis-server")?)
-            .arg("--port")
-            .arg(port.to_string())
-            .arg("--bind")
-            .arg("127.0.0.1")
-            .arg("--save")
-            .arg("")
-            .arg("--appendonly")
-            .arg("no")
-            .arg("--dir")
-            .arg(dir.display().to_string());
-        if mode == RedisMode::Cluster {
-            spec = spec
-                .arg("--cluster-enabled")
-                .arg("yes")
-                .arg("--cluster-node-timeout")
-                .arg(REDIS_NODE_TIMEOUT_MS.to_string())
-                .arg("--cluster-config-file")
-                .arg("nodes.conf")
-                // A replica may take over however long its link was down: the
-                // scenarios kill primaries at will.
-                .arg("--cluster-replica-validity-factor")
-                .arg("0");
-        }
-        nodes.push(RedisNode {
-            proc: Proc::start(spec, log_dir)?,
-            port,
-        });
-    }
-    Ok(nodes)
 }
 
 /// The primaries of a `CLUSTER NODES` view: (port, slot ranges), failed ones left
@@ -1178,6 +1657,38 @@ pub async fn wait_port(port: u16) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fixed_ports_never_collide() {
+        let mut seen = std::collections::BTreeMap::new();
+        let mut all = vec![
+            Port::Lb,
+            Port::Llm,
+            Port::Backend,
+            Port::Tap,
+            Port::LbStats,
+            Port::Prometheus,
+        ];
+        all.extend((0..FIXED_BLOCK - 1).map(Port::Public));
+        for i in 0..FIXED_BLOCK {
+            all.extend([
+                Port::GatewayAdmin(i),
+                Port::WorkerAdmin(i),
+                Port::NatsClient(i),
+                Port::NatsRoute(i),
+                Port::NatsMonitor(i),
+                Port::Redis(i),
+            ]);
+        }
+        for p in all {
+            if let Some(other) = seen.insert(p.offset(), p) {
+                panic!("{p:?} and {other:?} share offset {}", p.offset());
+            }
+        }
+        // A Redis node's cluster bus port stays clear of every other port.
+        let top = seen.keys().max().copied().unwrap_or(0);
+        assert!(top < REDIS_BUS_OFFSET);
+    }
 
     #[test]
     fn key_slots_match_redis() {

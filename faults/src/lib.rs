@@ -10,6 +10,7 @@ pub mod cli;
 pub mod client;
 pub mod cluster;
 pub mod fleet;
+pub mod local;
 pub mod plan;
 pub mod process;
 pub mod report;
@@ -78,10 +79,10 @@ pub async fn run(cli: Cli) -> Result<bool> {
         let shape = (scenario::nats_nodes(name), scenario::redis_mode(name));
         if ctx
             .as_ref()
-            .is_none_or(|c| (c.cluster.settings.nats_nodes, c.cluster.redis_mode) != shape)
+            .is_none_or(|c| (c.cluster.shape.nats_nodes, c.cluster.redis_mode) != shape)
         {
             if let Some(mut old) = ctx.take() {
-                old.cluster.stop().await;
+                old.cluster.stop(None).await;
             }
             ctx = Some(start_ctx(&bins, &logs, &plan, shape).await?);
         }
@@ -104,7 +105,7 @@ pub async fn run(cli: Cli) -> Result<bool> {
         report.write(&dir)?;
     }
     if let Some(mut ctx) = ctx {
-        ctx.cluster.stop().await;
+        ctx.cluster.stop(None).await;
     }
     println!("{}", report.markdown());
     println!("report: {}", dir.join("report.md").display());
@@ -120,8 +121,6 @@ async fn start_ctx(
     plan: &Plan,
     (nats_nodes, mode): (usize, RedisMode),
 ) -> Result<Ctx> {
-    let mut settings = plan.cluster.clone();
-    settings.nats_nodes = nats_nodes;
     let logs = match nats_nodes {
         1 => log_dir(logs, mode),
         n => log_dir(&logs.join(format!("nats-{n}-nodes")), mode),
@@ -130,14 +129,15 @@ async fn start_ctx(
     // One more try on a fresh set of ports and processes: a start can lose a port
     // picked for a server to another process before the server binds it. The first
     // error is logged, with every process's state.
-    let cluster = match Cluster::start(bins, &logs, settings.clone(), mode).await {
+    let shape = plan.cluster.shape(nats_nodes, mode);
+    let cluster = match Cluster::start(bins, &logs, shape.clone()).await {
         Ok(c) => c,
         Err(e) => {
             tracing::warn!(
                 error = format!("{e:#}"),
                 "the cluster did not start; trying once more"
             );
-            Cluster::start(bins, &logs.join("second-start"), settings, mode).await?
+            Cluster::start(bins, &logs.join("second-start"), shape).await?
         }
     };
     let env = Arc::new(Env {

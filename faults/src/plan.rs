@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::cluster::Settings;
+use crate::cluster::{RedisMode, Shape};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -91,9 +91,6 @@ impl Plan {
             llm_first_token_ms: LLM_FIRST_TOKEN_MS,
             llm_tokens_per_sec: LLM_TOKENS_PER_SEC,
             llm_reply_tokens: LLM_REPLY_TOKENS,
-            // One server; scenarios that need a NATS cluster ask for one
-            // (`scenario::nats_nodes`).
-            nats_nodes: 1,
         };
         Plan {
             size,
@@ -122,5 +119,52 @@ impl Plan {
             },
             cluster,
         }
+    }
+}
+
+/// Cluster settings that differ between sizes (values and reasons in [`Plan::new`]).
+#[derive(Debug, Clone, Serialize)]
+pub struct Settings {
+    pub drain_secs: u64,
+    pub ack_wait_secs: u64,
+    pub breaker_cooldown_ms: u64,
+    pub llm_first_token_ms: u64,
+    pub llm_tokens_per_sec: f64,
+    pub llm_reply_tokens: usize,
+}
+
+impl Settings {
+    /// The suite's cluster: `nats_nodes` NATS servers, Redis as `mode`, the STUB LLM
+    /// behind the tap, and these settings on the gateways and workers.
+    pub fn shape(&self, nats_nodes: usize, mode: RedisMode) -> Shape {
+        let llm = vec![
+            "--first-token-ms".to_owned(),
+            self.llm_first_token_ms.to_string(),
+            "--tokens-per-sec".to_owned(),
+            self.llm_tokens_per_sec.to_string(),
+            "--reply-tokens".to_owned(),
+            self.llm_reply_tokens.to_string(),
+        ];
+        let mut shape = Shape::new(nats_nodes, mode, llm);
+        shape.gateway_env = vec![
+            (
+                "SB_PUBLIC_NAMESPACES".to_owned(),
+                crate::cluster::ROOM_NAMESPACE.to_owned(),
+            ),
+            ("SB_DRAIN_SECS".to_owned(), self.drain_secs.to_string()),
+        ];
+        shape.worker_env = vec![
+            (
+                "SB_ACK_WAIT_SECS".to_owned(),
+                self.ack_wait_secs.to_string(),
+            ),
+            (
+                "SB_BREAKER_COOLDOWN_MS".to_owned(),
+                self.breaker_cooldown_ms.to_string(),
+            ),
+            // The retry decisions (and their delays) are logged at debug.
+            ("SB_LOG".to_owned(), "info,worker::llm=debug".to_owned()),
+        ];
+        shape
     }
 }

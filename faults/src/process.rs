@@ -20,6 +20,8 @@ pub struct Spec {
     pub program: PathBuf,
     pub args: Vec<String>,
     pub env: Vec<(String, String)>,
+    /// In a process group of its own (see [`Spec::own_group`]).
+    pub own_group: bool,
 }
 
 impl Spec {
@@ -29,7 +31,26 @@ impl Spec {
             program: program.into(),
             args: Vec::new(),
             env: Vec::new(),
+            own_group: false,
         }
+    }
+
+    pub fn args<'a>(mut self, args: impl IntoIterator<Item = &'a str>) -> Spec {
+        self.args.extend(args.into_iter().map(str::to_owned));
+        self
+    }
+
+    pub fn envs(mut self, vars: &[(impl AsRef<str>, String)]) -> Spec {
+        self.env
+            .extend(vars.iter().map(|(k, v)| (k.as_ref().to_owned(), v.clone())));
+        self
+    }
+
+    /// Starts it in a process group of its own, so a terminal's Ctrl-C (sent to the
+    /// foreground group) reaches only the supervisor, which stops it in order.
+    pub fn own_group(mut self) -> Spec {
+        self.own_group = true;
+        self
     }
 
     pub fn arg(mut self, a: impl Into<String>) -> Spec {
@@ -89,6 +110,9 @@ impl Proc {
         for (k, v) in &self.spec.env {
             cmd.env(k, v);
         }
+        if self.spec.own_group {
+            cmd.process_group(0);
+        }
         let child = cmd.spawn().with_context(|| {
             format!(
                 "starting {} ({})",
@@ -120,7 +144,7 @@ impl Proc {
     /// `running (pid N)`, or how it ended, for reports.
     pub fn state(&mut self) -> String {
         let Some(c) = self.child.as_mut() else {
-            return "stopped by the suite".to_owned();
+            return "stopped".to_owned();
         };
         match c.try_wait() {
             Ok(None) => format!("running (pid {})", c.id().unwrap_or_default()),

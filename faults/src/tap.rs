@@ -38,7 +38,7 @@ type Body = Either<Incoming, Full<Bytes>>;
 
 pub struct LlmTap {
     records: Arc<Mutex<Vec<TapRecord>>>,
-    upstream: u16,
+    port: u16,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -67,13 +67,14 @@ impl LlmTap {
         });
         Ok(LlmTap {
             records,
-            upstream,
+            port,
             task,
         })
     }
 
-    pub fn upstream_port(&self) -> u16 {
-        self.upstream
+    /// Where the workers send their requests.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     pub fn records(&self) -> Vec<TapRecord> {

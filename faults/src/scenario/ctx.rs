@@ -49,7 +49,10 @@ impl Ctx {
         if !c.backend.alive() {
             c.start_backend_again().await?;
         }
-        if !c.llm.alive() || c.llm.spec.args.iter().any(|a| a.starts_with("--p-")) {
+        let faulty = |p: &mut crate::process::Proc| {
+            !p.alive() || p.spec.args.iter().any(|a| a.starts_with("--p-"))
+        };
+        if c.llm.as_mut().is_some_and(faulty) {
             c.restart_llm(&[]).await?;
         }
         for i in 0..c.gateways.len() {

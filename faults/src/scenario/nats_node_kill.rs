@@ -68,14 +68,15 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     wait_mid_stream(&fleet, &run).await?;
 
     // The victim: the node the most gateway and worker connections are on.
+    let nodes = crate::cluster::nats_names(ctx.cluster.nats_count());
     let mut conns = BTreeMap::new();
-    for i in 0..ctx.cluster.nats_count() {
-        let names = ctx.cluster.nats_connections(i).await.unwrap_or_default();
-        let ours: Vec<String> = names
+    for (i, node) in nodes.iter().enumerate() {
+        let clients = ctx.cluster.nats_connections(i).await.unwrap_or_default();
+        let ours: Vec<String> = clients
             .into_iter()
             .filter(|n| n.starts_with("gateway-") || n.starts_with("worker-"))
             .collect();
-        conns.insert(format!("n{i}"), ours);
+        conns.insert(node.clone(), ours);
     }
     // Ties go to the node leading the most streams and consumers (their leaders
     // must be elected again), then to the lowest index.
@@ -83,11 +84,11 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     let led = |n: &str| leaders.values().filter(|l| *l == n).count();
     let victim = (0..ctx.cluster.nats_count())
         .max_by_key(|i| {
-            let n = format!("n{i}");
-            (conns[&n].len(), led(&n), std::cmp::Reverse(*i))
+            let n = &nodes[*i];
+            (conns[n].len(), led(n), std::cmp::Reverse(*i))
         })
         .ok_or_else(|| anyhow!("no NATS node"))?;
-    let victim_name = format!("n{victim}");
+    let victim_name = nodes[victim].clone();
     let leader_before = ctx.cluster.nats_meta_leader().await;
     r.measure("nats_connections_before", &conns);
     r.measure("meta_leader_before", &leader_before);

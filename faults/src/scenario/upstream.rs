@@ -206,7 +206,7 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     );
 
     // === LLM 429, then 500 ===
-    let tap_from = ctx.cluster.tap.records().len();
+    let tap_from = ctx.cluster.tap()?.records().len();
     ctx.cluster
         .restart_llm(&["--p-429", "1", "--retry-after", "1"])
         .await?;
@@ -250,11 +250,8 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     check_chats(r, &fleet, &runs, "chats through the LLM outage").await;
 
     // Retry-After at the tap.
-    let records: Vec<TapRecord> = ctx
-        .cluster
-        .tap
-        .records()
-        .split_off(tap_from.min(ctx.cluster.tap.records().len()));
+    let mut records: Vec<TapRecord> = ctx.cluster.tap()?.records();
+    let records = records.split_off(tap_from.min(records.len()));
     let mut by_marker: HashMap<String, Vec<&TapRecord>> = HashMap::new();
     for rec in &records {
         if let Some(m) = &rec.marker {
