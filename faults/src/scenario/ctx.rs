@@ -8,7 +8,7 @@ use anyhow::{Result, bail};
 
 use crate::client::Env;
 use crate::cluster::Cluster;
-use crate::fleet::{ChatRun, Fleet};
+use crate::fleet::{ChatRun, Fleet, Traffic, TrafficStats};
 use crate::plan::Plan;
 use crate::report::ScenarioReport;
 use crate::stats::Summary;
@@ -122,6 +122,46 @@ pub fn pick(total: usize, prefer: &[usize], avoid: &[usize], n: usize) -> Vec<us
 }
 
 /// The chat and history checks every scenario with streams makes.
+/// Publications go on for this long after a recovery before every subscriber must
+/// have received one.
+pub const DELIVERY_WINDOW: Duration = Duration::from_secs(4);
+
+/// Lets the traffic run [`DELIVERY_WINDOW`] more after a recovery, stops it, and checks
+/// that every subscriber (`who`: all of them, or those that stayed connected) received
+/// something while publications were acked. Returns the traffic's totals and how
+/// many subscribers received nothing.
+pub async fn check_delivery(
+    r: &mut ScenarioReport,
+    fleet: &Fleet,
+    traffic: Traffic,
+    who: &str,
+) -> (TrafficStats, usize) {
+    let before: Vec<u64> = fleet.users.iter().map(|u| u.state().received).collect();
+    let acked_before = traffic.stats().acked;
+    tokio::time::sleep(DELIVERY_WINDOW).await;
+    let acked_in_window = traffic.stats().acked - acked_before;
+    let starved = fleet
+        .users
+        .iter()
+        .enumerate()
+        .filter(|(i, u)| u.profile.channel.is_some() && u.state().received == before[*i])
+        .count();
+    let stats = traffic.stop().await;
+    tokio::time::sleep(QUIESCE).await;
+    r.measure("publications_acked_in_delivery_window", acked_in_window);
+    r.check(
+        &format!("{who} receive new publications after the recovery"),
+        format!(
+            "all {} within {} s",
+            fleet.users.len(),
+            DELIVERY_WINDOW.as_secs()
+        ),
+        format!("{starved} received nothing ({acked_in_window} publications acked meanwhile)"),
+        starved == 0 && acked_in_window > 0,
+    );
+    (stats, starved)
+}
+
 pub async fn check_chats(r: &mut ScenarioReport, fleet: &Fleet, run: &ChatRun, what: &str) {
     check_chats_with(r, fleet, run, what, false).await
 }

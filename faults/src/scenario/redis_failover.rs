@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use super::ctx::{Ctx, QUIESCE, check_chats, wait_mid_stream};
+use super::ctx::{Ctx, check_chats, check_delivery, wait_mid_stream};
 use crate::client::{Env, now_ms, probe_auth};
 use crate::cluster::{Cluster, RedisMode, key_slot, parse_primaries, redis_text};
 use crate::fleet::{REQUEST_TIMEOUT, src_ip};
@@ -43,9 +43,6 @@ const PROBE_STREAK: usize = 5;
 /// map refresh (about 4 s here), where a cluster requiring full slot coverage
 /// refuses every slot for a moment.
 const OTHER_SLOTS_WATCH: Duration = Duration::from_secs(8);
-/// Window in which every connected subscriber must receive new publications after
-/// the recovery.
-const DELIVERY_WINDOW: Duration = Duration::from_secs(4);
 /// Distinct names tried when looking for a user id or channel in given slots (one
 /// in three lands in a given primary's slots).
 const NAME_TRIES: usize = 10_000;
@@ -339,28 +336,7 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     check_chats(r, &fleet, &run2, "chats after the recovery").await;
 
     // Channel delivery to every subscriber after the recovery.
-    let before: Vec<u64> = fleet.users.iter().map(|u| u.state().received).collect();
-    let acked_before = traffic.stats().acked;
-    tokio::time::sleep(DELIVERY_WINDOW).await;
-    let acked_in_window = traffic.stats().acked - acked_before;
-    let starved = fleet
-        .users
-        .iter()
-        .enumerate()
-        .filter(|(i, u)| u.profile.channel.is_some() && u.state().received == before[*i])
-        .count();
-    let stats = traffic.stop().await;
-    tokio::time::sleep(QUIESCE).await;
-    r.check(
-        "every subscriber receives new publications after the recovery",
-        format!(
-            "all {} within {} s",
-            fleet.users.len(),
-            DELIVERY_WINDOW.as_secs()
-        ),
-        format!("{starved} received nothing ({acked_in_window} publications acked meanwhile)"),
-        starved == 0 && acked_in_window > 0,
-    );
+    let (stats, _) = check_delivery(r, &fleet, traffic, "every subscriber").await;
     let publish_s = Summary::of(&stats.answer_ms);
     r.measure("traffic_publish_answer_ms", publish_s);
     r.measure("traffic", &stats);

@@ -11,7 +11,7 @@ use anyhow::Result;
 use serde_json::json;
 use tokio::task::JoinSet;
 
-use super::ctx::{Ctx, QUIESCE, check_chats, check_chats_with, wait_mid_stream};
+use super::ctx::{Ctx, check_chats, check_chats_with, check_delivery, wait_mid_stream};
 use crate::client::probe_auth;
 use crate::fleet::{REQUEST_TIMEOUT, src_ip};
 use crate::report::ScenarioReport;
@@ -21,9 +21,6 @@ use crate::stats::Summary;
 const PROBES: usize = 5;
 /// A login works again within this after Redis is back.
 const RECOVER: Duration = Duration::from_secs(15);
-/// Window in which every connected subscriber must receive new publications
-/// after the recovery.
-const DELIVERY_WINDOW: Duration = Duration::from_secs(4);
 
 pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     let plan = ctx.plan.clone();
@@ -193,29 +190,8 @@ pub async fn run(ctx: &mut Ctx, r: &mut ScenarioReport) -> Result<()> {
     check_chats(r, &fleet, &run2, "chats after the recovery").await;
 
     // Channel delivery to the subscribers that stayed connected.
-    let before: Vec<u64> = fleet.users.iter().map(|u| u.state().received).collect();
-    let acked_before = traffic.stats().acked;
-    tokio::time::sleep(DELIVERY_WINDOW).await;
-    let acked_in_window = traffic.stats().acked - acked_before;
-    let starved = fleet
-        .users
-        .iter()
-        .enumerate()
-        .filter(|(i, u)| u.profile.channel.is_some() && u.state().received == before[*i])
-        .count();
-    let stats = traffic.stop().await;
-    tokio::time::sleep(QUIESCE).await;
-    r.measure("publications_acked_in_delivery_window", acked_in_window);
-    r.check(
-        "subscribers that stayed connected receive new publications after the recovery",
-        format!(
-            "all {} within {} s",
-            fleet.users.len(),
-            DELIVERY_WINDOW.as_secs()
-        ),
-        format!("{starved} received nothing ({acked_in_window} publications acked meanwhile)"),
-        starved == 0 && acked_in_window > 0,
-    );
+    let (stats, starved) =
+        check_delivery(r, &fleet, traffic, "subscribers that stayed connected").await;
     r.measure("traffic", &stats);
     let ch = fleet.channel_tally(&stats, &[]);
     r.measure("channels", &ch);
