@@ -4,10 +4,12 @@
 
 use serde::Serialize;
 
+use super::chart::{level_chart, p50_p99_chart, percentile_chart, rate_chart, rss_chart};
 use super::{
-    Finding, Head, Latency, ReasonCount, Report, bytes, finding_of, kv, latency_of, latency_text,
-    level_chart, millis, p50_p99_chart, percentile_chart, rate_chart, reason_table, reasons,
-    rss_chart, thousands,
+    Finding, Head, Latency, ReasonCount, Report, allowance_text, allowed, bytes,
+    connection_problems, kv, latency_of, latency_row, millis, nonzero_counts, per_second,
+    quantiles_ms, reason_rows, reasons, rss_text, seconds, setup_latency_text, span_ms, stopped_by,
+    thousands,
 };
 use crate::cli::PublishVia;
 use crate::payload;
@@ -16,8 +18,6 @@ use crate::scenario::population::{Plan, RunResult, Tallies};
 use crate::stats::Histogram;
 use crate::stats::series::SLOT_MS;
 
-/// Shortest span used to compute a rate: below this the quotient is noise.
-const MIN_RATE_SPAN_MS: u64 = 1;
 /// Share of the target publication rate below which the verdict says the publisher,
 /// not the schedule, set the pace.
 const SLOW_PUBLISHER: f64 = 0.9;
@@ -39,8 +39,8 @@ pub struct BroadcastReport {
     /// The raw latency data (microseconds), mergeable with other runs' histograms.
     pub latency_histogram_us: Histogram,
     pub offsets: Offsets,
-    pub cpu: Option<CpuUse>,
-    pub gateway: Option<GatewayMemory>,
+    #[serde(flatten)]
+    pub machine: Machine,
     pub timeline: Timeline,
 }
 
@@ -111,39 +111,37 @@ impl Layout {
     }
 }
 
-/// The head of a population scenario's report.
-pub fn head(
-    plan: &Plan,
-    run: &RunResult,
-    goal_met: bool,
-    verdict: String,
-    stopped_by: Vec<Finding>,
-) -> Head {
-    let scenario = match plan.scenario {
-        crate::cli::ScenarioName::Broadcast => "broadcast",
-        crate::cli::ScenarioName::Chat => "chat",
-        crate::cli::ScenarioName::Soak => "soak",
-        crate::cli::ScenarioName::Connect => "connect",
-    };
-    Head::new(
-        scenario,
-        plan.epoch_ms,
-        run.finished_ms,
-        goal_met,
-        verdict,
-        stopped_by,
-        run.interrupted,
-        &run.errors,
-    )
+/// What the processes took: CPU over the window, and the gateway's memory at the
+/// run's milestones.
+#[derive(Debug, Serialize)]
+pub struct Machine {
+    pub cpu: Option<CpuUse>,
+    pub gateway: Option<GatewayMemory>,
 }
 
-/// The `CPU` and `Gateway RSS` rows, when they were measured.
-pub fn render_machine(out: &mut String, cpu: &Option<CpuUse>, gateway: &Option<GatewayMemory>) {
-    if let Some(cpu) = cpu {
-        kv(out, "CPU", &cpu_text(cpu));
+impl Machine {
+    pub fn of(run: &RunResult) -> Machine {
+        Machine {
+            cpu: run.cpu.clone(),
+            gateway: run
+                .gateway
+                .map(|[before, subscribed, drained, after]| GatewayMemory {
+                    before,
+                    subscribed,
+                    drained,
+                    after,
+                }),
+        }
     }
-    if let Some(g) = gateway {
-        kv(out, "Gateway RSS", &gateway_text(g));
+
+    /// The `CPU` and `Gateway RSS` rows, when they were measured.
+    pub fn render(&self, out: &mut String) {
+        if let Some(cpu) = &self.cpu {
+            kv(out, "CPU", &cpu_text(cpu));
+        }
+        if let Some(g) = &self.gateway {
+            kv(out, "Gateway RSS", &gateway_text(g));
+        }
     }
 }
 
@@ -270,40 +268,13 @@ pub struct Timeline {
     pub gateway: Vec<GatewaySample>,
 }
 
-fn rate(n: u64, span_ms: u64) -> f64 {
-    if span_ms == 0 {
-        0.0
-    } else {
-        n as f64 * 1000.0 / span_ms.max(MIN_RATE_SPAN_MS) as f64
-    }
-}
-
-fn finding(limit: &'static str, count: u64, explanation: &'static str) -> Finding {
-    Finding {
-        limit,
-        count,
-        explanation,
-    }
-}
-
-/// The limits failed setups and unexpected closes point to, most frequent first.
-pub fn connection_findings(t: &Tallies) -> Vec<Finding> {
-    let mut limits = t.failure_limits.clone();
-    limits.merge(&t.close_limits);
-    limits
-        .by_count()
-        .into_iter()
-        .map(|(label, count)| finding_of(label, count))
-        .collect()
-}
-
 /// What went wrong with publishing and delivery.
 pub fn delivery_findings(plan: &Plan, run: &RunResult) -> Vec<Finding> {
     let p = &run.published;
     let gaps = run.tallies.gaps;
     let mut found = Vec::new();
     if p.failed > 0 {
-        found.push(finding(
+        found.push(Finding::new(
             "publish_failed",
             p.failed,
             match plan.via {
@@ -321,7 +292,7 @@ pub fn delivery_findings(plan: &Plan, run: &RunResult) -> Vec<Finding> {
         ));
     }
     if gaps.missing > 0 {
-        found.push(finding(
+        found.push(Finding::new(
             if run.drained_fully { "gaps" } else { "behind" },
             gaps.missing,
             if run.drained_fully {
@@ -334,7 +305,7 @@ pub fn delivery_findings(plan: &Plan, run: &RunResult) -> Vec<Finding> {
         ));
     }
     if gaps.duplicates > 0 {
-        found.push(finding(
+        found.push(Finding::new(
             "duplicates",
             gaps.duplicates,
             "some offsets reached a subscriber more than once (see Offsets)",
@@ -346,10 +317,7 @@ pub fn delivery_findings(plan: &Plan, run: &RunResult) -> Vec<Finding> {
 /// The publisher's side.
 pub fn publications(plan: &Plan, run: &RunResult) -> Publications {
     let p = &run.published;
-    let publish_span_ms = match (p.first_sent_ms, p.last_sent_ms) {
-        (Some(a), Some(b)) => b.saturating_sub(a).max(MIN_RATE_SPAN_MS),
-        _ => 0,
-    };
+    let publish_span_ms = span_ms(p.first_sent_ms, p.last_sent_ms);
     // Sends are due at 0, 1/R, ..., so n sends span (n-1)/R seconds.
     let achieved_per_s = if p.sent > 1 {
         (p.sent - 1) as f64 * 1000.0 / publish_span_ms as f64
@@ -421,7 +389,7 @@ pub fn deliveries(plan: &Plan, run: &RunResult) -> Deliveries {
         total: gaps.received,
         expected: (gaps.received - gaps.duplicates) + gaps.missing,
         target_per_s: plan.target_deliveries_per_s(),
-        achieved_per_s: rate(gaps.received, delivery_span_ms),
+        achieved_per_s: per_second(gaps.received, delivery_span_ms),
         span_s: delivery_span_ms as f64 / 1000.0,
         steady_per_s,
         peak_1s_per_s: counts.peak_rate(1),
@@ -447,31 +415,19 @@ pub fn offsets(t: &Tallies) -> Offsets {
     }
 }
 
-/// The four gateway readings, when the gateway was watched.
-pub fn gateway_memory(run: &RunResult) -> Option<GatewayMemory> {
-    run.gateway
-        .map(|[before, subscribed, drained, after]| GatewayMemory {
-            before,
-            subscribed,
-            drained,
-            after,
-        })
-}
-
 /// The per-second series of the run.
 pub fn timeline(run: &RunResult) -> Timeline {
     let t = &run.tallies;
     let p = &run.published;
-    let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
     Timeline {
         slot_ms: SLOT_MS,
-        publish_start_s: run.window_started_ms.map(|v| v as f64 / 1000.0),
-        publish_end_s: run.window_ended_ms.map(|v| v as f64 / 1000.0),
+        publish_start_s: seconds(run.window_started_ms),
+        publish_end_s: seconds(run.window_ended_ms),
         published: p.sent_series.counts().to_vec(),
         acked: p.acked_series.counts().to_vec(),
         deliveries: t.latency_us.counts().counts().to_vec(),
-        latency_p50_ms: t.latency_us.quantiles(0.5).into_iter().map(ms).collect(),
-        latency_p99_ms: t.latency_us.quantiles(0.99).into_iter().map(ms).collect(),
+        latency_p50_ms: quantiles_ms(&t.latency_us, 0.5),
+        latency_p99_ms: quantiles_ms(&t.latency_us, 0.99),
         open: t.open.levels(),
         closes: t.close_series.counts().to_vec(),
         gateway: run.gateway_series.clone(),
@@ -486,18 +442,11 @@ impl BroadcastReport {
         let gaps = t.gaps;
         let publications = publications(plan, run);
 
-        // What went wrong, most frequent first.
-        let mut stopped_by = connection_findings(t);
-        stopped_by.extend(delivery_findings(plan, run));
-        stopped_by.sort_by_key(|f| std::cmp::Reverse(f.count));
-
         let lost_subscribers = plan.subscribers.saturating_sub(t.subscribed) + t.closed;
-        let allowed_subscribers = plan.allow_failures_pct / 100.0 * plan.subscribers as f64;
-        let allowed_publications = plan.allow_failures_pct / 100.0 * p.scheduled as f64;
         let goal_met = !run.interrupted
             && run.errors.is_empty()
-            && lost_subscribers as f64 <= allowed_subscribers
-            && p.failed as f64 <= allowed_publications
+            && lost_subscribers as f64 <= allowed(plan.allow_failures_pct, plan.subscribers)
+            && p.failed as f64 <= allowed(plan.allow_failures_pct, p.scheduled)
             && p.acked > 0
             && gaps.missing == 0
             && gaps.duplicates == 0;
@@ -514,16 +463,11 @@ impl BroadcastReport {
                 thousands(t.subscribed - t.closed),
                 thousands(p.acked),
                 thousands(gaps.received),
-                if lost_subscribers > 0 || p.failed > 0 {
-                    format!(
-                        " (within --allow-failures {}%: {} subscribers lost, {} publications failed)",
-                        plan.allow_failures_pct,
-                        thousands(lost_subscribers),
-                        thousands(p.failed)
-                    )
-                } else {
-                    String::new()
-                },
+                allowance_text(
+                    plan.allow_failures_pct,
+                    (lost_subscribers, "subscribers"),
+                    (p.failed, "publications")
+                ),
                 if publications.achieved_per_s < SLOW_PUBLISHER * plan.rate {
                     format!(
                         "; but the publisher reached only {:.1}/s of {}/s (the \
@@ -535,20 +479,12 @@ impl BroadcastReport {
                 }
             )
         } else {
-            let mut why = Vec::new();
-            if !run.errors.is_empty() {
-                why.push("worker or publisher errors".to_owned());
-            }
-            if t.subscribed < plan.subscribers {
-                why.push(format!(
-                    "{}/{} subscribed",
-                    thousands(t.subscribed),
-                    thousands(plan.subscribers)
-                ));
-            }
-            if t.closed > 0 {
-                why.push(format!("{} closed by the gateway", thousands(t.closed)));
-            }
+            let mut why = connection_problems(
+                run,
+                plan.subscribers,
+                "subscribed",
+                "worker or publisher errors",
+            );
             if p.failed > 0 {
                 why.push(format!("{} publications failed", thousands(p.failed)));
             }
@@ -573,7 +509,13 @@ impl BroadcastReport {
         };
 
         BroadcastReport {
-            head: head(plan, run, goal_met, verdict, stopped_by),
+            head: Head::new(
+                plan,
+                run,
+                goal_met,
+                verdict,
+                stopped_by(t, delivery_findings(plan, run)),
+            ),
             config: Config {
                 api_urls: plan.api_urls.iter().map(|u| u.to_string()).collect(),
                 publish_via: match plan.via {
@@ -607,8 +549,7 @@ impl BroadcastReport {
             latency_ms: latency_of(&latency_total),
             latency_histogram_us: latency_total,
             offsets: offsets(t),
-            cpu: run.cpu.clone(),
-            gateway: gateway_memory(run),
+            machine: Machine::of(run),
             timeline: timeline(run),
         }
     }
@@ -664,39 +605,18 @@ impl Report for BroadcastReport {
             &mut out,
             "Subscribers",
             &format!(
-                "target {}  subscribed {}  failed {}{}{}  unexpected closes {}  open at end {}{}",
+                "target {}  subscribed {}  failed {}{}  unexpected closes {}  open at end {}{}",
                 thousands(s.target),
                 thousands(s.subscribed),
                 thousands(s.failed),
-                if s.aborted > 0 {
-                    format!("  aborted {}", thousands(s.aborted))
-                } else {
-                    String::new()
-                },
-                if s.not_attempted > 0 {
-                    format!("  not attempted {}", thousands(s.not_attempted))
-                } else {
-                    String::new()
-                },
+                nonzero_counts(&[("aborted", s.aborted), ("not attempted", s.not_attempted)]),
                 thousands(s.unexpected_closes),
                 thousands(s.open_at_end),
-                match &s.setup_latency_ms {
-                    Some(l) => format!(
-                        "\nsetup (TCP connect -> subscribed) p50 {} p99 {} max {} ms",
-                        millis(l.p50),
-                        millis(l.p99),
-                        millis(l.max)
-                    ),
-                    None => String::new(),
-                }
+                setup_latency_text(&s.setup_latency_ms, "subscribed")
             ),
         );
-        if !s.failures.is_empty() {
-            kv(&mut out, "Failures", &reason_table(&s.failures));
-        }
-        if !s.closes.is_empty() {
-            kv(&mut out, "Closes", &reason_table(&s.closes));
-        }
+        reason_rows(&mut out, "Failures", &s.failures);
+        reason_rows(&mut out, "Closes", &s.closes);
         render_delivery(
             &mut out,
             &self.publications,
@@ -704,22 +624,22 @@ impl Report for BroadcastReport {
             &self.latency_ms,
             &self.offsets,
         );
-        render_machine(&mut out, &self.cpu, &self.gateway);
+        self.machine.render(&mut out);
         out
     }
 
     fn charts(&self) -> Vec<String> {
         let tl = &self.timeline;
-        let mut charts = vec![
-            percentile_chart(
-                &self.latency_histogram_us,
-                "Delivery latency by percentile (publish timestamp -> subscriber receive)",
-            ),
-            delivery_chart(tl),
-            latency_over_time_chart(tl),
-            publication_chart(tl),
-            open_chart("Open subscribers (per-second samples)", "subscribers", tl),
-        ];
+        let mut charts = vec![percentile_chart(
+            &self.latency_histogram_us,
+            "Delivery latency by percentile (publish timestamp -> subscriber receive)",
+        )];
+        charts.extend(delivery_charts(tl));
+        charts.push(open_chart(
+            "Open subscribers (per-second samples)",
+            "subscribers",
+            tl,
+        ));
         charts.extend(rss_chart(
             "Gateway resident memory",
             &[("RSS", &tl.gateway)],
@@ -764,12 +684,8 @@ pub fn render_delivery(
             }
         ),
     );
-    if !p.failures.is_empty() {
-        kv(out, "Pub failures", &reason_table(&p.failures));
-    }
-    if !p.connection_ends.is_empty() {
-        kv(out, "Pub closes", &reason_table(&p.connection_ends));
-    }
+    reason_rows(out, "Pub failures", &p.failures);
+    reason_rows(out, "Pub closes", &p.connection_ends);
     let mut deliveries = format!(
         "{} received of {} expected; {}/s over {:.2} s (target {}/s)",
         thousands(d.total),
@@ -814,14 +730,13 @@ pub fn render_delivery(
         ));
     }
     kv(out, "Deliveries", &deliveries);
-    match latency {
-        Some(l) => kv(
-            out,
-            "Latency (ms)",
-            &latency_text(l, "publish timestamp -> subscriber receive"),
-        ),
-        None => kv(out, "Latency (ms)", "nothing delivered"),
-    }
+    latency_row(
+        out,
+        "Latency (ms)",
+        latency,
+        "publish timestamp -> subscriber receive",
+        "nothing delivered",
+    );
     let mut offsets = format!(
         "{} streams: {} missing in {} gaps, {} duplicates; {} streams with problems",
         thousands(o.streams),
@@ -839,56 +754,47 @@ pub fn render_delivery(
 
 /// `before 9.8 MiB, subscribed 211 MiB, drained 348 MiB, after close 12 MiB`.
 pub fn gateway_text(g: &GatewayMemory) -> String {
-    let rss = |s: &Option<GatewaySample>| {
-        s.and_then(|s| s.rss_bytes)
-            .map_or("?".to_owned(), |b| bytes(b as f64))
-    };
     format!(
         "before {}, set up {}, drained {}, after close {}",
-        rss(&g.before),
-        rss(&g.subscribed),
-        rss(&g.drained),
-        rss(&g.after)
+        rss_text(&g.before),
+        rss_text(&g.subscribed),
+        rss_text(&g.drained),
+        rss_text(&g.after)
     )
 }
 
-/// Delivery latency p50 and p99, second by second.
-pub fn latency_over_time_chart(tl: &Timeline) -> String {
-    p50_p99_chart(
-        "Delivery latency per second",
-        &tl.latency_p50_ms,
-        &tl.latency_p99_ms,
-        tl.slot_ms,
-    )
-}
-
-/// Publications sent and acknowledged per second, and subscriber closes.
-pub fn publication_chart(tl: &Timeline) -> String {
-    rate_chart(
-        "Publications per second (and subscriber closes)",
-        "per second",
-        tl.slot_ms,
-        &[
-            ("sent/s", "#1f77b4", &tl.published, false),
-            ("acked/s", "#ff7f0e", &tl.acked, false),
-            ("closes/s", "#d62728", &tl.closes, true),
-        ],
-    )
+/// Second by second: deliveries over all subscribers, their latency p50 and p99, and
+/// publications sent and acknowledged (with subscriber closes).
+pub fn delivery_charts(tl: &Timeline) -> [String; 3] {
+    [
+        rate_chart(
+            "Deliveries per second (all subscribers)",
+            "deliveries/s",
+            tl.slot_ms,
+            &[("deliveries/s", "#1f77b4", &tl.deliveries, false)],
+        ),
+        p50_p99_chart(
+            "Delivery latency per second",
+            &tl.latency_p50_ms,
+            &tl.latency_p99_ms,
+            tl.slot_ms,
+        ),
+        rate_chart(
+            "Publications per second (and subscriber closes)",
+            "per second",
+            tl.slot_ms,
+            &[
+                ("sent/s", "#1f77b4", &tl.published, false),
+                ("acked/s", "#ff7f0e", &tl.acked, false),
+                ("closes/s", "#d62728", &tl.closes, true),
+            ],
+        ),
+    ]
 }
 
 /// Open connections, second by second.
 pub fn open_chart(title: &str, y_label: &str, tl: &Timeline) -> String {
     level_chart(title, y_label, "open", &tl.open, tl.slot_ms)
-}
-
-/// Deliveries per second over all subscribers.
-pub fn delivery_chart(tl: &Timeline) -> String {
-    rate_chart(
-        "Deliveries per second (all subscribers)",
-        "deliveries/s",
-        tl.slot_ms,
-        &[("deliveries/s", "#1f77b4", &tl.deliveries, false)],
-    )
 }
 
 /// `1.52 cores (30.4 s: user 12.1, system 18.3)`.

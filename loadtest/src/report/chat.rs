@@ -6,21 +6,18 @@
 
 use serde::Serialize;
 
-use super::broadcast::{
-    GatewayMemory, Layout, connection_findings, gateway_memory, head, render_machine,
-};
+use super::broadcast::{Layout, Machine};
+use super::chart::{level_chart, p50_p99_chart, percentile_curves, rate_chart, rss_chart};
 use super::{
-    Finding, Head, Latency, ReasonCount, Report, kv, latency_of, latency_text, level_chart, millis,
-    p50_p99_chart, percentile_curves, rate_chart, reason_table, reasons, rss_chart, thousands,
+    Finding, Head, Latency, ReasonCount, Report, allowance_text, allowed, connection_problems, kv,
+    latency_of, latency_row, millis, nonzero_counts, per_second, percentiles_text, quantiles_ms,
+    reason_rows, reasons, seconds, setup_latency_text, span_ms, stopped_by, thousands,
 };
 use crate::chat::{ChatTallies, LlmTiming, Pacing};
-use crate::probe::{CpuUse, GatewaySample};
+use crate::probe::GatewaySample;
 use crate::scenario::population::{Plan, ProcessSeries, RunResult, Tallies};
 use crate::stats::Histogram;
 use crate::stats::series::SLOT_MS;
-
-/// Shortest window used to compute a rate.
-const MIN_WINDOW_MS: u64 = 1;
 
 /// What the chat users did.
 #[derive(Debug, Clone, Serialize)]
@@ -106,8 +103,7 @@ impl ChatSection {
             run.window_started_ms.unwrap_or(0),
             run.window_ended_ms.unwrap_or(0),
         );
-        let window_ms = end.saturating_sub(start).max(MIN_WINDOW_MS);
-        let per_s = |n: u64| n as f64 * 1000.0 / window_ms as f64;
+        let window_ms = span_ms(Some(start), Some(end));
         // Seconds wholly inside the window; the sample at a slot's start is the level.
         let levels = t.in_flight.levels();
         let from = (start.div_ceil(SLOT_MS) as usize).min(levels.len());
@@ -128,8 +124,8 @@ impl ChatSection {
             unfinished: t.unfinished,
             errors: reasons(&t.errors),
             window_s: window_ms as f64 / 1000.0,
-            sent_per_s: per_s(t.sent),
-            completed_per_s: per_s(t.completed),
+            sent_per_s: per_second(t.sent, window_ms),
+            completed_per_s: per_second(t.completed, window_ms),
             concurrency_mean,
             concurrency_peak: t.in_flight.peak(),
             ack_ms: latency_of(&t.ack_us),
@@ -159,10 +155,9 @@ impl ChatSection {
         }
     }
 
-    /// Streams that went wrong in a way the run should not tolerate: failed streams
-    /// and chunk problems.
-    pub fn problems(&self) -> u64 {
-        self.failed + self.chunks.missing + self.chunks.duplicates + self.chunks.content_mismatches
+    /// Chunk sequences with gaps or duplicates, and texts that differ from their chunks.
+    pub fn chunk_problems(&self) -> u64 {
+        self.chunks.missing + self.chunks.duplicates + self.chunks.content_mismatches
     }
 
     /// What went wrong, by cause, with what to change.
@@ -174,11 +169,7 @@ impl ChatSection {
             }
             match found.iter_mut().find(|f| f.limit == limit) {
                 Some(f) => f.count += count,
-                None => found.push(Finding {
-                    limit,
-                    count,
-                    explanation,
-                }),
+                None => found.push(Finding::new(limit, count, explanation)),
             }
         };
         for e in &self.errors {
@@ -252,11 +243,7 @@ impl ChatSection {
                 thousands(self.acked),
                 thousands(self.completed),
                 thousands(self.failed),
-                if self.unfinished > 0 {
-                    format!("  unfinished {}", thousands(self.unfinished))
-                } else {
-                    String::new()
-                },
+                nonzero_counts(&[("unfinished", self.unfinished)]),
                 self.sent_per_s,
                 self.completed_per_s,
                 self.window_s,
@@ -274,9 +261,7 @@ impl ChatSection {
                 }
             ),
         );
-        if !self.errors.is_empty() {
-            kv(out, "Stream errors", &reason_table(&self.errors));
-        }
+        reason_rows(out, "Stream errors", &self.errors);
         let rows = [
             ("Ack (ms)", &self.ack_ms, "chat.send -> ack"),
             (
@@ -291,10 +276,7 @@ impl ChatSection {
             ),
         ];
         for (label, latency, what) in rows {
-            match latency {
-                Some(l) => kv(out, label, &latency_text(l, what)),
-                None => kv(out, label, "none"),
-            }
+            latency_row(out, label, latency, what, "none");
         }
         let overhead = match (&self.llm, &self.first_chunk_overhead_ms) {
             (None, _) => {
@@ -303,24 +285,14 @@ impl ChatSection {
             (Some(_), None) => "no stream reached its first chunk".to_owned(),
             (Some(l), Some(first)) => {
                 let mut s = format!(
-                    "first chunk: p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (minus the stub's {} ms \
-                     to its first token)",
-                    millis(first.p50),
-                    millis(first.p90),
-                    millis(first.p99),
-                    millis(first.p999),
-                    millis(first.max),
+                    "first chunk: {}  (minus the stub's {} ms to its first token)",
+                    percentiles_text(first),
                     l.first_token_ms
                 );
                 if let Some(c) = &self.complete_overhead_ms {
                     s.push_str(&format!(
-                        "\ncomplete:    p50 {}  p90 {}  p99 {}  p99.9 {}  max {}  (minus {} ms: first \
-                         token and {} ms of tokens)",
-                        millis(c.p50),
-                        millis(c.p90),
-                        millis(c.p99),
-                        millis(c.p999),
-                        millis(c.max),
+                        "\ncomplete:    {}  (minus {} ms: first token and {} ms of tokens)",
+                        percentiles_text(c),
                         l.expected_ms(),
                         l.stream_ms
                     ));
@@ -404,27 +376,16 @@ impl ChatSection {
 
 impl ChatTimeline {
     pub fn build(t: &ChatTallies, run: &RunResult) -> ChatTimeline {
-        let ms = |v: Option<u64>| v.map(|us| us as f64 / 1000.0);
         ChatTimeline {
             slot_ms: SLOT_MS,
-            window_start_s: run.window_started_ms.map(|v| v as f64 / 1000.0),
-            window_end_s: run.window_ended_ms.map(|v| v as f64 / 1000.0),
+            window_start_s: seconds(run.window_started_ms),
+            window_end_s: seconds(run.window_ended_ms),
             sent: t.sent_series.counts().to_vec(),
             completed: t.completed_series.counts().to_vec(),
             failed: t.failed_series.counts().to_vec(),
             in_flight: t.in_flight.levels(),
-            first_chunk_p50_ms: t
-                .first_chunk_us
-                .quantiles(0.5)
-                .into_iter()
-                .map(ms)
-                .collect(),
-            first_chunk_p99_ms: t
-                .first_chunk_us
-                .quantiles(0.99)
-                .into_iter()
-                .map(ms)
-                .collect(),
+            first_chunk_p50_ms: quantiles_ms(&t.first_chunk_us, 0.5),
+            first_chunk_p99_ms: quantiles_ms(&t.first_chunk_us, 0.99),
         }
     }
 }
@@ -439,8 +400,8 @@ pub struct ChatReport {
     pub config: ChatConfig,
     pub users: Users,
     pub streams: ChatSection,
-    pub cpu: Option<CpuUse>,
-    pub gateway: Option<GatewayMemory>,
+    #[serde(flatten)]
+    pub machine: Machine,
     pub timeline: ChatReportTimeline,
 }
 
@@ -495,18 +456,28 @@ impl Users {
             open_at_end: t.open_at_finish,
         }
     }
+
+    /// `\nsetup (TCP connect -> ready) p50 .. p99 .. max .. ms`, or nothing.
+    pub fn setup_latency_text(&self) -> String {
+        setup_latency_text(&self.setup_latency_ms, "ready")
+    }
+
+    /// The failed setups and unexpected closes by reason.
+    pub fn render_reasons(&self, out: &mut String) {
+        reason_rows(out, "Failures", &self.failures);
+        reason_rows(out, "Closes", &self.closes);
+    }
 }
 
-/// Every process whose memory was sampled: the gateway, then the workers.
-pub fn rss_series<'a>(
-    gateway: &'a [GatewaySample],
-    workers: &'a [ProcessSeries],
-) -> Vec<(&'a str, &'a [GatewaySample])> {
+/// The memory of every process sampled: the gateway, then the workers.
+pub fn processes_rss_chart(gateway: &[GatewaySample], workers: &[ProcessSeries]) -> Option<String> {
     let mut all = vec![("gateway", gateway)];
-    for w in workers {
-        all.push((w.url.as_str(), w.samples.as_slice()));
-    }
-    all
+    all.extend(
+        workers
+            .iter()
+            .map(|w| (w.url.as_str(), w.samples.as_slice())),
+    );
+    rss_chart("Resident memory", &all)
 }
 
 impl ChatReport {
@@ -516,18 +487,14 @@ impl ChatReport {
         let llm = settings.as_ref().and_then(|s| s.llm);
         let streams = ChatSection::build(&t.chat, llm, run);
         let users = plan.chat_users();
-        let mut stopped_by = connection_findings(t);
-        stopped_by.extend(streams.findings());
-        stopped_by.sort_by_key(|f| std::cmp::Reverse(f.count));
+        let stopped_by = stopped_by(t, streams.findings());
 
         let lost_users = users.saturating_sub(t.subscribed) + t.closed;
-        let allowed = |of: u64| plan.allow_failures_pct / 100.0 * of as f64;
-        let chunk_problems =
-            streams.chunks.missing + streams.chunks.duplicates + streams.chunks.content_mismatches;
+        let chunk_problems = streams.chunk_problems();
         let goal_met = !run.interrupted
             && run.errors.is_empty()
-            && lost_users as f64 <= allowed(users)
-            && streams.failed as f64 <= allowed(streams.sent)
+            && lost_users as f64 <= allowed(plan.allow_failures_pct, users)
+            && streams.failed as f64 <= allowed(plan.allow_failures_pct, streams.sent)
             && streams.completed > 0
             && chunk_problems == 0;
         let overhead = streams
@@ -554,32 +521,14 @@ impl ChatReport {
                 thousands(streams.completed),
                 streams.concurrency_mean,
                 overhead,
-                if lost_users > 0 || streams.failed > 0 {
-                    format!(
-                        " (within --allow-failures {}%: {} users lost, {} streams failed)",
-                        plan.allow_failures_pct,
-                        thousands(lost_users),
-                        thousands(streams.failed)
-                    )
-                } else {
-                    String::new()
-                }
+                allowance_text(
+                    plan.allow_failures_pct,
+                    (lost_users, "users"),
+                    (streams.failed, "streams")
+                )
             )
         } else {
-            let mut why = Vec::new();
-            if !run.errors.is_empty() {
-                why.push("worker errors".to_owned());
-            }
-            if t.subscribed < users {
-                why.push(format!(
-                    "{}/{} users connected",
-                    thousands(t.subscribed),
-                    thousands(users)
-                ));
-            }
-            if t.closed > 0 {
-                why.push(format!("{} closed by the gateway", thousands(t.closed)));
-            }
+            let mut why = connection_problems(run, users, "users connected", "worker errors");
             if streams.failed > 0 {
                 why.push(format!(
                     "{} of {} streams failed",
@@ -597,7 +546,7 @@ impl ChatReport {
         };
         let s = settings.as_ref();
         ChatReport {
-            head: head(plan, run, goal_met, verdict, stopped_by),
+            head: Head::new(plan, run, goal_met, verdict, stopped_by),
             config: ChatConfig {
                 users,
                 pacing: match s.map(|s| s.pacing) {
@@ -625,8 +574,7 @@ impl ChatReport {
                 workers: run.worker_series.clone(),
             },
             streams,
-            cpu: run.cpu.clone(),
-            gateway: gateway_memory(run),
+            machine: Machine::of(run),
         }
     }
 }
@@ -679,62 +627,31 @@ impl Report for ChatReport {
             ),
         );
         self.head.render_errors(&mut out);
-        render_users(&mut out, "Users", &self.users);
+        let u = &self.users;
+        kv(
+            &mut out,
+            "Users",
+            &format!(
+                "target {}  connected {}  failed {}  unexpected closes {}  open at end {}{}",
+                thousands(u.target),
+                thousands(u.connected),
+                thousands(u.failed),
+                thousands(u.unexpected_closes),
+                thousands(u.open_at_end),
+                u.setup_latency_text()
+            ),
+        );
+        u.render_reasons(&mut out);
         self.streams.render(&mut out);
-        render_machine(&mut out, &self.cpu, &self.gateway);
+        self.machine.render(&mut out);
         out
     }
 
     fn charts(&self) -> Vec<String> {
         let tl = &self.timeline;
         let mut charts = self.streams.charts(&tl.chat);
-        charts.extend(rss_chart(
-            "Resident memory",
-            &rss_series(&tl.gateway, &tl.workers),
-        ));
+        charts.extend(processes_rss_chart(&tl.gateway, &tl.workers));
         charts
-    }
-}
-
-/// The connection rows of a summary: set up, failed, closed, with reasons.
-pub fn render_users(out: &mut String, label: &str, u: &Users) {
-    kv(out, label, &users_line(u));
-    render_reasons(out, u);
-}
-
-/// Setups and closes in one line, and the setup latency.
-fn users_line(u: &Users) -> String {
-    format!(
-        "target {}  connected {}  failed {}  unexpected closes {}  open at end {}{}",
-        thousands(u.target),
-        thousands(u.connected),
-        thousands(u.failed),
-        thousands(u.unexpected_closes),
-        thousands(u.open_at_end),
-        setup_latency_text(u)
-    )
-}
-
-/// `\nsetup (TCP connect -> ready) p50 .. p99 .. max .. ms`, or nothing.
-pub fn setup_latency_text(u: &Users) -> String {
-    match &u.setup_latency_ms {
-        Some(l) => format!(
-            "\nsetup (TCP connect -> ready) p50 {} p99 {} max {} ms",
-            millis(l.p50),
-            millis(l.p99),
-            millis(l.max)
-        ),
-        None => String::new(),
-    }
-}
-
-/// The failed setups and unexpected closes by reason.
-pub fn render_reasons(out: &mut String, u: &Users) {
-    if !u.failures.is_empty() {
-        kv(out, "Failures", &reason_table(&u.failures));
-    }
-    if !u.closes.is_empty() {
-        kv(out, "Closes", &reason_table(&u.closes));
     }
 }
 

@@ -4,18 +4,16 @@
 
 use serde::Serialize;
 
+use super::chart::{level_chart, percentile_chart, rate_chart, rss_chart};
 pub use super::{Finding, Latency, ReasonCount};
 use super::{
-    Head, Report, bytes, finding_of, kv, latency_of, latency_text, level_chart, percentile_chart,
-    rate_chart, reason_table, reasons, rss_chart, thousands,
+    Head, Report, allowed, bytes, kv, latency_of, latency_row, nonzero_counts, per_second,
+    reason_rows, reasons, rss_text, span_ms, stopped_by, thousands,
 };
 use crate::probe::GatewaySample;
 use crate::scenario::population::{Plan, RunResult};
 use crate::stats::Histogram;
 
-/// Shortest connect phase used to compute a rate: below a millisecond the quotient
-/// would be noise.
-const MIN_RATE_SPAN_MS: u64 = 1;
 /// Growth per connection below which the figure cannot be real: a connection's socket
 /// buffers and state alone take more, so the allocator reused memory of earlier runs.
 const IMPLAUSIBLE_RSS_PER_CONNECTION: f64 = 512.0;
@@ -150,32 +148,18 @@ impl ConnectReport {
         let total = plan.connections();
         let ok = t.subscribed;
 
-        let span_ms = match (t.first_attempt_ms, t.last_outcome_ms) {
-            (Some(a), Some(b)) => b.saturating_sub(a).max(MIN_RATE_SPAN_MS),
-            _ => 0,
-        };
+        let span_ms = span_ms(t.first_attempt_ms, t.last_outcome_ms);
         let connect_rate = ConnectRate {
-            achieved_per_s: if span_ms > 0 {
-                ok as f64 * 1000.0 / span_ms as f64
-            } else {
-                0.0
-            },
+            achieved_per_s: per_second(ok, span_ms),
             peak_1s_per_s: t.setup_series.peak_rate(1),
             connect_phase_s: span_ms as f64 / 1000.0,
         };
 
-        let mut limits = t.failure_limits.clone();
-        limits.merge(&t.close_limits);
-        let stopped_by: Vec<Finding> = limits
-            .by_count()
-            .into_iter()
-            .map(|(label, count)| finding_of(label, count))
-            .collect();
-
         let dropped = t.closed;
         let missed = total.saturating_sub(ok) + dropped;
-        let allowed = plan.allow_failures_pct / 100.0 * total as f64;
-        let goal_met = !f.interrupted && f.errors.is_empty() && missed as f64 <= allowed;
+        let goal_met = !f.interrupted
+            && f.errors.is_empty()
+            && missed as f64 <= allowed(plan.allow_failures_pct, total);
         let hold_ms = u64::try_from(plan.duration.as_millis()).unwrap_or(u64::MAX);
         let held_s = f
             .window_started_ms
@@ -219,16 +203,7 @@ impl ConnectReport {
         };
 
         ConnectReport {
-            head: Head::new(
-                "connect",
-                plan.epoch_ms,
-                f.finished_ms,
-                goal_met,
-                verdict,
-                stopped_by,
-                f.interrupted,
-                &f.errors,
-            ),
+            head: Head::new(plan, f, goal_met, verdict, stopped_by(t, [])),
             config: Config {
                 url: plan.urls[0].clone(),
                 connections: total,
@@ -323,26 +298,15 @@ impl Report for ConnectReport {
             &mut out,
             "Connections",
             &format!(
-                "target {}  attempted {}  ok {}  failed {}{}{}",
+                "target {}  attempted {}  ok {}  failed {}{}",
                 thousands(n.target),
                 thousands(n.attempted),
                 thousands(n.ok),
                 thousands(n.failed),
-                if n.aborted > 0 {
-                    format!("  aborted {}", thousands(n.aborted))
-                } else {
-                    String::new()
-                },
-                if n.not_attempted > 0 {
-                    format!("  not attempted {}", thousands(n.not_attempted))
-                } else {
-                    String::new()
-                },
+                nonzero_counts(&[("aborted", n.aborted), ("not attempted", n.not_attempted)]),
             ),
         );
-        if !n.failures.is_empty() {
-            kv(&mut out, "Failures", &reason_table(&n.failures));
-        }
+        reason_rows(&mut out, "Failures", &n.failures);
         let r = &self.connect_rate;
         kv(
             &mut out,
@@ -354,14 +318,13 @@ impl Report for ConnectReport {
                 thousands(r.peak_1s_per_s.round() as u64)
             ),
         );
-        match &self.latency_ms {
-            Some(l) => kv(
-                &mut out,
-                "Latency (ms)",
-                &latency_text(l, "TCP connect start -> authenticated"),
-            ),
-            None => kv(&mut out, "Latency (ms)", "no connection succeeded"),
-        }
+        latency_row(
+            &mut out,
+            "Latency (ms)",
+            &self.latency_ms,
+            "TCP connect start -> authenticated",
+            "no connection succeeded",
+        );
         if let Some(n) = self.listen_overflows.filter(|n| *n > 0) {
             kv(
                 &mut out,
@@ -393,9 +356,7 @@ impl Report for ConnectReport {
                 thousands(h.unexpected_closes)
             ),
         );
-        if !h.by_reason.is_empty() {
-            kv(&mut out, "Closes", &reason_table(&h.by_reason));
-        }
+        reason_rows(&mut out, "Closes", &h.by_reason);
         if let Some(g) = &self.gateway {
             kv(&mut out, "Gateway", &gateway_text(g));
         }
@@ -436,21 +397,17 @@ impl Report for ConnectReport {
 }
 
 fn gateway_text(g: &Gateway) -> String {
-    let rss = |s: &Option<GatewaySample>| {
-        s.and_then(|s| s.rss_bytes)
-            .map_or("?".to_owned(), |b| bytes(b as f64))
-    };
     let conns = |s: &Option<GatewaySample>| {
         s.and_then(|s| s.connections)
             .map_or(String::new(), |c| format!(" ({} conns)", thousands(c)))
     };
     let mut text = format!(
         "RSS before {}{}, held {}{}, after close {}{}",
-        rss(&g.before),
+        rss_text(&g.before),
         conns(&g.before),
-        rss(&g.held),
+        rss_text(&g.held),
         conns(&g.held),
-        rss(&g.after),
+        rss_text(&g.after),
         conns(&g.after)
     );
     match (

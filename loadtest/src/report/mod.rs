@@ -1,9 +1,10 @@
 //! Presenting results: the one rendering model every scenario's report goes through
 //! ([`Report`]: a JSON document, a head, the key/value rows of the human summary and
-//! the inline-SVG charts of the HTML page), number formatting, writing the outputs,
-//! and one submodule per scenario's report.
+//! the inline-SVG charts of the HTML page), the summary rows several reports share,
+//! writing the outputs, and one submodule per scenario's report.
 
 pub mod broadcast;
+pub mod chart;
 pub mod chat;
 pub mod connect;
 pub mod format;
@@ -15,16 +16,16 @@ use std::path::PathBuf;
 use anyhow::Context;
 use serde::Serialize;
 
+use crate::cli::ScenarioName;
 use crate::client::Limit;
 use crate::probe::GatewaySample;
+use crate::scenario::population::{Plan, RunResult, Tallies};
+use crate::stats::series::HistogramSeries;
 use crate::stats::{Histogram, Tally};
 pub use format::{bytes, escape, millis, thousands};
-use svg::{Chart, Series, XTicks};
 
-/// Resolution of a latency percentile curve, in "nines" (x = -log10(1 - q)).
-const CURVE_STEP: f64 = 0.02;
-/// Deepest percentile plotted: 99.99 %, the most a run of these sizes resolves.
-const CURVE_MAX_NINES: f64 = 4.0;
+/// Shortest span used to compute a rate: below a millisecond the quotient is noise.
+const MIN_RATE_SPAN_MS: u64 = 1;
 
 /// Width of the label column of summary tables.
 const LABEL_WIDTH: usize = 14;
@@ -55,28 +56,29 @@ pub struct Head {
 }
 
 impl Head {
-    /// The head of a run started at `epoch_ms` that ended `finished_ms` later.
-    #[allow(clippy::too_many_arguments)]
+    /// The head of a run of `plan`.
     pub fn new(
-        scenario: &'static str,
-        epoch_ms: u64,
-        finished_ms: u64,
+        plan: &Plan,
+        run: &RunResult,
         goal_met: bool,
         verdict: String,
         stopped_by: Vec<Finding>,
-        interrupted: bool,
-        errors: &[String],
     ) -> Head {
         Head {
-            scenario,
+            scenario: match plan.scenario {
+                ScenarioName::Connect => "connect",
+                ScenarioName::Broadcast => "broadcast",
+                ScenarioName::Chat => "chat",
+                ScenarioName::Soak => "soak",
+            },
             version: env!("CARGO_PKG_VERSION"),
-            started_at_unix_ms: epoch_ms,
-            duration_s: finished_ms as f64 / 1000.0,
+            started_at_unix_ms: plan.epoch_ms,
+            duration_s: run.finished_ms as f64 / 1000.0,
             goal_met,
             verdict,
             stopped_by,
-            interrupted,
-            worker_errors: errors.to_vec(),
+            interrupted: run.interrupted,
+            worker_errors: run.errors.clone(),
         }
     }
 
@@ -141,6 +143,16 @@ pub struct Finding {
     pub explanation: &'static str,
 }
 
+impl Finding {
+    pub fn new(limit: &'static str, count: u64, explanation: &'static str) -> Finding {
+        Finding {
+            limit,
+            count,
+            explanation,
+        }
+    }
+}
+
 /// Occurrences of one failure reason.
 #[derive(Debug, Clone, Serialize)]
 pub struct ReasonCount {
@@ -187,31 +199,157 @@ pub fn latency_of(h: &Histogram) -> Option<Latency> {
     })
 }
 
-/// `p50 1.2  p90 3.4  p99 5.6  p99.9 7.8  max 9.0` (ms), then `min, mean, n` and a
-/// note on what was measured.
-pub fn latency_text(l: &Latency, what: &str) -> String {
+/// `p50 1.2  p90 3.4  p99 5.6  p99.9 7.8  max 9.0` (ms).
+pub fn percentiles_text(l: &Latency) -> String {
     format!(
-        "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}\n\
-         min {}  mean {}  n {}   ({what})",
+        "p50 {}  p90 {}  p99 {}  p99.9 {}  max {}",
         millis(l.p50),
         millis(l.p90),
         millis(l.p99),
         millis(l.p999),
-        millis(l.max),
+        millis(l.max)
+    )
+}
+
+/// [`percentiles_text`], then `min, mean, n` and a note on what was measured.
+pub fn latency_text(l: &Latency, what: &str) -> String {
+    format!(
+        "{}\nmin {}  mean {}  n {}   ({what})",
+        percentiles_text(l),
         millis(l.min),
         millis(l.mean),
         thousands(l.count)
     )
 }
 
+/// A [`latency_text`] row, or `none` when nothing was measured.
+pub fn latency_row(out: &mut String, label: &str, l: &Option<Latency>, what: &str, none: &str) {
+    match l {
+        Some(l) => kv(out, label, &latency_text(l, what)),
+        None => kv(out, label, none),
+    }
+}
+
+/// `\nsetup (TCP connect -> {until}) p50 .. p99 .. max .. ms`, or nothing.
+pub fn setup_latency_text(l: &Option<Latency>, until: &str) -> String {
+    l.as_ref().map_or(String::new(), |l| {
+        format!(
+            "\nsetup (TCP connect -> {until}) p50 {} p99 {} max {} ms",
+            millis(l.p50),
+            millis(l.p99),
+            millis(l.max)
+        )
+    })
+}
+
+/// `n` per second over `span_ms`; 0 without a span.
+pub fn per_second(n: u64, span_ms: u64) -> f64 {
+    if span_ms == 0 {
+        0.0
+    } else {
+        n as f64 * 1000.0 / span_ms.max(MIN_RATE_SPAN_MS) as f64
+    }
+}
+
+/// The milliseconds from `from` to `to`, at least one; 0 when either
+/// is unknown.
+pub fn span_ms(from: Option<u64>, to: Option<u64>) -> u64 {
+    match (from, to) {
+        (Some(a), Some(b)) => b.saturating_sub(a).max(MIN_RATE_SPAN_MS),
+        _ => 0,
+    }
+}
+
+/// Run-epoch milliseconds as seconds.
+pub fn seconds(ms: Option<u64>) -> Option<f64> {
+    ms.map(|v| v as f64 / 1000.0)
+}
+
+/// The `q` quantile of each slot of a microsecond series, in milliseconds.
+pub fn quantiles_ms(series: &HistogramSeries, q: f64) -> Vec<Option<f64>> {
+    series
+        .quantiles(q)
+        .into_iter()
+        .map(|v| v.map(|us| us as f64 / 1000.0))
+        .collect()
+}
+
+/// `  label count` for each count that is not zero, for the rarer outcomes of a
+/// counts line.
+pub fn nonzero_counts(counts: &[(&str, u64)]) -> String {
+    counts
+        .iter()
+        .filter(|(_, n)| *n > 0)
+        .map(|(label, n)| format!("  {label} {}", thousands(*n)))
+        .collect()
+}
+
+/// A resident size, `?` when it was not read.
+pub fn rss_text(s: &Option<GatewaySample>) -> String {
+    s.and_then(|s| s.rss_bytes)
+        .map_or("?".to_owned(), |b| bytes(b as f64))
+}
+
+/// ` (within --allow-failures 5%: 2 users lost, 1 streams failed)` when something was
+/// lost or failed, else nothing.
+pub fn allowance_text(pct: f64, lost: (u64, &str), failed: (u64, &str)) -> String {
+    if lost.0 == 0 && failed.0 == 0 {
+        return String::new();
+    }
+    format!(
+        " (within --allow-failures {pct}%: {} {} lost, {} {} failed)",
+        thousands(lost.0),
+        lost.1,
+        thousands(failed.0),
+        failed.1
+    )
+}
+
 /// A limit that failures or closes point to, with how often and what to change.
 pub fn finding_of(label: &str, count: u64) -> Finding {
     let limit = Limit::from_label(label).unwrap_or(Limit::Other);
-    Finding {
-        limit: limit.label(),
-        count,
-        explanation: limit.explain(),
+    Finding::new(limit.label(), count, limit.explain())
+}
+
+/// What stopped a run, most frequent first: the limits failed setups and unexpected
+/// closes point to, and the scenario's own findings (`more`).
+pub fn stopped_by(t: &Tallies, more: impl IntoIterator<Item = Finding>) -> Vec<Finding> {
+    let mut limits = t.failure_limits.clone();
+    limits.merge(&t.close_limits);
+    let mut found: Vec<Finding> = limits
+        .by_count()
+        .into_iter()
+        .map(|(label, count)| finding_of(label, count))
+        .chain(more)
+        .collect();
+    found.sort_by_key(|f| std::cmp::Reverse(f.count));
+    found
+}
+
+/// Share `pct` of `of`: how many failures `--allow-failures` tolerates.
+pub fn allowed(pct: f64, of: u64) -> f64 {
+    pct / 100.0 * of as f64
+}
+
+/// Why a run's connections missed the goal: worker errors (`errors`), fewer set up
+/// than `target` (`{set_up}/{target} {what}`), closes by the gateway.
+pub fn connection_problems(run: &RunResult, target: u64, what: &str, errors: &str) -> Vec<String> {
+    let t = &run.tallies;
+    let mut why = Vec::new();
+    if !run.errors.is_empty() {
+        why.push(errors.to_owned());
     }
+    if t.subscribed < target {
+        why.push(format!(
+            "{}/{} {what}",
+            thousands(t.subscribed),
+            thousands(target)
+        ));
+    }
+    if t.closed > 0 {
+        why.push(format!("{} closed by the gateway", thousands(t.closed)));
+    }
+    why
 }
 
 /// Findings as summary lines; `nothing` when there are none.
@@ -228,146 +366,6 @@ pub fn findings_text(findings: &[Finding], interrupted: bool, nothing: &str) -> 
         .map(|f| format!("{} x{}: {}", f.limit, thousands(f.count), f.explanation))
         .collect::<Vec<_>>()
         .join("\n")
-}
-
-/// Counts per slot as a per-second step line.
-pub fn step_points(counts: &[u64], slot_ms: u64) -> Vec<(f64, f64)> {
-    let slot_s = slot_ms as f64 / 1000.0;
-    counts
-        .iter()
-        .enumerate()
-        .flat_map(|(i, &c)| {
-            let r = c as f64 / slot_s;
-            [(i as f64 * slot_s, r), ((i + 1) as f64 * slot_s, r)]
-        })
-        .collect()
-}
-
-/// Levels per slot (the level at each slot's start) as points.
-pub fn level_points(levels: &[u64], slot_ms: u64) -> Vec<(f64, f64)> {
-    let slot_s = slot_ms as f64 / 1000.0;
-    levels
-        .iter()
-        .enumerate()
-        .map(|(i, &v)| (i as f64 * slot_s, v as f64))
-        .collect()
-}
-
-/// One line of a [`rate_chart`]: name, colour, counts per slot, and whether it is
-/// left out when every count is zero.
-pub type RateLine<'a> = (&'a str, &'a str, &'a [u64], bool);
-
-/// Counts per slot as per-second steps, one line each.
-pub fn rate_chart(title: &str, y_label: &str, slot_ms: u64, lines: &[RateLine<'_>]) -> String {
-    Chart {
-        title,
-        x_label: "seconds since start",
-        y_label,
-        x_ticks: XTicks::Auto,
-        series: lines
-            .iter()
-            .filter(|(_, _, counts, optional)| !optional || counts.iter().any(|&c| c > 0))
-            .map(|&(name, color, counts, _)| Series {
-                name,
-                color,
-                points: step_points(counts, slot_ms),
-            })
-            .collect(),
-    }
-    .render()
-}
-
-/// A level sampled each slot (open connections, streams in flight), as one line.
-pub fn level_chart(title: &str, y_label: &str, name: &str, levels: &[u64], slot_ms: u64) -> String {
-    Chart {
-        title,
-        x_label: "seconds since start",
-        y_label,
-        x_ticks: XTicks::Auto,
-        series: vec![Series {
-            name,
-            color: "#2ca02c",
-            points: level_points(levels, slot_ms),
-        }],
-    }
-    .render()
-}
-
-/// Per-slot values (`None` for a slot without data) as points at slot centres.
-pub fn slot_points(values: &[Option<f64>], slot_ms: u64) -> Vec<(f64, f64)> {
-    let slot_s = slot_ms as f64 / 1000.0;
-    values
-        .iter()
-        .enumerate()
-        .filter_map(|(i, v)| v.map(|v| ((i as f64 + 0.5) * slot_s, v)))
-        .collect()
-}
-
-/// A chart of p50 and p99 per second.
-pub fn p50_p99_chart(
-    title: &str,
-    p50: &[Option<f64>],
-    p99: &[Option<f64>],
-    slot_ms: u64,
-) -> String {
-    Chart {
-        title,
-        x_label: "seconds since start",
-        y_label: "ms",
-        x_ticks: XTicks::Auto,
-        series: vec![
-            Series {
-                name: "p50",
-                color: "#2ca02c",
-                points: slot_points(p50, slot_ms),
-            },
-            Series {
-                name: "p99",
-                color: "#d62728",
-                points: slot_points(p99, slot_ms),
-            },
-        ],
-    }
-    .render()
-}
-
-/// Colours of the lines of a chart, in order.
-const PALETTE: [&str; 6] = [
-    "#9467bd", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#8c564b",
-];
-
-/// Resident memory over time of one or more processes, MiB; `None` when nothing was
-/// read.
-pub fn rss_chart(title: &str, processes: &[(&str, &[GatewaySample])]) -> Option<String> {
-    let series: Vec<Series<'_>> = processes
-        .iter()
-        .enumerate()
-        .map(|(i, (name, samples))| Series {
-            name,
-            color: PALETTE[i % PALETTE.len()],
-            points: samples
-                .iter()
-                .filter_map(|s| {
-                    s.rss_bytes
-                        .map(|r| (s.at_ms as f64 / 1000.0, r as f64 / (1024.0 * 1024.0)))
-                })
-                .collect(),
-        })
-        .filter(|s| !s.points.is_empty())
-        .collect();
-    if series.is_empty() {
-        return None;
-    }
-    Some(
-        Chart {
-            title,
-            x_label: "seconds since start",
-            y_label: "MiB",
-            x_ticks: XTicks::Auto,
-            series,
-        }
-        .render(),
-    )
 }
 
 /// Where the parent writes its results.
@@ -401,63 +399,11 @@ pub fn reason_table(rows: &[ReasonCount]) -> String {
         .join("\n")
 }
 
-/// Latency by percentile on a "nines" axis (0 % .. 99.99 %), milliseconds.
-pub fn percentile_chart(h: &Histogram, title: &str) -> String {
-    percentile_curves(title, &[("latency", h, 0.0)])
-}
-
-/// Several latency curves by percentile on one "nines" axis, milliseconds; each
-/// `(name, histogram of microseconds, milliseconds subtracted)`, clamped at zero.
-pub fn percentile_curves(title: &str, curves: &[(&str, &Histogram, f64)]) -> String {
-    let most = curves.iter().map(|(_, h, _)| h.count()).max().unwrap_or(0);
-    let nines = if most > 1 {
-        (most as f64).log10().clamp(1.0, CURVE_MAX_NINES)
-    } else {
-        1.0
-    };
-    let series = curves
-        .iter()
-        .enumerate()
-        .map(|(i, (name, h, minus_ms))| {
-            let ms = |us: u64| (us as f64 / 1000.0 - minus_ms).max(0.0);
-            let mut points = Vec::new();
-            let mut x = 0.0;
-            while x <= nines + 1e-9 {
-                if let Some(v) = h.quantile(1.0 - 10f64.powf(-x)) {
-                    points.push((x, ms(v)));
-                }
-                x += CURVE_STEP;
-            }
-            if let Some(max) = h.max() {
-                points.push((nines, ms(max)));
-            }
-            Series {
-                name,
-                color: PALETTE[(i + 1) % PALETTE.len()],
-                points,
-            }
-        })
-        .collect();
-    let ticks = (0..=nines.floor() as u32)
-        .map(|k| {
-            let label = match k {
-                0 => "0%".to_owned(),
-                1 => "90%".to_owned(),
-                2 => "99%".to_owned(),
-                3 => "99.9%".to_owned(),
-                _ => "99.99%".to_owned(),
-            };
-            (f64::from(k), label)
-        })
-        .collect();
-    Chart {
-        title,
-        x_label: "percentile",
-        y_label: "ms",
-        x_ticks: XTicks::Fixed(ticks),
-        series,
+/// A [`reason_table`] row, left out when there is no reason.
+pub fn reason_rows(out: &mut String, label: &str, rows: &[ReasonCount]) {
+    if !rows.is_empty() {
+        kv(out, label, &reason_table(rows));
     }
-    .render()
 }
 
 /// The stylesheet of every HTML report.

@@ -8,20 +8,14 @@
 use serde::Serialize;
 
 use super::broadcast::{
-    Deliveries, GatewayMemory, Layout, Offsets, Publications, Timeline, connection_findings,
-    deliveries, delivery_chart, delivery_findings, gateway_memory, head, latency_over_time_chart,
-    offsets, open_chart, publication_chart, publications, render_delivery, render_machine,
-    timeline,
+    Deliveries, Layout, Machine, Offsets, Publications, Timeline, deliveries, delivery_charts,
+    delivery_findings, offsets, open_chart, publications, render_delivery, timeline,
 };
-use super::chat::{
-    ChatSection, ChatTimeline, Users, render_reasons, rss_series, setup_latency_text,
-};
-use super::{
-    Head, Latency, Report, bytes, kv, latency_of, percentile_chart, rate_chart, rss_chart,
-    thousands,
-};
+use super::chart::{percentile_chart, rate_chart};
+use super::chat::{ChatSection, ChatTimeline, Users, processes_rss_chart};
+use super::{Head, Latency, Report, bytes, kv, latency_of, stopped_by, thousands};
 use crate::client::Limit;
-use crate::probe::{CpuUse, GatewaySample};
+use crate::probe::GatewaySample;
 use crate::scenario::population::{Plan, ProcessSeries, RunResult};
 use crate::stats::Histogram;
 use crate::stats::trend::{self, Trend};
@@ -48,8 +42,8 @@ pub struct SoakReport {
     pub offsets: Offsets,
     pub chat: Option<ChatSection>,
     pub memory: Memory,
-    pub cpu: Option<CpuUse>,
-    pub gateway: Option<GatewayMemory>,
+    #[serde(flatten)]
+    pub machine: Machine,
     pub timeline: SoakTimeline,
 }
 
@@ -234,12 +228,9 @@ impl SoakReport {
             })
             .collect();
 
-        let mut stopped_by = connection_findings(t);
-        stopped_by.extend(delivery_findings(plan, run));
-        if let Some(c) = &chat {
-            stopped_by.extend(c.findings());
-        }
-        stopped_by.sort_by_key(|f| std::cmp::Reverse(f.count));
+        let mut more = delivery_findings(plan, run);
+        more.extend(chat.iter().flat_map(ChatSection::findings));
+        let stopped_by = stopped_by(t, more);
 
         let broken: Vec<String> = thresholds
             .iter()
@@ -291,7 +282,7 @@ impl SoakReport {
         };
 
         SoakReport {
-            head: head(plan, run, goal_met, verdict, stopped_by),
+            head: Head::new(plan, run, goal_met, verdict, stopped_by),
             thresholds,
             config: SoakConfig {
                 connections: plan.subscribers,
@@ -319,8 +310,7 @@ impl SoakReport {
             offsets: offsets(t),
             chat,
             memory,
-            cpu: run.cpu.clone(),
-            gateway: gateway_memory(run),
+            machine: Machine::of(run),
             timeline: SoakTimeline {
                 population: timeline(run),
                 chat: plan
@@ -411,10 +401,10 @@ impl Report for SoakReport {
                 thousands(n.setups.open_at_end),
                 thousands(n.setups.target),
                 thousands(n.peak_open),
-                setup_latency_text(&n.setups)
+                n.setups.setup_latency_text()
             ),
         );
-        render_reasons(&mut out, &n.setups);
+        n.setups.render_reasons(&mut out);
         render_delivery(
             &mut out,
             &self.publications,
@@ -426,7 +416,7 @@ impl Report for SoakReport {
             chat.render(&mut out);
         }
         kv(&mut out, "Memory", &memory_text(&self.memory));
-        render_machine(&mut out, &self.cpu, &self.gateway);
+        self.machine.render(&mut out);
         out
     }
 
@@ -446,13 +436,8 @@ impl Report for SoakReport {
             "connections",
             p,
         ));
-        charts.push(delivery_chart(p));
-        charts.push(latency_over_time_chart(p));
-        charts.push(publication_chart(p));
-        charts.extend(rss_chart(
-            "Resident memory",
-            &rss_series(&p.gateway, &tl.workers),
-        ));
+        charts.extend(delivery_charts(p));
+        charts.extend(processes_rss_chart(&p.gateway, &tl.workers));
         charts
     }
 }
