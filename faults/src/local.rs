@@ -16,6 +16,7 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
 
 use crate::cluster::{
     Backend, Bins, Cluster, Llm, NATS_CLUSTER_NODES, Ports, RedisMode, Shape, gateway_name,
@@ -331,7 +332,13 @@ async fn up(dir: &RunDir, up: Up) -> Result<()> {
     let bins = Bins {
         dir: up.bin_dir.clone(),
     };
-    let mut cluster = match Cluster::start(&bins, &dir.0, shape).await {
+    let stop = stop_signal()?;
+    let outcome = tokio::select! {
+        started = Cluster::start(&bins, &dir.0, shape) => started,
+        // Dropping the start kills what it had started.
+        _ = stop.cancelled() => Err(anyhow::anyhow!("interrupted")),
+    };
+    let mut cluster = match outcome {
         Ok(c) => c,
         Err(e) => {
             dir.clear_records();
@@ -349,7 +356,7 @@ async fn up(dir: &RunDir, up: Up) -> Result<()> {
     // Written last: `up --detach` returns once it exists.
     std::fs::write(dir.banner(), &banner)?;
 
-    let stopper = supervise(dir, &mut cluster, &listener, &banner).await;
+    let stopper = supervise(dir, &mut cluster, &listener, &banner, &stop).await;
     eprintln!("stopping the cluster");
     cluster.stop(Some(STOP_TIMEOUT)).await;
     dir.clear_records();
@@ -494,6 +501,23 @@ Switchboard is running (LLM: {llm})
     )
 }
 
+/// Cancelled on Ctrl-C or SIGTERM, from before the start: the children run in process
+/// groups of their own, so a supervisor killed by a signal's default action would
+/// leave them running.
+fn stop_signal() -> Result<CancellationToken> {
+    let token = CancellationToken::new();
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+        cancel.cancel();
+    });
+    Ok(token)
+}
+
 /// Serves control requests and watches the components until a signal or a `stop`
 /// request; returns the connection that asked to stop, to be answered once stopped.
 async fn supervise(
@@ -501,15 +525,13 @@ async fn supervise(
     cluster: &mut Cluster,
     listener: &UnixListener,
     banner: &str,
+    stop: &CancellationToken,
 ) -> Option<UnixStream> {
-    let mut term =
-        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok()?;
     let mut reported = std::collections::BTreeSet::new();
     let mut watch = tokio::time::interval(WATCH_EVERY);
     loop {
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => return None,
-            _ = term.recv() => return None,
+            _ = stop.cancelled() => return None,
             conn = listener.accept() => {
                 let Ok((stream, _)) = conn else { continue };
                 if let Some(stopper) = serve(dir, cluster, stream, banner).await {
