@@ -100,22 +100,6 @@ impl Bins {
     }
 }
 
-/// Finds a system binary (nats-server in /usr/sbin on Debian, haproxy too).
-pub fn system_binary(name: &str) -> Result<PathBuf> {
-    for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
-        "/usr/sbin",
-        "/usr/bin",
-        "/usr/local/bin",
-        "/usr/local/sbin",
-    ]) {
-        let p = Path::new(dir).join(name);
-        if p.is_file() {
-            return Ok(p);
-        }
-    }
-    bail!("{name} not found: install it (`apt-get install {name}`; scripts/faults does this)")
-}
-
 /// Where every port of the cluster comes from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Ports {
@@ -418,7 +402,7 @@ impl Cluster {
             .collect();
         let mut procs = Vec::new();
         for (name, &(p, m, r)) in names.iter().zip(&nodes) {
-            let mut s = spec(name, system_binary("nats-server")?)
+            let mut s = spec(name, testkit::find_binary("nats-server")?)
                 .args([
                     "-a",
                     "127.0.0.1",
@@ -464,7 +448,7 @@ impl Cluster {
             // identity when it is started again.
             let dir = store.path().join(name);
             std::fs::create_dir_all(&dir)?;
-            let mut s = spec(name, system_binary("redis-server")?)
+            let mut s = spec(name, testkit::find_binary("redis-server")?)
                 .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
                 .args(["--save", "", "--appendonly", "no"])
                 .arg("--dir")
@@ -650,7 +634,7 @@ impl Cluster {
         let cfg_path = log_dir.join("haproxy.cfg");
         std::fs::write(&cfg_path, self.haproxy_config())?;
         self.haproxy = Some(Proc::start(
-            spec("haproxy", system_binary("haproxy")?)
+            spec("haproxy", testkit::find_binary("haproxy")?)
                 .arg("-db")
                 .arg("-f")
                 .arg(cfg_path.display().to_string()),
@@ -664,7 +648,7 @@ impl Cluster {
             std::fs::write(&cfg_path, self.prometheus_config(&rules))?;
             let data = self._store.path().join("prometheus");
             self.prometheus = Some(Proc::start(
-                spec("prometheus", system_binary("prometheus")?)
+                spec("prometheus", testkit::find_binary("prometheus")?)
                     .arg(format!("--config.file={}", cfg_path.display()))
                     .arg(format!("--storage.tsdb.path={}", data.display()))
                     .arg("--storage.tsdb.retention.time=1d")
@@ -1238,7 +1222,7 @@ scrape_configs:
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-        let mut cmd = tokio::process::Command::new(system_binary("redis-cli")?);
+        let mut cmd = tokio::process::Command::new(testkit::find_binary("redis-cli")?);
         cmd.arg("--cluster").arg("create");
         for n in &self.redis {
             cmd.arg(format!("127.0.0.1:{}", n.port));

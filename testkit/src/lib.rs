@@ -16,6 +16,6 @@ pub mod tokens;
 
 pub use nats_cluster::NatsCluster;
 pub use nats_server::Nats;
-pub use process::{START_TIMEOUT, free_port};
+pub use process::{START_TIMEOUT, find_binary, free_port};
 pub use redis_cluster::{RedisCluster, TestRedis};
 pub use redis_server::Redis;

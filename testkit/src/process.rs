@@ -37,18 +37,21 @@ pub fn free_port() -> u16 {
     panic!("no free port on 127.0.0.1 in {PICK_PORTS:?}")
 }
 
-pub(crate) fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
+/// A system binary: on `PATH`, or where Debian puts daemons (`nats-server` and
+/// `haproxy` live in /usr/sbin, which a user's `PATH` may lack).
+pub fn find_binary(name: &str) -> anyhow::Result<PathBuf> {
     for dir in std::env::var("PATH").unwrap_or_default().split(':').chain([
         "/usr/sbin",
         "/usr/bin",
         "/usr/local/bin",
+        "/usr/local/sbin",
     ]) {
         let p = Path::new(dir).join(name);
         if p.is_file() {
             return Ok(p);
         }
     }
-    bail!("{name} not found: install it (`apt-get install {name}`; scripts/test does this)")
+    bail!("{name} not found: install it (`apt-get install {name}`; the scripts do this)")
 }
 
 fn signal(child: &Child, sig: &str) {
