@@ -52,7 +52,7 @@ pub struct PopulationSnapshot {
 }
 
 fn ms(v: Option<f64>) -> String {
-    v.map_or_else(|| "-".to_owned(), crate::report::millis)
+    v.map_or_else(|| "-".to_owned(), crate::report::format::millis)
 }
 
 fn head(s: &PopulationSnapshot, what: &str) -> String {
