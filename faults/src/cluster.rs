@@ -259,23 +259,6 @@ impl Shape {
             api_key: secret_hex(16),
         }
     }
-
-    /// Names of the NATS nodes, Redis nodes, and every component, in start order.
-    pub fn components(&self) -> Vec<String> {
-        let mut out = nats_names(self.nats_nodes);
-        out.extend(redis_names(self.redis));
-        if !matches!(self.llm, Llm::External) {
-            out.push("llm".to_owned());
-        }
-        out.push("backend".to_owned());
-        out.extend((0..self.gateways).map(gateway_name));
-        out.extend((0..self.workers).map(worker_name));
-        out.push("haproxy".to_owned());
-        if self.prometheus_rules.is_some() {
-            out.push("prometheus".to_owned());
-        }
-        out
-    }
 }
 
 /// `gw1`, `gw2`, ...: node ids, log names and HAProxy server names.
@@ -1365,11 +1348,16 @@ scrape_configs:
     /// store, and waits until it serves: a gateway until HAProxy routes to it, a
     /// Redis Cluster node until the cluster is whole, a NATS node until JetStream is.
     pub async fn restart(&mut self, name: &str) -> Result<()> {
+        let names: Vec<String> = self
+            .processes()
+            .iter()
+            .map(|p| p.spec.name.clone())
+            .collect();
         let proc = self
             .processes()
             .into_iter()
             .find(|p| p.spec.name == name)
-            .with_context(|| format!("no component {name}"))?;
+            .with_context(|| format!("unknown component '{name}'; one of: {}", names.join(" ")))?;
         if proc.alive() {
             proc.term(STOP_GRACE).await?;
         }

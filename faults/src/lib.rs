@@ -31,6 +31,20 @@ use plan::Plan;
 use report::RunReport;
 use scenario::Ctx;
 
+/// Logs to stderr at `info` unless the variable `env_var` says otherwise; colours only
+/// on a terminal, so a redirected log stays plain text. Both binaries start with it.
+pub fn init_logging(env_var: &str) {
+    use std::io::IsTerminal;
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env(env_var)
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::stderr().is_terminal())
+        .init();
+}
+
 /// Component logs of a cluster with one Redis go to `logs/`, those of a cluster
 /// on Redis Cluster to `logs/redis-cluster/` (the same component names).
 fn log_dir(logs: &std::path::Path, mode: RedisMode) -> std::path::PathBuf {

@@ -6,6 +6,7 @@
 
 use std::fs::File;
 use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -256,8 +257,6 @@ impl RunDir {
         let _ = std::fs::remove_dir_all(self.path("ident"));
     }
 }
-
-use std::os::unix::fs::OpenOptionsExt;
 
 /// The kernel's start time of a process (field 22 of `/proc/<pid>/stat`); `None` if it
 /// is gone or a zombie.
@@ -587,30 +586,20 @@ async fn serve(
             out.push_str("ok\n");
             out
         }
-        ["restart", name] => {
-            let known = cluster.shape.components();
-            if !known.iter().any(|n| n == name) {
-                format!(
-                    "error: unknown component '{name}'; one of: {}\n",
-                    known.join(" ")
-                )
-            } else {
-                match cluster.restart(name).await {
-                    Ok(()) => {
-                        let pid = cluster
-                            .processes()
-                            .into_iter()
-                            .find(|p| p.spec.name == *name)
-                            .and_then(|p| p.pid());
-                        match dir.record(name, pid) {
-                            Ok(()) => format!("ok {name} running, pid {}\n", pid.unwrap_or(0)),
-                            Err(e) => format!("error: {name} restarted, but its PID file: {e:#}\n"),
-                        }
-                    }
-                    Err(e) => format!("error: restarting {name}: {e:#}\n"),
+        ["restart", name] => match cluster.restart(name).await {
+            Ok(()) => {
+                let pid = cluster
+                    .processes()
+                    .into_iter()
+                    .find(|p| p.spec.name == *name)
+                    .and_then(|p| p.pid());
+                match dir.record(name, pid) {
+                    Ok(()) => format!("ok {name} running, pid {}\n", pid.unwrap_or(0)),
+                    Err(e) => format!("error: {name} restarted, but its PID file: {e:#}\n"),
                 }
             }
-        }
+            Err(e) => format!("error: restarting {name}: {e:#}\n"),
+        },
         _ => format!(
             "error: unknown request {:?}; status, restart <name> or stop\n",
             line.trim()
